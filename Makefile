@@ -1,0 +1,58 @@
+# Two commands do everything on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv if absent, install torch==2.13.0 FIRST (a local CPU build; a looser requirement
+# would pull a multi-GB CUDA build), then the project with its extras.
+
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+JFE     := $(BIN)/jfe
+STAMP   := $(VENV)/.jfe-installed
+RUNS    ?= runs
+DATA    ?= $(RUNS)/minibeir
+export JFE_CACHE ?= $(HOME)/.cache/jfe
+
+.PHONY: venv assets minibeir test test-slow test-all lint demo ablations bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+assets: venv
+	$(JFE) assets fetch
+
+minibeir: assets
+	$(JFE) data build-minibeir --out $(DATA)
+	$(JFE) data validate $(DATA)
+
+test: assets
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: assets
+	$(BIN)/python -m pytest -m "slow" -q
+
+test-all: assets
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+demo: minibeir
+	$(JFE) demo --data $(DATA) --out $(RUNS)/demo
+
+ablations: minibeir
+	$(JFE) demo --data $(DATA) --out $(RUNS)/ablations --ablations
+
+bench: venv
+	$(BIN)/python benchmarks/encode_throughput.py --out $(RUNS)/bench/encode_throughput.json
+	$(BIN)/python benchmarks/search_latency.py --out $(RUNS)/bench/search_latency.json
+	$(BIN)/python benchmarks/train_throughput.py --out $(RUNS)/bench/train_throughput.json
+	$(BIN)/python benchmarks/serve_load.py --out $(RUNS)/bench/serve_load.json
+
+clean:
+	rm -rf $(RUNS) .pytest_cache .ruff_cache

@@ -1,0 +1,99 @@
+"""Model inputs: an :class:`Item` is text, an image, or both. Records become items here.
+
+This is the "records -> inputs" step of the data flow; every encoder takes items, never records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from PIL import Image
+
+from jfe.data.images import load_image
+from jfe.data.instructions import with_instruction
+from jfe.data.records import Candidate, Query
+from jfe.errors import DataError
+
+ImageLike = Union[str, os.PathLike, Image.Image, bytes]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing to embed. ``id`` only serves error messages (a qid or did)."""
+
+    text: str | None = None
+    image: ImageLike | None = None
+    id: str | None = None
+
+    @property
+    def modality(self) -> str:
+        has_text = bool(self.text and self.text.strip())
+        if has_text and self.image is not None:
+            return "image,text"
+        if self.image is not None:
+            return "image"
+        if has_text:
+            return "text"
+        raise DataError("item has neither text nor image", record_id=self.id)
+
+    def load_image(self) -> Image.Image | None:
+        """The item's image as RGB PIL (None for text-only items); clear errors for bad files."""
+        if self.image is None:
+            return None
+        return load_image(self.image, item_id=self.id)
+
+    def with_instruction(self, instruction: str | None) -> Item:
+        """The query form: instruction prefixed to the text (an image-only query gains instruction text)."""
+        if not instruction:
+            return self
+        return Item(text=with_instruction(instruction, self.text), image=self.image, id=self.id)
+
+
+def as_item(obj: Any, index: int | None = None) -> Item:
+    """Coerce what users pass to ``encode`` into an :class:`Item`.
+
+    Accepted: an Item; a str (text); a PIL image or a ``pathlib.Path`` (image); a dict with ``text``
+    and/or ``image``; a ``(image, text)`` tuple. Strings are always text: pass ``Path(...)`` or
+    ``{"image": "file.png"}`` for an image path.
+    """
+    label = f"item #{index}" if index is not None else None
+    if isinstance(obj, Item):
+        item = obj
+    elif isinstance(obj, str):
+        item = Item(text=obj, id=label)
+    elif isinstance(obj, (Image.Image, Path, bytes)):
+        item = Item(image=obj, id=label)
+    elif isinstance(obj, dict):
+        unknown = set(obj) - {"text", "image", "id"}
+        if unknown:
+            raise DataError(f"unknown item keys {sorted(unknown)} (expected 'text', 'image', 'id')",
+                            record_id=label)
+        item = Item(text=obj.get("text"), image=obj.get("image"), id=obj.get("id", label))
+    elif isinstance(obj, tuple) and len(obj) == 2:
+        item = Item(image=obj[0], text=obj[1], id=label)
+    else:
+        raise DataError(f"cannot use a {type(obj).__name__} as an item (expected str, Path, PIL image, "
+                        f"dict or Item)", record_id=label)
+    if item.text is not None and not isinstance(item.text, str):
+        raise DataError(f"item text must be a string, got {type(item.text).__name__}", record_id=item.id)
+    if item.image is not None and not isinstance(item.image, (str, os.PathLike, Image.Image, bytes)):
+        raise DataError(f"item image must be a path, bytes or PIL image, got {type(item.image).__name__}",
+                        record_id=item.id)
+    _ = item.modality  # raises on empty items
+    return item
+
+
+def query_item(query: Query, root: str | os.PathLike, instruction: str | None = None) -> Item:
+    """The model input for an M-BEIR query: its image and its (instruction-prefixed) text."""
+    image = Path(root) / query.query_img_path if query.query_img_path else None
+    text = with_instruction(instruction, query.query_txt) if instruction else query.query_txt
+    return Item(text=text, image=image, id=query.qid)
+
+
+def candidate_item(candidate: Candidate, root: str | os.PathLike) -> Item:
+    """The model input for an M-BEIR candidate (candidates carry no instruction)."""
+    image = Path(root) / candidate.img_path if candidate.img_path else None
+    return Item(text=candidate.txt, image=image, id=candidate.did)

@@ -1,0 +1,266 @@
+"""Readers and writers for the exact M-BEIR layout (UniIR-compatible).
+
+Readers stream: ``iter_candidates`` yields one record at a time so a 5.6M-line pool never has to sit in
+a Python list of dicts. Every parse error names the file and the line. Writers are atomic.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from jfe.data.records import MODALITIES, Candidate, InstructionSet, Qrel, Query
+from jfe.errors import DataError
+from jfe.paths import atomic_write
+
+PathLike = str | os.PathLike
+
+QUERY_FIELDS = ("qid", "query_txt", "query_img_path", "query_modality", "query_src_content",
+                "pos_cand_list", "neg_cand_list", "task_id")
+CANDIDATE_FIELDS = ("did", "txt", "img_path", "modality", "src_content")
+
+
+def _iter_json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
+    path = Path(path)
+    try:
+        handle = path.open("r", encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError("file not found", path=str(path)) from None
+    with handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"malformed JSON ({exc.msg})", path=str(path), line=line_no) from None
+            if not isinstance(obj, dict):
+                raise DataError("a line must be a JSON object", path=str(path), line=line_no)
+            yield line_no, obj
+
+
+def _opt_str(obj: dict, key: str, path: PathLike, line: int) -> str | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if key.endswith("src_content"):  # UniIR leaves free-form content here; keep it as JSON text
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    raise DataError(f"field {key!r} must be a string or null, got {type(value).__name__}",
+                    path=str(path), line=line)
+
+
+def _modality(obj: dict, key: str, path: PathLike, line: int, record_id: str) -> str:
+    value = obj.get(key)
+    if value not in MODALITIES:
+        raise DataError(f"unknown {key} {value!r} (expected one of {', '.join(MODALITIES)})",
+                        path=str(path), line=line, record_id=record_id)
+    return value
+
+
+def parse_query(obj: dict, path: PathLike = "<memory>", line: int = 0) -> Query:
+    qid = obj.get("qid")
+    if not isinstance(qid, str) or not qid:
+        raise DataError("missing or non-string 'qid'", path=str(path), line=line)
+    pos, neg = obj.get("pos_cand_list") or [], obj.get("neg_cand_list") or []
+    if not isinstance(pos, list) or not isinstance(neg, list):
+        raise DataError("pos_cand_list and neg_cand_list must be lists", path=str(path), line=line,
+                        record_id=qid)
+    task_id = obj.get("task_id")
+    if task_id is not None:
+        try:
+            task_id = int(task_id)
+        except (TypeError, ValueError):
+            raise DataError(f"task_id {task_id!r} is not an integer", path=str(path), line=line,
+                            record_id=qid) from None
+    return Query(
+        qid=qid,
+        query_txt=_opt_str(obj, "query_txt", path, line),
+        query_img_path=_opt_str(obj, "query_img_path", path, line),
+        query_modality=_modality(obj, "query_modality", path, line, qid),
+        query_src_content=_opt_str(obj, "query_src_content", path, line),
+        pos_cand_list=[str(x) for x in pos],
+        neg_cand_list=[str(x) for x in neg],
+        task_id=task_id,
+    )
+
+
+def parse_candidate(obj: dict, path: PathLike = "<memory>", line: int = 0) -> Candidate:
+    did = obj.get("did")
+    if not isinstance(did, str) or not did:
+        raise DataError("missing or non-string 'did'", path=str(path), line=line)
+    return Candidate(
+        did=did,
+        txt=_opt_str(obj, "txt", path, line),
+        img_path=_opt_str(obj, "img_path", path, line),
+        modality=_modality(obj, "modality", path, line, did),
+        src_content=_opt_str(obj, "src_content", path, line),
+    )
+
+
+def iter_queries(path: PathLike) -> Iterator[Query]:
+    """Stream the queries of one jsonl file."""
+    for line_no, obj in _iter_json_lines(path):
+        yield parse_query(obj, path, line_no)
+
+
+def iter_candidates(path: PathLike) -> Iterator[Candidate]:
+    """Stream the candidates of one pool jsonl file."""
+    for line_no, obj in _iter_json_lines(path):
+        yield parse_candidate(obj, path, line_no)
+
+
+def read_queries(path: PathLike) -> list[Query]:
+    return list(iter_queries(path))
+
+
+def read_candidates(path: PathLike) -> list[Candidate]:
+    return list(iter_candidates(path))
+
+
+def _write_jsonl(path: PathLike, rows: Iterable[dict]) -> int:
+    count = 0
+    with atomic_write(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def write_queries(path: PathLike, queries: Iterable[Query]) -> int:
+    """Write queries atomically; returns the number written."""
+    return _write_jsonl(path, (q.to_json() for q in queries))
+
+
+def write_candidates(path: PathLike, candidates: Iterable[Candidate]) -> int:
+    return _write_jsonl(path, (c.to_json() for c in candidates))
+
+
+def iter_qrels(path: PathLike) -> Iterator[Qrel]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path=str(path))
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) not in (4, 5):
+                raise DataError(f"expected 'qid 0 did relevance [task_id]', got {line.strip()!r}",
+                                path=str(path), line=line_no)
+            try:
+                relevance = int(parts[3])
+                task_id = int(parts[4]) if len(parts) == 5 else None
+            except ValueError:
+                raise DataError(f"non-integer relevance or task id in {line.strip()!r}",
+                                path=str(path), line=line_no) from None
+            yield Qrel(qid=parts[0], did=parts[2], relevance=relevance, task_id=task_id)
+
+
+def read_qrels(path: PathLike) -> dict[str, set[str]]:
+    """qid -> set of relevant dids (relevance > 0)."""
+    qrels: dict[str, set[str]] = {}
+    for qrel in iter_qrels(path):
+        if qrel.relevance > 0:
+            qrels.setdefault(qrel.qid, set()).add(qrel.did)
+    return qrels
+
+
+def write_qrels(path: PathLike, qrels: Iterable[Qrel]) -> int:
+    count = 0
+    with atomic_write(path) as handle:
+        for qrel in qrels:
+            handle.write(qrel.to_line() + "\n")
+            count += 1
+    return count
+
+
+INSTRUCTION_HEADER = ("dataset_id", "dataset", "query_modality", "cand_modality")
+
+
+def read_instructions(path: PathLike) -> dict[tuple[str, str, str], InstructionSet]:
+    """Read ``query_instructions.tsv``: a header row, then one row per (dataset id, query, candidate
+    modality) key with prompt columns ``prompt_1`` .. ``prompt_n``. Column names are matched loosely so
+    UniIR's file (``dataset_id``/``query_modality``/``cand_modality``) reads as well as ours."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("instructions file not found", path=str(path))
+    out: dict[tuple[str, str, str], InstructionSet] = {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t")
+        try:
+            header = [h.strip().lower().replace(" ", "_") for h in next(reader)]
+        except StopIteration:
+            raise DataError("empty instructions file", path=str(path)) from None
+
+        def col(*names: str) -> int:
+            for name in names:
+                if name in header:
+                    return header.index(name)
+            raise DataError(f"instructions header lacks a {names[0]!r} column", path=str(path), line=1)
+
+        i_ds, i_qm, i_cm = col("dataset_id"), col("query_modality"), col("cand_modality", "candidate_modality")
+        i_name = header.index("dataset") if "dataset" in header else None
+        prompt_cols = [i for i, h in enumerate(header) if h.startswith("prompt")]
+        for line_no, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            try:
+                key = (row[i_ds].strip(), row[i_qm].strip(), row[i_cm].strip())
+            except IndexError:
+                raise DataError("row has fewer columns than the header", path=str(path), line=line_no) from None
+            prompts = [row[i].strip() for i in prompt_cols if i < len(row) and row[i].strip()]
+            if not prompts:
+                raise DataError(f"no prompts for key {key}", path=str(path), line=line_no)
+            out[key] = InstructionSet(*key, prompts=prompts,
+                                      dataset_name=row[i_name].strip() if i_name is not None else "")
+    return out
+
+
+def write_instructions(path: PathLike, sets: Iterable[InstructionSet]) -> None:
+    sets = list(sets)
+    width = max((len(s.prompts) for s in sets), default=1)
+    with atomic_write(path) as handle:
+        handle.write("\t".join([*INSTRUCTION_HEADER, *(f"prompt_{i + 1}" for i in range(width))]) + "\n")
+        for s in sets:
+            cells = [s.dataset_id, s.dataset_name, s.query_modality, s.cand_modality, *s.prompts]
+            handle.write("\t".join(c.replace("\t", " ") for c in cells) + "\n")
+
+
+class MBEIRLayout:
+    """Paths of an M-BEIR-layout dataset root."""
+
+    def __init__(self, root: PathLike) -> None:
+        self.root = Path(root)
+
+    def query_files(self, split: str) -> list[Path]:
+        return sorted((self.root / "query" / split).glob("*.jsonl"))
+
+    def local_pool_files(self) -> list[Path]:
+        return sorted((self.root / "cand_pool" / "local").glob("*.jsonl"))
+
+    def global_pool_files(self) -> list[Path]:
+        return sorted((self.root / "cand_pool" / "global").glob("*.jsonl"))
+
+    def qrels_files(self, split: str) -> list[Path]:
+        return sorted((self.root / "qrels" / split).glob("*_qrels.txt"))
+
+    @property
+    def instructions_file(self) -> Path:
+        return self.root / "instructions" / "query_instructions.tsv"
+
+    def local_pool_for(self, query_file: Path) -> Path | None:
+        """The local pool that belongs to a query file, by M-BEIR's naming
+        (``mbeir_cirr_task7_test.jsonl`` -> ``mbeir_cirr_task7_cand_pool.jsonl``)."""
+        stem = query_file.stem
+        for split in ("_train", "_val", "_test", "_dev"):
+            if stem.endswith(split):
+                stem = stem[: -len(split)]
+                break
+        candidate = self.root / "cand_pool" / "local" / f"{stem}_cand_pool.jsonl"
+        return candidate if candidate.exists() else None
+
+    def resolve_image(self, rel_path: str) -> Path:
+        return self.root / rel_path

@@ -1,0 +1,147 @@
+"""Typed M-BEIR records (UniIR-compatible field names and order) and the task table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Modality = Literal["text", "image", "image,text"]
+MODALITIES: tuple[str, ...] = ("text", "image", "image,text")
+
+# M-BEIR task id -> (query modality, candidate modality)
+TASKS: dict[int, tuple[str, str]] = {
+    0: ("text", "image"),
+    1: ("text", "text"),
+    2: ("text", "image,text"),
+    3: ("image", "text"),
+    4: ("image", "image"),
+    5: ("image", "image,text"),
+    6: ("image,text", "text"),
+    7: ("image,text", "image"),
+    8: ("image,text", "image,text"),
+}
+
+# The paper's five categories (DESIGN.md) and whether they need modality fusion.
+CATEGORIES: dict[str, tuple[int, ...]] = {
+    "single-modal": (1, 4),
+    "cross-modal": (0, 3),
+    "mixed-modal": (2,),
+    "multi-modal": (5, 6, 8),
+    "conditional": (7,),
+}
+FUSION_CATEGORIES: tuple[str, ...] = ("mixed-modal", "multi-modal", "conditional")
+TASK_CATEGORY: dict[int, str] = {t: c for c, ts in CATEGORIES.items() for t in ts}
+
+
+def modality_of(text: str | None, img_path: str | None) -> str | None:
+    """The modality implied by which fields are present (None when both are empty)."""
+    has_text, has_image = bool(text and text.strip()), bool(img_path)
+    if has_text and has_image:
+        return "image,text"
+    if has_image:
+        return "image"
+    if has_text:
+        return "text"
+    return None
+
+
+def dataset_id_of(record_id: str) -> str:
+    """``"9:6"`` -> ``"9"``: M-BEIR ids are ``{dataset_id}:{n}``."""
+    head, sep, _ = record_id.partition(":")
+    if not sep or not head:
+        raise ValueError(f"id {record_id!r} is not of the form 'dataset_id:n'")
+    return head
+
+
+@dataclass(slots=True)
+class Query:
+    """One line of ``query/{split}/*.jsonl``."""
+
+    qid: str
+    query_txt: str | None
+    query_img_path: str | None
+    query_modality: str
+    query_src_content: str | None = None
+    pos_cand_list: list[str] = field(default_factory=list)
+    neg_cand_list: list[str] = field(default_factory=list)
+    task_id: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "qid": self.qid,
+            "query_txt": self.query_txt,
+            "query_img_path": self.query_img_path,
+            "query_modality": self.query_modality,
+            "query_src_content": self.query_src_content,
+            "pos_cand_list": list(self.pos_cand_list),
+            "neg_cand_list": list(self.neg_cand_list),
+            "task_id": self.task_id,
+        }
+
+    @property
+    def src(self) -> dict[str, Any]:
+        """``query_src_content`` decoded when it holds JSON (MiniBEIR stores the modification type there)."""
+        return _decode_src(self.query_src_content)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One line of ``cand_pool/**/*.jsonl``."""
+
+    did: str
+    txt: str | None
+    img_path: str | None
+    modality: str
+    src_content: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "did": self.did,
+            "txt": self.txt,
+            "img_path": self.img_path,
+            "modality": self.modality,
+            "src_content": self.src_content,
+        }
+
+    @property
+    def src(self) -> dict[str, Any]:
+        return _decode_src(self.src_content)
+
+
+@dataclass(slots=True, frozen=True)
+class Qrel:
+    """One line of ``qrels/{split}/*_qrels.txt``: ``{qid} 0 {did} {relevance} {task_id}``."""
+
+    qid: str
+    did: str
+    relevance: int = 1
+    task_id: int | None = None
+
+    def to_line(self) -> str:
+        return f"{self.qid} 0 {self.did} {self.relevance} {self.task_id if self.task_id is not None else ''}".rstrip()
+
+
+@dataclass(slots=True)
+class InstructionSet:
+    """The instruction variants for one (dataset id, query modality, candidate modality) key."""
+
+    dataset_id: str
+    query_modality: str
+    cand_modality: str
+    prompts: list[str]
+    dataset_name: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.dataset_id, self.query_modality, self.cand_modality)
+
+
+def _decode_src(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        return {"raw": raw}
+    return value if isinstance(value, dict) else {"raw": value}

@@ -1,0 +1,153 @@
+"""The encoder interface shared by the one-tower model, the HF MLLM adapter and the baselines.
+
+Every encoder maps a batch of :class:`~jfe.data.items.Item` (text, image, or both) to one
+L2-normalised vector each, through the same call for queries and candidates:
+
+* ``embed(items) -> torch.Tensor [n, d]`` — differentiable; what training calls.
+* ``encode(items, instruction=None, batch_size=..., progress=...) -> np.ndarray float32 [n, d]`` —
+  inference: no grad, batched, optional progress bar.
+* ``save_pretrained(dir)`` / ``from_pretrained(dir)`` — ``config.json`` + ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+from jfe.data.items import Item, as_item
+from jfe.errors import ConfigError
+from jfe.paths import atomic_dir
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class EncoderConfig(BaseModel):
+    """Base config; each architecture subclasses it. ``arch`` selects the class on load."""
+
+    model_config = ConfigDict(extra="forbid")
+    arch: str
+    embed_dim: int = 384
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Encoder(torch.nn.Module):
+    """Abstract base. Subclasses set ``arch``/``config_class`` and implement :meth:`embed`."""
+
+    arch: ClassVar[str] = ""
+    config_class: ClassVar[type[EncoderConfig]] = EncoderConfig
+    _registry: ClassVar[dict[str, type[Encoder]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.arch:
+            Encoder._registry[cls.arch] = cls
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    # --- the one method subclasses must implement -------------------------------------------
+    def embed(self, items: Sequence[Item]) -> torch.Tensor:
+        """Differentiable ``[len(items), dim]`` L2-normalised embeddings."""
+        raise NotImplementedError
+
+    # --- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, items: Sequence[Any], instruction: str | None = None, batch_size: int = 32,
+               progress: bool = False, desc: str = "encode") -> np.ndarray:
+        """Embed items (texts, images, image+text pairs, in any mix) as float32 ``[n, dim]``.
+
+        ``instruction`` is prefixed to every item's text (the query side of retrieval).
+        """
+        coerced = [as_item(obj, i) for i, obj in enumerate(items)]
+        if instruction:
+            coerced = [item.with_instruction(instruction) for item in coerced]
+        was_training = self.training
+        self.eval()
+        out = np.zeros((len(coerced), self.dim), dtype=np.float32)
+        try:
+            starts = range(0, len(coerced), batch_size)
+            for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(coerced) == 0):
+                batch = coerced[start:start + batch_size]
+                out[start:start + len(batch)] = self.embed(batch).float().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    # --- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` atomically (a crash leaves no half folder)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        with atomic_dir(directory) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(), indent=2) + "\n")
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"arch": self.arch})
+            self._save_extra(tmp)
+        return directory
+
+    def _save_extra(self, directory: Path) -> None:
+        """Hook for files besides config and weights (e.g. a tokenizer)."""
+
+    @classmethod
+    def from_config(cls, config: EncoderConfig | dict) -> Encoder:
+        """Build a model from a config (no weights loaded beyond the pretrained towers it names)."""
+        if isinstance(config, dict):
+            arch = config.get("arch")
+            if arch not in Encoder._registry:
+                raise ConfigError(f"unknown model arch {arch!r}; known: {sorted(Encoder._registry)}")
+            klass = Encoder._registry[arch]
+            config = klass.config_class(**config)
+        else:
+            klass = Encoder._registry.get(config.arch, cls)
+        return klass(config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> Encoder:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.exists():
+            raise ConfigError(f"{directory} is not a saved JFE model (no {CONFIG_NAME})")
+        config = json.loads(config_path.read_text())
+        model = Encoder.from_config(config)
+        state = load_file(str(directory / WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not model._may_be_missing(k)]:
+            raise ConfigError(f"weights in {directory} do not match the config: missing={missing[:5]}, "
+                              f"unexpected={unexpected[:5]}")
+        model.eval()
+        return model.to(device or default_device())
+
+    def _may_be_missing(self, key: str) -> bool:
+        """Keys allowed to be absent from a checkpoint (e.g. non-persistent buffers)."""
+        return False
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, p=2, dim=-1, eps=eps)
