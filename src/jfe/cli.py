@@ -1,10 +1,46 @@
-"""The one ``jfe`` command. Each layer contributes a sub-command group from its own module."""
+"""The one ``jfe`` command.
+
+Each layer contributes its commands from a ``commands`` module of its own (``jfe.data.commands``,
+``jfe.models.commands``, ...), each exposing ``register(app)``. Those modules import heavy libraries
+inside the command functions so that ``jfe --help`` stays fast.
+"""
+
 from __future__ import annotations
+
+import importlib
+import sys
 
 import typer
 
-app = typer.Typer(help="JFE: universal multimodal retrieval with a joint fusion encoder.", no_args_is_help=True)
+from jfe.errors import JFEError
+
+app = typer.Typer(help="JFE: universal multimodal retrieval with a joint fusion encoder.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+COMMAND_MODULES = (
+    "jfe.data.commands",
+    "jfe.models.commands",
+    "jfe.train.commands",
+    "jfe.index.commands",
+    "jfe.eval.commands",
+    "jfe.serve.commands",
+    "jfe.demo",
+)
+
+for _module_name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(_module_name)
+    except ModuleNotFoundError as _exc:  # a layer without commands yet
+        if _exc.name != _module_name:
+            raise
+        continue
+    _module.register(app)
 
 
 def main() -> None:
-    app()
+    """Entry point: JFE's own errors print as one clear line, not a traceback."""
+    try:
+        app()
+    except JFEError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

@@ -38,7 +38,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, *, item_id: str 
         return to_rgb(source)
     where = None if isinstance(source, bytes) else str(source)
     try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source).open("rb")
+        handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source).open("rb")  # noqa: SIM115
     except FileNotFoundError:
         raise DataError("image file not found", path=where, record_id=item_id) from None
     except OSError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from PIL import Image
 
@@ -17,7 +17,7 @@ from jfe.data.instructions import with_instruction
 from jfe.data.records import Candidate, Query
 from jfe.errors import DataError
 
-ImageLike = Union[str, os.PathLike, Image.Image, bytes]
+ImageLike = str | os.PathLike | Image.Image | bytes
 
 
 @dataclass(frozen=True)

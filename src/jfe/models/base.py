@@ -74,6 +74,18 @@ class Encoder(torch.nn.Module):
         """Differentiable ``[len(items), dim]`` L2-normalised embeddings."""
         raise NotImplementedError
 
+    def set_trainable(self, phase: str) -> None:
+        """Choose what training updates.
+
+        ``"align"``: only the new glue (projector, modality embeddings, projection heads, fusion layers),
+        pretrained towers frozen — LLaVA's feature-alignment step. ``"full"``: everything except towers the
+        config freezes (e.g. a frozen vision tower). Subclasses refine this; the default trains all.
+        """
+        if phase not in ("align", "full"):
+            raise ConfigError(f"unknown training phase {phase!r} (expected 'align' or 'full')")
+        for param in self.parameters():
+            param.requires_grad_(True)
+
     # --- inference ---------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, items: Sequence[Any], instruction: str | None = None, batch_size: int = 32,
