@@ -11,7 +11,7 @@ RUNS    ?= runs
 DATA    ?= $(RUNS)/minibeir
 export JFE_CACHE ?= $(HOME)/.cache/jfe
 
-.PHONY: venv assets minibeir test test-slow test-all lint demo ablations bench clean
+.PHONY: venv assets browser-deps minibeir test test-slow test-all lint demo ablations bench clean
 
 venv: $(STAMP)
 
@@ -25,18 +25,23 @@ $(STAMP): pyproject.toml
 assets: venv
 	$(JFE) assets fetch
 
+# The browser test drives Debian's Chromium; install it from the distribution, never a download of its own.
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+
 minibeir: assets
 	$(JFE) data build-minibeir --out $(DATA)
 	$(JFE) data validate $(DATA)
 
-test: assets
+test: assets browser-deps
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: assets
 	$(BIN)/python -m pytest -m "slow" -q
 
-test-all: assets
+test-all: assets browser-deps
 	$(BIN)/python -m pytest -q
 
 lint: venv

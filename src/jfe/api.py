@@ -1,0 +1,67 @@
+"""The short Python API: ``jfe.encode``, ``jfe.search``, ``jfe.train``, ``jfe.evaluate``.
+
+Thin conveniences over the layers (models, index, train, eval) for the common cases; each accepts a
+model name (``"jfe-mini"``, ``"hf:/path"``), a saved model folder, or an already loaded encoder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jfe.models.base import Encoder
+
+ModelLike = str | os.PathLike | Encoder
+
+_LOADED: dict[str, Encoder] = {}
+
+
+def _model(model: ModelLike) -> Encoder:
+    if isinstance(model, Encoder):
+        return model
+    from jfe.models import load_model
+
+    key = str(model)
+    if key not in _LOADED:
+        _LOADED[key] = load_model(key)
+    return _LOADED[key]
+
+
+def encode(items: Sequence[Any], model: ModelLike = "jfe-mini", instruction: str | None = None,
+           batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """Embed texts, images (``Path``/PIL) and ``{"text", "image"}`` pairs as float32 ``[n, d]`` unit vectors."""
+    return _model(model).encode(items, instruction=instruction, batch_size=batch_size, progress=progress)
+
+
+def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None = None, k: int = 10,
+           instruction: str | None = None) -> list[dict[str, Any]]:
+    """Search a saved index (folder or loaded ``VectorIndex``) with one query item; returns ranked hits
+    ``{"did", "score", "rank", "record"}``. The model defaults to the one the index was built with."""
+    from jfe.index import VectorIndex
+
+    vector_index = index if isinstance(index, VectorIndex) else VectorIndex.load(index)
+    encoder = _model(model if model is not None else vector_index.meta["model"])
+    vector = encoder.encode([query], instruction=instruction)
+    ids, scores = vector_index.search(vector, k)
+    return [{"did": did, "score": float(score), "rank": rank + 1, "record": vector_index.record(did)}
+            for rank, (did, score) in enumerate(zip(ids[0], scores[0], strict=False))]
+
+
+def train(config: str | os.PathLike, overrides: dict[str, Any] | None = None, resume: bool = False,
+          progress: bool = True) -> Path:
+    """Run one training stage from a TOML config; returns the final checkpoint folder."""
+    from jfe.train import train as run_training
+
+    return run_training(config, overrides=overrides, resume=resume, progress=progress)
+
+
+def evaluate(model: ModelLike, data_root: str | os.PathLike, split: str = "test", pool: str = "local",
+             out_dir: str | os.PathLike | None = None, **kwargs: Any) -> Any:
+    """M-BEIR evaluation (hit-based Recall@k per dataset/task and per category); see ``jfe.eval``."""
+    from jfe.eval import evaluate as run_eval
+
+    return run_eval(_model(model), Path(data_root), split=split, pool=pool, out_dir=out_dir, **kwargs)
