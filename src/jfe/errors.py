@@ -13,6 +13,7 @@ class DataError(JFEError, ValueError):
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
                  record_id: str | None = None) -> None:
         self.path, self.line, self.record_id = path, line, record_id
+        self.message = message  # the bare message, without the location prefix
         where = []
         if path is not None:
             where.append(f"{path}" + (f":{line}" if line is not None else ""))

@@ -159,6 +159,8 @@ FETCHERS: dict[str, Callable[[Source, Path, Path], None]] = {
 
 def fetch(name: str, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Fetch one asset (idempotent: a verified asset already in the cache is kept)."""
+    if name not in SOURCES:
+        raise AssetError(f"unknown asset {name!r}; known: {', '.join(SOURCES)}")
     source = SOURCES[name]
     target = asset_dir(name)
     if is_fetched(name) and not force:

@@ -26,11 +26,15 @@ CANDIDATE_FIELDS = ("did", "txt", "img_path", "modality", "src_content")
 def _iter_json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     try:
-        handle = path.open("r", encoding="utf-8")
+        handle = path.open("rb")  # decoded per line, so a bad byte is reported with its line number
     except FileNotFoundError:
         raise DataError("file not found", path=str(path)) from None
     with handle:
-        for line_no, line in enumerate(handle, start=1):
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"invalid UTF-8 at byte {exc.start}", path=str(path), line=line_no) from None
             if not line.strip():
                 continue
             try:
@@ -42,14 +46,14 @@ def _iter_json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
             yield line_no, obj
 
 
-def _opt_str(obj: dict, key: str, path: PathLike, line: int) -> str | None:
+def _opt_str(obj: dict, key: str, path: PathLike, line: int, record_id: str | None = None) -> str | None:
     value = obj.get(key)
     if value is None or isinstance(value, str):
         return value
     if key.endswith("src_content"):  # UniIR leaves free-form content here; keep it as JSON text
         return json.dumps(value, ensure_ascii=False, sort_keys=True)
     raise DataError(f"field {key!r} must be a string or null, got {type(value).__name__}",
-                    path=str(path), line=line)
+                    path=str(path), line=line, record_id=record_id)
 
 
 def _modality(obj: dict, key: str, path: PathLike, line: int, record_id: str) -> str:
@@ -77,10 +81,10 @@ def parse_query(obj: dict, path: PathLike = "<memory>", line: int = 0) -> Query:
                             record_id=qid) from None
     return Query(
         qid=qid,
-        query_txt=_opt_str(obj, "query_txt", path, line),
-        query_img_path=_opt_str(obj, "query_img_path", path, line),
+        query_txt=_opt_str(obj, "query_txt", path, line, qid),
+        query_img_path=_opt_str(obj, "query_img_path", path, line, qid),
         query_modality=_modality(obj, "query_modality", path, line, qid),
-        query_src_content=_opt_str(obj, "query_src_content", path, line),
+        query_src_content=_opt_str(obj, "query_src_content", path, line, qid),
         pos_cand_list=[str(x) for x in pos],
         neg_cand_list=[str(x) for x in neg],
         task_id=task_id,
@@ -93,10 +97,10 @@ def parse_candidate(obj: dict, path: PathLike = "<memory>", line: int = 0) -> Ca
         raise DataError("missing or non-string 'did'", path=str(path), line=line)
     return Candidate(
         did=did,
-        txt=_opt_str(obj, "txt", path, line),
-        img_path=_opt_str(obj, "img_path", path, line),
+        txt=_opt_str(obj, "txt", path, line, did),
+        img_path=_opt_str(obj, "img_path", path, line, did),
         modality=_modality(obj, "modality", path, line, did),
-        src_content=_opt_str(obj, "src_content", path, line),
+        src_content=_opt_str(obj, "src_content", path, line, did),
     )
 
 
@@ -189,7 +193,8 @@ def read_instructions(path: PathLike) -> dict[tuple[str, str, str], InstructionS
         raise DataError("instructions file not found", path=str(path))
     out: dict[tuple[str, str, str], InstructionSet] = {}
     with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t")
+        # QUOTE_NONE: the writer does not quote, so a prompt that starts with '"' must stay literal.
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             header = [h.strip().lower().replace(" ", "_") for h in next(reader)]
         except StopIteration:
@@ -226,7 +231,7 @@ def write_instructions(path: PathLike, sets: Iterable[InstructionSet]) -> None:
         handle.write("\t".join([*INSTRUCTION_HEADER, *(f"prompt_{i + 1}" for i in range(width))]) + "\n")
         for s in sets:
             cells = [s.dataset_id, s.dataset_name, s.query_modality, s.cand_modality, *s.prompts]
-            handle.write("\t".join(c.replace("\t", " ") for c in cells) + "\n")
+            handle.write("\t".join(" ".join(c.split()) for c in cells) + "\n")  # no tab/newline inside a cell
 
 
 class MBEIRLayout:
