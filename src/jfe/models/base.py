@@ -147,6 +147,10 @@ class Encoder(torch.nn.Module):
         if not config_path.exists():
             raise ConfigError(f"{directory} is not a saved JFE model (no {CONFIG_NAME})")
         config = json.loads(config_path.read_text())
+        klass = Encoder._registry.get(config.get("arch"))
+        if klass is not None and klass is not cls and "from_pretrained" in vars(klass):
+            # Architectures with their own checkpoint layout (e.g. hf-mllm's delta/full weights) load themselves.
+            return klass.from_pretrained(directory, device=device)
         model = Encoder.from_config(config)
         state = load_file(str(directory / WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,0 +1,174 @@
+"""Load test of `jfe serve`: requests/s and p50/p99 latency of POST /search at several concurrency levels,
+with and without micro-batching, in one run.
+
+The server runs as its own process (`jfe serve` on a free loopback port), so the load generator (one
+asyncio httpx client) does not share its interpreter. Queries mix text, image and image+text. Each cell
+is bounded by --requests and --seconds. Loopback only; nothing leaves the machine.
+
+    python benchmarks/serve_load.py --out runs/bench/serve_load.json               # toy encoder
+    python benchmarks/serve_load.py --model jfe-mini --out runs/bench/serve_load_mini.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+CLI = "from jfe.cli import main; main()"
+
+
+def build_index(model_name: str, workdir: Path) -> tuple[Path, Path, str]:
+    """The sample shapes dataset, indexed with ``model_name``; returns (index dir, data root, model to serve).
+
+    A registry name builds fresh glue weights on every load, so the model is saved and the server loads that
+    folder: the server then embeds queries with exactly the weights that embedded the index.
+    """
+    from jfe.serve.commands import load_model
+    from jfe.serve.sample import build_sample_index
+
+    root = workdir / "sample"
+    model = load_model(model_name)
+    index = build_sample_index(root, model)
+    served = model_name
+    if model_name not in ("toy", "toy-hash") and not Path(model_name).is_dir():
+        served = str(model.save_pretrained(workdir / "model"))
+    return index.save(workdir / "index"), root, served
+
+
+def payloads(root: Path) -> list[dict]:
+    """Text, image and image+text queries over the sample dataset, interleaved."""
+    images = sorted((root / "images" / "sample").glob("*.png"))
+    out = []
+    for i, path in enumerate(images):
+        url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        colour, shape = path.stem.split("_")
+        out.append({"text": f"a {colour} {shape}", "k": 10})
+        out.append({"image": url, "k": 10})
+        out.append({"image": url, "text": "make it " + ("red" if i % 2 else "a circle"), "k": 10})
+    return out
+
+
+def start_server(index_dir: Path, model: str, batching: bool, port: int, max_batch: int, max_wait_ms: float
+                 ) -> subprocess.Popen:
+    args = [sys.executable, "-c", CLI, "serve", "--index", str(index_dir), "--model", model, "--port", str(port),
+            "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning",
+            "--batching" if batching else "--no-batching"]
+    env = {k: v for k, v in os.environ.items() if k != "JFE_API_KEY"}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"jfe serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).raise_for_status()
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("jfe serve did not start within 120 s")
+
+
+async def run_cell(url: str, bodies: list[dict], concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    """``concurrency`` workers send requests back to back until the request or time budget is spent."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        before = (await client.get("/health")).json()["stats"]
+        for body in bodies[:3]:  # warm-up (first requests pay lazy initialisation)
+            await client.post("/search", json=body)
+        start = time.perf_counter()
+        deadline = start + max_seconds
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < max_requests and time.perf_counter() < deadline:
+                body = bodies[issued % len(bodies)]
+                issued += 1
+                t0 = time.perf_counter()
+                response = await client.post("/search", json=body)
+                latencies.append(time.perf_counter() - t0)
+                if response.status_code != 200:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+        after = (await client.get("/health")).json()["stats"]
+    batches = after["batches"] - before["batches"]
+    items = after["items"] - before["items"]
+    lat = np.array(latencies) * 1000
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
+            "rps": round(len(latencies) / elapsed, 2), "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2), "mean_batch": round(items / max(batches, 1), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="toy", help="model name or folder (default: the toy encoder)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=300, help="most requests per cell")
+    parser.add_argument("--seconds", type=float, default=10.0, help="most seconds per cell")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    from jfe.serve.server import free_port
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="jfe-serve-load-") as tmp:
+        index_dir, root, served = build_index(args.model, Path(tmp))
+        bodies = payloads(root)
+        for batching in (True, False):
+            port = args.port or free_port()
+            proc = start_server(index_dir, served, batching, port, args.max_batch, args.max_wait_ms)
+            try:
+                for concurrency in args.concurrency:
+                    cell = asyncio.run(run_cell(f"http://127.0.0.1:{port}", bodies, concurrency, args.requests,
+                                                args.seconds))
+                    cell["batching"] = batching
+                    results.append(cell)
+                    print(f"  batching={'on ' if batching else 'off'} c={concurrency:<3} {cell['rps']:8.1f} req/s  "
+                          f"p50 {cell['p50_ms']:7.1f} ms  p99 {cell['p99_ms']:7.1f} ms  "
+                          f"batch {cell['mean_batch']:5.1f}  errors {cell['errors']}", file=sys.stderr)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    header = (f"{'batching':<9}{'conc':>5}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}"
+              f"{'errors':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{'on' if r['batching'] else 'off':<9}{r['concurrency']:>5}{r['requests']:>10}{r['rps']:>9.1f}"
+              f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['mean_batch']:>7.1f}{r['errors']:>8}")
+    report = {"benchmark": "serve_load", "model": args.model, "endpoint": "POST /search (text, image, image+text)",
+              "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "requests_per_cell": args.requests,
+              "seconds_per_cell": args.seconds, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                            "python": platform.python_version()},
+              "results": results}
+    if args.out:
+        from jfe.paths import atomic_write
+
+        with atomic_write(args.out) as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""The M-BEIR evaluation protocol (shared/DESIGN.md), for MiniBEIR and the real M-BEIR layout.
+
+1. Queries: every ``query/{split}/*.jsonl``; positives from ``qrels/{split}/<stem>_qrels.txt`` where present
+   (as UniIR scores), else the query's ``pos_cand_list``. Each query gets the instruction chosen
+   deterministically by :func:`jfe.data.instructions.pick_instruction` for its (dataset id, query
+   modality, candidate modality) key; its text is ``with_instruction(instruction, query_txt)``.
+2. Candidates: ``local`` = each query file's own pool (``mbeir_<ds>_task<k>_cand_pool.jsonl``), ``global``
+   = the union pool of the split (``cand_pool/global/*<split>*``; all global files if none is named so).
+   Every unique candidate is embedded once, by its content (pools share candidates), without instruction.
+3. Search: inner product over the L2-normalised vectors (exact, :class:`jfe.index.VectorIndex`), top
+   ``max(ks)``, each query's ``exclude_dids`` (``query_src_content``) removed from its own ranking (CIRR's
+   convention: a composed query's reference image is not a hit). Equal scores rank in pool-file order.
+4. Metrics: M-BEIR Recall@k = hit rate (:mod:`jfe.eval.metrics`), averaged per (dataset, task); per
+   category = mean over the (dataset, task) rows of its tasks; plus breakdowns per modification type and
+   per ``non_additive`` flag (MiniBEIR records both in ``query_src_content``). Queries none of whose
+   positives is in the pool score 0 and are counted and listed.
+
+Embeddings are cached per model (a fingerprint of its config and weights) and per item content in
+``out_dir/embeddings`` (or ``cache_dir``), so a rerun, or the other pool, only searches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from jfe.data.instructions import pick_instruction
+from jfe.data.items import Item
+from jfe.data.mbeir import MBEIRLayout, iter_candidates, read_instructions, read_qrels, read_queries
+from jfe.data.records import CATEGORIES, FUSION_CATEGORIES, TASK_CATEGORY, TASKS, Candidate, Query
+from jfe.errors import ConfigError, DataError
+from jfe.eval.metrics import DEFAULT_KS, first_hit_rank, hits_at_k
+from jfe.eval.runfiles import write_trec_run, write_tsv
+from jfe.paths import atomic_write
+
+if TYPE_CHECKING:
+    from jfe.models.base import Encoder
+
+RESULTS_FILE = "results.json"
+RUN_FILE = "run.trec"
+TSV_FILE = "results.tsv"
+CATEGORY_TSV_FILE = "categories.tsv"
+PER_QUERY_FILE = "per_query.jsonl"
+HELDOUT_INSTRUCTIONS = "heldout_instructions.tsv"
+EXCLUSION_NOTE = ("Each query's exclude_dids (e.g. the reference image of a composed query) are removed from its own "
+                  "ranking before scoring (CIRR's convention).")
+_STEM = re.compile(r"^mbeir_(?P<dataset>.+?)_task(?P<task>\d+)(?:_(?:train|val|test|dev))?$")
+
+
+# ------------------------------------------------------------------------------------------------ result
+@dataclass
+class EvalResult:
+    """Everything one evaluation measured; ``results.json`` is its JSON form (``EvalResult.load`` reads it)."""
+
+    run_name: str
+    model: str
+    data_root: str
+    split: str
+    pool: str
+    instructions: str
+    ks: list[int]
+    rows: list[dict[str, Any]]  # one per (dataset, task): dataset, task, modality, category, pool, queries, R@k
+    categories: dict[str, dict[str, Any]]  # category -> {"tasks": [...], "rows": n, "fusion": bool, "R@k": ...}
+    average: dict[str, float]  # mean over rows
+    modifications: list[dict[str, Any]] = field(default_factory=list)  # per (task, modification type)
+    non_additive: list[dict[str, Any]] = field(default_factory=list)  # per (task, non_additive flag)
+    missing_positives: dict[str, Any] = field(default_factory=dict)  # count + example qids per row
+    n_queries: int = 0
+    n_candidates: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    arch: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> EvalResult:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in obj.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EvalResult:
+        """Read ``results.json`` (or the folder that holds it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RESULTS_FILE
+        if not path.is_file():
+            raise DataError("no evaluation results here (results.json missing)", path=str(path))
+        try:
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise DataError(f"malformed results file ({exc})", path=str(path)) from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_write(path) as handle:
+            handle.write(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+
+    def task_score(self, task: int, metric: str = "R@5") -> float | None:
+        """Mean of ``metric`` over the rows of one task id (None when the task is absent)."""
+        values = [r[metric] for r in self.rows if r["task"] == task]
+        return float(np.mean(values)) if values else None
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclass
+class _QueryFile:
+    path: Path
+    dataset: str
+    queries: list[Query]
+    positives: list[set[str]]
+    pool_files: list[Path]
+
+
+def dataset_of(stem: str) -> str:
+    """``mbeir_cirr_task7_test`` -> ``cirr``; other names are kept whole."""
+    match = _STEM.match(stem)
+    return match.group("dataset") if match else stem
+
+
+def _global_pool_files(layout: MBEIRLayout, split: str) -> list[Path]:
+    files = layout.global_pool_files()
+    named = [f for f in files if re.search(rf"(^|_){re.escape(split)}(_|$)", f.stem)]
+    return named or files
+
+
+def _load_query_files(layout: MBEIRLayout, split: str, pool: str, max_queries: int | None) -> list[_QueryFile]:
+    query_files = layout.query_files(split)
+    if not query_files:
+        raise DataError(f"no query files for split {split!r}", path=str(layout.root / "query" / split))
+    global_files = _global_pool_files(layout, split) if pool == "global" else []
+    if pool == "global" and not global_files:
+        raise DataError("no global candidate pool", path=str(layout.root / "cand_pool" / "global"))
+    out = []
+    for path in query_files:
+        queries = read_queries(path)
+        if max_queries is not None:
+            queries = queries[:max_queries]
+        qrels_path = layout.root / "qrels" / split / f"{path.stem}_qrels.txt"
+        qrels = read_qrels(qrels_path) if qrels_path.is_file() else None
+        positives = [set(qrels.get(q.qid, ())) if qrels is not None else set(q.pos_cand_list) for q in queries]
+        if pool == "local":
+            local = layout.local_pool_for(path)
+            if local is None:
+                match = _STEM.match(path.stem)
+                expected = f"mbeir_{match['dataset']}_task{match['task']}" if match else path.stem
+                raise DataError(f"no local candidate pool for this query file (expected "
+                                f"cand_pool/local/{expected}_cand_pool.jsonl)", path=str(path))
+            pools = [local]
+        else:
+            pools = global_files
+        out.append(_QueryFile(path, dataset_of(path.stem), queries, positives, pools))
+    return out
+
+
+def _read_pools(files: Sequence[Path]) -> tuple[dict[str, Candidate], dict[Path, list[str]]]:
+    candidates: dict[str, Candidate] = {}
+    pool_dids: dict[Path, list[str]] = {}
+    for path in files:
+        dids: list[str] = []
+        seen: set[str] = set()
+        for cand in iter_candidates(path):
+            old = candidates.get(cand.did)
+            if old is None:
+                candidates[cand.did] = cand
+            elif old != cand:
+                raise DataError("did appears in two pools with different content", path=str(path),
+                                record_id=cand.did)
+            if cand.did not in seen:  # a did repeated inside one pool counts once
+                seen.add(cand.did)
+                dids.append(cand.did)
+        pool_dids[path] = dids
+    return candidates, pool_dids
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def model_fingerprint(model: Encoder) -> str:
+    """A short hash of the model's arch, config and weights: embeddings cached under it stay valid."""
+    import torch
+
+    digest = hashlib.sha1()
+    config = getattr(model, "config", None)
+    dumped = config.model_dump() if hasattr(config, "model_dump") else repr(config)
+    digest.update(json.dumps([model.arch, dumped], sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def _item_key(text: str | None, image: str | None) -> str:
+    return hashlib.sha1(json.dumps([text, image], ensure_ascii=False).encode()).hexdigest()
+
+
+class EmbeddingCache:
+    """Vectors by item-content key for one model, in ``<dir>/<fingerprint>/{keys.txt,vectors.npy}``."""
+
+    def __init__(self, directory: Path | None, fingerprint: str) -> None:
+        self.dir = Path(directory) / fingerprint if directory is not None else None
+        self.vectors: dict[str, np.ndarray] = {}
+        self.dirty = False
+        if self.dir is not None and (self.dir / "keys.txt").is_file() and (self.dir / "vectors.npy").is_file():
+            keys = (self.dir / "keys.txt").read_text().split()
+            matrix = np.load(self.dir / "vectors.npy")
+            if len(keys) == len(matrix):  # else: a torn cache from an old crash; recompute
+                self.vectors = dict(zip(keys, matrix, strict=True))
+
+    def embed(self, model: Encoder, keys: list[str], items: list[Item], batch_size: int, progress: bool,
+              desc: str) -> np.ndarray:
+        todo = [i for i, key in enumerate(keys) if key not in self.vectors]
+        # several items may share one key (same content): embed each key once
+        unique: dict[str, int] = {}
+        for i in todo:
+            unique.setdefault(keys[i], i)
+        if unique:
+            fresh = model.encode([items[i] for i in unique.values()], batch_size=batch_size, progress=progress,
+                                 desc=desc)
+            for key, vec in zip(unique, np.asarray(fresh, dtype=np.float32), strict=True):
+                self.vectors[key] = vec
+            self.dirty = True
+        if not keys:
+            return np.zeros((0, model.dim), dtype=np.float32)
+        return np.stack([self.vectors[key] for key in keys]).astype(np.float32, copy=False)
+
+    def save(self) -> None:
+        if self.dir is None or not self.dirty:
+            return
+        keys = list(self.vectors)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.dir / "vectors.npy", mode="wb") as handle:
+            np.save(handle, np.stack([self.vectors[k] for k in keys]))
+        with atomic_write(self.dir / "keys.txt") as handle:
+            handle.write("\n".join(keys) + "\n")
+        self.dirty = False
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def _cand_modality(query: Query, positives: set[str], candidates: dict[str, Candidate]) -> str | None:
+    if query.task_id in TASKS:
+        return TASKS[query.task_id][1]
+    for did in positives:
+        if did in candidates:
+            return candidates[did].modality
+    return None
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else 0.0
+
+
+def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test", pool: str = "local",
+             out_dir: str | os.PathLike | None = None, instructions: str = "default",
+             ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, run_name: str | None = None,
+             model_name: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+             instruction_mode: str = "hash", max_queries: int | None = None) -> EvalResult:
+    """Run the M-BEIR protocol (module docstring) and, with ``out_dir``, write ``run.trec``, ``results.tsv``,
+    ``categories.tsv``, ``per_query.jsonl`` and ``results.json`` there.
+
+    ``instructions``: ``"default"`` (``instructions/query_instructions.tsv``), ``"heldout"``
+    (``instructions/heldout_instructions.tsv`` and, where a query's ``query_src_content`` has it,
+    ``query_txt_heldout`` as its text) or ``"none"``. ``max_queries`` caps queries per file (smoke runs).
+    """
+    from jfe.index.build import model_name_of
+    from jfe.index.vector_index import VectorIndex
+
+    if pool not in ("local", "global"):
+        raise ConfigError(f"pool must be 'local' or 'global', got {pool!r}")
+    if instructions not in ("default", "heldout", "none"):
+        raise ConfigError(f"instructions must be 'default', 'heldout' or 'none', got {instructions!r}")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"ks must be positive integers, got {ks}")
+    root = Path(data_root).resolve()
+    layout = MBEIRLayout(root)
+    out = Path(out_dir) if out_dir is not None else None
+    timings: dict[str, float] = {}
+    notes = [EXCLUSION_NOTE, "Recall@k is M-BEIR's hit rate: 1 if any positive is in the top k."]
+    t0 = time.perf_counter()
+
+    files = _load_query_files(layout, split, pool, max_queries)
+    candidates, pool_dids = _read_pools(sorted({p for f in files for p in f.pool_files}))
+    instruction_sets = {}
+    if instructions != "none":
+        tsv = layout.instructions_file if instructions == "default" else layout.root / "instructions" / \
+            HELDOUT_INSTRUCTIONS
+        if tsv.is_file():
+            instruction_sets = read_instructions(tsv)
+        elif instructions == "heldout":
+            raise DataError("held-out instructions requested but the dataset has none", path=str(tsv))
+        else:
+            notes.append(f"No instructions file at {tsv}: queries were embedded without instructions.")
+    timings["read"] = time.perf_counter() - t0
+
+    # embed: candidates by content, once; queries with their instruction
+    t0 = time.perf_counter()
+    fingerprint = model_fingerprint(model)
+    cache = EmbeddingCache(Path(cache_dir) if cache_dir is not None else (out / "embeddings" if out else None),
+                           fingerprint)
+    cand_ids = sorted(candidates, key=lambda d: d)  # sorted: stable cache order regardless of pool order
+    cand_row = {did: i for i, did in enumerate(cand_ids)}
+    cand_items = [Item(text=candidates[d].txt, image=root / candidates[d].img_path if candidates[d].img_path
+                       else None, id=d) for d in cand_ids]
+    cand_keys = [_item_key(candidates[d].txt, candidates[d].img_path) for d in cand_ids]
+    cand_vecs = cache.embed(model, cand_keys, cand_items, batch_size, progress, "embed candidates")
+    query_vecs: list[np.ndarray] = []
+    for qf in files:
+        keys, items = [], []
+        for q, pos in zip(qf.queries, qf.positives, strict=True):
+            key = (q.qid.partition(":")[0], q.query_modality, _cand_modality(q, pos, candidates))
+            instruction = pick_instruction(q.qid, instruction_sets.get(key), instruction_mode) \
+                if instruction_sets else None
+            text = q.query_txt
+            if instructions == "heldout" and isinstance(q.src.get("query_txt_heldout"), str):
+                text = q.src["query_txt_heldout"]
+            item = Item(text=text, image=root / q.query_img_path if q.query_img_path else None, id=q.qid)
+            item = item.with_instruction(instruction)
+            keys.append(_item_key(item.text, q.query_img_path))
+            items.append(item)
+        query_vecs.append(cache.embed(model, keys, items, batch_size, progress, f"embed {qf.path.stem}"))
+    cache.save()
+    timings["embed"] = time.perf_counter() - t0
+
+    # search each query file in its pool
+    t0 = time.perf_counter()
+    k_max = ks[-1]
+    indexes: dict[tuple[Path, ...], VectorIndex] = {}
+    run_rows: list[tuple[str, list[str], list[float], Any]] = []
+    per_query: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for qf, qvecs in zip(files, query_vecs, strict=True):
+        pool_key = tuple(qf.pool_files)
+        if pool_key not in indexes:
+            dids = list(dict.fromkeys(d for p in qf.pool_files for d in pool_dids[p]))
+            index = VectorIndex(cand_vecs.shape[1] if len(cand_vecs) else model.dim)
+            if dids:
+                index.add(dids, cand_vecs[[cand_row[d] for d in dids]])
+            indexes[pool_key] = index
+        index = indexes[pool_key]
+        exclude = [{str(d) for d in (q.src.get("exclude_dids") or [])} for q in qf.queries]
+        ranked, scores = index.search(qvecs, k_max, exclude=exclude) if qf.queries else ([], None)
+        for i, q in enumerate(qf.queries):
+            run_rows.append((q.qid, ranked[i], scores[i][:len(ranked[i])].tolist(), q.task_id))
+            src = q.src
+            per_query.append({"qid": q.qid, "dataset": qf.dataset, "task": q.task_id, "file": qf.path.stem,
+                              "first_hit_rank": first_hit_rank(ranked[i], qf.positives[i]),
+                              "positives_in_pool": any(d in index for d in qf.positives[i]),
+                              "modification": src.get("modification"), "non_additive": src.get("non_additive"),
+                              "base": src.get("base")})
+        # one row per (dataset, task) of this file; M-BEIR files hold one task each, but be general
+        start = len(per_query) - len(qf.queries)
+        by_task: dict[Any, list[int]] = {}
+        for i, q in enumerate(qf.queries):
+            by_task.setdefault(q.task_id, []).append(i)
+        for task, idx in sorted(by_task.items(), key=lambda kv: (kv[0] is None, kv[0])):
+            row = {"dataset": qf.dataset, "task": task,
+                   "modality": "→".join(TASKS[task]) if task in TASKS else "?",
+                   "category": TASK_CATEGORY.get(task, "other"),
+                   "pool": "+".join(p.stem for p in qf.pool_files) if pool == "local" else "global",
+                   "queries": len(idx), "file": qf.path.stem,
+                   "missing_positives": sum(1 for i in idx if not per_query[start + i]["positives_in_pool"])}
+            for k in ks:
+                row[f"R@{k}"] = float(hits_at_k([ranked[i] for i in idx], [qf.positives[i] for i in idx], k).mean())
+            rows.append(row)
+    timings["search"] = time.perf_counter() - t0
+
+    result = EvalResult(
+        run_name=run_name or model_name or model_name_of(model), model=model_name or model_name_of(model),
+        data_root=str(root), split=split, pool=pool, instructions=instructions, ks=list(ks),
+        rows=_merge_rows(rows, ks), categories={}, average={}, n_queries=len(per_query),
+        n_candidates=len({d for idx in indexes.values() for d in idx.ids}), timings={}, notes=notes,
+        arch=getattr(model, "arch", ""))
+    result.categories = _categories(result.rows, ks)
+    result.average = {f"R@{k}": _mean([r[f"R@{k}"] for r in result.rows]) for k in ks}
+    result.modifications, result.non_additive = _breakdowns(per_query, ks)
+    missing = [p["qid"] for p in per_query if not p["positives_in_pool"]]
+    result.missing_positives = {"count": len(missing), "qids": missing[:50]}
+    if missing:
+        result.notes.append(f"{len(missing)} queries have no positive in their pool; they count as misses.")
+    result.timings = {k: round(v, 3) for k, v in timings.items()}
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_trec_run(out / RUN_FILE, run_rows, result.run_name)
+        write_tsv(out / TSV_FILE, [*result.rows, {"dataset": "average", "task": "all", "modality": "",
+                                                  "pool": pool, "queries": result.n_queries, **result.average}],
+                  ks)
+        write_tsv(out / CATEGORY_TSV_FILE, [{**v, "category": c, "tasks": ",".join(map(str, v["tasks"]))}
+                                            for c, v in result.categories.items()],
+                  ks, head=("category", "tasks", "rows", "queries"))
+        with atomic_write(out / PER_QUERY_FILE) as handle:
+            for entry in per_query:
+                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        result.save(out / RESULTS_FILE)  # last: its presence marks a complete evaluation
+    return result
+
+
+def _merge_rows(rows: list[dict[str, Any]], ks: Sequence[int]) -> list[dict[str, Any]]:
+    """Rows from several files with the same (dataset, task) become one, weighted by query count."""
+    merged: dict[tuple[str, Any], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["dataset"], row["task"])
+        if key not in merged:
+            merged[key] = dict(row)
+            continue
+        old = merged[key]
+        n_old, n_new = old["queries"], row["queries"]
+        for k in ks:
+            old[f"R@{k}"] = (old[f"R@{k}"] * n_old + row[f"R@{k}"] * n_new) / max(1, n_old + n_new)
+        old["queries"] = n_old + n_new
+        old["missing_positives"] += row["missing_positives"]
+        old["file"] += "," + row["file"]
+    return sorted(merged.values(), key=lambda r: (r["task"] if r["task"] is not None else 99, r["dataset"]))
+
+
+def _categories(rows: list[dict[str, Any]], ks: Sequence[int]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for category, tasks in CATEGORIES.items():
+        members = [r for r in rows if r["task"] in tasks]
+        if not members:
+            continue
+        out[category] = {"tasks": sorted({r["task"] for r in members}), "rows": len(members),
+                         "queries": sum(r["queries"] for r in members), "fusion": category in FUSION_CATEGORIES,
+                         **{f"R@{k}": _mean([r[f"R@{k}"] for r in members]) for k in ks}}
+    return out
+
+
+def _breakdowns(per_query: list[dict[str, Any]], ks: Sequence[int]) -> tuple[list[dict], list[dict]]:
+    def score(group: list[dict[str, Any]]) -> dict[str, float]:
+        ranks = [g["first_hit_rank"] for g in group]
+        return {f"R@{k}": _mean([1.0 if r is not None and r <= k else 0.0 for r in ranks]) for k in ks}
+
+    by_mod: dict[tuple[Any, str], list[dict]] = {}
+    by_flag: dict[tuple[Any, bool], list[dict]] = {}
+    for entry in per_query:
+        if entry["modification"] is not None:
+            by_mod.setdefault((entry["task"], str(entry["modification"])), []).append(entry)
+        if entry["non_additive"] is not None:
+            by_flag.setdefault((entry["task"], bool(entry["non_additive"])), []).append(entry)
+    mods = []
+    for (task, mod), group in sorted(by_mod.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        flags = {g["non_additive"] for g in group if g["non_additive"] is not None}
+        mods.append({"task": task, "modification": mod, "queries": len(group),
+                     "non_additive": flags.pop() if len(flags) == 1 else None, **score(group)})
+    flag_rows = [{"task": task, "non_additive": flag, "queries": len(group), **score(group)}
+                 for (task, flag), group in sorted(by_flag.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))]
+    return mods, flag_rows

@@ -1,0 +1,264 @@
+"""Comparison reports over several evaluation results: one Markdown file and one PNG bar chart.
+
+The report answers the paper's question: does the one-tower (joint fusion) encoder gain more over the
+late-fusion baselines on tasks that need modality fusion than on tasks that do not? Its *margin summary*
+takes, per category, ours minus the best late-fusion run (SF or FF), and averages those margins over the
+fusion categories and over the others.
+
+Roles come from run names (or the model arch): names with ``late-fusion``/``-sf``/``-ff``/``fusion`` are
+late fusion, ``two-tower``/``clip`` two-tower, and ``jfe``/``one-tower`` ours (the first such, unless
+``ours=`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jfe.data.records import CATEGORIES, FUSION_CATEGORIES
+from jfe.errors import ConfigError
+from jfe.eval.protocol import EXCLUSION_NOTE, EvalResult
+from jfe.paths import atomic_write
+
+REPORT_FILE = "report.md"
+CHART_FILE = "categories_r5.png"
+
+
+def role_of(name: str, arch: str = "") -> str:
+    """``"late-fusion"``, ``"two-tower"``, ``"one-tower"`` or ``"other"`` from a run name or model arch."""
+    for text in (name.lower(), arch.lower()):
+        if any(t in text for t in ("late-fusion", "late_fusion", "-sf", "-ff", "_sf", "_ff", "score-fusion",
+                                   "feature-fusion")) or text in ("sf", "ff"):
+            return "late-fusion"
+        if "two-tower" in text or "two_tower" in text or "clip" in text:
+            return "two-tower"
+        if "jfe" in text or "one-tower" in text or "one_tower" in text:
+            return "one-tower"
+    return "other"
+
+
+def _load(results: Mapping[str, EvalResult | str | os.PathLike]) -> dict[str, EvalResult]:
+    loaded = {}
+    for name, value in results.items():
+        loaded[str(name)] = value if isinstance(value, EvalResult) else EvalResult.load(value)
+    if not loaded:
+        raise ConfigError("no evaluation results to report")
+    return loaded
+
+
+def _fmt(value: float | None, best: float | None) -> str:
+    if value is None:
+        return "–"
+    text = f"{100 * value:.1f}"
+    # equal to the best at the shown precision counts as best (ties for best are all bold)
+    return f"**{text}**" if best is not None and f"{100 * best:.1f}" == text else text
+
+
+def _table(head: list[str], names: list[str], metrics: Sequence[str],
+           rows: list[tuple[list[str], dict[str, dict[str, float | None]]]]) -> list[str]:
+    """Markdown table: ``head`` columns, then one column per (run, metric); best per row and metric in bold."""
+    cols = head + [f"{n} {m}" for n in names for m in metrics]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(head) + ["---:"] * (len(cols) - len(head)))
+             + "|"]
+    for cells, values in rows:
+        best = {}
+        for m in metrics:
+            present = [values[n][m] for n in names if values.get(n, {}).get(m) is not None]
+            # nothing to single out when fewer than two runs have a value or all show the same number
+            distinct = {f"{100 * v:.1f}" for v in present}
+            best[m] = max(present) if len(present) > 1 and len(distinct) > 1 else None
+        out = list(cells) + [_fmt(values.get(n, {}).get(m), best[m]) for n in names for m in metrics]
+        lines.append("| " + " | ".join(out) + " |")
+    return lines
+
+
+def category_scores(result: EvalResult, metric: str) -> dict[str, float]:
+    return {c: v[metric] for c, v in result.categories.items() if metric in v}
+
+
+def margin_summary(runs: dict[str, EvalResult], ours: str, baselines: Sequence[str],
+                   metrics: Sequence[str] = ("R@1", "R@5")) -> dict[str, Any]:
+    """Per category: ours minus the best of ``baselines``; then the mean over fusion categories and over
+    the others, and their difference (positive = ours gains more where fusion is needed)."""
+    out: dict[str, Any] = {"ours": ours, "baselines": list(baselines), "metrics": {}}
+    for metric in metrics:
+        per_cat = {}
+        for category in CATEGORIES:
+            mine = runs[ours].categories.get(category, {}).get(metric)
+            theirs = [runs[b].categories.get(category, {}).get(metric) for b in baselines]
+            theirs = [t for t in theirs if t is not None]
+            if mine is None or not theirs:
+                continue
+            per_cat[category] = mine - max(theirs)
+        fusion = [v for c, v in per_cat.items() if c in FUSION_CATEGORIES]
+        other = [v for c, v in per_cat.items() if c not in FUSION_CATEGORIES]
+        entry: dict[str, Any] = {"per_category": per_cat,
+                                 "fusion": float(np.mean(fusion)) if fusion else None,
+                                 "non_fusion": float(np.mean(other)) if other else None}
+        entry["gap"] = entry["fusion"] - entry["non_fusion"] if fusion and other else None
+        out["metrics"][metric] = entry
+    return out
+
+
+def _chart(runs: dict[str, EvalResult], path: Path, metric: str = "R@5") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = [c for c in CATEGORIES if any(c in r.categories for r in runs.values())]
+    names = list(runs)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(categories) + 2), 4.2), dpi=110)
+    x = np.arange(len(categories))
+    for i, name in enumerate(names):
+        values = [100 * runs[name].categories.get(c, {}).get(metric, np.nan) for c in categories]
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width,
+                      label=f"{name} ({role_of(name, runs[name].arch)})")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    ax.set_xticks(x, [c + ("\n(fusion)" if c in FUSION_CATEGORIES else "") for c in categories])
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylim(0, 105)
+    first = next(iter(runs.values()))
+    ax.set_title(f"{metric} per category ({first.pool} pool, {first.split} split)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    with atomic_write(path, mode="wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+
+
+def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir: str | os.PathLike, *,
+                 ours: str | None = None, baselines: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Write ``report.md`` and ``categories_r5.png`` comparing runs (name -> EvalResult or result folder);
+    returns the Markdown path. ``ours`` / ``baselines`` override the roles guessed from the names."""
+    runs = _load(results)
+    names = list(runs)
+    roles = {n: role_of(n, runs[n].arch) for n in names}
+    if ours is None:
+        ones = [n for n in names if roles[n] == "one-tower"]
+        ours = next((n for n in ones if n == "jfe-mini"), ones[0] if ones else None)
+    elif ours not in runs:
+        raise ConfigError(f"--ours {ours!r} is not one of the runs: {', '.join(names)}")
+    if baselines is None:
+        baselines = [n for n in names if roles[n] == "late-fusion"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first = runs[names[0]]
+    lines = [f"# {title or 'JFE evaluation report'}", "",
+             f"Split `{first.split}`, `{first.pool}` candidate pool(s), instructions `{first.instructions}`. "
+             "Scores are M-BEIR Recall@k in % (hit rate: 1 if any positive is in the top k), averaged per "
+             "(dataset, task); categories average their (dataset, task) rows. Best per row in **bold**.", "",
+             f"_{EXCLUSION_NOTE}_", "", "| run | role | model | queries |", "|---|---|---|---:|"]
+    lines += [f"| {n} | {roles[n]} | `{runs[n].model}` | {runs[n].n_queries} |" for n in names]
+    mismatched = [n for n in names if (runs[n].split, runs[n].pool) != (first.split, first.pool)]
+    if mismatched:
+        lines += ["", f"**Warning:** runs {', '.join(mismatched)} used a different split or pool."]
+
+    # per category
+    lines += ["", "## Per category", ""]
+    cat_rows = []
+    for category in CATEGORIES:
+        if not any(category in r.categories for r in runs.values()):
+            continue
+        tasks = sorted({t for r in runs.values() for t in r.categories.get(category, {}).get("tasks", [])})
+        values = {n: {m: runs[n].categories.get(category, {}).get(m) for m in ("R@1", "R@5")} for n in names}
+        cat_rows.append(([category, "yes" if category in FUSION_CATEGORIES else "no",
+                          ",".join(map(str, tasks))], values))
+    avg = {n: {m: runs[n].average.get(m) for m in ("R@1", "R@5")} for n in names}
+    cat_rows.append((["**average**", "", ""], avg))
+    lines += _table(["category", "fusion", "tasks"], names, ("R@1", "R@5"), cat_rows)
+    lines += ["", f"![R@5 per category]({CHART_FILE})"]
+
+    # per task
+    lines += ["", "## Per task (dataset, task)", ""]
+    keys = sorted({(r["task"] if r["task"] is not None else 99, r["dataset"], r["modality"])
+                   for res in runs.values() for r in res.rows})
+    task_rows = []
+    for task, dataset, modality in keys:
+        values = {}
+        for n in names:
+            row = next((r for r in runs[n].rows if r["dataset"] == dataset and
+                        (r["task"] if r["task"] is not None else 99) == task), None)
+            values[n] = {m: row.get(m) if row else None for m in ("R@1", "R@5")}
+        task_rows.append(([dataset, str(task), modality], values))
+    lines += _table(["dataset", "task", "query→candidate"], names, ("R@1", "R@5"), task_rows)
+
+    # per modification type and additive / non-additive
+    mod_keys = sorted({(str(m["task"]), m["modification"], str(m.get("non_additive")))
+                       for res in runs.values() for m in res.modifications})
+    if mod_keys:
+        lines += ["", "## Per modification type", "",
+                  "Composed and question tasks broken down by the kind of modification the query text asks for; "
+                  "`non-additive` ones need the image and the text combined (late score fusion cannot add them).",
+                  ""]
+        mod_rows = []
+        for task, mod, flag in mod_keys:
+            values, count = {}, 0
+            for n in names:
+                entry = next((m for m in runs[n].modifications if str(m["task"]) == task
+                              and m["modification"] == mod), None)
+                values[n] = {k: entry.get(k) if entry else None for k in ("R@1", "R@5")}
+                count = max(count, entry["queries"] if entry else 0)
+            mod_rows.append(([task, mod, {"True": "yes", "False": "no"}.get(flag, "?"), str(count)], values))
+        lines += _table(["task", "modification", "non-additive", "queries"], names, ("R@1", "R@5"), mod_rows)
+    flag_keys = sorted({(str(f["task"]), bool(f["non_additive"])) for res in runs.values() for f in res.non_additive})
+    if flag_keys:
+        lines += ["", "### Additive vs non-additive", ""]
+        flag_rows = []
+        for task, flag in flag_keys:
+            values = {}
+            for n in names:
+                entry = next((f for f in runs[n].non_additive if str(f["task"]) == task
+                              and bool(f["non_additive"]) == flag), None)
+                values[n] = {k: entry.get(k) if entry else None for k in ("R@1", "R@5")}
+            flag_rows.append(([task, "non-additive" if flag else "additive"], values))
+        lines += _table(["task", "kind"], names, ("R@1", "R@5"), flag_rows)
+
+    # the paper's claim: margins over the best late-fusion baseline
+    lines += ["", "## Fusion vs non-fusion margin", ""]
+    summary = None
+    if ours and baselines:
+        summary = margin_summary(runs, ours, baselines)
+        lines += [f"`{ours}` minus the best of {', '.join(f'`{b}`' for b in baselines)} per category "
+                  "(points of Recall@k); then the mean over fusion categories "
+                  f"({', '.join(FUSION_CATEGORIES)}) and over the others.", "",
+                  "| metric | " + " | ".join(CATEGORIES) + " | fusion mean | non-fusion mean | gap |",
+                  "|---|" + "---:|" * (len(CATEGORIES) + 3)]
+        for metric, entry in summary["metrics"].items():
+            cells = [f"{100 * entry['per_category'][c]:+.1f}" if c in entry["per_category"] else "–"
+                     for c in CATEGORIES]
+            cells += [f"{100 * entry[k]:+.1f}" if entry[k] is not None else "–"
+                      for k in ("fusion", "non_fusion", "gap")]
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        gap = summary["metrics"]["R@5"]["gap"]
+        if gap is not None:
+            verdict = "larger" if gap > 0 else "not larger"
+            lines += ["", f"On R@5 the one-tower's margin over late fusion is **{verdict}** on fusion categories "
+                          f"({100 * gap:+.1f} points fusion minus non-fusion)."]
+    else:
+        lines.append("Needs one one-tower run and at least one late-fusion run (name them e.g. `jfe-mini`, "
+                     "`late-fusion-sf`, `late-fusion-ff`, or pass ours=/baselines=).")
+
+    missing = {n: runs[n].missing_positives.get("count", 0) for n in names if runs[n].missing_positives.get("count")}
+    if missing:
+        lines += ["", "Queries with no positive in the pool (scored as misses): " +
+                  ", ".join(f"{n}: {c}" for n, c in missing.items())]
+    notes = sorted({note for r in runs.values() for note in r.notes if note != EXCLUSION_NOTE})
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+
+    _chart(runs, out / CHART_FILE)
+    path = out / REPORT_FILE
+    with atomic_write(path) as handle:
+        handle.write("\n".join(lines) + "\n")
+    if summary is not None:
+        import json
+
+        with atomic_write(out / "margins.json") as handle:
+            handle.write(json.dumps(summary, indent=2) + "\n")
+    return path

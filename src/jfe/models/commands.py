@@ -1,0 +1,104 @@
+"""``jfe models list`` and ``jfe encode``. Torch and the towers are imported inside the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from jfe.errors import ConfigError, DataError
+
+models_app = typer.Typer(help="Built-in and saved encoders.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``models`` (group) and ``encode`` to the ``jfe`` app."""
+    app.add_typer(models_app, name="models")
+    app.command("encode")(encode)
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the registered model names (``hf:<path>`` and saved folders are accepted too)."""
+    from jfe.models.registry import list_models
+
+    infos = list_models()
+    if as_json:
+        typer.echo(json.dumps([{"name": i.name, "arch": i.arch, "embed_dim": i.embed_dim, "config": i.config,
+                                "description": i.description} for i in infos], indent=2))
+        return
+    width = max(len(i.name) for i in infos)
+    for info in infos:
+        typer.echo(f"{info.name:<{width}}  {info.arch:<20} {info.description}")
+    typer.echo("also: hf:<path to a transformers MLLM folder>, or a folder written by save_pretrained")
+
+
+def _read_items(path: Path) -> list[dict]:
+    """JSONL items: ``{"text": ..., "image": "relative/or/absolute.png", "id": ...}`` per line."""
+    items = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read items file ({exc.strerror})", path=str(path)) from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg})", path=str(path), line=number) from None
+        if not isinstance(record, dict):
+            raise DataError("expected a JSON object with 'text' and/or 'image'", path=str(path), line=number)
+        record.setdefault("id", f"line {number}")
+        if record.get("image"):
+            image = Path(record["image"])
+            record["image"] = image if image.is_absolute() else path.parent / image
+        items.append(record)
+    return items
+
+
+def encode(
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the vectors (.npy, float32 [n, dim])."),
+    model: str = typer.Option("jfe-mini", "--model", "-m", help="Registered name, hf:<path> or a saved folder."),
+    text: list[str] = typer.Option(None, "--text", "-t", help="A text input (repeatable)."),
+    image: list[Path] = typer.Option(None, "--image", "-i", help="An image file (repeatable)."),
+    items_file: Path = typer.Option(None, "--items", help="JSONL file of {text, image} items (image paths "
+                                    "relative to the file)."),
+    instruction: str = typer.Option(None, "--instruction", help="Task instruction prefixed to every text "
+                                    "(query side)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+) -> None:
+    """Embed texts, images or image+text pairs into an .npy matrix, one row per input, in order.
+
+    Given both --text and --image the same number of times, the i-th text and the i-th image form one
+    image+text item; given only one kind, each is a unimodal item. --items reads any mix from a file.
+    """
+    texts, images = list(text or []), list(image or [])
+    if texts and images:
+        if len(texts) != len(images):
+            raise ConfigError(f"got {len(texts)} --text and {len(images)} --image: pass them in equal numbers to "
+                              f"form image+text pairs, or use --items for a mix")
+        items: list[dict] = [{"text": t, "image": p, "id": f"pair #{i}"} for i, (t, p) in
+                             enumerate(zip(texts, images, strict=True))]
+    else:
+        items = [{"text": t, "id": f"text #{i}"} for i, t in enumerate(texts)]
+        items += [{"image": p, "id": f"image #{i} ({p})"} for i, p in enumerate(images)]
+    if items_file is not None:
+        items += _read_items(items_file)
+    if not items:
+        raise ConfigError("nothing to encode: give --text, --image or --items")
+    if out.suffix != ".npy":
+        raise ConfigError(f"--out must end in .npy, got {out}")
+
+    import numpy as np
+
+    from jfe.models.registry import load_model
+    from jfe.paths import atomic_write
+
+    encoder = load_model(model, device=device)
+    vectors = encoder.encode(items, instruction=instruction, batch_size=batch_size, progress=len(items) > batch_size)
+    with atomic_write(out, "wb") as handle:
+        np.save(handle, vectors)
+    typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {out}")

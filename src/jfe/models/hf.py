@@ -1,0 +1,512 @@
+"""A Hugging Face multimodal LM (Qwen2-VL, Qwen2.5-VL, ...) as a one-tower JFE encoder (arch ``hf-mllm``).
+
+Every item — text, image, or image+text — becomes one chat-template prompt::
+
+    [system] user: [<image>] [instruction + text] [embed_prompt]  [assistant header]
+
+and the vector is the last layer's hidden state at the LAST REAL token (found from the attention mask, so
+it is right under left and right padding), L2-normalised. Text-only items carry no image tokens.
+
+Model families differ in how an image enters the prompt; :data:`ADAPTERS` holds one small entry per
+``model_type``. The Qwen2-VL family is handled natively (tokenizer + image processor, image placeholders
+expanded here, M-RoPE inputs built here), which also works where ``torchvision`` — needed by their
+video processor and hence by ``AutoProcessor`` — is not installed. Other ``AutoModelForImageTextToText``
+models go through their ``AutoProcessor``.
+
+Persistence: ``save_pretrained(dir)`` writes ``config.json`` + ``model.safetensors`` (JFE's contract) and
+``backbone/`` (the HF config, tokenizer, image processor and chat template, no weights).
+``model.safetensors`` holds either a *delta* — the LoRA weights and whatever else was made trainable
+(e.g. the projector after an ``align`` phase), applied on top of the base model at ``model_path`` — or,
+after full fine-tuning, every weight (then the folder is self-contained).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+
+from jfe.data.items import Item
+from jfe.errors import ConfigError, DataError
+from jfe.models.base import CONFIG_NAME, WEIGHTS_NAME, Encoder, EncoderConfig, default_device, l2_normalize
+from jfe.paths import atomic_dir
+
+BACKBONE_DIR = "backbone"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+class HFConfig(EncoderConfig):
+    """Options of :class:`HFEncoder`. ``embed_dim`` is filled in from the backbone's hidden size."""
+
+    arch: str = "hf-mllm"
+    embed_dim: int = 0
+    model_path: str
+    """A local folder (``/models/Qwen2-VL-2B-Instruct``) or, where the user has network, a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bfloat16 on CUDA, float32 on CPU."""
+    padding_side: Literal["left", "right"] = "left"
+    system_prompt: str | None = None
+    """None: the chat template's default (Qwen2-VL adds "You are a helpful assistant."); any string, even "",
+    is sent as an explicit system turn."""
+    embed_prompt: str | None = None
+    """Text appended after the item in the user turn, e.g. ``"\\nSummarize the above in one word:"`` (E5-V)."""
+    add_generation_prompt: bool = True
+    pooling: Literal["last", "mean"] = "last"
+    max_text_tokens: int | None = 512
+    """Item texts longer than this (in tokens) are cut, so one long document cannot blow up a batch."""
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    """Qwen-style image budget per image (pixels); None keeps the image processor's setting."""
+    lora_r: int = 0
+    """0: no LoRA. >0: inject LoRA adapters of this rank (``peft``) into ``target_modules``."""
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """Module-name suffixes, or one regex over full module names (peft semantics)."""
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    """e.g. ``"sdpa"`` or ``"flash_attention_2"``; None lets transformers choose."""
+    trust_remote_code: bool = False
+    local_files_only: bool = False
+    weights: Literal["delta", "full"] = "delta"
+    """Written by ``save_pretrained``: what ``model.safetensors`` holds (see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """What differs between MLLM families: prompt placeholders, image inputs, the projector's name.
+
+    ``native=True``: JFE expands ``image_token`` to one token per merged vision patch itself (Qwen2-VL
+    style, using the image processor's ``image_grid_thw`` and ``merge_size``). ``native=False``: the
+    model's ``AutoProcessor`` turns prompts + images into inputs.
+    """
+
+    name: str
+    native: bool
+    image_token: str | None = None
+    reserved_tokens: tuple[str, ...] = ()
+    projector_patterns: tuple[str, ...] = ("multi_modal_projector", "mm_projector", "connector", "projector")
+    mm_token_type_ids: bool = False
+
+
+QWEN2_VL = ModelAdapter(
+    name="qwen2-vl", native=True, image_token="<|image_pad|>",
+    reserved_tokens=("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
+    projector_patterns=("visual.merger",), mm_token_type_ids=True,
+)
+GENERIC = ModelAdapter(name="generic", native=False)
+
+#: ``model_type`` -> adapter. Unknown types fall back to :data:`GENERIC` (their own processor).
+ADAPTERS: dict[str, ModelAdapter] = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN2_VL}
+
+
+def adapter_for(model_type: str) -> ModelAdapter:
+    return ADAPTERS.get(model_type, GENERIC)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` means bfloat16 on CUDA (where supported) and float32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token: the highest position whose mask is 1 (any padding side)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+def _looks_local(path: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else is meant as a folder on disk.
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).expanduser().exists()
+
+
+class HFEncoder(Encoder):
+    """One-tower encoder over a ``transformers`` multimodal LM. Build it with :meth:`from_path`.
+
+    Parameters start frozen (an inference model); training code calls :meth:`set_trainable`.
+    """
+
+    arch = "hf-mllm"
+    config_class = HFConfig
+
+    def __init__(self, config: HFConfig, device: str | torch.device | None = None, *,
+                 source: str | os.PathLike | None = None, pretrained_weights: bool = True) -> None:
+        """Load the backbone named by ``config.model_path``.
+
+        ``source`` reads the HF config and processor files from another folder (a saved ``backbone/``);
+        ``pretrained_weights=False`` builds the architecture without loading weights (a full checkpoint
+        is loaded on top afterwards).
+        """
+        super().__init__(config)
+        self._device = torch.device(device) if device is not None else default_device()
+        self._dtype = resolve_dtype(config.dtype, self._device)
+        source = str(source) if source is not None else config.model_path
+        hf_config = self._hf_config = self._load_hf_config(source)
+        self.adapter = adapter_for(hf_config.model_type)
+        self._load_processing(source)
+        self.backbone = self._load_backbone(config.model_path if pretrained_weights else None, hf_config)
+        self.backbone.requires_grad_(False)
+        self._lora_names: set[str] = set()
+        if config.lora_r > 0:
+            self._inject_lora()
+        # Parameters that a training phase has unfrozen are saved in the delta checkpoint.
+        self._touched: set[str] = set(self._lora_names)
+        hidden = self._hidden_size(hf_config)
+        self.config = config.model_copy(update={"embed_dim": hidden})
+        self.to(self._device)
+        self.eval()
+
+    # --- construction ------------------------------------------------------------------------
+    def _hub_kwargs(self) -> dict[str, Any]:
+        return {"trust_remote_code": self.config.trust_remote_code, "local_files_only": self.config.local_files_only}
+
+    def _load_hf_config(self, source: str) -> Any:
+        from transformers import AutoConfig
+
+        if _looks_local(source) and not Path(source).expanduser().is_dir():
+            raise ConfigError(f"model folder {source} does not exist")
+        try:
+            return AutoConfig.from_pretrained(os.path.expanduser(source), **self._hub_kwargs())
+        except (OSError, ValueError) as exc:
+            where = "folder" if _looks_local(source) else "hub model (needs network, or a local folder)"
+            raise ConfigError(f"cannot load the {where} {source!r}: {exc}") from exc
+
+    def _load_processing(self, source: str) -> None:
+        """Tokenizer, image processor and chat template (natively), or the model's AutoProcessor."""
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+        source = os.path.expanduser(source)
+        self.processor = None
+        if not self.adapter.native:
+            try:
+                self.processor = AutoProcessor.from_pretrained(source, **self._hub_kwargs())
+            except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+                raise ConfigError(f"cannot load the processor of {source!r}: {exc}") from exc
+            self.tokenizer = self.processor.tokenizer
+            self.image_processor = getattr(self.processor, "image_processor", None)
+            self.chat_template = getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
+            image_token = getattr(self.processor, "image_token", None)
+            self._reserved = (image_token,) if image_token else ()
+        else:
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(source, **self._hub_kwargs())
+                self.image_processor = AutoImageProcessor.from_pretrained(source, **self._hub_kwargs())
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(f"cannot load the tokenizer / image processor of {source!r}: {exc}") from exc
+            self.chat_template = self.tokenizer.chat_template or self._read_template_file(source)
+            self._reserved = self.adapter.reserved_tokens
+            self._image_token_id = self.tokenizer.convert_tokens_to_ids(self.adapter.image_token)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = self.config.padding_side
+
+    def _read_template_file(self, source: str) -> str | None:
+        from transformers.utils import cached_file
+
+        for name in (CHAT_TEMPLATE_FILE, "chat_template.json"):
+            try:
+                path = cached_file(source, name, _raise_exceptions_for_missing_entries=False, **self._hub_kwargs())
+            except OSError:
+                path = None
+            if path:
+                text = Path(path).read_text()
+                return json.loads(text)["chat_template"] if name.endswith(".json") else text
+        return None
+
+    def _load_backbone(self, weights_from: str | None, hf_config: Any) -> torch.nn.Module:
+        """The multimodal model without its LM head (embeddings need hidden states, not logits)."""
+        from transformers import AutoModel, AutoModelForImageTextToText
+
+        kwargs: dict[str, Any] = {"dtype": self._dtype}
+        if self.config.attn_implementation:
+            kwargs["attn_implementation"] = self.config.attn_implementation
+        try:
+            if weights_from is None:
+                try:
+                    full = AutoModelForImageTextToText.from_config(hf_config, **kwargs)
+                except ValueError:
+                    full = AutoModel.from_config(hf_config, **kwargs)
+            else:
+                path = os.path.expanduser(weights_from)
+                try:
+                    full = AutoModelForImageTextToText.from_pretrained(path, **kwargs, **self._hub_kwargs())
+                except ValueError:  # not an image-text-to-text architecture: its bare model may still do
+                    full = AutoModel.from_pretrained(path, **kwargs, **self._hub_kwargs())
+        except OSError as exc:
+            raise ConfigError(f"cannot load the weights of {weights_from!r}: {exc}") from exc
+        inner = getattr(full, "model", None)
+        return inner if isinstance(inner, torch.nn.Module) else full
+
+    @staticmethod
+    def _hidden_size(hf_config: Any) -> int:
+        text_config = getattr(hf_config, "text_config", None) or hf_config
+        return int(text_config.hidden_size)
+
+    def _inject_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = self.config
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.target_modules, bias="none")
+        try:
+            inject_adapter_in_model(lora, self.backbone)
+        except ValueError as exc:
+            raise ConfigError(f"LoRA target_modules {cfg.target_modules!r} match nothing in the model: {exc}") \
+                from exc
+        for name, param in self.backbone.named_parameters():
+            if "lora_" in name:
+                # Adapters train in float32 even on a bf16 backbone (peft casts activations to match).
+                param.data = param.data.float()
+                param.requires_grad_(False)
+                self._lora_names.add(f"backbone.{name}")
+
+    # --- public constructors -----------------------------------------------------------------
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                  **overrides: Any) -> HFEncoder:
+        """A HF model folder / hub id (``overrides`` are :class:`HFConfig` fields), or a saved JFE folder."""
+        local = Path(path).expanduser()
+        if (local / CONFIG_NAME).is_file():
+            try:
+                saved = json.loads((local / CONFIG_NAME).read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{local / CONFIG_NAME} is not valid JSON: {exc}") from exc
+            if saved.get("arch") == cls.arch:
+                return cls.from_pretrained(local, device=device, **overrides)
+        try:
+            config = HFConfig(model_path=str(path), **overrides)
+        except ValidationError as exc:
+            raise ConfigError(f"bad options for hf:{path}: {exc}") from exc
+        return cls(config, device=device)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
+                        **overrides: Any) -> HFEncoder:
+        """Load a folder written by :meth:`save_pretrained`."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise ConfigError(f"{directory} is not a saved JFE model (no {CONFIG_NAME})")
+        try:
+            config = HFConfig(**{**json.loads(config_path.read_text()), **overrides})
+        except (ValidationError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"bad config in {config_path}: {exc}") from exc
+        backbone_dir = directory / BACKBONE_DIR
+        source = backbone_dir if backbone_dir.is_dir() else None
+        full = config.weights == "full" and source is not None
+        model = cls(config, device=device, source=source, pretrained_weights=not full)
+        state = load_file(str(directory / WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        bad_missing = [k for k in missing if full or not model._may_be_missing(k)]
+        if unexpected or bad_missing:
+            raise ConfigError(f"weights in {directory} do not match the config: missing={bad_missing[:5]}, "
+                              f"unexpected={unexpected[:5]}")
+        model._touched |= set(state)
+        model.eval()
+        return model
+
+    def _may_be_missing(self, key: str) -> bool:
+        # A delta checkpoint omits the base weights (they come from model_path) but never the LoRA ones.
+        return key not in self._lora_names
+
+    # --- training ----------------------------------------------------------------------------
+    def set_trainable(self, phase: str) -> None:
+        """``align``: LoRA weights if any, else the vision->LM projector. ``full``: LoRA weights if any, else all."""
+        if phase not in ("align", "full"):
+            raise ConfigError(f"unknown training phase {phase!r} (expected 'align' or 'full')")
+        names = [name for name, _ in self.named_parameters()]
+        if self._lora_names:
+            chosen = set(self._lora_names)
+        elif phase == "align":
+            chosen = {n for n in names if any(p in n for p in self.adapter.projector_patterns)}
+            if not chosen:
+                raise ConfigError(f"no projector found for 'align' in this {self.adapter.name} model "
+                                  f"(looked for {self.adapter.projector_patterns}); use LoRA or 'full'")
+        else:
+            chosen = set(names)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in chosen)
+        self._touched |= chosen
+        if self.config.gradient_checkpointing and hasattr(self.backbone, "gradient_checkpointing_enable"):
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # --- inputs ------------------------------------------------------------------------------
+    def _truncate(self, text: str) -> str:
+        limit = self.config.max_text_tokens
+        if not limit or len(text.encode("utf-8")) <= limit:  # no tokenizer makes more tokens than UTF-8 bytes
+            return text
+        try:
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        except NotImplementedError:  # slow tokenizers have no offsets: cut by decoding the kept ids
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return text if len(ids) <= limit else self.tokenizer.decode(ids[:limit])
+        return text if len(offsets) <= limit else text[:offsets[limit - 1][1]]
+
+    def _messages(self, item: Item, has_image: bool) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = []
+        if has_image:
+            content.append({"type": "image"})
+        if item.text and item.text.strip():
+            content.append({"type": "text", "text": self._truncate(item.text)})
+        if self.config.embed_prompt:
+            content.append({"type": "text", "text": self.config.embed_prompt})
+        messages = [{"role": "user", "content": content}]
+        if self.config.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.config.system_prompt}]})
+        return messages
+
+    def build_prompt(self, item: Item) -> str:
+        """The chat-template prompt for one item (image placeholders not yet expanded)."""
+        modality = item.modality  # raises a DataError naming the item when it is empty
+        for token in self._reserved:
+            if item.text and token in item.text:
+                raise DataError(f"text contains the reserved model token {token!r}", record_id=item.id)
+        messages = self._messages(item, "image" in modality)
+        if self.chat_template is None:
+            raise ConfigError(f"{self.config.model_path} has no chat template (tokenizer, processor or "
+                              f"{CHAT_TEMPLATE_FILE})")
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=self.config.add_generation_prompt)
+
+    def _image_kwargs(self) -> dict[str, Any]:
+        if self.config.min_pixels is None and self.config.max_pixels is None:
+            return {}
+        size = dict(self.image_processor.size)
+        if self.config.min_pixels is not None:
+            size["shortest_edge"] = self.config.min_pixels
+        if self.config.max_pixels is not None:
+            size["longest_edge"] = self.config.max_pixels
+        return {"size": {k: v for k, v in size.items() if k in ("shortest_edge", "longest_edge")}}
+
+    def prepare(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+        """Tokenised, padded model inputs for a batch (on CPU). Errors name the offending item."""
+        prompts = [self.build_prompt(item) for item in items]
+        images = [(i, item.load_image()) for i, item in enumerate(items) if item.image is not None]
+        if self.adapter.native:
+            return self._prepare_native(items, prompts, images)
+        return self._prepare_processor(items, prompts, images)
+
+    def _prepare_native(self, items: Sequence[Item], prompts: list[str],
+                        images: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+        placeholder = self.adapter.image_token
+        pixel_values, grids = [], []
+        for index, image in images:
+            try:
+                out = self.image_processor(images=[image], return_tensors="pt", **self._image_kwargs())
+            except Exception as exc:  # noqa: BLE001 - image processors raise ValueError, TypeError, ...
+                raise DataError(f"the image processor rejected the image: {exc}", record_id=items[index].id) \
+                    from exc
+            pixel_values.append(out["pixel_values"])
+            grids.append(out["image_grid_thw"])
+            # One placeholder per merged patch group: what the vision tower emits for this image.
+            count = int(out["image_grid_thw"][0].prod()) // self.image_processor.merge_size ** 2
+            if prompts[index].count(placeholder) != 1:
+                raise ConfigError(f"the chat template of {self.config.model_path} must put exactly one "
+                                  f"{placeholder} per image; got {prompts[index].count(placeholder)}")
+            prompts[index] = prompts[index].replace(placeholder, placeholder * count)
+        tokens = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        # Only what the model takes: some tokenizers add token_type_ids, which Qwen models reject.
+        batch = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)
+            batch["image_grid_thw"] = torch.cat(grids)
+        if self.adapter.mm_token_type_ids:
+            batch["mm_token_type_ids"] = (batch["input_ids"] == self._image_token_id).int()
+        return batch
+
+    def _prepare_processor(self, items: Sequence[Item], prompts: list[str],
+                           images: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+        kwargs: dict[str, Any] = {"text": prompts, "padding": True, "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = [image for _, image in images]
+        try:
+            return dict(self.processor(**kwargs))
+        except Exception as exc:  # noqa: BLE001
+            for index, image in images:  # find the item at fault, so the error can name it
+                try:
+                    self.processor(text=[prompts[index]], images=[image], return_tensors="pt")
+                except Exception as inner:  # noqa: BLE001
+                    raise DataError(f"the processor rejected the item: {inner}", record_id=items[index].id) \
+                        from inner
+            raise DataError(f"the processor rejected the batch: {exc}") from exc
+
+    # --- the encoder -------------------------------------------------------------------------
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last-layer hidden states ``[batch, seq, hidden]`` for prepared inputs."""
+        device = self.device
+        inputs = {k: v.to(device) for k, v in batch.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype)
+        out = self.backbone(**inputs, use_cache=False, return_dict=True)
+        return out.last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last real token (default) or masked mean, as float32 (not yet normalised)."""
+        attention_mask = attention_mask.to(hidden.device)
+        if self.config.pooling == "mean":
+            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+            return ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float()
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_token_index(attention_mask)].float()
+
+    def embed(self, items: Sequence[Item]) -> torch.Tensor:
+        if len(items) == 0:
+            return torch.zeros(0, self.dim, device=self.device)
+        batch = self.prepare(items)
+        hidden = self.hidden_states(batch)
+        return l2_normalize(self.pool(hidden, batch["attention_mask"]))
+
+    # --- persistence -------------------------------------------------------------------------
+    def _checkpoint_state(self) -> tuple[dict[str, torch.Tensor], bool]:
+        """The weights to save and whether they are all of them."""
+        state = self.state_dict()
+        keep = self._touched | {n for n, p in self.named_parameters() if p.requires_grad}
+        full = all(name in keep for name, _ in self.named_parameters())
+        chosen = state if full else {k: v for k, v in state.items() if k in keep}
+        out, seen = {}, set()
+        for key, value in chosen.items():
+            tensor = value.detach().cpu().contiguous()
+            if tensor.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            out[key] = tensor
+        return out, full
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (delta or full) and ``backbone/``, atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        state, full = self._checkpoint_state()
+        config = self.config.model_copy(update={"weights": "full" if full else "delta"})
+        with atomic_dir(directory) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(config.model_dump(), indent=2) + "\n")
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"arch": self.arch, "weights": config.weights})
+            self._save_extra(tmp)
+        self.config = config
+        return directory
+
+    def _save_extra(self, directory: Path) -> None:
+        """``backbone/``: the HF config and processing files, so a full checkpoint needs nothing else."""
+        target = directory / BACKBONE_DIR
+        target.mkdir()
+        self._hf_config.save_pretrained(target)
+        if self.processor is not None:
+            self.processor.save_pretrained(target)
+        else:
+            self.tokenizer.save_pretrained(target)
+            self.image_processor.save_pretrained(target)
+        if self.chat_template:
+            (target / CHAT_TEMPLATE_FILE).write_text(self.chat_template)

@@ -1,0 +1,146 @@
+"""Named models, open_clip style: a name maps to an architecture and a config; ``load_model`` resolves
+
+* a registered name (``"jfe-mini"``, ``"two-tower-mini"``, ``"late-fusion-sf-mini"``, ``"late-fusion-ff-mini"``
+  and their variants, see :func:`list_models`): a fresh model on the pretrained towers (glue untrained);
+* ``"hf:<path>"``: a ``transformers`` MLLM folder through :class:`jfe.models.hf.HFEncoder` (imported lazily);
+* a folder written by ``save_pretrained`` (``config.json`` + ``model.safetensors``).
+
+Keyword overrides change config fields (``load_model("jfe-mini", grid=7, pooling="cls")``); for a saved
+folder they may only change what does not alter the weights' shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from jfe.errors import ConfigError
+from jfe.models.base import CONFIG_NAME, WEIGHTS_NAME, Encoder, default_device
+
+HF_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One registered model name."""
+
+    name: str
+    arch: str
+    description: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config.get("embed_dim", 384))
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, arch: str, description: str, **config: Any) -> ModelInfo:
+    """Add (or replace) a named config. ``config`` fields override the architecture's defaults."""
+    info = ModelInfo(name, arch, description, dict(config))
+    _MODELS[name] = info
+    return info
+
+
+register_model("jfe-mini", "jfe-mini", "one tower: MobileNetV2 4x4+global visual tokens -> MLP projector -> "
+               "MiniLM-L6 over [visual; text] from layer 1, mean pooled")
+register_model("jfe-mini-7x7", "jfe-mini", "jfe-mini with the full 7x7 feature map + global token (50 visual tokens)",
+               grid=7)
+register_model("jfe-mini-2x2", "jfe-mini", "jfe-mini with 2x2 + global visual tokens (fastest)", grid=2)
+register_model("jfe-mini-cls", "jfe-mini", "jfe-mini pooled at the [CLS] token instead of the mean", pooling="cls")
+register_model("two-tower-mini", "two-tower-mini", "CLIP-style two towers (MobileNetV2 pool / MiniLM mean) with "
+               "projection heads; image+text = normalised sum")
+register_model("late-fusion-sf-mini", "late-fusion-sf-mini", "UniIR score fusion: learned weighted sum of the "
+               "unimodal embeddings")
+register_model("late-fusion-ff-mini", "late-fusion-ff-mini", "UniIR feature fusion: 2-layer transformer over "
+               "both towers' output tokens")
+
+
+def _register_archs() -> None:
+    """Import the modules whose classes register themselves with :class:`Encoder`."""
+    import jfe.models.baselines  # noqa: F401
+    import jfe.models.jfe_mini  # noqa: F401
+    import jfe.models.toy  # noqa: F401
+
+
+def list_models() -> list[ModelInfo]:
+    """The registered names (``hf:<path>`` and saved folders are accepted besides these)."""
+    return list(_MODELS.values())
+
+
+def _build(arch: str, config: dict[str, Any], what: str) -> Encoder:
+    _register_archs()
+    if arch == "hf-mllm":
+        import jfe.models.hf  # noqa: F401
+    klass = Encoder._registry.get(arch)
+    if klass is None:
+        raise ConfigError(f"{what}: unknown model arch {arch!r}; known: {sorted(Encoder._registry)}")
+    try:
+        cfg = klass.config_class(**{**config, "arch": arch})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{what}: invalid config: {problems}") from None
+    return klass(cfg)
+
+
+def _load_saved(directory: Path, overrides: dict[str, Any]) -> Encoder:
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{directory / CONFIG_NAME}: cannot read the model config ({exc})") from None
+    if not isinstance(config, dict) or "arch" not in config:
+        raise ConfigError(f"{directory / CONFIG_NAME}: not a JFE model config (no 'arch')")
+    arch = config.pop("arch")
+    if arch == "hf-mllm":  # the HF adapter knows how to rebuild its backbone (and adapters) from a folder
+        from jfe.models.hf import HFEncoder
+
+        return HFEncoder.from_path(directory, **overrides)
+    model = _build(arch, {**config, **overrides}, str(directory))
+    weights = directory / WEIGHTS_NAME
+    if not weights.exists():
+        raise ConfigError(f"{directory} has a config but no {WEIGHTS_NAME}")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ConfigError(f"{weights}: cannot read the weights ({exc})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch, e.g. an override that changes the architecture
+        raise ConfigError(f"weights in {directory} do not fit the config: {str(exc).splitlines()[-1]}") from None
+    missing = [k for k in missing if not model._may_be_missing(k)]
+    if missing or unexpected:
+        raise ConfigError(f"weights in {directory} do not match the config: missing={missing[:5]}, "
+                          f"unexpected={unexpected[:5]}")
+    return model
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = None,
+               **config_overrides: Any) -> Encoder:
+    """A ready-to-use encoder (in eval mode, on ``device`` or the default device) from a name or a path."""
+    spec = os.fspath(name_or_path)
+    if spec.startswith(HF_PREFIX):
+        from jfe.models.hf import HFEncoder
+
+        model = HFEncoder.from_path(spec[len(HF_PREFIX):], device=device, **config_overrides)
+    elif spec in _MODELS:
+        info = _MODELS[spec]
+        model = _build(info.arch, {**info.config, **config_overrides}, f"model {spec!r}")
+    elif (Path(spec) / CONFIG_NAME).is_file():
+        model = _load_saved(Path(spec), config_overrides)
+    elif Path(spec).exists():
+        raise ConfigError(f"{spec} is not a saved JFE model (no {CONFIG_NAME})")
+    else:
+        raise ConfigError(f"unknown model {spec!r}: not a registered name ({', '.join(_MODELS)}), "
+                          f"not 'hf:<path>', not a saved model folder")
+    model.eval()
+    return model.to(device or default_device())

@@ -1,0 +1,246 @@
+"""The vision tower: torchvision's ImageNet MobileNetV2, defined here by hand (torchvision does not import
+beside the local torch build) with torchvision's exact parameter names, so its state dict loads strictly.
+
+The last feature map (``[1280, 7, 7]`` at 224 px) is a grid of visual tokens; :func:`grid_tokens` pools it
+to ``g x g`` tokens (7, 4, 2, ...) plus an optional global (mean) token.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from jfe.errors import AssetError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FEATURE_DIM = 1280
+# bump when preprocessing changes: it is part of the feature-cache key
+PREPROCESS_VERSION = 1
+
+# (expansion t, output channels c, repeats n, first stride s): torchvision's inverted_residual_setting
+_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+             (6, 320, 1, 1))
+
+
+class ConvBNReLU(nn.Sequential):
+    """torchvision's Conv2dNormActivation: keys ``0.weight`` (conv), ``1.*`` (batch norm)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> None:
+        super().__init__(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_res_connect = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(ConvBNReLU(cin, hidden, kernel=1))
+        layers += [ConvBNReLU(hidden, hidden, stride=stride, groups=hidden),
+                   nn.Conv2d(hidden, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) with torchvision's module names: ``features.*`` and ``classifier.1``."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [ConvBNReLU(3, 32, stride=2)]
+        cin = 32
+        for t, c, n, s in _SETTINGS:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers.append(ConvBNReLU(cin, FEATURE_DIM, kernel=1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(FEATURE_DIM, num_classes))
+        self._init_weights()
+
+    def _init_weights(self) -> None:  # torchvision's initialisation, for the random-weight (test) tower
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(x).mean((2, 3))
+        return self.classifier(pooled)
+
+
+def load_mobilenet_v2_state() -> dict[str, torch.Tensor]:
+    """The ImageNet state dict from the offline asset (clear :class:`AssetError` if it is not fetched)."""
+    from jfe.data.assets import mobilenet_v2_weights
+
+    path = mobilenet_v2_weights()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise AssetError(f"cannot read MobileNetV2 weights {path}: {exc}") from exc
+
+
+def mobilenet_v2(pretrained: bool = True) -> MobileNetV2:
+    """MobileNetV2; ``pretrained`` loads the ImageNet weights strictly (every key must match).
+
+    The pretrained network is read once per process and copied for every further tower.
+    """
+    return copy.deepcopy(_pristine_mobilenet_v2()) if pretrained else MobileNetV2()
+
+
+@functools.lru_cache(maxsize=1)
+def _pristine_mobilenet_v2() -> MobileNetV2:
+    net = MobileNetV2()
+    net.load_state_dict(load_mobilenet_v2_state(), strict=True)
+    return net.eval()
+
+
+def preprocess(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
+    """RGB PIL images -> normalised ``[n, 3, S, S]`` float tensor.
+
+    Each image is padded to a square on white (emoji and clip-art must be seen whole, so no centre crop),
+    resized with bicubic filtering, and normalised with ImageNet statistics in one vectorised step.
+    """
+    arrays = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        w, h = image.size
+        if w != h:
+            side = max(w, h)
+            canvas = Image.new("RGB", (side, side), (255, 255, 255))
+            canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+            image = canvas
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        arrays[i] = np.asarray(image)
+    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def grid_tokens(feature_map: torch.Tensor, grid: int, global_token: bool = False) -> torch.Tensor:
+    """``[n, C, h, w]`` feature maps -> ``[n, g*g (+1), C]`` visual tokens, row-major, global token last."""
+    pooled = feature_map if feature_map.shape[-2:] == (grid, grid) else \
+        nn.functional.adaptive_avg_pool2d(feature_map, grid)
+    tokens = pooled.flatten(2).transpose(1, 2)
+    if global_token:
+        tokens = torch.cat([tokens, feature_map.mean((2, 3)).unsqueeze(1)], dim=1)
+    return tokens
+
+
+def fold_batchnorm(features: nn.Module) -> nn.Module:
+    """A copy of ``features`` for inference with every BatchNorm folded into the convolution before it.
+
+    Halves MobileNetV2's CPU time; outputs match the unfolded eval-mode network to float rounding (~1e-5).
+    """
+    fused = copy.deepcopy(features).eval()
+
+    def fold(seq: nn.Sequential) -> None:
+        children = list(seq.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                conv.weight = nn.Parameter((conv.weight * scale.view(-1, 1, 1, 1)).detach(), requires_grad=False)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.bias = nn.Parameter((bn.bias + (bias - bn.running_mean) * scale).detach(), requires_grad=False)
+                setattr(seq, bn_name, nn.Identity())
+
+    with torch.no_grad():
+        for module in fused.modules():
+            if isinstance(module, nn.Sequential):
+                fold(module)
+    for param in fused.parameters():
+        param.requires_grad_(False)
+    return fused.to(memory_format=torch.channels_last)
+
+
+class VisionTower(nn.Module):
+    """MobileNetV2's convolutional trunk: images -> last feature map ``[n, 1280, S/32, S/32]``.
+
+    Batch norm always uses its ImageNet running statistics (``train()`` leaves it in eval mode), so the
+    features of a frozen tower are the same in training and evaluation, which lets them be cached. A frozen
+    tower runs a BN-folded, channels-last copy without autograd. ``fingerprint`` identifies the weights for
+    the feature cache; it (and the folded copy) is recomputed after any ``load_state_dict``.
+    """
+
+    def __init__(self, image_size: int = 224, pretrained: bool = True) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.features = mobilenet_v2(pretrained).features
+        self.features.to(memory_format=torch.channels_last)
+        self.features.eval()
+        self._fingerprint: str | None = None
+        # object.__setattr__ keeps the folded copy out of the submodules: never saved, rebuilt when stale
+        object.__setattr__(self, "_folded", None)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._invalidate())
+
+    def _invalidate(self) -> None:
+        self._fingerprint = None
+        object.__setattr__(self, "_folded", None)
+
+    def train(self, mode: bool = True) -> VisionTower:
+        # ``features`` stays in eval mode: BN statistics remain ImageNet's (small contrastive batches would
+        # wreck them), and skipping the recursion keeps model.train()/eval() cheap
+        self.training = mode
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.features.parameters())
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the last feature map (7 at 224 px)."""
+        size = self.image_size
+        for _ in range(5):  # five stride-2 stages, each ceil-halving (padding 1, kernel 3)
+            size = (size + 1) // 2
+        return size
+
+    def fingerprint(self) -> str:
+        """sha1 over the weights (and BN statistics): equal fingerprints give equal features."""
+        if self._fingerprint is None:
+            digest = hashlib.sha1()
+            for name, tensor in sorted(self.features.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def cache_key(self, dtype: torch.dtype) -> str:
+        """What (besides the image content) determines a cached feature map."""
+        return f"mnv2-{self.fingerprint()}-s{self.image_size}-p{PREPROCESS_VERSION}-{str(dtype).split('.')[-1]}"
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        if not self.frozen:
+            self._invalidate()  # the weights are being trained: fingerprint and folded copy go stale
+            return self.features(pixels)
+        device = next(self.features.parameters()).device
+        if self._folded is None or next(self._folded.parameters()).device != device:
+            object.__setattr__(self, "_folded", fold_batchnorm(self.features))
+        with torch.no_grad():
+            return self._folded(pixels)
+
+    def features_of(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocess and run a batch of PIL images on the tower's device."""
+        device = next(self.features.parameters()).device
+        return self(preprocess(images, self.image_size).to(device)).contiguous()

@@ -1,0 +1,84 @@
+"""``jfe serve``: run the HTTP search service (FastAPI + uvicorn). Heavy imports happen inside the command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from jfe.errors import ConfigError
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``jfe serve`` to the ``jfe`` app."""
+    app.command("serve")(serve_command)
+
+
+def load_model(name_or_path: str) -> Any:
+    """``toy``/``toy-hash`` (the test encoder), a registry name, or a saved model folder."""
+    if name_or_path in ("toy", "toy-hash"):
+        from jfe.models.toy import ToyEncoder
+
+        return ToyEncoder()
+    try:
+        from jfe.models.registry import load_model as registry_load
+    except ImportError:
+        registry_load = None
+    if registry_load is not None:
+        return registry_load(name_or_path)
+    import jfe.models.toy  # noqa: F401 - registers the toy arch so its saved folders load
+    from jfe.models.base import Encoder
+
+    if not (Path(name_or_path) / "config.json").is_file():
+        raise ConfigError(f"unknown model {name_or_path!r}: not a saved model folder (no config.json)")
+    return Encoder.from_pretrained(name_or_path)
+
+
+def serve_command(
+    index: Path | None = typer.Option(None, "--index", help="index folder written by `jfe index build`"),
+    model: str | None = typer.Option(None, "--model", help="model name or folder (default: the index's model)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="JFE_API_KEY",
+                                       help="require this key (X-API-Key or Bearer) on the API endpoints"),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="allow this browser origin (repeatable)"),
+    max_batch: int = typer.Option(32, min=1, help="most items encoded together"),
+    max_wait_ms: float = typer.Option(5.0, min=0, help="how long a request waits for others to batch with"),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="micro-batch concurrent requests"),
+    max_image_mb: float = typer.Option(8.0, min=0.001, help="largest accepted image file, in MiB"),
+    max_pixels: int = typer.Option(4096 * 4096, min=1, help="largest accepted image, width x height"),
+    demo: bool = typer.Option(False, "--demo", help="serve a built-in shapes dataset with the toy encoder"),
+    log_level: str = typer.Option("info", help="uvicorn log level"),
+) -> None:
+    """Serve search, embeddings and the web page over HTTP."""
+    import uvicorn
+
+    from jfe.serve.app import create_app
+    from jfe.serve.schemas import ServeSettings
+
+    if demo:
+        from jfe.paths import cache_dir
+        from jfe.serve.sample import build_sample_index
+
+        vector_index = build_sample_index(cache_dir() / "serve-demo")
+        model = model or "toy"
+    elif index is None:
+        raise ConfigError("give --index DIR (an index built by `jfe index build`) or --demo")
+    else:
+        from jfe.index import VectorIndex
+
+        vector_index = VectorIndex.load(index)
+    model = model or vector_index.meta.get("model")
+    if not model:
+        raise ConfigError(f"the index at {index} does not name its model; pass --model")
+    encoder = load_model(str(model))
+    settings = ServeSettings(model_name=str(model), api_key=api_key or os.environ.get("JFE_API_KEY") or None,
+                             cors_origins=list(cors_origin), max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),
+                             max_pixels=max_pixels)
+    app = create_app(encoder, vector_index, settings)
+    typer.echo(f"serving {len(vector_index)} candidates with {model} on http://{host}:{port}/ "
+               f"(docs: /docs; auth: {'on' if settings.api_key else 'off'})")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

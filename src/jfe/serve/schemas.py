@@ -1,0 +1,146 @@
+"""Request/response models of the HTTP service and its settings.
+
+The embeddings endpoint follows OpenAI's ``/v1/embeddings`` shape, extended with image content parts
+(the chat-completions ``image_url`` part) and an optional retrieval ``instruction``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+K_MAX = 100
+
+
+class ServeSettings(BaseModel):
+    """Everything ``create_app`` needs besides the model and the index (all limits are per request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = Field("model", description="name reported in /health and in embedding responses")
+    api_key: str | None = Field(None, description="when set, API endpoints need X-API-Key or a Bearer token")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; empty = CORS off")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body")
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")
+    max_inputs: int = Field(256, ge=1, description="most inputs in one embeddings request")
+    max_text_chars: int = Field(8192, ge=1, description="longest text of one input")
+    batching: bool = Field(True, description="micro-batch concurrent requests into one encode call")
+    max_batch: int = Field(32, ge=1, description="most items in one micro-batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the first request of a batch waits for company")
+    image_formats: tuple[str, ...] = Field(("PNG", "JPEG", "GIF", "WEBP", "BMP"),
+                                           description="accepted image formats (PIL names)")
+
+
+# --------------------------------------------------------------------------------------- embeddings
+class ImageURL(BaseModel):
+    url: str = Field(..., description="a data URL: data:image/png;base64,... (remote URLs are refused)")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+EmbeddingInput = str | list[ContentPart]
+
+
+class EmbeddingsRequest(BaseModel):
+    """``input``: a string, or a list whose entries are strings or lists of content parts (one item each)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="accepted for OpenAI compatibility; the served model is used")
+    input: str | list[EmbeddingInput]
+    instruction: str | None = Field(None, description="retrieval instruction prefixed to every input's text")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="not supported; must be omitted or equal the model's dim")
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(..., description="whitespace-separated words of text (no tokenizer is exposed)")
+    total_tokens: int
+    images: int = 0
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+# --------------------------------------------------------------------------------------- search
+class SearchRequest(BaseModel):
+    """A query: text, an image (data URL), or both; an optional instruction; ``k`` results."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    image: str | None = Field(None, description="data:image/...;base64,... data URL")
+    instruction: str | None = None
+    k: int = Field(10, ge=1, le=K_MAX)
+
+
+class SearchHit(BaseModel):
+    did: str
+    score: float
+    rank: int
+    modality: str | None
+    text: str | None
+    image_url: str | None = Field(None, description="relative URL of the candidate's image, if it has one")
+
+
+class SearchResponse(BaseModel):
+    query_modality: str
+    k: int
+    took_ms: float
+    results: list[SearchHit]
+
+
+# --------------------------------------------------------------------------------------- misc
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    index_size: int
+    dim: int
+    batching: bool
+    max_batch: int
+    auth: bool = Field(False, description="whether API endpoints need a key")
+    stats: dict[str, int] = Field(default_factory=dict, description="micro-batching counters")
+
+
+class InstructionChoice(BaseModel):
+    dataset_id: str
+    dataset: str
+    query_modality: str
+    cand_modality: str
+    prompts: list[str]
+
+
+class InstructionsResponse(BaseModel):
+    instructions: list[InstructionChoice]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,347 @@
+"""Training and validation data from an M-BEIR-layout split.
+
+:class:`TrainingData` reads the training queries of the chosen tasks and only the candidates they refer
+to (pools are streamed, so a large union pool is never held whole). :class:`BatchSampler` draws global
+batches from it: tasks by weight, each task's queries in a fresh seeded permutation per epoch, optional
+grouping by base item, a random instruction variant and random hard negatives per draw. All randomness
+comes from one numpy generator whose state is checkpointed, so a resumed run draws the very batches the
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jfe.data.instructions import pick_instruction
+from jfe.data.items import Item, candidate_item, query_item
+from jfe.data.mbeir import MBEIRLayout, iter_candidates, iter_queries
+from jfe.data.records import Candidate, InstructionSet, Query, dataset_id_of
+from jfe.errors import ConfigError, DataError
+from jfe.train.losses import ContrastiveBatch, false_negative_mask
+
+
+def base_of(query: Query) -> str:
+    """The base item a query is about (MiniBEIR's ``query_src_content.base``); the qid otherwise."""
+    base = query.src.get("base")
+    return str(base) if base not in (None, "") else query.qid
+
+
+def _load_instructions(layout: MBEIRLayout) -> dict[tuple[str, str, str], InstructionSet]:
+    from jfe.data.mbeir import read_instructions
+
+    if not layout.instructions_file.exists():
+        raise DataError("instructions are enabled but the dataset has no instructions file",
+                        path=str(layout.instructions_file))
+    return read_instructions(layout.instructions_file)
+
+
+def _stream_candidates(layout: MBEIRLayout, wanted: set[str]) -> dict[str, Candidate]:
+    found: dict[str, Candidate] = {}
+    for pool in [*layout.local_pool_files(), *layout.global_pool_files()]:
+        for cand in iter_candidates(pool):
+            if cand.did in wanted and cand.did not in found:
+                found[cand.did] = cand
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+@dataclass
+class TrainingData:
+    """The training queries of the selected tasks, with the candidates they name."""
+
+    root: Path
+    queries: list[Query]
+    candidates: dict[str, Candidate]
+    instructions: dict[tuple[str, str, str], InstructionSet] = field(default_factory=dict)
+    by_task: dict[int, list[int]] = field(default_factory=dict)
+    by_base: dict[str, list[int]] = field(default_factory=dict)
+    # per task: dids usable as random negatives when a query has too few hard ones
+    task_pools: dict[int, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root: str | Path, split: str = "train", tasks: set[int] | None = None,
+             instructions: bool = False, hard_negatives: bool = False,
+             max_queries: int | None = None) -> TrainingData:
+        layout = MBEIRLayout(root)
+        files = layout.query_files(split)
+        if not files:
+            raise DataError(f"no query files for split {split!r} (expected query/{split}/*.jsonl)",
+                            path=str(layout.root / "query" / split))
+        queries: list[Query] = []
+        origin: dict[str, Path] = {}
+        for path in files:
+            for query in iter_queries(path):
+                if query.task_id is None:
+                    raise DataError("training queries need a task_id", path=str(path), record_id=query.qid)
+                if tasks is not None and query.task_id not in tasks:
+                    continue
+                if not query.pos_cand_list:
+                    raise DataError("training query has no positive candidate", path=str(path),
+                                    record_id=query.qid)
+                queries.append(query)
+                origin[query.qid] = path
+        if max_queries is not None and len(queries) > max_queries:
+            # a stable subset (by qid hash), not the first files' queries
+            queries = sorted(queries, key=lambda q: hashlib.sha1(q.qid.encode()).digest())[:max_queries]
+        if not queries:
+            wanted = sorted(tasks) if tasks is not None else "any"
+            raise DataError(f"split {split!r} has no queries of tasks {wanted}", path=str(layout.root))
+        wanted_dids = {d for q in queries for d in q.pos_cand_list}
+        if hard_negatives:
+            wanted_dids |= {d for q in queries for d in q.neg_cand_list}
+        candidates = _stream_candidates(layout, wanted_dids)
+        for query in queries:
+            if not any(d in candidates for d in query.pos_cand_list):
+                raise DataError(f"none of the positives {query.pos_cand_list[:3]} is in any candidate pool",
+                                path=str(origin[query.qid]), record_id=query.qid)
+        data = cls(root=layout.root, queries=queries, candidates=candidates,
+                   instructions=_load_instructions(layout) if instructions else {})
+        data._index()
+        return data
+
+    def _index(self) -> None:
+        by_task: dict[int, list[int]] = defaultdict(list)
+        by_base: dict[str, list[int]] = defaultdict(list)
+        pools: dict[int, set[str]] = defaultdict(set)
+        for i, query in enumerate(self.queries):
+            by_task[int(query.task_id)].append(i)
+            by_base[base_of(query)].append(i)
+            pools[int(query.task_id)].update(d for d in query.pos_cand_list if d in self.candidates)
+        self.by_task = dict(sorted(by_task.items()))
+        self.by_base = dict(by_base)
+        self.task_pools = {t: sorted(p) for t, p in pools.items()}
+
+    def instruction_set(self, query: Query, cand_did: str) -> InstructionSet | None:
+        cand = self.candidates[cand_did]
+        return self.instructions.get((dataset_id_of(query.qid), query.query_modality, cand.modality))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One sampled training example: a query, one positive, its negatives and its instruction."""
+
+    index: int
+    positive: str
+    negatives: tuple[str, ...]
+    instruction: str | None
+
+
+class BatchSampler:
+    """Deterministic, resumable global-batch sampler (see the module docstring)."""
+
+    def __init__(self, data: TrainingData, batch_size: int, task_weights: dict[int, float] | None = None,
+                 group_size: int = 1, hard_negatives: int = 0, instructions: bool = False, seed: int = 0) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.group_size = group_size
+        self.hard_negatives = hard_negatives
+        self.use_instructions = instructions
+        weights = dict(task_weights or {})
+        if not weights:
+            weights = {t: 1.0 for t in data.by_task}
+        unknown = [t for t, w in weights.items() if w > 0 and t not in data.by_task]
+        if unknown:
+            raise ConfigError(f"task_weights name tasks {unknown} that have no training queries "
+                              f"(tasks present: {sorted(data.by_task)})")
+        self.tasks = [t for t in sorted(weights) if weights[t] > 0]
+        total = sum(weights[t] for t in self.tasks)
+        self.probs = np.array([weights[t] / total for t in self.tasks])
+        available = sum(len(data.by_task[t]) for t in self.tasks)
+        if available < batch_size:
+            raise ConfigError(f"batch_size {batch_size} exceeds the {available} training queries of tasks "
+                              f"{self.tasks}")
+        active = {i for t in self.tasks for i in data.by_task[t]}
+        # grouping only pairs examples that belong to the active tasks
+        self.mates = {b: [i for i in idx if i in active] for b, idx in data.by_base.items()}
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.cursors = {t: 0 for t in self.tasks}
+        self.epochs = {t: 0 for t in self.tasks}
+        self.perms = {t: self.rng.permutation(len(data.by_task[t])) for t in self.tasks}
+        self.batches_drawn = 0
+
+    # --- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "cursors": dict(self.cursors), "epochs": dict(self.epochs),
+                "perms": {t: p.tolist() for t, p in self.perms.items()}, "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if sorted(int(t) for t in state["cursors"]) != self.tasks:
+            raise ConfigError("the checkpoint's data position does not match this config's tasks")
+        self.rng.bit_generator.state = state["rng"]
+        self.cursors = {int(t): int(c) for t, c in state["cursors"].items()}
+        self.epochs = {int(t): int(e) for t, e in state["epochs"].items()}
+        self.perms = {int(t): np.asarray(p, dtype=np.int64) for t, p in state["perms"].items()}
+        self.batches_drawn = int(state["batches_drawn"])
+
+    # --- drawing -----------------------------------------------------------------------------------
+    def _next_of_task(self, task: int) -> int:
+        members = self.data.by_task[task]
+        if self.cursors[task] >= len(members):
+            self.perms[task] = self.rng.permutation(len(members))
+            self.cursors[task] = 0
+            self.epochs[task] += 1
+        index = members[int(self.perms[task][self.cursors[task]])]
+        self.cursors[task] += 1
+        return index
+
+    def _draw(self, index: int) -> Draw:
+        query = self.data.queries[index]
+        positives = [d for d in query.pos_cand_list if d in self.data.candidates]
+        positive = positives[int(self.rng.integers(len(positives)))] if len(positives) > 1 else positives[0]
+        negatives: list[str] = []
+        if self.hard_negatives:
+            own = set(query.pos_cand_list)
+            hard = [d for d in query.neg_cand_list if d in self.data.candidates and d not in own]
+            if hard:
+                take = min(self.hard_negatives, len(hard))
+                negatives = [hard[int(i)] for i in self.rng.choice(len(hard), size=take, replace=False)]
+            pool = self.data.task_pools[int(query.task_id)]
+            # pad with random candidates of the same task so every query has exactly k negatives
+            # (fixed shapes keep the cross-process gather simple)
+            for _ in range(4 * self.hard_negatives):
+                if len(negatives) >= self.hard_negatives:
+                    break
+                did = pool[int(self.rng.integers(len(pool)))]
+                if did not in own and did not in negatives:
+                    negatives.append(did)
+            while len(negatives) < self.hard_negatives:  # degenerate tiny pools: any candidate at all
+                negatives.append(pool[int(self.rng.integers(len(pool)))])
+        instruction = None
+        if self.use_instructions:
+            inst = self.data.instruction_set(query, positive)
+            if inst is not None and inst.prompts:
+                instruction = inst.prompts[int(self.rng.integers(len(inst.prompts)))]
+        return Draw(index=index, positive=positive, negatives=tuple(negatives), instruction=instruction)
+
+    def next_batch(self) -> list[Draw]:
+        """The next global batch (identical on every rank)."""
+        chosen: list[int] = []
+        seen: set[int] = set()
+        while len(chosen) < self.batch_size:
+            task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.probs))]
+            index = self._next_of_task(task)
+            if index in seen:
+                continue
+            chosen.append(index)
+            seen.add(index)
+            if self.group_size > 1:
+                mates = [j for j in self.mates[base_of(self.data.queries[index])] if j not in seen]
+                take = min(self.group_size - 1, len(mates), self.batch_size - len(chosen))
+                if take > 0:
+                    for k in self.rng.choice(len(mates), size=take, replace=False):
+                        chosen.append(mates[int(k)])
+                        seen.add(mates[int(k)])
+        self.batches_drawn += 1
+        return [self._draw(i) for i in chosen]
+
+    # --- turning draws into model inputs -----------------------------------------------------------
+    def to_batch(self, draws: list[Draw], rank: int = 0, world_size: int = 1) -> ContrastiveBatch:
+        """The items of this rank's contiguous shard, with the false-negative mask of the global batch."""
+        if len(draws) % world_size:
+            raise ConfigError(f"batch_size {len(draws)} is not divisible by the {world_size} processes")
+        data = self.data
+        column_ids = [d.positive for d in draws] + [n for d in draws for n in d.negatives]
+        mask = false_negative_mask([set(data.queries[d.index].pos_cand_list) for d in draws], column_ids)
+        per = len(draws) // world_size
+        shard = draws[rank * per:(rank + 1) * per]
+        return ContrastiveBatch(
+            queries=[query_item(data.queries[d.index], data.root, d.instruction) for d in shard],
+            positives=[candidate_item(data.candidates[d.positive], data.root) for d in shard],
+            negatives=[candidate_item(data.candidates[n], data.root) for d in shard for n in d.negatives],
+            mask=mask if mask.any() else None,
+        )
+
+
+@dataclass
+class ValGroup:
+    """Validation queries of one query file and the (capped) local pool they are ranked in."""
+
+    name: str
+    task_ids: list[int]
+    queries: list[Item]
+    positives: list[set[str]]
+    excluded: list[set[str]]
+    pool_ids: list[str]
+    pool: list[Item]
+
+
+def _stable_order(ids: list[str]) -> list[int]:
+    return sorted(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).digest())
+
+
+def load_val_groups(root: str | Path, split: str = "val", tasks: set[int] | None = None,
+                    instructions: bool = False, max_queries: int = 200, max_pool: int = 1000) -> list[ValGroup]:
+    """Small, deterministic validation sets: at most ``max_queries`` queries in all (spread over the
+    query files) and at most ``max_pool`` candidates per local pool (every selected query's positives
+    first, then a stable hash order). Instructions are picked deterministically (by qid hash)."""
+    layout = MBEIRLayout(root)
+    files = layout.query_files(split)
+    inst = _load_instructions(layout) if instructions and files else {}
+    per_file: list[tuple[Path, list[Query]]] = []
+    for path in files:
+        qs = [q for q in iter_queries(path) if tasks is None or q.task_id in tasks]
+        if qs:
+            per_file.append((path, qs))
+    if not per_file:
+        return []
+    cap = max(1, math.ceil(max_queries / len(per_file)))
+    groups = []
+    for path, qs in per_file:
+        qs = [qs[i] for i in _stable_order([q.qid for q in qs])[:cap]]
+        pool_path = layout.local_pool_for(path)
+        pool_files = [pool_path] if pool_path is not None else layout.local_pool_files() + layout.global_pool_files()
+        wanted = {d for q in qs for d in q.pos_cand_list}
+        cands: dict[str, Candidate] = {}
+        others: list[Candidate] = []
+        for pf in pool_files:
+            for cand in iter_candidates(pf):
+                if cand.did in cands:
+                    continue
+                if cand.did in wanted:
+                    cands[cand.did] = cand
+                elif pool_path is not None or any(cand.did in q.neg_cand_list for q in qs):
+                    others.append(cand)
+        room = max(0, max_pool - len(cands))
+        for i in _stable_order([c.did for c in others])[:room]:
+            cands[others[i].did] = others[i]
+        if not cands:
+            continue
+        pool_ids = sorted(cands)
+        query_items = []
+        for q in qs:
+            instruction = None
+            if instructions:
+                first_pos = next((d for d in q.pos_cand_list if d in cands), None)
+                cand_modality = cands[first_pos].modality if first_pos else None
+                instruction = pick_instruction(q.qid, inst.get((dataset_id_of(q.qid), q.query_modality,
+                                                                cand_modality)))
+            query_items.append(query_item(q, layout.root, instruction))
+        groups.append(ValGroup(
+            name=path.stem, task_ids=[int(q.task_id) if q.task_id is not None else -1 for q in qs],
+            queries=query_items, positives=[set(q.pos_cand_list) for q in qs],
+            excluded=[{str(d) for d in (q.src.get("exclude_dids") or [])} for q in qs],
+            pool_ids=pool_ids, pool=[candidate_item(cands[d], layout.root) for d in pool_ids]))
+    return groups
+
+
+def rank_pool(query_vecs: np.ndarray, pool_vecs: np.ndarray, pool_ids: list[str], excluded: list[set[str]],
+              k: int) -> list[list[str]]:
+    """Top-``k`` pool ids per query by inner product, never returning a query's excluded ids
+    (CIRR's convention: a composed query's reference image is not a hit)."""
+    scores = torch.from_numpy(query_vecs) @ torch.from_numpy(pool_vecs).T
+    position = {d: j for j, d in enumerate(pool_ids)}
+    for i, ex in enumerate(excluded):
+        cols = [position[d] for d in ex if d in position]
+        if cols:
+            scores[i, cols] = float("-inf")
+    top = torch.topk(scores, k=min(k, len(pool_ids)), dim=1).indices.tolist()
+    return [[pool_ids[j] for j in row] for row in top]

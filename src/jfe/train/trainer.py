@@ -1,0 +1,407 @@
+"""The training loop shared by both stages and every model.
+
+``train(config)`` builds the model, the data, the loss and the optimiser from one validated config, then
+runs ``steps`` optimiser steps. It writes into ``output_dir``:
+
+* ``train_config.json`` — the validated config; ``metrics.jsonl`` — one JSON line per log / validation;
+* ``checkpoints/step-NNNNNNN/`` — ``model/`` (``save_pretrained``) and ``trainer_state.pt`` (optimiser,
+  schedule position, loss parameters, sampler position, every rank's RNG states, step), each written
+  under a temporary name and renamed, so a kill leaves the previous checkpoint intact;
+* ``final/`` — the trained model (``save_pretrained``), returned by :func:`train`.
+
+``resume=True`` reloads the newest checkpoint and continues exactly where it stopped: same weights,
+optimiser moments, learning rate, RNG streams and next batch as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jfe.errors import ConfigError
+from jfe.paths import atomic_dir, atomic_write
+from jfe.train.config import TrainConfig, load_config
+from jfe.train.data import BatchSampler, TrainingData, load_val_groups, rank_pool
+from jfe.train.distributed import DistContext, init_distributed
+from jfe.train.losses import ContrastiveObjective, InfoNCELoss
+
+STATE_NAME = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"
+DONE_NAME = "train_done.json"
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine / linear decay to zero, or constant. ``step`` is 0-based."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The encoder to train: ``init`` (a saved folder) if set, else ``model`` (a name or a folder)."""
+    import jfe.models.toy  # noqa: F401  (registers the test arch so saved toy models load too)
+    from jfe.models.base import Encoder
+
+    spec = cfg.start_from
+    if spec in ("toy", "toy-hash"):
+        from jfe.models.toy import ToyConfig, ToyEncoder
+
+        return ToyEncoder(ToyConfig(**cfg.model_overrides)).to(device)
+    try:
+        from jfe.models.registry import load_model
+    except ModuleNotFoundError as exc:
+        if exc.name != "jfe.models.registry":
+            raise
+        if (Path(spec) / "config.json").exists():
+            import contextlib
+            import importlib
+
+            for name in ("jfe.models.jfe_mini", "jfe.models.baselines", "jfe.models.hf"):  # register their archs
+                with contextlib.suppress(ModuleNotFoundError):
+                    importlib.import_module(name)
+            return Encoder.from_pretrained(spec, device=device)
+        raise ConfigError(f"cannot build model {spec!r}: jfe.models.registry is not installed yet; only saved "
+                          f"model folders and 'toy-hash' can be trained") from None
+    return load_model(spec, device=device, **cfg.model_overrides)
+
+
+def _param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in params:
+        # biases, norms, embeddings' scalars and the temperature are not decayed
+        (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _add_new_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module, weight_decay: float) -> int:
+    """Parameters that appeared since the optimiser was built (e.g. LoRA adapters added by
+    ``set_trainable``) join it as new groups; returns how many."""
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    new = [(n, p) for n, p in model.named_parameters() if id(p) not in known]
+    for group in _param_groups(new, weight_decay):
+        group["lr"] = optimizer.param_groups[0]["lr"]
+        optimizer.add_param_group(group)
+    return len(new)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    folder = output_dir / CHECKPOINTS
+    found = sorted(p for p in folder.glob("step-*") if (p / STATE_NAME).exists()) if folder.exists() else []
+    return found[-1] if found else None
+
+
+class _Metrics:
+    """``metrics.jsonl``, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, forget lines a killed run logged after its last checkpoint."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        with atomic_write(self.path) as handle:
+            handle.write("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+# --- the trainer -------------------------------------------------------------------------------------
+class Trainer:
+    """One training run. Use :func:`train` unless you need the pieces."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or init_distributed(cfg.device)
+        self.out = Path(cfg.output_dir)
+        self.metrics = _Metrics(self.out / "metrics.jsonl", self.ctx.is_main)
+
+    # setup ---------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.batch_size % ctx.world_size:
+            raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
+        seed_everything(cfg.seed)  # identical model init on every rank
+        self.model = build_model(cfg, ctx.device)
+        ctx.broadcast_parameters(self.model)
+        tasks = set(cfg.task_weights) if cfg.task_weights else None
+        self.data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
+                                      hard_negatives=cfg.hard_negatives > 0, max_queries=cfg.max_train_queries)
+        self.sampler = BatchSampler(self.data, cfg.batch_size, cfg.task_weights, cfg.group_size,
+                                    cfg.hard_negatives, cfg.instructions, seed=cfg.seed)
+        self.loss = InfoNCELoss(cfg.temperature, cfg.learnable_temperature, cfg.min_temperature,
+                                cfg.max_temperature, cfg.symmetric).to(ctx.device)
+        use_bf16 = cfg.precision == "bf16" and ctx.device.type == "cuda"
+        self.objective = ContrastiveObjective(self.model, self.loss, cfg.grad_cache_chunk, ctx,
+                                              torch.bfloat16 if use_bf16 else None)
+        self.plan = self.cfg.phase_plan()
+        self.phase_index = 0
+        self.model.set_trainable(self.plan[0][0])
+        groups = _param_groups(self.model.named_parameters(), cfg.weight_decay)
+        groups += _param_groups(self.loss.named_parameters(), 0.0)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        # dropout differs per rank (different data), but each rank's stream is reproducible
+        torch.manual_seed(cfg.seed + 1 + ctx.rank)
+
+    def _enter_phase(self, index: int) -> None:
+        self.phase_index = index
+        self.model.set_trainable(self.plan[index][0])
+        _add_new_params(self.optimizer, self.model, self.cfg.weight_decay)
+
+    def _phase_for(self, step: int) -> int:
+        for i, (_, start, end) in enumerate(self.plan):
+            if start <= step < end:
+                return i
+        return len(self.plan) - 1
+
+    # checkpoints ---------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        states = self.ctx.all_gather_object(rng_state())  # every rank's RNG, for an exact resume
+        if self.ctx.is_main:
+            folder = self.out / CHECKPOINTS / f"step-{self.step:07d}"
+            with atomic_dir(folder) as tmp:
+                self.model.save_pretrained(tmp / "model")
+                torch.save({
+                    "step": self.step,
+                    "phase_index": self.phase_index,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": {"kind": self.cfg.schedule, "step": self.step},
+                    "loss": self.loss.state_dict(),
+                    "sampler": self.sampler.state_dict(),
+                    "rng": states,
+                    "world_size": self.ctx.world_size,
+                    "config": self.cfg.model_dump(mode="json"),
+                }, tmp / STATE_NAME)
+            old = sorted(p for p in (self.out / CHECKPOINTS).glob("step-*") if p.is_dir())
+            for stale in old[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(stale, ignore_errors=True)
+        self.ctx.barrier()
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
+        if state["world_size"] != self.ctx.world_size:
+            raise ConfigError(f"{folder} was written by {state['world_size']} processes; resume with as many "
+                              f"(now {self.ctx.world_size})")
+        # replay the phase switches so the parameter set (and optimiser groups) match the checkpoint
+        for index in range(1, state["phase_index"] + 1):
+            self._enter_phase(index)
+        weights = load_file(str(folder / "model" / "model.safetensors"), device=str(self.ctx.device))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        # delta checkpoints (HF + LoRA) leave out frozen base weights, which the rebuilt model already has
+        may_miss = getattr(self.model, "_may_be_missing", lambda key: False)
+        missing = [k for k in missing if not may_miss(k)]
+        if missing or unexpected:
+            raise ConfigError(f"{folder}: model weights do not match the config's model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.load_state_dict(state["loss"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"][self.ctx.rank])
+        self.step = int(state["step"])
+
+    # validation ----------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Recall@1/5 (M-BEIR hit rate) on a capped val set: overall (mean over query files) and per task."""
+        if not hasattr(self, "_val_groups"):
+            tasks = set(self.cfg.task_weights) if self.cfg.task_weights else None
+            self._val_groups = load_val_groups(self.cfg.data, self.cfg.val_split, tasks, self.cfg.instructions,
+                                               self.cfg.val_max_queries, self.cfg.val_max_pool)
+        if not self._val_groups:
+            return {}
+        hit_rate_at_k = _hit_rate_fn()
+        per_file: dict[str, dict[int, float]] = {}
+        by_task: dict[int, list[float]] = {}
+        bs = self.cfg.val_batch_size
+        # pools of different query files overlap (or are one file): embed every candidate once
+        unique = {did: item for g in self._val_groups for did, item in zip(g.pool_ids, g.pool, strict=True)}
+        cand_ids = list(unique)
+        cand_vecs = self.model.encode([unique[d] for d in cand_ids], batch_size=bs)
+        row = {d: i for i, d in enumerate(cand_ids)}
+        for group in self._val_groups:
+            q = self.model.encode(group.queries, batch_size=bs)
+            p = cand_vecs[[row[d] for d in group.pool_ids]]
+            ranked = rank_pool(q, p, group.pool_ids, group.excluded, k=5)
+            per_file[group.name] = {k: hit_rate_at_k(ranked, group.positives, k) for k in (1, 5)}
+            task = max(set(group.task_ids), key=group.task_ids.count)
+            by_task.setdefault(task, []).append(per_file[group.name][5])
+        out = {f"val/R@{k}": float(np.mean([v[k] for v in per_file.values()])) for k in (1, 5)}
+        out.update({f"val/R@5/task{t}": float(np.mean(v)) for t, v in sorted(by_task.items())})
+        return out
+
+    # the loop ------------------------------------------------------------------------------------
+    def run(self, resume: bool = False, progress: bool = True) -> Path:
+        cfg, ctx = self.cfg, self.ctx
+        final = self.out / "final"
+        latest = latest_checkpoint(self.out)
+        if not resume and (latest is not None or (final / "config.json").exists()):
+            raise ConfigError(f"{self.out} already holds a training run; pass --resume (resume=True) to continue "
+                              f"it or choose another output_dir")
+        if resume and (self.out / DONE_NAME).exists() and (final / "config.json").exists():
+            done = json.loads((self.out / DONE_NAME).read_text())
+            if done.get("steps") == cfg.steps:
+                return final
+        self._setup()
+        if resume and latest is not None:
+            if ctx.is_main:  # half-written checkpoints of a killed run (atomic_dir's temporary folders)
+                for junk in (self.out / CHECKPOINTS).glob(".step-*"):
+                    shutil.rmtree(junk, ignore_errors=True)
+            self._load_checkpoint(latest)
+            self.metrics.truncate_after(self.step)
+        else:
+            self.metrics.truncate_after(-1)  # a fresh start (or a crash before the first checkpoint)
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.out / "train_config.json") as handle:
+                handle.write(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
+                   disable=not progress or not ctx.is_main, dynamic_ncols=True)
+        model_params = list(self.model.parameters())
+        loss_params = list(self.loss.parameters())
+        window: list[float] = []
+        window_start, window_pairs = time.perf_counter(), 0
+        postfix: dict[str, str] = {}
+        if cfg.val_every and self.step == 0 and ctx.is_main:
+            scores = self.validate()  # the starting point, so a run's gain is visible in its own log
+            if scores:
+                self.metrics.write({"step": 0, **scores, "time": time.time()})
+        ctx.barrier()
+        try:
+            while self.step < cfg.steps:
+                phase = self._phase_for(self.step)
+                if phase != self.phase_index:
+                    self._enter_phase(phase)
+                draws = self.sampler.next_batch()
+                batch = self.sampler.to_batch(draws, ctx.rank, ctx.world_size)
+                lr = cfg.phase_lr(self.phase_index) * lr_factor(self.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.model.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.objective(batch)
+                loss.backward()
+                ctx.sum_gradients(model_params)  # shard gradients of the global loss add up to its gradient
+                ctx.sum_gradients(loss_params, average=True)  # every rank computed the same one
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for p in model_params + loss_params if p.grad is not None],
+                                                   cfg.max_grad_norm)
+                self.optimizer.step()
+                self.step += 1
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss became {value} at step {self.step}; lower lr or check the data")
+                window.append(value)
+                window_pairs += len(draws)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": self.step, "loss": float(np.mean(window)), "lr": lr,
+                              "temperature": self.loss.temperature, "phase": self.plan[self.phase_index][0],
+                              "pairs_per_s": window_pairs / max(elapsed, 1e-9), "time": time.time()}
+                    self.metrics.write(record)
+                    postfix.update(loss=f"{record['loss']:.3f}", pairs_s=f"{record['pairs_per_s']:.1f}")
+                    bar.set_postfix(postfix, refresh=False)
+                    window, window_start, window_pairs = [], time.perf_counter(), 0
+                if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
+                    if ctx.is_main:
+                        scores = self.validate()
+                        if scores:
+                            self.metrics.write({"step": self.step, **scores, "time": time.time()})
+                            postfix["R@5"] = f"{scores['val/R@5']:.3f}"
+                            bar.set_postfix(postfix, refresh=False)
+                    ctx.barrier()
+                    window_start = time.perf_counter()  # validation time is not training throughput
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self._save_checkpoint()
+                if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < cfg.steps:
+                    latest = latest_checkpoint(self.out)
+                    return (latest / "model") if latest is not None else self.out
+        finally:
+            bar.close()
+        if ctx.is_main:
+            self.model.save_pretrained(final)
+            with atomic_write(self.out / DONE_NAME) as handle:
+                handle.write(json.dumps({"steps": cfg.steps, "final": str(final)}) + "\n")
+        ctx.barrier()
+        return final
+
+
+def _hit_rate_fn():
+    """``jfe.eval.metrics.hit_rate_at_k`` where the eval layer is installed; the same M-BEIR hit rate
+    otherwise (1 if any positive is in the top k, averaged)."""
+    try:
+        from jfe.eval.metrics import hit_rate_at_k
+
+        return hit_rate_at_k
+    except ImportError:
+        def hit_rate_at_k(ranked_ids, positives, k):  # type: ignore[no-redef]
+            if not ranked_ids:
+                return 0.0
+            return float(np.mean([bool(set(r[:k]) & set(p)) for r, p in zip(ranked_ids, positives, strict=True)]))
+
+        return hit_rate_at_k
+
+
+def train(config: TrainConfig | str | Path | dict[str, Any], overrides: dict[str, Any] | None = None,
+          resume: bool = False, progress: bool = True) -> Path:
+    """Run one training stage; returns the final checkpoint folder (a ``save_pretrained`` model).
+
+    ``config`` is a TOML path, a dict or a :class:`TrainConfig`; ``overrides`` uses dotted keys
+    (``{"steps": 50, "task_weights.7": 2.0}``). Under torchrun every rank calls this; rank 0 writes.
+    """
+    cfg = load_config(config, overrides)
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run(resume=resume, progress=progress)
+    finally:
+        trainer.ctx.shutdown()

@@ -1,0 +1,416 @@
+"""The built-in models (jfe-mini and the three baselines) on the real offline towers, at 64 px for speed.
+
+Needs the fetched MiniLM and MobileNetV2 assets (``jfe assets fetch minilm mobilenet_v2``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from jfe.data import assets
+from jfe.data.items import Item
+from jfe.errors import ConfigError, DataError
+from jfe.models import feature_cache, load_model
+from jfe.models.base import Encoder
+
+pytestmark = [
+    pytest.mark.assets,
+    pytest.mark.skipif(not (assets.is_fetched("minilm") and assets.is_fetched("mobilenet_v2")),
+                       reason="needs the minilm and mobilenet_v2 assets (jfe assets fetch)"),
+]
+
+MODELS = ("jfe-mini", "two-tower-mini", "late-fusion-sf-mini", "late-fusion-ff-mini")
+SMALL = {"image_size": 64, "grid": 2}
+
+
+def _shape_image(colour: tuple[int, int, int], shape: str, size: tuple[int, int] = (48, 48)) -> Image.Image:
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    box = (6, 6, size[0] - 7, size[1] - 7)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=colour)
+    return image
+
+
+def _photo_like(seed: int = 0, size: int = 224) -> Image.Image:
+    """Smooth colour gradients plus texture noise: natural-image statistics, unlike a flat colour."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([np.sin(6 * x + 1) * 0.5 + 0.5, y, (x * y) ** 0.5], axis=-1)
+    pixels = np.clip(base * 200 + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids inter-thread waits, which dominate on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path):
+    """Each test starts with an empty in-memory cache and a private disk folder."""
+    feature_cache.clear()
+    with feature_cache.overridden(mode="memory", directory=tmp_path / "features", dtype="float16"):
+        yield
+    feature_cache.clear()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, Encoder]:
+    return {name: load_model(name, device="cpu", **SMALL) for name in MODELS}
+
+
+@pytest.fixture
+def image_files(tmp_path: Path) -> dict[str, Path]:
+    files = {}
+    for colour_name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        for shape in ("square", "circle"):
+            path = tmp_path / f"{colour_name}_{shape}.png"
+            _shape_image(colour, shape).save(path)
+            files[f"{colour_name}_{shape}"] = path
+    return files
+
+
+def _mixed_items(files: dict[str, Path]) -> list[Item]:
+    """Every modality in one batch, texts of different lengths, an odd-sized PIL image, a repeated image."""
+    return [
+        Item(text="a red square", id="t1"),
+        Item(image=files["red_square"], id="i1"),
+        Item(text="make it blue", image=files["red_square"], id="it1"),
+        Item(text="a much longer description of a blue circle drawn on a white background, centred", id="t2"),
+        Item(image=_shape_image((30, 200, 30), "circle", (70, 40)), id="i2"),
+        Item(text="x", image=files["blue_circle"], id="it2"),
+        Item(image=files["blue_circle"], id="i3"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------- vision tower
+
+
+def test_mobilenet_state_dict_keys_all_match() -> None:
+    from jfe.models.vision import MobileNetV2, load_mobilenet_v2_state
+
+    state = load_mobilenet_v2_state()
+    ours = MobileNetV2().state_dict()
+    assert set(state) == set(ours)
+    assert all(state[k].shape == ours[k].shape for k in ours)
+    MobileNetV2().load_state_dict(state, strict=True)
+
+
+def test_mobilenet_features_are_sensible() -> None:
+    from jfe.models.vision import VisionTower, fold_batchnorm, grid_tokens, preprocess
+
+    tower = VisionTower(224).requires_grad_(False)
+    images = [Image.new("RGB", (224, 224), (255, 0, 0)), _photo_like(0), _photo_like(0)]
+    pixels = preprocess(images, 224)
+    with torch.no_grad():
+        maps = tower(pixels)
+        reference = tower.features(pixels)  # the unfolded network in eval mode
+    assert maps.shape == (3, 1280, 7, 7)
+    assert torch.allclose(maps, reference, atol=1e-3), "BN folding changed the features"
+    pooled = torch.nn.functional.normalize(maps.mean((2, 3)), dim=-1)
+    assert float(pooled[0] @ pooled[1]) < 0.9  # a flat red image and a textured one look different
+    assert torch.allclose(pooled[1], pooled[2], atol=1e-6)
+    assert (maps >= 0).all() and (maps <= 6).all()  # ReLU6 output
+    # pretrained weights differ from a random init: the ImageNet classifier is confident on something
+    assert not torch.allclose(maps, VisionTower(224, pretrained=False).requires_grad_(False)(pixels))
+    tokens = grid_tokens(maps, 4, global_token=True)
+    assert tokens.shape == (3, 17, 1280)
+    assert torch.allclose(tokens[:, -1], maps.mean((2, 3)))
+    assert torch.equal(grid_tokens(maps, 7), maps.flatten(2).transpose(1, 2))
+    assert fold_batchnorm(tower.features) is not tower.features
+
+
+# --------------------------------------------------------------------------------------------- every model
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("cache", ["memory", "off"])
+def test_batch_equals_one_by_one(models: dict[str, Encoder], image_files: dict[str, Path], name: str,
+                                 cache: str) -> None:
+    model = models[name]
+    items = _mixed_items(image_files)
+    with feature_cache.overridden(mode=cache):
+        batch = model.encode(items, batch_size=len(items))
+        single = np.stack([model.encode([item])[0] for item in items])
+        reversed_batch = model.encode(items[::-1], batch_size=3)[::-1]
+    assert batch.shape == (len(items), model.dim) and batch.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+    np.testing.assert_allclose(batch, reversed_batch, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_modality_is_used(models: dict[str, Encoder], image_files: dict[str, Path], name: str) -> None:
+    model = models[name]
+    image, text = image_files["red_square"], "make it a blue circle"
+    vecs = model.encode([Item(image=image), Item(text=text), Item(image=image, text=text),
+                         Item(image=image_files["blue_circle"], text=text), Item(image=image, text="a cat")])
+    cos = vecs @ vecs.T
+    assert cos[2, 0] < 1 - 1e-4 and cos[2, 1] < 1 - 1e-4  # image+text is neither part alone
+    assert cos[2, 3] < 1 - 1e-4  # the image changes the fused vector
+    assert cos[2, 4] < 1 - 1e-4  # the text changes the fused vector
+    assert np.all(np.isfinite(vecs))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_save_load_gives_identical_vectors(image_files: dict[str, Path], tmp_path: Path, name: str) -> None:
+    model = load_model(name, device="cpu", seed=3, **SMALL)
+    with torch.no_grad():  # make the glue non-default so a silent re-initialisation would be caught
+        for pname, param in model.named_parameters():
+            if not pname.startswith(("vision.", "text.")):
+                param.add_(0.01)
+    items = _mixed_items(image_files)
+    before = model.encode(items)
+    saved = model.save_pretrained(tmp_path / name)
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_model(saved, device="cpu")
+    assert type(loaded) is type(model) and loaded.config == model.config
+    np.testing.assert_allclose(loaded.encode(items), before, atol=1e-6)
+    np.testing.assert_allclose(Encoder.from_pretrained(saved, device="cpu").encode(items), before, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bad_inputs_raise_clear_errors(models: dict[str, Encoder], tmp_path: Path, name: str) -> None:
+    model = models[name]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DataError, match=r"corrupt\.png.*'q7'.*corrupt or unsupported"):
+        model.encode([Item(text="fine"), Item(image=corrupt, id="q7")])
+    with pytest.raises(DataError, match=r"missing\.png.*'d3'.*not found"):
+        model.encode([Item(image=tmp_path / "missing.png", id="d3")])
+    with pytest.raises(DataError, match=r"'e1'.*neither text nor image"):
+        model.embed([Item(text="ok", id="e0"), Item(text="   ", id="e1")])
+    with pytest.raises(DataError, match=r"item #1.*int"):
+        model.encode(["fine", 42])
+    with pytest.raises(DataError, match=r"item #0.*expected an Item"):
+        model.embed(["raw strings go through encode()"])
+    assert feature_cache.stats().entries == 0  # nothing half-computed was cached
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_set_trainable_freezes_what_it_says(name: str) -> None:
+    model = load_model(name, device="cpu", **SMALL)
+    model.set_trainable("align")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "align must train the glue"
+    assert not any(n.startswith(("vision.", "text.")) for n in trainable), "towers must be frozen in align"
+    glue = {n for n, p in model.named_parameters() if not n.startswith(("vision.", "text."))}
+    assert trainable == glue
+    model.set_trainable("full")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("vision.") for n in trainable), "freeze_vision keeps MobileNetV2 frozen"
+    assert trainable == {n for n, _ in model.named_parameters() if not n.startswith("vision.")}
+    with pytest.raises(ConfigError):
+        model.set_trainable("everything")
+    # a training step through the frozen tower reaches the glue and the LM, never the vision weights
+    model.train()
+    model.embed([Item(text="a", image=_shape_image((1, 2, 3), "square")), Item(text="b")]).sum().backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text.parameters())
+
+
+def test_unfrozen_vision_trains_and_bypasses_cache(image_files: dict[str, Path]) -> None:
+    model = load_model("jfe-mini", device="cpu", freeze_vision=False, **SMALL)
+    model.set_trainable("full")
+    assert all(p.requires_grad for p in model.vision.parameters())
+    model.train()
+    model.embed([Item(image=image_files["red_square"])]).sum().backward()
+    assert any(p.grad is not None for p in model.vision.parameters())
+    assert feature_cache.stats().entries == 0
+
+
+# --------------------------------------------------------------------------------------------- jfe-mini
+
+
+def test_jfe_mini_text_only_is_minilm_sentence_embedding(models: dict[str, Encoder]) -> None:
+    """Before training, a text-only input is exactly all-MiniLM-L6-v2's (mean-pooled) sentence embedding."""
+    from jfe.models.text import load_text_model, load_tokenizer
+
+    texts = ["a red square", "Find the picture this text describes. A much longer sentence, with punctuation!"]
+    bert = load_text_model().eval()
+    with torch.no_grad():
+        batch = load_tokenizer()(texts, return_tensors="pt", padding=True)
+        states = bert(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    np.testing.assert_allclose(models["jfe-mini"].encode(texts), expected, atol=1e-5)
+
+
+def test_jfe_mini_sequence_layout(image_files: dict[str, Path]) -> None:
+    model = load_model("jfe-mini", device="cpu", grid=2, global_token=False, image_size=64, pooling="cls")
+    assert model.config.n_visual == 4
+    items = _mixed_items(image_files)
+    np.testing.assert_allclose(model.encode(items), np.stack([model.encode([i])[0] for i in items]), atol=1e-5)
+    # instructions reach image-only queries as text tokens
+    plain = model.encode([Item(image=image_files["red_square"])])
+    instructed = model.encode([Item(image=image_files["red_square"])], instruction="Find a caption")
+    assert float(plain[0] @ instructed[0]) < 1 - 1e-4
+
+
+def test_max_text_tokens_truncates(models: dict[str, Encoder]) -> None:
+    model = load_model("jfe-mini", device="cpu", max_text_tokens=4, **SMALL)
+    a, b = model.encode(["one two three four five six", "one two three four seven eight"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- feature cache
+
+
+def test_cache_hits_by_content_and_is_shared(models: dict[str, Encoder], image_files: dict[str, Path],
+                                             tmp_path: Path) -> None:
+    copy = tmp_path / "copy_of_red.png"
+    copy.write_bytes(image_files["red_square"].read_bytes())
+    models["jfe-mini"].encode([Item(image=image_files["red_square"])])
+    assert feature_cache.stats().misses == 1 and feature_cache.stats().hits == 0
+    # same bytes under another name, in another model with the same vision tower: no recomputation
+    models["two-tower-mini"].encode([Item(image=copy, text="hi")])
+    models["late-fusion-ff-mini"].encode([Item(image=image_files["red_square"])])
+    stats = feature_cache.stats()
+    assert (stats.misses, stats.hits, stats.entries) == (1, 2, 1)
+    models["jfe-mini"].encode([Item(image=image_files["blue_square"])])
+    assert feature_cache.stats().misses == 2
+
+
+def test_cache_key_follows_vision_config(image_files: dict[str, Path]) -> None:
+    from jfe.models.vision import VisionTower
+
+    small, large = VisionTower(64), VisionTower(96)
+    assert small.cache_key(torch.float16) != large.cache_key(torch.float16)
+    assert small.cache_key(torch.float16) != small.cache_key(torch.float32)
+    random = VisionTower(64, pretrained=False)
+    assert random.cache_key(torch.float16) != small.cache_key(torch.float16)
+    before = random.cache_key(torch.float16)
+    random.load_state_dict(small.state_dict())
+    assert random.cache_key(torch.float16) == small.cache_key(torch.float16) != before
+
+
+def test_disk_cache_survives_memory_and_ignores_damaged_files(models: dict[str, Encoder],
+                                                             image_files: dict[str, Path], tmp_path: Path) -> None:
+    model = models["jfe-mini"]
+    items = [Item(image=image_files["red_square"]), Item(image=image_files["blue_circle"], text="a circle")]
+    with feature_cache.overridden(mode="disk", directory=tmp_path / "disk"):
+        first = model.encode(items)
+        files = sorted((tmp_path / "disk").rglob("*.npy"))
+        assert len(files) == 2 and not list((tmp_path / "disk").rglob("*.tmp"))
+        feature_cache.clear()  # a new process: memory empty, disk kept
+        np.testing.assert_allclose(model.encode(items), first, atol=1e-6)
+        assert feature_cache.stats().disk_hits == 2 and feature_cache.stats().misses == 0
+        feature_cache.clear()
+        files[0].write_bytes(b"garbage")  # a damaged entry is recomputed, not trusted
+        # (recomputed in a batch of one: float16 storage may round a last bit differently, hence 1e-4)
+        np.testing.assert_allclose(model.encode(items), first, atol=1e-4)
+        assert feature_cache.stats().misses == 1
+
+
+def test_memory_budget_evicts_least_recently_used(models: dict[str, Encoder],
+                                                  image_files: dict[str, Path]) -> None:
+    one_map_mb = 1280 * 2 * 2 * 2 / 2**20  # float16 [1280, 2, 2] at 64 px
+    with feature_cache.overridden(memory_mb=one_map_mb * 2.5):
+        for key in ("red_square", "blue_square", "red_circle"):
+            models["jfe-mini"].encode([Item(image=image_files[key])])
+        stats = feature_cache.stats()
+        assert stats.entries == 2 and stats.evictions == 1
+
+
+def test_cache_settings_validate() -> None:
+    with pytest.raises(ConfigError):
+        feature_cache.configure(mode="sometimes")
+    with pytest.raises(ConfigError):
+        feature_cache.configure(dtype="int8")
+
+
+# --------------------------------------------------------------------------------------------- registry + CLI
+
+
+def test_registry_names_overrides_and_errors(tmp_path: Path) -> None:
+    from jfe.models import list_models
+
+    names = {info.name for info in list_models()}
+    assert set(MODELS) <= names
+    with pytest.raises(ConfigError, match="unknown model 'no-such-model'"):
+        load_model("no-such-model")
+    with pytest.raises(ConfigError, match="grid"):
+        load_model("jfe-mini", image_size=64, grid=3)  # 64 px gives a 2x2 map
+    with pytest.raises(ConfigError, match="embed_dim"):
+        load_model("jfe-mini", embed_dim=128)
+    with pytest.raises(ConfigError, match="not a saved JFE model"):
+        load_model(tmp_path)
+    saved = load_model("late-fusion-ff-mini", device="cpu", **SMALL).save_pretrained(tmp_path / "ff")
+    with pytest.raises(ConfigError, match="do not (fit|match)"):
+        load_model(saved, fusion_layers=3)
+    assert load_model(saved, device="cpu", dropout=0.0).config.dropout == 0.0
+
+
+def test_cli_models_list_and_encode(image_files: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from jfe.cli import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert set(MODELS) <= {row["name"] for row in json.loads(listed.output)}
+
+    saved = load_model("jfe-mini", device="cpu", **SMALL).save_pretrained(tmp_path / "m")
+    out = tmp_path / "vectors.npy"
+    result = runner.invoke(app, ["encode", "--model", str(saved), "--text", "make it blue", "--text", "a circle",
+                                 "--image", str(image_files["red_square"]), "--image", str(image_files["red_circle"]),
+                                 "--instruction", "Apply the edit", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    vectors = np.load(out)
+    model = load_model(saved, device="cpu")
+    expected = model.encode([Item(text="make it blue", image=image_files["red_square"]),
+                             Item(text="a circle", image=image_files["red_circle"])], instruction="Apply the edit")
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"image": "red_square.png"}) + "\n")
+    result = runner.invoke(app, ["encode", "--model", str(saved), "--items", str(items), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert np.load(out).shape == (2, 384)
+
+    bad = runner.invoke(app, ["encode", "--text", "a", "--image", "x.png", "--image", "y.png", "--out", str(out)])
+    assert isinstance(bad.exception, ConfigError)
+
+
+def test_hf_prefix_resolves_lazily_to_the_hf_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``hf:<path>`` goes to ``jfe.models.hf.HFEncoder.from_path`` (faked here: no MLLM is built)."""
+    import sys
+    import types
+
+    from jfe.models.toy import ToyEncoder
+
+    calls = []
+
+    class FakeHF:
+        @classmethod
+        def from_path(cls, path, device=None, **overrides):  # noqa: ANN001, ANN206
+            calls.append((str(path), overrides))
+            return ToyEncoder()
+
+    monkeypatch.setitem(sys.modules, "jfe.models.hf", types.SimpleNamespace(HFEncoder=FakeHF))
+    model = load_model(f"hf:{tmp_path}/qwen", device="cpu", pooling="last")
+    assert isinstance(model, ToyEncoder) and not model.training
+    assert calls == [(f"{tmp_path}/qwen", {"pooling": "last"})]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_embed_under_bf16_autocast(models: dict[str, Encoder], image_files: dict[str, Path], name: str) -> None:
+    """Training may wrap embed() in autocast; mixed-precision outputs must still assemble and stay close."""
+    items = _mixed_items(image_files)[:3]
+    reference = models[name].encode(items)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = models[name].embed(items).float().numpy()
+    assert np.all(np.isfinite(mixed))
+    assert np.all(np.sum(mixed * reference, axis=1) > 0.95)

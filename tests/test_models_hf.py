@@ -1,0 +1,345 @@
+"""HFEncoder over a tiny, randomly initialised Qwen2-VL built here (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jfe.data.items import Item
+from jfe.errors import ConfigError, DataError
+from jfe.models.base import Encoder
+from jfe.models.hf import HFEncoder, last_token_index
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]
+_WORD_TEXT = ("system user assistant you are a helpful find the image of cat dog red blue green with hat "
+         "smiling face moon clock one hour later next phase in german what is her job farmer summarize "
+         "above word : . ,")
+WORDS = _WORD_TEXT.split()
+# The layout of Qwen2-VL's own template (system turn optional, list or string content).
+TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen2_vl(folder: Path) -> Path:
+    """A 2-layer Qwen2-VL (hidden 32) with a word-level tokenizer and a small-image processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vocab = {token: i for i, token in enumerate(SPECIAL + ["[UNK]"] + sorted(set(WORDS)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                       pre_tokenizers.Punctuation()])
+    tokenizer.add_special_tokens(SPECIAL)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>")
+    fast.chat_template = TEMPLATE
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
+                     "bos_token_id": None, "eos_token_id": vocab["<|im_end|>"],
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_dir: Path) -> HFEncoder:
+    return HFEncoder.from_path(tiny_dir, device="cpu")
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def mixed_items() -> list[Item]:
+    """Every modality, with text and image-token lengths that differ, so batches need padding."""
+    return [
+        Item(text="find the red cat", id="t1"),
+        Item(image=_image(40, 30, 1), id="i1"),                                  # 2 image tokens
+        Item(text="the cat with a hat in german", image=_image(60, 60, 2), id="it1"),  # 4 image tokens
+        Item(text="moon", id="t2"),
+        Item(text="what is her job", image=_image(30, 40, 3), id="it2"),
+        Item(image=_image(64, 64, 4), id="i2"),
+    ]
+
+
+def test_dtype_and_dim(encoder: HFEncoder) -> None:
+    assert encoder.dim == 32  # the tiny backbone's hidden size
+    assert next(encoder.parameters()).dtype == torch.float32  # "auto" on CPU
+    assert not any(p.requires_grad for p in encoder.parameters())  # inference model until set_trainable
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batch_equals_one_by_one(tiny_dir: Path, side: str) -> None:
+    model = HFEncoder.from_path(tiny_dir, device="cpu", padding_side=side)
+    assert model.tokenizer.padding_side == side
+    items = mixed_items()
+    batch = model.encode(items, batch_size=len(items))
+    single = np.concatenate([model.encode([item]) for item in items])
+    assert batch.shape == (len(items), 32)
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+    # Distinct inputs give distinct vectors (the pooling does not collapse onto a shared pad/suffix).
+    sims = batch @ batch.T
+    assert (sims[~np.eye(len(items), dtype=bool)] < 0.9999).all()
+
+
+def test_left_and_right_padding_agree(tiny_dir: Path) -> None:
+    items = mixed_items()
+    left = HFEncoder.from_path(tiny_dir, device="cpu", padding_side="left")
+    right = HFEncoder.from_path(tiny_dir, device="cpu", padding_side="right")
+    batch_left, batch_right = left.prepare(items), right.prepare(items)
+    mask_left, mask_right = batch_left["attention_mask"], batch_right["attention_mask"]
+    assert (mask_left[:, 0] == 0).any() and (mask_right[:, -1] == 0).any()  # both really pad
+    np.testing.assert_allclose(left.encode(items), right.encode(items), atol=1e-5)
+
+
+def test_last_token_index_under_both_paddings() -> None:
+    lengths = [3, 5, 1]
+    width = 6
+    right = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+    left = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    assert last_token_index(right).tolist() == [n - 1 for n in lengths]
+    assert last_token_index(left).tolist() == [width - 1] * len(lengths)
+
+
+def test_last_token_pooling_matches_manual_forward(tiny_dir: Path, encoder: HFEncoder) -> None:
+    """The vector equals the last layer's state at the final real token of a hand-built, unpadded prompt."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    image = _image(60, 60, 2)
+    text = "the cat with a hat in german"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    processor = AutoImageProcessor.from_pretrained(tiny_dir)
+    pixels = processor(images=[image], return_tensors="pt")
+    n_tokens = int(pixels["image_grid_thw"][0].prod()) // 4
+    prompt = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_tokens + "<|vision_end|>" + text
+              + "<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    with torch.no_grad():
+        out = model.model(**ids, **pixels, mm_token_type_ids=(ids["input_ids"] == image_id).int())
+    expected = torch.nn.functional.normalize(out.last_hidden_state[0, -1], dim=-1).numpy()
+
+    # In a padded batch beside a longer item, under right padding (the pads come after the real tokens).
+    right = HFEncoder.from_path(tiny_dir, device="cpu", padding_side="right")
+    long_item = Item(text="find the red cat " * 20, image=_image(64, 64, 9), id="long")
+    vectors = right.encode([Item(text=text, image=image, id="q"), long_item])
+    np.testing.assert_allclose(vectors[0], expected, atol=1e-5)
+    # The prompt JFE builds is the one built by hand here, before image-token expansion.
+    assert encoder.build_prompt(Item(text=text, image=image)).replace("<|image_pad|>", "") == \
+        prompt.replace("<|image_pad|>", "")
+
+
+def test_embed_and_system_prompts(tiny_dir: Path, encoder: HFEncoder) -> None:
+    suffixed = HFEncoder.from_path(tiny_dir, device="cpu", embed_prompt="summarize above in one word :",
+                                   system_prompt="you are a helpful cat")
+    prompt = suffixed.build_prompt(Item(text="moon"))
+    assert prompt.startswith("<|im_start|>system\nyou are a helpful cat<|im_end|>")
+    assert "moon" + "summarize above in one word :" in prompt
+    items = [Item(text="moon"), Item(image=_image(40, 30, 1))]
+    assert not np.allclose(suffixed.encode(items), encoder.encode(items), atol=1e-4)
+
+
+def test_long_text_is_truncated(tiny_dir: Path) -> None:
+    model = HFEncoder.from_path(tiny_dir, device="cpu", max_text_tokens=4)
+    long_text = "find the red cat with a hat"
+    assert model._truncate(long_text) == "find the red cat"
+    np.testing.assert_allclose(model.encode([long_text]), model.encode(["find the red cat"]), atol=1e-6)
+
+
+def _perturb(params: list[torch.nn.Parameter], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in params:
+            param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def test_lora_adds_params_and_only_they_train_in_align(tiny_dir: Path, encoder: HFEncoder) -> None:
+    model = HFEncoder.from_path(tiny_dir, device="cpu", lora_r=4, lora_alpha=8)
+    n_base = sum(p.numel() for p in encoder.parameters())
+    assert sum(p.numel() for p in model.parameters()) > n_base
+    # lora_B starts at zero: before training, the adapter leaves the base model's vectors unchanged.
+    np.testing.assert_allclose(model.encode(mixed_items()), encoder.encode(mixed_items()), atol=1e-6)
+    model.set_trainable("align")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all("language_model" in n for n in trainable)  # default targets are the LM's attention projections
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(2):  # lora_B starts at zero, so lora_A only moves on the second step
+        vectors = model.embed(mixed_items()[:3])
+        loss = -(vectors[0] @ vectors[2]) + (vectors[0] @ vectors[1])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == trainable
+
+
+def test_align_without_lora_trains_the_projector(tiny_dir: Path) -> None:
+    model = HFEncoder.from_path(tiny_dir, device="cpu")
+    model.set_trainable("align")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".merger." in n for n in trainable)
+    model.set_trainable("full")
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ConfigError, match="phase"):
+        model.set_trainable("stage3")
+
+
+def test_save_load_lora_delta(tmp_path: Path, tiny_dir: Path) -> None:
+    model = HFEncoder.from_path(tiny_dir, device="cpu", lora_r=4, lora_alpha=8)
+    model.set_trainable("align")
+    _perturb([p for p in model.parameters() if p.requires_grad], seed=1)
+    items = mixed_items()
+    expected = model.encode(items)
+    saved = model.save_pretrained(tmp_path / "lora")
+    from safetensors import safe_open
+
+    with safe_open(str(saved / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert keys and all("lora_" in k for k in keys)  # only the adapter, not the 2-layer base
+    assert json.loads((saved / "config.json").read_text())["weights"] == "delta"
+    for loader in (HFEncoder.from_pretrained, Encoder.from_pretrained, HFEncoder.from_path):
+        loaded = loader(saved, device="cpu")
+        assert isinstance(loaded, HFEncoder)
+        np.testing.assert_allclose(loaded.encode(items), expected, atol=1e-6)
+
+
+def test_save_load_full_is_self_contained(tmp_path: Path, tiny_dir: Path) -> None:
+    base = shutil.copytree(tiny_dir, tmp_path / "base")
+    model = HFEncoder.from_path(base, device="cpu")
+    model.set_trainable("full")
+    _perturb([model.backbone.language_model.norm.weight, model.backbone.visual.merger.mlp[0].weight], seed=2)
+    items = mixed_items()
+    expected = model.encode(items)
+    saved = model.save_pretrained(tmp_path / "full")
+    assert json.loads((saved / "config.json").read_text())["weights"] == "full"
+    shutil.rmtree(base)  # the checkpoint must not need the base folder any more
+    loaded = Encoder.from_pretrained(saved, device="cpu")
+    np.testing.assert_allclose(loaded.encode(items), expected, atol=1e-6)
+    # Saving over an existing checkpoint replaces it whole.
+    loaded.save_pretrained(saved)
+    np.testing.assert_allclose(HFEncoder.from_pretrained(saved, device="cpu").encode(items), expected, atol=1e-6)
+
+
+def test_untrained_save_is_tiny_delta(tmp_path: Path, encoder: HFEncoder) -> None:
+    saved = encoder.save_pretrained(tmp_path / "plain")
+    assert (saved / "model.safetensors").stat().st_size < 1024
+    assert (saved / "backbone" / "config.json").exists() and (saved / "backbone" / "chat_template.jinja").exists()
+    np.testing.assert_allclose(HFEncoder.from_pretrained(saved, device="cpu").encode(["moon"]),
+                               encoder.encode(["moon"]), atol=1e-6)
+
+
+def test_bad_inputs_name_the_item(tmp_path: Path, encoder: HFEncoder) -> None:
+    with pytest.raises(DataError, match="'empty'"):
+        encoder.encode([Item(text="moon", id="ok"), Item(text="  ", id="empty")])
+    with pytest.raises(DataError, match="'missing'") as info:
+        encoder.encode([Item(text="moon"), Item(image=tmp_path / "nope.png", id="missing")])
+    assert "nope.png" in str(info.value)
+    with pytest.raises(DataError, match="'sneaky'.*reserved"):
+        encoder.encode([Item(text="a <|image_pad|> here", id="sneaky")])
+    with pytest.raises(DataError, match="'thin'.*aspect ratio"):
+        encoder.encode([Item(text="moon", id="ok"), Item(image=Image.new("RGB", (600, 2)), id="thin")])
+    with pytest.raises(DataError, match="item #1"):
+        encoder.encode(["moon", 42])
+
+
+def test_bad_paths_and_options(tmp_path: Path, tiny_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        HFEncoder.from_path(tmp_path / "no-such-model", device="cpu")
+    with pytest.raises(ConfigError, match="bad options"):
+        HFEncoder.from_path(tiny_dir, device="cpu", lora_rank=4)
+    with pytest.raises(ConfigError, match="match nothing"):
+        HFEncoder.from_path(tiny_dir, device="cpu", lora_r=2, target_modules=["no_such_proj"])
+
+
+def build_tiny_llava(folder: Path) -> Path:
+    """A tiny LLaVA (CLIP vision + Llama) with its own processor: the generic, processor-driven adapter."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    special = ["<pad>", "<s>", "</s>", "<image>"]
+    vocab = {token: i for i, token in enumerate(special + ["[UNK]"] + sorted(set(WORDS)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                       pre_tokenizers.Punctuation()])
+    tokenizer.add_special_tokens(special)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+    template = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %} .{% endfor %}"
+                "{% if add_generation_prompt %}assistant :{% endif %}")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=fast, patch_size=14, vision_feature_select_strategy="full", chat_template=template,
+        image_token="<image>", num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, pad_token_id=0),
+        image_token_index=vocab["<image>"], vision_feature_select_strategy="full", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_generic_adapter_with_a_processor(tmp_path: Path) -> None:
+    folder = build_tiny_llava(tmp_path / "tiny-llava")
+    items = [Item(text="find the red cat"), Item(image=_image(40, 40, 5)), Item(text="moon", image=_image(50, 30, 6))]
+    left = HFEncoder.from_path(folder, device="cpu", padding_side="left")
+    assert left.adapter.name == "generic"
+    vectors = left.encode(items)
+    np.testing.assert_allclose(vectors, np.concatenate([left.encode([item]) for item in items]), atol=1e-5)
+    right = HFEncoder.from_path(folder, device="cpu", padding_side="right")
+    np.testing.assert_allclose(right.encode(items), vectors, atol=1e-5)
+    with pytest.raises(DataError, match="'bad'.*reserved"):
+        left.encode([Item(text="moon <image>", id="bad")])
+    left.set_trainable("align")
+    trainable = {n for n, p in left.named_parameters() if p.requires_grad}
+    assert trainable and all("multi_modal_projector" in n for n in trainable)
+    _perturb([p for p in left.parameters() if p.requires_grad], seed=3)
+    saved = left.save_pretrained(tmp_path / "saved")
+    np.testing.assert_allclose(Encoder.from_pretrained(saved, device="cpu").encode(items), left.encode(items),
+                               atol=1e-6)

@@ -1,0 +1,81 @@
+"""Training configs: stage presets, overrides, phase plans, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jfe.errors import ConfigError
+from jfe.train.config import TrainConfig, load_config, parse_overrides
+from jfe.train.recipes import STAGE_PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_stage_preset_fills_defaults_and_file_wins(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'stage = "stage1"\nmodel = "toy-hash"\ndata = "d"\noutput_dir = "o"\n'
+                            'hard_negatives = 2\n')
+    cfg = load_config(path)
+    assert cfg.task_weights == STAGE_PRESETS["stage1"]["task_weights"]
+    assert cfg.instructions is False
+    assert cfg.hard_negatives == 2  # the file beats the preset
+    assert [p.trainable for p in cfg.phases] == ["align", "full"]
+
+
+def test_overrides_use_dotted_keys_and_toml_literals(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'stage = "stage2"\nmodel = "toy-hash"\ndata = "d"\noutput_dir = "o"\n'
+                            '[task_weights]\n0 = 1.0\n7 = 1.0\n')
+    overrides = parse_overrides(["steps=7", "task_weights.7=3", "lr=1e-3", "output_dir=elsewhere",
+                                 "instructions=false"])
+    cfg = load_config(path, overrides)
+    assert cfg.steps == 7 and cfg.lr == pytest.approx(1e-3) and cfg.instructions is False
+    assert cfg.task_weights == {0: 1.0, 7: 3.0}
+    assert cfg.output_dir == Path("elsewhere")
+
+
+def test_phase_plan_covers_the_run() -> None:
+    cfg = TrainConfig(model="m", data="d", output_dir="o", steps=10,
+                      phases=[{"trainable": "align", "fraction": 0.3}, {"trainable": "full"}])
+    assert cfg.phase_plan() == [("align", 0, 3), ("full", 3, 10)]
+    cfg = TrainConfig(model="m", data="d", output_dir="o", steps=4,
+                      phases=[{"trainable": "align", "steps": 9}, {"trainable": "full"}])
+    assert cfg.phase_plan() == [("align", 0, 4)]  # an over-long first phase is cut at the run's end
+
+
+def test_bad_configs_name_the_problem(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'model = "m"\ndata = "d"\noutput_dir = "o"\nbatch_sise = 4\n')
+    with pytest.raises(ConfigError, match=r"run\.toml.*batch_sise"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(_write(tmp_path, "model = \n"))
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["steps"])
+    with pytest.raises(ConfigError, match="temperature"):
+        load_config({"model": "m", "data": "d", "output_dir": "o", "temperature": 5.0})
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("**/*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.steps >= 1 and cfg.phase_plan()[-1][2] == cfg.steps
+
+
+def test_extends_inherits_and_detects_loops(tmp_path: Path) -> None:
+    (tmp_path / "base.toml").write_text('stage = "stage2"\nmodel = "jfe-mini"\ndata = "d"\noutput_dir = "o"\n'
+                                        'steps = 77\ninit = "stage1/final"\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\nmodel = "two-tower-mini"\ninit = ""\n')
+    cfg = load_config(tmp_path / "child.toml")
+    assert (cfg.model, cfg.steps, cfg.start_from) == ("two-tower-mini", 77, "two-tower-mini")
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.toml")
