@@ -96,7 +96,9 @@ def evaluate_run(plan: DemoPlan, run_name: str, checkpoint: Path) -> dict[str, P
             continue
         model = model or load_model(checkpoint)
         _log(f"{run_name}: evaluating on the {pool} pool")
-        evaluate(model, plan.data, split="test", pool=pool, out_dir=out_dir, run_name=run_name)
+        # One embedding cache for both pools: the global run then re-embeds nothing.
+        evaluate(model, plan.data, split="test", pool=pool, out_dir=out_dir, run_name=run_name,
+                 cache_dir=plan.out / "eval" / "embeddings")
     return outputs
 
 

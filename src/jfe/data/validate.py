@@ -240,9 +240,13 @@ def iter_problems(root: PathLike, *, check_images: bool = True) -> Iterator[Prob
     instruction_keys = _read_instruction_keys(layout.instructions_file, sink)
     yield from sink.drain()
 
+    # Union pools are per split (train / val / test) and overlap by design, so duplicates are checked
+    # within each file and membership against their union.
     global_ids: set[str] = set()
     for path in layout.global_pool_files():
-        _check_candidate_file(path, root, sink, global_ids, check_images)
+        file_ids: set[str] = set()
+        _check_candidate_file(path, root, sink, file_ids, check_images)
+        global_ids |= file_ids
         yield from sink.drain()
 
     local_ids: dict[Path, set[str]] = {}
