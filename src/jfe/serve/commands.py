@@ -22,18 +22,9 @@ def load_model(name_or_path: str) -> Any:
         from jfe.models.toy import ToyEncoder
 
         return ToyEncoder()
-    try:
-        from jfe.models.registry import load_model as registry_load
-    except ImportError:
-        registry_load = None
-    if registry_load is not None:
-        return registry_load(name_or_path)
-    import jfe.models.toy  # noqa: F401 - registers the toy arch so its saved folders load
-    from jfe.models.base import Encoder
+    from jfe.models.registry import load_model as registry_load
 
-    if not (Path(name_or_path) / "config.json").is_file():
-        raise ConfigError(f"unknown model {name_or_path!r}: not a saved model folder (no config.json)")
-    return Encoder.from_pretrained(name_or_path)
+    return registry_load(name_or_path)
 
 
 def serve_command(
