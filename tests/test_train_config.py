@@ -79,3 +79,23 @@ def test_extends_inherits_and_detects_loops(tmp_path: Path) -> None:
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
     with pytest.raises(ConfigError, match="loops"):
         load_config(tmp_path / "a.toml")
+
+
+def test_glue_parameters_get_their_own_optimizer_groups() -> None:
+    import torch
+
+    from jfe.models.jfe_mini import JFEMini, JFEMiniConfig
+    from jfe.train.trainer import _glue_ids, _param_groups
+
+    model = JFEMini(JFEMiniConfig(pretrained=False, image_size=64, grid=2))
+    glue = _glue_ids(model)
+    projector = {id(p) for p in model.projector.parameters()} | {id(model.visual_position)}
+    assert projector <= glue and id(model.text.bert.get_input_embeddings().weight) not in glue
+    groups = _param_groups(model.named_parameters(), 0.01, glue)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for group in groups:
+        assert {id(p) in glue for p in group["params"]} == {group["glue"]}
+        assert {p.ndim >= 2 for p in group["params"]} == {group["weight_decay"] > 0}  # no decay on biases, norms
+    assert _glue_ids(torch.nn.Linear(2, 2)) == set()  # models without glue: one lr for all
+    with pytest.raises(ValueError):
+        TrainConfig(model="x", data=Path("d"), output_dir=Path("o"), glue_lr=0)

@@ -51,6 +51,23 @@ def test_task_weights_and_grouping(root: Path) -> None:
     assert max(bases.values()) >= 2  # several queries about one base item: hard in-batch negatives
 
 
+def test_single_task_batches_keep_one_task_and_still_group(root: Path) -> None:
+    data = _data(root)
+    weights = {0: 1.0, 1: 1.0, 3: 1.0}
+    sampler = BatchSampler(data, 12, task_weights=weights, group_size=3, seed=0, single_task=True)
+    seen_tasks = set()
+    for _ in range(30):
+        batch = sampler.next_batch()
+        tasks = {data.queries[d.index].task_id for d in batch}
+        assert len(tasks) == 1 and len({d.index for d in batch}) == 12
+        seen_tasks |= tasks
+    assert seen_tasks == set(weights)  # every task still gets batches, by weight
+    mixed = BatchSampler(data, 12, task_weights=weights, seed=0)
+    assert any(len({data.queries[d.index].task_id for d in mixed.next_batch()}) > 1 for _ in range(5))
+    with pytest.raises(ConfigError, match="single_task batches need"):
+        BatchSampler(data, len(data.by_task[0]) + 1, task_weights={0: 1.0, 1: 1.0}, single_task=True)
+
+
 def test_hard_negatives_instructions_and_mask(root: Path) -> None:
     data = _data(root)
     sampler = BatchSampler(data, 8, task_weights={0: 1.0, 7: 1.0}, hard_negatives=2, instructions=True, seed=1)

@@ -114,31 +114,48 @@ def _image_ok(root: Path, rel: str | None, check: bool) -> bool:
     return not check or not rel or (root / rel).is_file()
 
 
-def _check_candidate_file(path: Path, root: Path, sink: _Sink, seen: set[str], check_images: bool) -> None:
-    """Validate one pool file, adding every did (even of a bad record) to ``seen``."""
+def _checked_records(path: Path, root: Path, sink: _Sink, seen: set[str], kind: str, check_images: bool
+                     ) -> Iterator[tuple[int, Any]]:
+    """The well-formed records of one query (``kind="query"``) or pool (``"candidate"``) file, after the
+    checks both share: duplicate id (every id, even of a bad record, joins ``seen``), known modality,
+    schema, modality matching the fields present, image present. Problems go to ``sink``."""
+    is_query = kind == "query"
+    id_key, modality_key = ("qid", "query_modality") if is_query else ("did", "modality")
+    duplicate = "duplicate query id in this split" if is_query else "duplicate candidate id"
     for line_no, obj in iter_json_lines_reporting(path, sink):
-        did = obj.get("did") if isinstance(obj.get("did"), str) else None
-        if did is not None:
-            if did in seen:
-                sink.add(path, line_no, did, "duplicate-id", "duplicate candidate id")
-            seen.add(did)
-        if obj.get("modality") not in MODALITIES:
-            sink.add(path, line_no, did, "unknown-modality", f"unknown modality {obj.get('modality')!r} "
+        rid = obj.get(id_key) if isinstance(obj.get(id_key), str) else None
+        if rid is not None:
+            if rid in seen:
+                sink.add(path, line_no, rid, "duplicate-id", duplicate)
+            seen.add(rid)
+        if obj.get(modality_key) not in MODALITIES:
+            sink.add(path, line_no, rid, "unknown-modality", f"unknown {modality_key} {obj.get(modality_key)!r} "
                      f"(expected one of {', '.join(MODALITIES)})")
             continue
         try:
-            cand = parse_candidate(obj, path, line_no)
+            record = parse_query(obj, path, line_no) if is_query else parse_candidate(obj, path, line_no)
         except DataError as exc:
-            sink.add(path, line_no, did, "schema", exc.message)
+            sink.add(path, line_no, rid, "schema", exc.message)
             continue
-        implied = modality_of(cand.txt, cand.img_path)
+        text, image, modality = ((record.query_txt, record.query_img_path, record.query_modality) if is_query
+                                 else (record.txt, record.img_path, record.modality))
+        rid = record.qid if is_query else record.did
+        implied = modality_of(text, image)
         if implied is None:
-            sink.add(path, line_no, did, "empty-record", "candidate has neither txt nor img_path")
-        elif implied != cand.modality:
-            sink.add(path, line_no, did, "modality-mismatch",
-                     f"modality is {cand.modality!r} but the fields present make it {implied!r}")
-        if not _image_ok(root, cand.img_path, check_images):
-            sink.add(path, line_no, did, "missing-image", f"image {cand.img_path!r} not found under {root}")
+            fields = "query_txt nor query_img_path" if is_query else "txt nor img_path"
+            sink.add(path, line_no, rid, "empty-record", f"{kind} has neither {fields}")
+        elif implied != modality:
+            sink.add(path, line_no, rid, "modality-mismatch",
+                     f"{modality_key} is {modality!r} but the fields present make it {implied!r}")
+        if not _image_ok(root, image, check_images):
+            sink.add(path, line_no, rid, "missing-image", f"image {image!r} not found under {root}")
+        yield line_no, record
+
+
+def _check_candidate_file(path: Path, root: Path, sink: _Sink, seen: set[str], check_images: bool) -> None:
+    """Validate one pool file, adding every did (even of a bad record) to ``seen``."""
+    for _ in _checked_records(path, root, sink, seen, "candidate", check_images):
+        pass
 
 
 @dataclass(slots=True)
@@ -290,31 +307,8 @@ def iter_problems(root: PathLike, *, check_images: bool = True) -> Iterator[Prob
 def _check_query_file(path: Path, root: Path, sink: _Sink, seen: set[str], local: set[str],
                       global_ids: set[str] | None, qrels: dict[str, _QrelEntry] | None,
                       instruction_keys: set[tuple[str, str, str]] | None, check_images: bool) -> None:
-    for line_no, obj in iter_json_lines_reporting(path, sink):
-        qid = obj.get("qid") if isinstance(obj.get("qid"), str) else None
-        if qid is not None:
-            if qid in seen:
-                sink.add(path, line_no, qid, "duplicate-id", "duplicate query id in this split")
-            seen.add(qid)
-        if obj.get("query_modality") not in MODALITIES:
-            sink.add(path, line_no, qid, "unknown-modality", f"unknown query_modality "
-                     f"{obj.get('query_modality')!r} (expected one of {', '.join(MODALITIES)})")
-            continue
-        try:
-            query = parse_query(obj, path, line_no)
-        except DataError as exc:
-            sink.add(path, line_no, qid, "schema", exc.message)
-            continue
+    for line_no, query in _checked_records(path, root, sink, seen, "query", check_images):
         qid = query.qid
-        implied = modality_of(query.query_txt, query.query_img_path)
-        if implied is None:
-            sink.add(path, line_no, qid, "empty-record", "query has neither query_txt nor query_img_path")
-        elif implied != query.query_modality:
-            sink.add(path, line_no, qid, "modality-mismatch",
-                     f"query_modality is {query.query_modality!r} but the fields present make it {implied!r}")
-        if not _image_ok(root, query.query_img_path, check_images):
-            sink.add(path, line_no, qid, "missing-image", f"image {query.query_img_path!r} not found under {root}")
-
         task = TASKS.get(query.task_id) if query.task_id is not None else None
         if task is None:
             sink.add(path, line_no, qid, "unknown-task",

@@ -58,6 +58,9 @@ class TrainConfig(BaseModel):
     instructions: bool = False
     hard_negatives: int = Field(default=0, ge=0)
     group_size: int = Field(default=1, ge=1, description="queries per base item in a batch (1 = no grouping)")
+    single_task_batches: bool = Field(default=False, description="draw every batch from one task (picked by "
+                                      "task_weights): in-batch negatives then share the positive's modality, "
+                                      "as in M-BEIR's local pools, instead of being told apart by modality alone")
     max_train_queries: int | None = Field(default=None, ge=1)
     # output
     output_dir: Path
@@ -65,6 +68,8 @@ class TrainConfig(BaseModel):
     steps: int = Field(default=200, ge=1)
     batch_size: int = Field(default=32, ge=2)
     lr: float = Field(default=2e-4, gt=0)
+    glue_lr: float | None = Field(default=None, gt=0, description="peak lr of the model's new glue weights "
+                                  "(projector, heads, fusion layers) in every phase; default: the phase's lr")
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"

@@ -139,8 +139,10 @@ class BatchSampler:
     """Deterministic, resumable global-batch sampler (see the module docstring)."""
 
     def __init__(self, data: TrainingData, batch_size: int, task_weights: dict[int, float] | None = None,
-                 group_size: int = 1, hard_negatives: int = 0, instructions: bool = False, seed: int = 0) -> None:
+                 group_size: int = 1, hard_negatives: int = 0, instructions: bool = False, seed: int = 0,
+                 single_task: bool = False) -> None:
         self.data = data
+        self.single_task = single_task
         self.batch_size = batch_size
         self.group_size = group_size
         self.hard_negatives = hard_negatives
@@ -159,9 +161,15 @@ class BatchSampler:
         if available < batch_size:
             raise ConfigError(f"batch_size {batch_size} exceeds the {available} training queries of tasks "
                               f"{self.tasks}")
-        active = {i for t in self.tasks for i in data.by_task[t]}
-        # grouping only pairs examples that belong to the active tasks
-        self.mates = {b: [i for i in idx if i in active] for b, idx in data.by_base.items()}
+        if single_task:
+            small = [t for t in self.tasks if len(data.by_task[t]) < batch_size]
+            if small:
+                raise ConfigError(f"single_task batches need at least batch_size={batch_size} training queries "
+                                  f"per task; tasks {small} have fewer (lower batch_size or drop them)")
+        task_of = {i: int(data.queries[i].task_id) for t in self.tasks for i in data.by_task[t]}
+        # grouping only pairs examples that belong to the active tasks (and, with single_task, the same task)
+        self.mates = {b: [i for i in idx if i in task_of] for b, idx in data.by_base.items()}
+        self._task_of = task_of
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.cursors = {t: 0 for t in self.tasks}
         self.epochs = {t: 0 for t in self.tasks}
@@ -226,15 +234,18 @@ class BatchSampler:
         """The next global batch (identical on every rank)."""
         chosen: list[int] = []
         seen: set[int] = set()
+        batch_task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.probs))] if self.single_task else None
         while len(chosen) < self.batch_size:
-            task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.probs))]
+            task = batch_task if batch_task is not None else self.tasks[
+                int(self.rng.choice(len(self.tasks), p=self.probs))]
             index = self._next_of_task(task)
             if index in seen:
                 continue
             chosen.append(index)
             seen.add(index)
             if self.group_size > 1:
-                mates = [j for j in self.mates[base_of(self.data.queries[index])] if j not in seen]
+                mates = [j for j in self.mates[base_of(self.data.queries[index])]
+                         if j not in seen and (batch_task is None or self._task_of[j] == batch_task)]
                 take = min(self.group_size - 1, len(mates), self.batch_size - len(chosen))
                 if take > 0:
                     for k in self.rng.choice(len(mates), size=take, replace=False):

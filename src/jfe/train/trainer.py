@@ -101,17 +101,27 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     return load_model(spec, device=device, **cfg.model_overrides)
 
 
-def _param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _glue_ids(model: torch.nn.Module) -> set[int]:
+    """Ids of the model's new "glue" parameters (projector, heads, fusion layers), if it names them."""
+    glue = getattr(model, "glue_modules", None)
+    if glue is None:
+        return set()
+    ids: set[int] = set()
+    for part in glue():
+        ids.update(id(p) for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()))
+    return ids
+
+
+def _param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float,
+                  glue: set[int] | None = None) -> list[dict]:
+    """AdamW groups: decayed or not, and glue (new weights, which may get their own ``glue_lr``) or not."""
+    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in params:
         # biases, norms, embeddings' scalars and the temperature are not decayed
-        (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decayed = not (param.ndim < 2 or name.endswith(".bias"))
+        buckets.setdefault((decayed, id(param) in (glue or ())), []).append(param)
+    return [{"params": ps, "weight_decay": weight_decay if decayed else 0.0, "glue": is_glue}
+            for (decayed, is_glue), ps in sorted(buckets.items())]
 
 
 def _add_new_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module, weight_decay: float) -> int:
@@ -119,7 +129,7 @@ def _add_new_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module, we
     ``set_trainable``) join it as new groups; returns how many."""
     known = {id(p) for group in optimizer.param_groups for p in group["params"]}
     new = [(n, p) for n, p in model.named_parameters() if id(p) not in known]
-    for group in _param_groups(new, weight_decay):
+    for group in _param_groups(new, weight_decay, _glue_ids(model)):
         group["lr"] = optimizer.param_groups[0]["lr"]
         optimizer.add_param_group(group)
     return len(new)
@@ -174,7 +184,8 @@ class Trainer:
         self.data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
                                       hard_negatives=cfg.hard_negatives > 0, max_queries=cfg.max_train_queries)
         self.sampler = BatchSampler(self.data, cfg.batch_size, cfg.task_weights, cfg.group_size,
-                                    cfg.hard_negatives, cfg.instructions, seed=cfg.seed)
+                                    cfg.hard_negatives, cfg.instructions, seed=cfg.seed,
+                                    single_task=cfg.single_task_batches)
         self.loss = InfoNCELoss(cfg.temperature, cfg.learnable_temperature, cfg.min_temperature,
                                 cfg.max_temperature, cfg.symmetric).to(ctx.device)
         use_bf16 = cfg.precision == "bf16" and ctx.device.type == "cuda"
@@ -183,7 +194,7 @@ class Trainer:
         self.plan = self.cfg.phase_plan()
         self.phase_index = 0
         self.model.set_trainable(self.plan[0][0])
-        groups = _param_groups(self.model.named_parameters(), cfg.weight_decay)
+        groups = _param_groups(self.model.named_parameters(), cfg.weight_decay, _glue_ids(self.model))
         groups += _param_groups(self.loss.named_parameters(), 0.0)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
@@ -323,9 +334,10 @@ class Trainer:
                     self._enter_phase(phase)
                 draws = self.sampler.next_batch()
                 batch = self.sampler.to_batch(draws, ctx.rank, ctx.world_size)
-                lr = cfg.phase_lr(self.phase_index) * lr_factor(self.step, cfg)
+                factor = lr_factor(self.step, cfg)
+                lr = cfg.phase_lr(self.phase_index) * factor
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = cfg.glue_lr * factor if group.get("glue") and cfg.glue_lr else lr
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.objective(batch)
