@@ -11,6 +11,9 @@ budget.
 * **Stage 2, instruction tuning**: every task type in the data, instruction-prefixed queries (a random
   variant per draw, from the seeded sampler), one hard negative per query from ``neg_cand_list``, batches
   grouped by base item so in-batch negatives are hard, starting from the stage-1 checkpoint.
+
+Both stages draw each batch from a single task, so in-batch negatives share the positive's modality (mixed
+batches let the one tower lower the loss by separating modalities, which collapsed its image embeddings).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
         "instructions": False,
         "hard_negatives": 0,
         "group_size": 1,
+        "single_task_batches": True,
         "symmetric": True,
         "phases": [{"trainable": "align", "fraction": 0.3}, {"trainable": "full"}],
     },
@@ -33,6 +37,7 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
         "instructions": True,
         "hard_negatives": 1,
         "group_size": 4,
+        "single_task_batches": True,
         "symmetric": True,
         "phases": [{"trainable": "full"}],
     },
