@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
+
+from jfe.paths import atomic_write
 
 MODELS: dict[str, str] = {
     "jfe-mini": "jfe-mini",
@@ -38,6 +40,7 @@ class DemoPlan:
     stage1_steps: int | None = None
     stage2_steps: int | None = None
     seed: int = 0
+    overrides: dict = field(default_factory=dict)  # extra training-config keys for every stage (``--set``)
 
 
 def _log(message: str) -> None:
@@ -66,7 +69,7 @@ def train_run(plan: DemoPlan, run_name: str, model_name: str, stages: tuple[str,
         return final
     for stage in stages:
         stage_dir = plan.out / "models" / run_name / stage
-        overrides: dict = {"model": init, "data": str(plan.data), "output_dir": str(stage_dir),
+        overrides: dict = {**plan.overrides, "model": init, "data": str(plan.data), "output_dir": str(stage_dir),
                            "seed": plan.seed}
         steps = plan.stage1_steps if stage == "stage1" else plan.stage2_steps
         if steps is not None:
@@ -123,8 +126,11 @@ def run_demo(plan: DemoPlan) -> Path:
     for pool, runs in results.items():
         report_paths[pool] = write_report(runs, plan.out / "report" / pool)
     timings["total"] = round(time.time() - started, 1)
-    (plan.out / "report").mkdir(parents=True, exist_ok=True)
-    (plan.out / "report" / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    # timings.json: this invocation (a cached rerun only re-reports); timings_history.jsonl: every invocation
+    with atomic_write(plan.out / "report" / "timings.json") as handle:
+        handle.write(json.dumps(timings, indent=2) + "\n")
+    with open(plan.out / "report" / "timings_history.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **timings}) + "\n")
     _log(f"done in {timings['total']:.0f}s; reports: " + ", ".join(str(p) for p in report_paths.values()))
     return plan.out / "report"
 
@@ -139,10 +145,14 @@ def register(app: typer.Typer) -> None:
         stage1_steps: int | None = typer.Option(None, help="Override stage-1 steps (all models alike)."),
         stage2_steps: int | None = typer.Option(None, help="Override stage-2 steps (all models alike)."),
         seed: int = typer.Option(0),
+        set_: list[str] = typer.Option(None, "--set", help="Training-config override for every stage and model, "
+                                       "key=value (repeatable), e.g. --set batch_size=32."),
     ) -> None:
         """Build MiniBEIR, train jfe-mini and the three baselines alike, evaluate, and report."""
+        from jfe.train.config import parse_overrides
+
         runs = ABLATIONS if ablations else {name: (model, ("stage1", "stage2")) for name, model in MODELS.items()}
         plan = DemoPlan(data=data, out=out, configs=configs, runs=runs, stage1_steps=stage1_steps,
-                        stage2_steps=stage2_steps, seed=seed)
+                        stage2_steps=stage2_steps, seed=seed, overrides=parse_overrides(set_))
         report = run_demo(plan)
         typer.echo(f"report: {report}")
