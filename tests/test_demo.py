@@ -13,12 +13,11 @@ from jfe.data import assets
 pytestmark = pytest.mark.assets
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
-_NEEDED = ("minilm", "mobilenet_v2", "openmoji", "emoji_google", "emoji_twitter", "emojibase", "openclipart")
 
 
 @pytest.fixture(scope="module")
 def small_minibeir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    missing = [n for n in _NEEDED if not assets.is_fetched(n)]
+    missing = [n for n, source in assets.SOURCES.items() if source.required and not assets.is_fetched(n)]
     if missing:
         pytest.fail(f"assets not fetched: {missing} (run `jfe assets fetch`; CI does)")
     from jfe.data.minibeir import build_minibeir

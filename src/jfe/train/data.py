@@ -166,7 +166,7 @@ class BatchSampler:
             if small:
                 raise ConfigError(f"single_task batches need at least batch_size={batch_size} training queries "
                                   f"per task; tasks {small} have fewer (lower batch_size or drop them)")
-        task_of = {i: int(data.queries[i].task_id) for t in self.tasks for i in data.by_task[t]}
+        task_of = {i: t for t in self.tasks for i in data.by_task[t]}
         # grouping only pairs examples that belong to the active tasks (and, with single_task, the same task)
         self.mates = {b: [i for i in idx if i in task_of] for b, idx in data.by_base.items()}
         self._task_of = task_of
