@@ -148,6 +148,24 @@ def test_batch_equals_one_by_one(models: dict[str, Encoder], image_files: dict[s
     np.testing.assert_allclose(batch, reversed_batch, atol=1e-5)
 
 
+def test_encode_batches_like_items_together(models: dict[str, Encoder], image_files: dict[str, Path],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches group one modality (little padding) yet the rows come back in the caller's order."""
+    model = models["jfe-mini"]
+    items = _mixed_items(image_files)
+    seen: list[list[str]] = []
+    embed = model.embed
+    monkeypatch.setattr(model, "embed", lambda batch: seen.append([i.modality for i in batch]) or embed(batch))
+    vecs = model.encode(items, batch_size=2)
+    flat = [m for batch in seen for m in batch]
+    assert sorted(flat) == sorted(item.modality for item in items)
+    changes = sum(a != b for a, b in zip(flat, flat[1:], strict=False))
+    assert changes == len(set(flat)) - 1  # each modality in one run: 3 kinds, 2 boundaries
+    assert flat != [item.modality for item in items]  # the input order (alternating) was not kept
+    for item, vec in zip(items, vecs, strict=True):
+        np.testing.assert_allclose(vec, model.encode([item])[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_each_modality_is_used(models: dict[str, Encoder], image_files: dict[str, Path], name: str) -> None:
     model = models[name]

@@ -6,7 +6,9 @@ PNGs are written with fixed zlib settings and no metadata, so the same input giv
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -84,11 +86,18 @@ class ImageRegistry:
     def write(self, root: Path, only: set[str] | None = None, progress: bool = False) -> int:
         """Render and save the registered images (those in ``only``, when given) under ``root``."""
         names = sorted(n for n in self._makers if only is None or n in only)
-        iterator = names
-        if progress:
-            from tqdm import tqdm
 
-            iterator = tqdm(names, desc="images", unit="img", leave=False)
-        for rel in iterator:
+        def make(rel: str) -> None:
             save_png(self._makers[rel](), root / rel)
+
+        # PIL's decode/resize/encode release the GIL, so threads use every core; each image is its own
+        # file, so the output does not depend on the order they finish in
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            done = pool.map(make, names)
+            if progress:
+                from tqdm import tqdm
+
+                done = tqdm(done, total=len(names), desc="images", unit="img", leave=False)
+            for _ in done:
+                pass
         return len(names)
