@@ -11,7 +11,7 @@ RUNS    ?= runs
 DATA    ?= $(RUNS)/minibeir
 export JFE_CACHE ?= $(HOME)/.cache/jfe
 
-.PHONY: venv assets browser-deps minibeir test test-slow test-all lint demo ablations bench clean
+.PHONY: venv assets browser-deps minibeir test test-slow test-all lint demo demo-seeds ablations bench clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,14 @@ lint: venv
 
 demo: minibeir
 	$(JFE) demo --data $(DATA) --out $(RUNS)/demo
+
+# The demo again with more seeds (seed 0 is the demo itself, reused when done): how much of the result is noise.
+SEEDS ?= 1 2
+demo-seeds: demo
+	for s in $(SEEDS); do $(JFE) demo --data $(DATA) --out $(RUNS)/demo-seed$$s --seed $$s || exit 1; done
+	for p in local global; do $(JFE) report --seeds --out $(RUNS)/demo-seeds/$$p \
+	  $(foreach m,jfe-mini two-tower late-fusion-sf late-fusion-ff,$(RUNS)/demo/eval/$$p/$(m) \
+	  $(foreach s,$(SEEDS),$(RUNS)/demo-seed$(s)/eval/$$p/$(m))) || exit 1; done
 
 ablations: minibeir
 	$(JFE) demo --data $(DATA) --out $(RUNS)/ablations --ablations

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from jfe.errors import ConfigError
 from jfe.eval.protocol import EvalResult
-from jfe.eval.report import margin_summary, role_of, write_report
+from jfe.eval.report import margin_summary, role_of, write_report, write_seed_report
 
 # category -> (R@1, R@5) per run; fusion categories are mixed-modal, multi-modal, conditional
 SCORES = {
@@ -110,3 +110,51 @@ def test_cli_report(tmp_path: Path) -> None:
     assert "ours-jfe" in text and "| sf | late-fusion |" in text
     bad = CliRunner().invoke(app, ["report", *dirs, "--out", str(tmp_path / "rep2"), "--names", "a,b"])
     assert bad.exit_code != 0 and isinstance(bad.exception, ConfigError)
+
+
+def _seed1(name: str) -> EvalResult:
+    """Seed 1: like seed 0, except jfe-mini's conditional R@5 drops from 0.70 to 0.45 (below FF's 0.50)."""
+    result = _result(name)
+    if name == "jfe-mini":
+        result.categories["conditional"]["R@5"] = 0.45
+        result.average["R@5"] = (0.90 + 0.80 + 0.45) / 3
+    return result
+
+
+def test_seed_report_hand_computed(tmp_path: Path) -> None:
+    groups = {n: [_result(n), _seed1(n)] for n in SCORES}
+    text = write_seed_report(groups, tmp_path / "s").read_text()
+    conditional = next(line for line in text.splitlines() if line.startswith("| conditional"))
+    # jfe-mini: mean of 70 and 45 = 57.5, sample sd = 25 / sqrt(2) = 17.7; the baselines did not move
+    assert "| 57.5 ± 17.7 |" in conditional and "| 50.0 ± 0.0 |" in conditional
+    seed0 = next(line for line in text.splitlines() if line.startswith("| 0 |"))
+    seed1 = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    # seed 0: fusion margin +20 (conditional), non-fusion +2 (single, cross), gap +18, leads all 3 categories
+    assert seed0.split(" | ")[1:] == ["+20.0", "+2.0", "+18.0", "yes", "3/3 |"]
+    # seed 1: conditional 45 - 50 = -5, gap -7, two of three categories led
+    assert seed1.split(" | ")[1:] == ["-5.0", "+2.0", "-7.0", "no", "2/3 |"]
+    assert "over seeds: 5.5 ± 17.7 points" in text and "held in **1 of 2** seeds" in text
+    summary = json.loads((tmp_path / "s" / "seeds.json").read_text())
+    assert summary["pattern_held"] == 1 and summary["per_seed"][1]["categories_led"] == ["single-modal",
+                                                                                          "cross-modal"]
+    with Image.open(tmp_path / "s" / "categories_r5_seeds.png") as image:
+        assert image.size[0] > 300
+    with pytest.raises(ConfigError, match="same number of repeats"):
+        write_seed_report({"jfe-mini": [_result("jfe-mini")], "late-fusion-sf": []}, tmp_path / "bad")
+
+
+def test_cli_report_seeds(tmp_path: Path) -> None:
+    from jfe.cli import app
+
+    dirs = []
+    for seed, make in enumerate((_result, _seed1)):
+        for name in SCORES:
+            folder = tmp_path / f"seed{seed}" / name
+            folder.mkdir(parents=True)
+            make(name).save(folder / "results.json")
+            dirs.append(str(folder))
+    plain = CliRunner().invoke(app, ["report", *dirs, "--out", str(tmp_path / "r")])
+    assert plain.exit_code != 0 and "--seeds" in str(plain.exception)
+    result = CliRunner().invoke(app, ["report", *dirs, "--out", str(tmp_path / "r"), "--seeds"])
+    assert result.exit_code == 0, result.output
+    assert "held in **1 of 2** seeds" in (tmp_path / "r" / "seeds.md").read_text()

@@ -81,16 +81,26 @@ def report_command(
                                                     "result's run name)."),
     ours: str = typer.Option(None, "--ours", help="The one-tower run (default: guessed from the names)."),
     title: str = typer.Option(None, "--title", help="Report title."),
+    seeds: bool = typer.Option(False, "--seeds", help="Folders with the same run name are repeats (seeds, given "
+                                                      "in the same seed order for every run): report mean ± sd "
+                                                      "and the fusion margin per seed (seeds.md)."),
 ) -> None:
     """Compare evaluation results: Markdown tables (per task, category, modification) and a bar chart."""
     from jfe.eval.protocol import EvalResult
-    from jfe.eval.report import write_report
+    from jfe.eval.report import write_report, write_seed_report
 
     loaded = [EvalResult.load(p) for p in results]
     labels = [n.strip() for n in names.split(",")] if names else [r.run_name for r in loaded]
     if len(labels) != len(loaded):
         raise ConfigError(f"--names gives {len(labels)} names for {len(loaded)} result folders")
+    if seeds:
+        groups: dict[str, list[EvalResult]] = {}
+        for label, result in zip(labels, loaded, strict=True):
+            groups.setdefault(label, []).append(result)
+        path = write_seed_report(groups, out, ours=ours, title=title)
+        typer.echo(f"wrote {path} and {path.parent / 'categories_r5_seeds.png'}")
+        return
     if len(set(labels)) != len(labels):
-        raise ConfigError(f"run names must be unique, got {labels} (pass --names)")
+        raise ConfigError(f"run names must be unique, got {labels} (pass --names, or --seeds to average repeats)")
     path = write_report(dict(zip(labels, loaded, strict=True)), out, ours=ours, title=title)
     typer.echo(f"wrote {path} and {path.parent / 'categories_r5.png'}")

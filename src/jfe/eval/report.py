@@ -262,3 +262,130 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
         with atomic_write(out / "margins.json") as handle:
             handle.write(json.dumps(summary, indent=2) + "\n")
     return path
+
+
+SEEDS_REPORT_FILE = "seeds.md"
+SEEDS_CHART_FILE = "categories_r5_seeds.png"
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    """``"m ± sd"`` in % (sample sd; just the mean for a single value)."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * float(np.mean(values)):.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
+
+
+def _seed_chart(groups: dict[str, list[EvalResult]], path: Path, metric: str = "R@5") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = [c for c in CATEGORIES if any(c in r.categories for rs in groups.values() for r in rs)]
+    names = list(groups)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(categories) + 2), 4.2), dpi=110)
+    x = np.arange(len(categories))
+    for i, name in enumerate(names):
+        per_seed = np.array([[100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories]
+                             for r in groups[name]])
+        offset = x + (i - (len(names) - 1) / 2) * width
+        ax.bar(offset, per_seed.mean(0), width, label=f"{name} ({role_of(name, groups[name][0].arch)})")
+        # every seed as a dot: with 2-3 seeds the spread itself is the information
+        for row in per_seed:
+            ax.scatter(offset, row, s=6, color="black", zorder=3)
+    ax.set_xticks(x, [c + ("\n(fusion)" if c in FUSION_CATEGORIES else "") for c in categories])
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylim(0, 105)
+    first = next(iter(groups.values()))[0]
+    n_seeds = sorted({len(rs) for rs in groups.values()})
+    ax.set_title(f"{metric} per category, mean of {'/'.join(map(str, n_seeds))} seeds, dots = seeds "
+                 f"({first.pool} pool)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    with atomic_write(path, mode="wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+
+
+def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLike]], out_dir: str | os.PathLike,
+                      *, ours: str | None = None, baselines: Sequence[str] | None = None,
+                      title: str | None = None) -> Path:
+    """Repeated runs (e.g. seeds) of each model: ``seeds.md`` (per-category mean ± sd, the fusion margin per
+    seed and how often the paper's pattern holds), ``seeds.json`` and a chart with every seed as a dot.
+
+    ``groups``: run name -> its repeats; repeat *i* of every run is taken as one seed, so all runs need the
+    same number of repeats (the margins compare runs within a seed).
+    """
+    loaded = {name: [r if isinstance(r, EvalResult) else EvalResult.load(r) for r in repeats]
+              for name, repeats in groups.items()}
+    if not loaded:
+        raise ConfigError("no evaluation results to report")
+    counts = {name: len(rs) for name, rs in loaded.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise ConfigError(f"every run needs the same number of repeats (seeds), got {counts}")
+    n_seeds = next(iter(counts.values()))
+    names = list(loaded)
+    roles = {n: role_of(n, loaded[n][0].arch) for n in names}
+    if ours is None:
+        ones = [n for n in names if roles[n] == "one-tower"]
+        ours = next((n for n in ones if n == "jfe-mini"), ones[0] if ones else None)
+    elif ours not in loaded:
+        raise ConfigError(f"ours {ours!r} is not one of the runs: {', '.join(names)}")
+    if baselines is None:
+        baselines = [n for n in names if roles[n] == "late-fusion"]
+    others = [n for n in names if n != ours]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first = loaded[names[0]][0]
+    categories = [c for c in CATEGORIES if any(c in r.categories for rs in loaded.values() for r in rs)]
+
+    lines = [f"# {title or 'JFE evaluation across seeds'}", "",
+             f"{n_seeds} repeats per run; split `{first.split}`, `{first.pool}` pool(s). Recall in %, "
+             "mean ± sample standard deviation over the repeats.", "",
+             "## Per category (R@5)", "",
+             "| category | fusion | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for category in categories:
+        cells = [_mean_sd([r.categories.get(category, {}).get("R@5", np.nan) for r in loaded[n]]) for n in names]
+        lines.append(f"| {category} | {'yes' if category in FUSION_CATEGORIES else 'no'} | " + " | ".join(cells)
+                     + " |")
+    lines.append("| **average** | | " + " | ".join(_mean_sd([r.average.get("R@5", np.nan) for r in loaded[n]])
+                                                  for n in names) + " |")
+    lines += ["", f"![R@5 per category across seeds]({SEEDS_CHART_FILE})"]
+
+    summary: dict[str, Any] = {"ours": ours, "baselines": list(baselines), "runs": names, "seeds": n_seeds,
+                               "per_seed": []}
+    if ours and baselines:
+        lines += ["", "## The paper's pattern, seed by seed (R@5)", "",
+                  f"Margin = `{ours}` minus the best of {', '.join(f'`{b}`' for b in baselines)}, averaged over "
+                  f"the fusion categories ({', '.join(FUSION_CATEGORIES)}) and over the others; "
+                  f"'leads everywhere' = `{ours}` ≥ every other run in every category.", "",
+                  "| seed | fusion margin | non-fusion margin | gap | leads everywhere | categories led |",
+                  "|---:|---:|---:|---:|---|---:|"]
+        for i in range(n_seeds):
+            seed_runs = {n: loaded[n][i] for n in names}
+            margins = margin_summary(seed_runs, ours, baselines, metrics=("R@5",))["metrics"]["R@5"]
+            led = [c for c in categories if all(
+                seed_runs[ours].categories.get(c, {}).get("R@5", -1.0) >= seed_runs[o].categories.get(c, {}).get(
+                    "R@5", -1.0) for o in others)]
+            entry = {"fusion": margins["fusion"], "non_fusion": margins["non_fusion"], "gap": margins["gap"],
+                     "per_category": margins["per_category"], "categories_led": led,
+                     "leads_everywhere": len(led) == len(categories)}
+            summary["per_seed"].append(entry)
+            cells = [f"{100 * entry[k]:+.1f}" if entry[k] is not None else "–" for k in ("fusion", "non_fusion", "gap")]
+            lines.append(f"| {i} | " + " | ".join(cells) + f" | {'yes' if entry['leads_everywhere'] else 'no'} | "
+                         f"{len(led)}/{len(categories)} |")
+        gaps = [e["gap"] for e in summary["per_seed"] if e["gap"] is not None]
+        held = sum(1 for e in summary["per_seed"] if e["leads_everywhere"] and (e["gap"] or 0) > 0)
+        summary["pattern_held"] = held
+        lines += ["", f"Gap (fusion minus non-fusion margin) over seeds: {_mean_sd(gaps) if gaps else '–'} points; "
+                      f"the full pattern (leads everywhere **and** gap > 0) held in **{held} of {n_seeds}** seeds."]
+    _seed_chart(loaded, out / SEEDS_CHART_FILE)
+    path = out / SEEDS_REPORT_FILE
+    with atomic_write(path) as handle:
+        handle.write("\n".join(lines) + "\n")
+    import json
+
+    with atomic_write(out / "seeds.json") as handle:
+        handle.write(json.dumps(summary, indent=2) + "\n")
+    return path
