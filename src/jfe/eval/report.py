@@ -104,32 +104,44 @@ def margin_summary(runs: dict[str, EvalResult], ours: str, baselines: Sequence[s
     return out
 
 
-def _chart(runs: dict[str, EvalResult], path: Path, metric: str = "R@5") -> None:
+def _bar_chart(bars: dict[str, tuple[str, np.ndarray]], categories: list[str], title: str, path: Path,
+               metric: str = "R@5") -> None:
+    """Grouped bars per category: ``bars`` = name -> (legend label, values ``[n_categories]`` or, for
+    repeats, ``[n_repeats, n_categories]``: the bar is their mean and every repeat a dot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    categories = [c for c in CATEGORIES if any(c in r.categories for r in runs.values())]
-    names = list(runs)
-    width = 0.8 / max(1, len(names))
+    width = 0.8 / max(1, len(bars))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(categories) + 2), 4.2), dpi=110)
     x = np.arange(len(categories))
-    for i, name in enumerate(names):
-        values = [100 * runs[name].categories.get(c, {}).get(metric, np.nan) for c in categories]
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width,
-                      label=f"{name} ({role_of(name, runs[name].arch)})")
-        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    for i, (label, values) in enumerate(bars.values()):
+        offset = x + (i - (len(bars) - 1) / 2) * width
+        drawn = ax.bar(offset, values if values.ndim == 1 else values.mean(0), width, label=label)
+        if values.ndim == 1:
+            ax.bar_label(drawn, fmt="%.0f", fontsize=7, padding=1)
+        else:  # with 2-3 repeats the spread itself is the information
+            for row in values:
+                ax.scatter(offset, row, s=6, color="black", zorder=3)
     ax.set_xticks(x, [c + ("\n(fusion)" if c in FUSION_CATEGORIES else "") for c in categories])
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 105)
-    first = next(iter(runs.values()))
-    ax.set_title(f"{metric} per category ({first.pool} pool, {first.split} split)")
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     with atomic_write(path, mode="wb") as handle:
         fig.savefig(handle, format="png")
     plt.close(fig)
+
+
+def _chart(runs: dict[str, EvalResult], path: Path, metric: str = "R@5") -> None:
+    categories = [c for c in CATEGORIES if any(c in r.categories for r in runs.values())]
+    bars = {name: (f"{name} ({role_of(name, r.arch)})",
+                   np.array([100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories]))
+            for name, r in runs.items()}
+    first = next(iter(runs.values()))
+    _bar_chart(bars, categories, f"{metric} per category ({first.pool} pool, {first.split} split)", path, metric)
 
 
 def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir: str | os.PathLike, *,
@@ -276,36 +288,13 @@ def _mean_sd(values: Sequence[float]) -> str:
 
 
 def _seed_chart(groups: dict[str, list[EvalResult]], path: Path, metric: str = "R@5") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     categories = [c for c in CATEGORIES if any(c in r.categories for rs in groups.values() for r in rs)]
-    names = list(groups)
-    width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(categories) + 2), 4.2), dpi=110)
-    x = np.arange(len(categories))
-    for i, name in enumerate(names):
-        per_seed = np.array([[100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories]
-                             for r in groups[name]])
-        offset = x + (i - (len(names) - 1) / 2) * width
-        ax.bar(offset, per_seed.mean(0), width, label=f"{name} ({role_of(name, groups[name][0].arch)})")
-        # every seed as a dot: with 2-3 seeds the spread itself is the information
-        for row in per_seed:
-            ax.scatter(offset, row, s=6, color="black", zorder=3)
-    ax.set_xticks(x, [c + ("\n(fusion)" if c in FUSION_CATEGORIES else "") for c in categories])
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_ylim(0, 105)
-    first = next(iter(groups.values()))[0]
-    n_seeds = sorted({len(rs) for rs in groups.values()})
-    ax.set_title(f"{metric} per category, mean of {'/'.join(map(str, n_seeds))} seeds, dots = seeds "
-                 f"({first.pool} pool)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    with atomic_write(path, mode="wb") as handle:
-        fig.savefig(handle, format="png")
-    plt.close(fig)
+    bars = {name: (f"{name} ({role_of(name, rs[0].arch)})",
+                   np.array([[100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories] for r in rs]))
+            for name, rs in groups.items()}
+    first = next(iter(groups.values()))
+    _bar_chart(bars, categories, f"{metric} per category, mean of {len(first)} seeds, dots = seeds "
+                                 f"({first[0].pool} pool)", path, metric)
 
 
 def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLike]], out_dir: str | os.PathLike,
