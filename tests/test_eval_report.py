@@ -158,3 +158,9 @@ def test_cli_report_seeds(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", *dirs, "--out", str(tmp_path / "r"), "--seeds"])
     assert result.exit_code == 0, result.output
     assert "held in **1 of 2** seeds" in (tmp_path / "r" / "seeds.md").read_text()
+
+
+def test_signed_points_never_show_negative_zero() -> None:
+    from jfe.eval.report import _signed
+
+    assert [_signed(v) for v in (-0.0004, 0.0, 0.2, -0.057)] == ["+0.0", "+0.0", "+20.0", "-5.7"]

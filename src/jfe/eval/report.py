@@ -58,6 +58,11 @@ def _fmt(value: float | None, best: float | None) -> str:
     return f"**{text}**" if best is not None and f"{100 * best:.1f}" == text else text
 
 
+def _signed(value: float) -> str:
+    """A fraction as signed percentage points, one decimal; never "-0.0"."""
+    return f"{round(100 * value, 1) + 0.0:+.1f}"
+
+
 def _table(head: list[str], names: list[str], metrics: Sequence[str],
            rows: list[tuple[list[str], dict[str, dict[str, float | None]]]]) -> list[str]:
     """Markdown table: ``head`` columns, then one column per (run, metric); best per row and metric in bold."""
@@ -242,16 +247,16 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
                   "| metric | " + " | ".join(CATEGORIES) + " | fusion mean | non-fusion mean | gap |",
                   "|---|" + "---:|" * (len(CATEGORIES) + 3)]
         for metric, entry in summary["metrics"].items():
-            cells = [f"{100 * entry['per_category'][c]:+.1f}" if c in entry["per_category"] else "–"
+            cells = [_signed(entry["per_category"][c]) if c in entry["per_category"] else "–"
                      for c in CATEGORIES]
-            cells += [f"{100 * entry[k]:+.1f}" if entry[k] is not None else "–"
+            cells += [_signed(entry[k]) if entry[k] is not None else "–"
                       for k in ("fusion", "non_fusion", "gap")]
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
         gap = summary["metrics"]["R@5"]["gap"]
         if gap is not None:
             verdict = "larger" if gap > 0 else "not larger"
             lines += ["", f"On R@5 the one-tower's margin over late fusion is **{verdict}** on fusion categories "
-                          f"({100 * gap:+.1f} points fusion minus non-fusion)."]
+                          f"({_signed(gap)} points fusion minus non-fusion)."]
     else:
         lines.append("Needs one one-tower run and at least one late-fusion run (name them e.g. `jfe-mini`, "
                      "`late-fusion-sf`, `late-fusion-ff`, or pass ours=/baselines=).")
@@ -361,7 +366,7 @@ def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLi
                      "per_category": margins["per_category"], "categories_led": led,
                      "leads_everywhere": len(led) == len(categories)}
             summary["per_seed"].append(entry)
-            cells = [f"{100 * entry[k]:+.1f}" if entry[k] is not None else "–" for k in ("fusion", "non_fusion", "gap")]
+            cells = [_signed(entry[k]) if entry[k] is not None else "–" for k in ("fusion", "non_fusion", "gap")]
             lines.append(f"| {i} | " + " | ".join(cells) + f" | {'yes' if entry['leads_everywhere'] else 'no'} | "
                          f"{len(led)}/{len(categories)} |")
         gaps = [e["gap"] for e in summary["per_seed"] if e["gap"] is not None]
