@@ -12,8 +12,9 @@ late fusion, ``two-tower``/``clip`` two-tower, and ``jfe``/``one-tower`` ours (t
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,27 @@ def _load(results: Mapping[str, EvalResult | str | os.PathLike]) -> dict[str, Ev
     if not loaded:
         raise ConfigError("no evaluation results to report")
     return loaded
+
+
+def _resolve_roles(runs: Mapping[str, EvalResult], ours: str | None, baselines: Sequence[str] | None
+                   ) -> tuple[dict[str, str], str | None, list[str]]:
+    """Each run's role, then ``ours`` (default: ``jfe-mini``, else the first one-tower run) and the baselines
+    (default: the late-fusion runs)."""
+    roles = {n: role_of(n, r.arch) for n, r in runs.items()}
+    if ours is None:
+        ones = [n for n in runs if roles[n] == "one-tower"]
+        ours = next((n for n in ones if n == "jfe-mini"), ones[0] if ones else None)
+    elif ours not in runs:
+        raise ConfigError(f"--ours {ours!r} is not one of the runs: {', '.join(runs)}")
+    if baselines is None:
+        baselines = [n for n in runs if roles[n] == "late-fusion"]
+    return roles, ours, list(baselines)
+
+
+def _present_categories(results: Iterable[EvalResult]) -> list[str]:
+    """The paper's categories that any of ``results`` scored, in the paper's order."""
+    present = {c for r in results for c in r.categories}
+    return [c for c in CATEGORIES if c in present]
 
 
 def _fmt(value: float | None, best: float | None) -> str:
@@ -141,7 +163,7 @@ def _bar_chart(bars: dict[str, tuple[str, np.ndarray]], categories: list[str], t
 
 
 def _chart(runs: dict[str, EvalResult], path: Path, metric: str = "R@5") -> None:
-    categories = [c for c in CATEGORIES if any(c in r.categories for r in runs.values())]
+    categories = _present_categories(runs.values())
     bars = {name: (f"{name} ({role_of(name, r.arch)})",
                    np.array([100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories]))
             for name, r in runs.items()}
@@ -155,14 +177,7 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     returns the Markdown path. ``ours`` / ``baselines`` override the roles guessed from the names."""
     runs = _load(results)
     names = list(runs)
-    roles = {n: role_of(n, runs[n].arch) for n in names}
-    if ours is None:
-        ones = [n for n in names if roles[n] == "one-tower"]
-        ours = next((n for n in ones if n == "jfe-mini"), ones[0] if ones else None)
-    elif ours not in runs:
-        raise ConfigError(f"--ours {ours!r} is not one of the runs: {', '.join(names)}")
-    if baselines is None:
-        baselines = [n for n in names if roles[n] == "late-fusion"]
+    roles, ours, baselines = _resolve_roles(runs, ours, baselines)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = runs[names[0]]
@@ -179,9 +194,7 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     # per category
     lines += ["", "## Per category", ""]
     cat_rows = []
-    for category in CATEGORIES:
-        if not any(category in r.categories for r in runs.values()):
-            continue
+    for category in _present_categories(runs.values()):
         tasks = sorted({t for r in runs.values() for t in r.categories.get(category, {}).get("tasks", [])})
         values = {n: {m: runs[n].categories.get(category, {}).get(m) for m in ("R@1", "R@5")} for n in names}
         cat_rows.append(([category, "yes" if category in FUSION_CATEGORIES else "no",
@@ -274,8 +287,6 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     with atomic_write(path) as handle:
         handle.write("\n".join(lines) + "\n")
     if summary is not None:
-        import json
-
         with atomic_write(out / "margins.json") as handle:
             handle.write(json.dumps(summary, indent=2) + "\n")
     return path
@@ -292,8 +303,8 @@ def _mean_sd(values: Sequence[float]) -> str:
     return f"{100 * float(np.mean(values)):.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
 
 
-def _seed_chart(groups: dict[str, list[EvalResult]], path: Path, metric: str = "R@5") -> None:
-    categories = [c for c in CATEGORIES if any(c in r.categories for rs in groups.values() for r in rs)]
+def _seed_chart(groups: dict[str, list[EvalResult]], categories: list[str], path: Path,
+                metric: str = "R@5") -> None:
     bars = {name: (f"{name} ({role_of(name, rs[0].arch)})",
                    np.array([[100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories] for r in rs]))
             for name, rs in groups.items()}
@@ -320,19 +331,12 @@ def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLi
         raise ConfigError(f"every run needs the same number of repeats (seeds), got {counts}")
     n_seeds = next(iter(counts.values()))
     names = list(loaded)
-    roles = {n: role_of(n, loaded[n][0].arch) for n in names}
-    if ours is None:
-        ones = [n for n in names if roles[n] == "one-tower"]
-        ours = next((n for n in ones if n == "jfe-mini"), ones[0] if ones else None)
-    elif ours not in loaded:
-        raise ConfigError(f"ours {ours!r} is not one of the runs: {', '.join(names)}")
-    if baselines is None:
-        baselines = [n for n in names if roles[n] == "late-fusion"]
+    _, ours, baselines = _resolve_roles({n: rs[0] for n, rs in loaded.items()}, ours, baselines)
     others = [n for n in names if n != ours]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = loaded[names[0]][0]
-    categories = [c for c in CATEGORIES if any(c in r.categories for rs in loaded.values() for r in rs)]
+    categories = _present_categories(r for rs in loaded.values() for r in rs)
 
     lines = [f"# {title or 'JFE evaluation across seeds'}", "",
              f"{n_seeds} repeats per run; split `{first.split}`, `{first.pool}` pool(s). Recall in %, "
@@ -374,12 +378,10 @@ def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLi
         summary["pattern_held"] = held
         lines += ["", f"Gap (fusion minus non-fusion margin) over seeds: {_mean_sd(gaps) if gaps else '–'} points; "
                       f"the full pattern (leads everywhere **and** gap > 0) held in **{held} of {n_seeds}** seeds."]
-    _seed_chart(loaded, out / SEEDS_CHART_FILE)
+    _seed_chart(loaded, categories, out / SEEDS_CHART_FILE)
     path = out / SEEDS_REPORT_FILE
     with atomic_write(path) as handle:
         handle.write("\n".join(lines) + "\n")
-    import json
-
     with atomic_write(out / "seeds.json") as handle:
         handle.write(json.dumps(summary, indent=2) + "\n")
     return path
