@@ -19,7 +19,7 @@ from jfe.data.mbeir import MBEIRLayout, read_candidates, read_instructions, read
 from jfe.data.minibeir import SPLITS, build_minibeir, split_of_base
 from jfe.data.minibeir.build import MARKER, BuildConfig
 from jfe.data.minibeir.sources import _family, parse_emoji_code
-from jfe.data.records import TASKS
+from jfe.data.records import CANDIDATE_ID_BOUND, QUERY_ID_BOUND, TASKS, hashed_id
 from jfe.errors import ConfigError
 
 MAX_BASES = 30
@@ -238,3 +238,18 @@ def test_build_is_deterministic(built, tmp_path: Path) -> None:
     # rebuilding over an earlier build is allowed and replaces it whole
     build_minibeir(again, seed=1, max_bases=MAX_BASES, image_size=IMAGE_SIZE, progress=False)
     assert hashes(again) != second
+
+
+@pytest.mark.assets
+@needs_assets
+def test_ids_never_clash_with_mbeir_and_fit_uniir_bounds(built) -> None:
+    root, _ = built
+    layout = MBEIRLayout(root)
+    for split in ("train", "val", "test"):
+        for path in layout.query_files(split):
+            for q in read_queries(path):
+                assert q.qid.split(":")[0] in {"90", "91"}, (path.name, q.qid)  # M-BEIR uses 0-9
+                hashed_id(q.qid, QUERY_ID_BOUND)  # raises over the bound
+    for path in layout.local_pool_files():
+        for cand in read_candidates(path):
+            hashed_id(cand.did, CANDIDATE_ID_BOUND)

@@ -173,7 +173,8 @@ def test_unknown_task_ids(tiny_mbeir: Path) -> None:
 
 def test_missing_instruction_key(tiny_mbeir: Path) -> None:
     path = tiny_mbeir / TSV
-    lines = [ln for ln in path.read_text().splitlines() if "\timage\ttext\t" not in ln]
+    # UniIR column order: query modality, candidate modality, dataset, dataset id, prompts
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("image\ttext\t")]
     path.write_text("\n".join(lines) + "\n")
     problems = validate_dataset(tiny_mbeir)
     assert [p.kind for p in problems] == ["missing-instruction"] * 4

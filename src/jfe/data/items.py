@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from jfe.data.images import load_image
-from jfe.data.instructions import with_instruction
+from jfe.data.instructions import TextMode, candidate_text, with_instruction
 from jfe.data.records import Candidate, Query
 from jfe.errors import DataError
 
@@ -45,11 +45,13 @@ class Item:
             return None
         return load_image(self.image, item_id=self.id)
 
-    def with_instruction(self, instruction: str | None) -> Item:
-        """The query form: instruction prefixed to the text (an image-only query gains instruction text)."""
-        if not instruction:
+    def with_instruction(self, instruction: str | None, text_mode: TextMode = "jfe") -> Item:
+        """The query form: instruction prefixed to the text (an image-only query gains instruction text).
+        In ``"uniir"`` text mode the text is UniIR-formatted even without an instruction."""
+        if not instruction and text_mode == "jfe":
             return self
-        return Item(text=with_instruction(instruction, self.text), image=self.image, id=self.id)
+        text = with_instruction(instruction, self.text, text_mode)
+        return self if text == self.text else Item(text=text, image=self.image, id=self.id)
 
 
 def as_item(obj: Any, index: int | None = None) -> Item:
@@ -86,14 +88,16 @@ def as_item(obj: Any, index: int | None = None) -> Item:
     return item
 
 
-def query_item(query: Query, root: str | os.PathLike, instruction: str | None = None) -> Item:
-    """The model input for an M-BEIR query: its image and its (instruction-prefixed) text."""
+def query_item(query: Query, root: str | os.PathLike, instruction: str | None = None,
+               text_mode: TextMode = "jfe", text: str | None = None) -> Item:
+    """The model input for an M-BEIR query: its image and its (instruction-prefixed) text; ``text``
+    replaces the query's own text (e.g. a held-out rewording)."""
     image = Path(root) / query.query_img_path if query.query_img_path else None
-    text = with_instruction(instruction, query.query_txt) if instruction else query.query_txt
-    return Item(text=text, image=image, id=query.qid)
+    item = Item(text=query.query_txt if text is None else text, image=image, id=query.qid)
+    return item.with_instruction(instruction, text_mode)
 
 
-def candidate_item(candidate: Candidate, root: str | os.PathLike) -> Item:
+def candidate_item(candidate: Candidate, root: str | os.PathLike, text_mode: TextMode = "jfe") -> Item:
     """The model input for an M-BEIR candidate (candidates carry no instruction)."""
     image = Path(root) / candidate.img_path if candidate.img_path else None
-    return Item(text=candidate.txt, image=image, id=candidate.did)
+    return Item(text=candidate_text(candidate.txt, text_mode), image=image, id=candidate.did)

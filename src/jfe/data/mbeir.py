@@ -10,6 +10,7 @@ import csv
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from jfe.data.records import MODALITIES, Candidate, InstructionSet, Qrel, Query
@@ -181,13 +182,48 @@ def write_qrels(path: PathLike, qrels: Iterable[Qrel]) -> int:
     return count
 
 
-INSTRUCTION_HEADER = ("dataset_id", "dataset", "query_modality", "cand_modality")
+# UniIR's reader ignores the header and reads by position: key = (parts[3], parts[0], parts[1]) =
+# (dataset id, query modality, candidate modality), prompts = parts[4:]. So we write that order.
+INSTRUCTION_HEADER = ("query_modality", "cand_modality", "dataset", "dataset_id")
+
+
+@dataclass(frozen=True)
+class InstructionColumns:
+    """Where the key and prompt cells of an instructions TSV are, by column index."""
+
+    dataset_id: int
+    query_modality: int
+    cand_modality: int
+    dataset_name: int | None
+    prompts: list[int]
+
+
+def instruction_columns(header: list[str], path: PathLike) -> InstructionColumns:
+    """Columns by header name (normalised: lower case, spaces as underscores); a header without the key
+    names is read by UniIR's positions (query modality, candidate modality, dataset, dataset id, prompts...)."""
+    names = [h.strip().lower().replace(" ", "_") for h in header]
+
+    def find(*wanted: str) -> int | None:
+        return next((names.index(n) for n in wanted if n in names), None)
+
+    i_ds, i_qm, i_cm = find("dataset_id"), find("query_modality"), find("cand_modality", "candidate_modality")
+    if i_ds is None and i_qm is None and i_cm is None:
+        if len(names) < 5:
+            raise DataError("instructions header names no key columns and has fewer than UniIR's 5 columns "
+                            "(query_modality, cand_modality, dataset, dataset_id, prompt...)", path=str(path), line=1)
+        return InstructionColumns(3, 0, 1, 2, list(range(4, len(names))))
+    for index, name in ((i_ds, "dataset_id"), (i_qm, "query_modality"), (i_cm, "cand_modality")):
+        if index is None:
+            raise DataError(f"instructions header lacks a {name!r} column", path=str(path), line=1)
+    assert i_ds is not None and i_qm is not None and i_cm is not None
+    return InstructionColumns(i_ds, i_qm, i_cm, find("dataset", "dataset_name"),
+                              [i for i, h in enumerate(names) if h.startswith("prompt")])
 
 
 def read_instructions(path: PathLike) -> dict[tuple[str, str, str], InstructionSet]:
     """Read ``query_instructions.tsv``: a header row, then one row per (dataset id, query, candidate
-    modality) key with prompt columns ``prompt_1`` .. ``prompt_n``. Column names are matched loosely so
-    UniIR's file (``dataset_id``/``query_modality``/``cand_modality``) reads as well as ours."""
+    modality) key with prompt columns ``prompt_1`` .. ``prompt_n``. Columns are found by header name, so the
+    real M-BEIR file, ours (written in UniIR's positional order) and older orders all read."""
     path = Path(path)
     if not path.exists():
         raise DataError("instructions file not found", path=str(path))
@@ -196,19 +232,13 @@ def read_instructions(path: PathLike) -> dict[tuple[str, str, str], InstructionS
         # QUOTE_NONE: the writer does not quote, so a prompt that starts with '"' must stay literal.
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
-            header = [h.strip().lower().replace(" ", "_") for h in next(reader)]
+            header = next(reader)
         except StopIteration:
             raise DataError("empty instructions file", path=str(path)) from None
 
-        def col(*names: str) -> int:
-            for name in names:
-                if name in header:
-                    return header.index(name)
-            raise DataError(f"instructions header lacks a {names[0]!r} column", path=str(path), line=1)
-
-        i_ds, i_qm, i_cm = col("dataset_id"), col("query_modality"), col("cand_modality", "candidate_modality")
-        i_name = header.index("dataset") if "dataset" in header else None
-        prompt_cols = [i for i, h in enumerate(header) if h.startswith("prompt")]
+        cols = instruction_columns(header, path)
+        i_ds, i_qm, i_cm, i_name, prompt_cols = cols.dataset_id, cols.query_modality, cols.cand_modality, \
+            cols.dataset_name, cols.prompts
         for line_no, row in enumerate(reader, start=2):
             if not any(cell.strip() for cell in row):
                 continue
@@ -230,7 +260,7 @@ def write_instructions(path: PathLike, sets: Iterable[InstructionSet]) -> None:
     with atomic_write(path) as handle:
         handle.write("\t".join([*INSTRUCTION_HEADER, *(f"prompt_{i + 1}" for i in range(width))]) + "\n")
         for s in sets:
-            cells = [s.dataset_id, s.dataset_name, s.query_modality, s.cand_modality, *s.prompts]
+            cells = [s.query_modality, s.cand_modality, s.dataset_name, s.dataset_id, *s.prompts]
             handle.write("\t".join(" ".join(c.split()) for c in cells) + "\n")  # no tab/newline inside a cell
 
 
@@ -256,16 +286,26 @@ class MBEIRLayout:
     def instructions_file(self) -> Path:
         return self.root / "instructions" / "query_instructions.tsv"
 
-    def local_pool_for(self, query_file: Path) -> Path | None:
-        """The local pool that belongs to a query file, by M-BEIR's naming
+    def local_pool_names(self, query_file: Path) -> list[str]:
+        """The local pool file names that may belong to a query file, most specific first. The real
+        release has per-split pools for some datasets (``mbeir_mscoco_task0_test.jsonl`` ->
+        ``mbeir_mscoco_task0_test_cand_pool.jsonl``) and one pool for all splits for the others
         (``mbeir_cirr_task7_test.jsonl`` -> ``mbeir_cirr_task7_cand_pool.jsonl``)."""
         stem = query_file.stem
+        names = [f"{stem}_cand_pool.jsonl"]
         for split in ("_train", "_val", "_test", "_dev"):
             if stem.endswith(split):
-                stem = stem[: -len(split)]
+                names.append(f"{stem[: -len(split)]}_cand_pool.jsonl")
                 break
-        candidate = self.root / "cand_pool" / "local" / f"{stem}_cand_pool.jsonl"
-        return candidate if candidate.exists() else None
+        return names
+
+    def local_pool_for(self, query_file: Path) -> Path | None:
+        """The local pool that belongs to a query file, by M-BEIR's naming (see :meth:`local_pool_names`)."""
+        for name in self.local_pool_names(query_file):
+            candidate = self.root / "cand_pool" / "local" / name
+            if candidate.exists():
+                return candidate
+        return None
 
     def resolve_image(self, rel_path: str) -> Path:
         return self.root / rel_path

@@ -22,7 +22,36 @@ TASKS: dict[int, tuple[str, str]] = {
     8: ("image,text", "image,text"),
 }
 
-# The paper's five categories (DESIGN.md) and whether they need modality fusion.
+# M-BEIR's ten datasets and their ids (UniIR's DATASET_IDS). Other collections should use ids outside 0-9
+# (MiniBEIR uses 90 and 91) so that results and ids never clash with the real benchmark's.
+MBEIR_DATASET_IDS: dict[str, int] = {
+    "visualnews": 0, "fashion200k": 1, "webqa": 2, "edis": 3, "nights": 4,
+    "oven": 5, "infoseek": 6, "fashioniq": 7, "cirr": 8, "mscoco": 9,
+}
+# UniIR turns ids into integers as dataset_id * bound + n, so n must stay below these bounds.
+QUERY_ID_BOUND = 500_000
+CANDIDATE_ID_BOUND = 10_000_000
+
+
+def task_of(query_modality: str, cand_modality: str) -> int | None:
+    """The M-BEIR task id of a (query modality, candidate modality) pair (UniIR's ``get_mbeir_task_id``)."""
+    return next((t for t, pair in TASKS.items() if pair == (query_modality, cand_modality)), None)
+
+
+def hashed_id(record_id: str, bound: int) -> int:
+    """UniIR's integer form of an id (``hash_qid`` with QUERY_ID_BOUND, ``hash_did`` with CANDIDATE_ID_BOUND).
+
+    Raises ValueError when the id is not ``int:int`` or its number reaches the bound (two ids would then
+    map to one integer in UniIR's tools)."""
+    head, sep, tail = record_id.partition(":")
+    if not sep or not head.isdigit() or not tail.isdigit():
+        raise ValueError(f"id {record_id!r} is not of UniIR's integer form 'dataset_id:n'")
+    if int(tail) >= bound:
+        raise ValueError(f"id {record_id!r}: n={int(tail)} reaches UniIR's per-dataset bound {bound:,}")
+    return int(head) * bound + int(tail)
+
+
+# The paper's five categories and whether they need modality fusion.
 CATEGORIES: dict[str, tuple[int, ...]] = {
     "single-modal": (1, 4),
     "cross-modal": (0, 3),

@@ -20,8 +20,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jfe.data.mbeir import MBEIRLayout, parse_candidate, parse_query
-from jfe.data.records import MODALITIES, TASK_CATEGORY, TASKS, dataset_id_of, modality_of
+from jfe.data.mbeir import MBEIRLayout, instruction_columns, parse_candidate, parse_query
+from jfe.data.records import (
+    CANDIDATE_ID_BOUND,
+    MODALITIES,
+    QUERY_ID_BOUND,
+    TASK_CATEGORY,
+    TASKS,
+    dataset_id_of,
+    hashed_id,
+    modality_of,
+)
 from jfe.errors import DataError
 
 PathLike = str | os.PathLike
@@ -44,6 +53,7 @@ KINDS: dict[str, str] = {
     "qrels-mismatch": "qrels that disagree with the queries' positive lists",
     "instructions-format": "a bad row in the instructions TSV",
     "missing-instruction": "a query whose (dataset, query modality, candidate modality) key has no instruction",
+    "uniir-id": "an id that UniIR's tools cannot turn into an integer (not 'int:int', or n over its bound)",
 }
 
 
@@ -140,6 +150,10 @@ def _checked_records(path: Path, root: Path, sink: _Sink, seen: set[str], kind: 
         text, image, modality = ((record.query_txt, record.query_img_path, record.query_modality) if is_query
                                  else (record.txt, record.img_path, record.modality))
         rid = record.qid if is_query else record.did
+        try:
+            hashed_id(rid, QUERY_ID_BOUND if is_query else CANDIDATE_ID_BOUND)
+        except ValueError as exc:
+            sink.add(path, line_no, rid, "uniir-id", str(exc))
         implied = modality_of(text, image)
         if implied is None:
             fields = "query_txt nor query_img_path" if is_query else "txt nor img_path"
@@ -209,19 +223,17 @@ def _read_instruction_keys(path: Path, sink: _Sink) -> set[tuple[str, str, str]]
     with path.open(encoding="utf-8", errors="replace", newline="") as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)  # as mbeir.read_instructions
         try:
-            header = [h.strip().lower().replace(" ", "_") for h in next(reader)]
+            header = next(reader)
         except StopIteration:
             sink.add(path, None, None, "instructions-format", "empty instructions file")
             return None
-        cols = {}
-        for wanted, names in (("ds", ("dataset_id",)), ("qm", ("query_modality",)),
-                              ("cm", ("cand_modality", "candidate_modality"))):
-            found = next((header.index(n) for n in names if n in header), None)
-            if found is None:
-                sink.add(path, 1, None, "instructions-format", f"header lacks a {names[0]!r} column")
-                return None
-            cols[wanted] = found
-        prompt_cols = [i for i, h in enumerate(header) if h.startswith("prompt")]
+        try:
+            found = instruction_columns(header, path)
+        except DataError as exc:
+            sink.add(path, 1, None, "instructions-format", exc.message)
+            return None
+        cols = {"ds": found.dataset_id, "qm": found.query_modality, "cm": found.cand_modality}
+        prompt_cols = found.prompts
         for line_no, row in enumerate(reader, start=2):
             if not any(cell.strip() for cell in row):
                 continue
@@ -291,9 +303,14 @@ def iter_problems(root: PathLike, *, check_images: bool = True) -> Iterator[Prob
             local_path = layout.local_pool_for(path)
             local = local_ids.get(local_path, set()) if local_path else set()
             pools_exist = bool(local_path) or bool(global_ids)
+            expected = " or ".join(f"cand_pool/local/{n}" for n in layout.local_pool_names(path))
             if not pools_exist:
-                sink.add(path, None, None, "layout", "no local pool "
-                         "(cand_pool/local/<name>_cand_pool.jsonl) and no global pool for this query file")
+                sink.add(path, None, None, "layout", f"no local pool ({expected}) and no global pool for this "
+                         "query file")
+            elif local_path is None and "train" not in split:
+                # training reads the global pool, but `jfe eval --pool local` needs a query file's own pool
+                sink.add(path, None, None, "layout", f"no local pool for this query file ({expected}): "
+                         "`jfe eval --pool local` cannot evaluate it")
             _check_query_file(path, root, sink, seen_qids, local, global_ids if pools_exist else None,
                               qrels if qrels_files else None, instruction_keys, check_images)
             yield from sink.drain()

@@ -39,6 +39,8 @@ def eval_command(
     run_name: str = typer.Option(None, "--run-name", help="Run id in the TREC file (default: the model name)."),
     max_queries: int = typer.Option(None, "--max-queries", min=1, help="Cap queries per file (smoke tests)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    text_mode: str = typer.Option("jfe", "--text-mode", help="Text formatting: 'jfe', or 'uniir' (UniIR's exact "
+                                                             "format_string, to reproduce UniIR checkpoints)."),
 ) -> None:
     """Evaluate a model with the M-BEIR protocol: Recall@1/5/10/20/50 per (dataset, task) and per category."""
     from rich.table import Table
@@ -51,11 +53,11 @@ def eval_command(
     encoder = load_model(model)
     result = evaluate(encoder, data, split=split, pool=pool, out_dir=out, instructions=instructions,
                       batch_size=batch_size, run_name=run_name or _run_name(model), model_name=model,
-                      progress=progress, max_queries=max_queries)
-    metrics = [f"R@{k}" for k in result.ks]
+                      progress=progress, max_queries=max_queries, text_mode=text_mode)  # type: ignore[arg-type]
+    metrics = [*(f"R@{k}" for k in result.ks), "headline"]
     table = Table(title=f"{result.run_name}: {split} split, {pool} pool, {result.n_queries} queries")
     for column in ("dataset", "task", "query→candidate", "queries", *metrics):
-        table.add_column(column, justify="right" if column.startswith("R@") or column == "queries" else "left")
+        table.add_column(column, justify="left" if column in ("dataset", "task", "query→candidate") else "right")
     for row in result.rows:
         table.add_row(row["dataset"], str(row["task"]), row["modality"], str(row["queries"]),
                       *(f"{100 * row[m]:.1f}" for m in metrics))

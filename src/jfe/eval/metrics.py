@@ -64,3 +64,20 @@ def first_hit_rank(ranking: Sequence[str], positives: Collection[str]) -> int | 
 def missing_positives(positives: Sequence[Collection[str]], pool: Collection[str]) -> list[int]:
     """Indices of queries none of whose positives is in ``pool`` (they score 0 at every k)."""
     return [i for i, pos in enumerate(positives) if not any(did in pool for did in pos)]
+
+
+# M-BEIR's headline metric per dataset (UniIR's configs and the paper's tables): Recall@10 for the two
+# fashion datasets, whose many near-duplicate products make R@5 too strict, Recall@5 everywhere else.
+HEADLINE_K: dict[str, int] = {"fashion200k": 10, "fashioniq": 10}
+DEFAULT_HEADLINE_K = 5
+
+
+def headline_k(dataset: str) -> int:
+    """The k of a dataset's headline Recall@k (``"fashioniq"`` -> 10, anything else -> 5)."""
+    return HEADLINE_K.get(dataset.lower(), DEFAULT_HEADLINE_K)
+
+
+def headline_label(ks: Iterable[int]) -> str:
+    """How to label a column of headline values: ``"R@5"`` when every row uses k=5, else ``"headline"``."""
+    distinct = set(ks)
+    return f"R@{distinct.pop()}" if len(distinct) == 1 else "headline"

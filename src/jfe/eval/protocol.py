@@ -1,4 +1,4 @@
-"""The M-BEIR evaluation protocol (shared/DESIGN.md), for MiniBEIR and the real M-BEIR layout.
+"""The M-BEIR evaluation protocol (docs/index_eval.md), for MiniBEIR and the real M-BEIR layout.
 
 1. Queries: every ``query/{split}/*.jsonl``; positives from ``qrels/{split}/<stem>_qrels.txt`` where present
    (as UniIR scores), else the query's ``pos_cand_list``. Each query gets the instruction chosen
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jfe.data.instructions import pick_instruction
-from jfe.data.items import Item
+from jfe.data.instructions import TEXT_MODES, TextMode, pick_instruction
+from jfe.data.items import Item, candidate_item, query_item
 from jfe.data.mbeir import MBEIRLayout, iter_candidates, read_instructions, read_qrels, read_queries
 from jfe.data.records import CATEGORIES, FUSION_CATEGORIES, TASK_CATEGORY, TASKS, Candidate, Query
 from jfe.errors import ConfigError, DataError
-from jfe.eval.metrics import DEFAULT_KS, first_hit_rank, hits_at_k
+from jfe.eval.metrics import DEFAULT_KS, first_hit_rank, headline_k, hits_at_k
 from jfe.eval.runfiles import write_trec_run, write_tsv
 from jfe.paths import atomic_write
 
@@ -151,10 +151,8 @@ def _load_query_files(layout: MBEIRLayout, split: str, pool: str, max_queries: i
         if pool == "local":
             local = layout.local_pool_for(path)
             if local is None:
-                match = _STEM.match(path.stem)
-                expected = f"mbeir_{match['dataset']}_task{match['task']}" if match else path.stem
-                raise DataError(f"no local candidate pool for this query file (expected "
-                                f"cand_pool/local/{expected}_cand_pool.jsonl)", path=str(path))
+                expected = " or ".join(f"cand_pool/local/{n}" for n in layout.local_pool_names(path))
+                raise DataError(f"no local candidate pool for this query file (expected {expected})", path=str(path))
             pools = [local]
         else:
             pools = global_files
@@ -261,13 +259,15 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
              out_dir: str | os.PathLike | None = None, instructions: str = "default",
              ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, run_name: str | None = None,
              model_name: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-             instruction_mode: str = "hash", max_queries: int | None = None) -> EvalResult:
+             instruction_mode: str = "hash", max_queries: int | None = None,
+             text_mode: TextMode = "jfe") -> EvalResult:
     """Run the M-BEIR protocol (module docstring) and, with ``out_dir``, write ``run.trec``, ``results.tsv``,
     ``categories.tsv``, ``per_query.jsonl`` and ``results.json`` there.
 
     ``instructions``: ``"default"`` (``instructions/query_instructions.tsv``), ``"heldout"``
     (``instructions/heldout_instructions.tsv`` and, where a query's ``query_src_content`` has it,
     ``query_txt_heldout`` as its text) or ``"none"``. ``max_queries`` caps queries per file (smoke runs).
+    ``text_mode``: ``"jfe"`` or ``"uniir"`` (UniIR's exact text formatting, see :mod:`jfe.data.instructions`).
     """
     from jfe.index.build import model_name_of
     from jfe.index.vector_index import VectorIndex
@@ -276,6 +276,8 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
         raise ConfigError(f"pool must be 'local' or 'global', got {pool!r}")
     if instructions not in ("default", "heldout", "none"):
         raise ConfigError(f"instructions must be 'default', 'heldout' or 'none', got {instructions!r}")
+    if text_mode not in TEXT_MODES:
+        raise ConfigError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {text_mode!r}")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ConfigError(f"ks must be positive integers, got {ks}")
@@ -307,9 +309,8 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
                            fingerprint)
     cand_ids = sorted(candidates, key=lambda d: d)  # sorted: stable cache order regardless of pool order
     cand_row = {did: i for i, did in enumerate(cand_ids)}
-    cand_items = [Item(text=candidates[d].txt, image=root / candidates[d].img_path if candidates[d].img_path
-                       else None, id=d) for d in cand_ids]
-    cand_keys = [_item_key(candidates[d].txt, candidates[d].img_path) for d in cand_ids]
+    cand_items = [candidate_item(candidates[d], root, text_mode) for d in cand_ids]
+    cand_keys = [_item_key(item.text, candidates[d].img_path) for d, item in zip(cand_ids, cand_items, strict=True)]
     cand_vecs = cache.embed(model, cand_keys, cand_items, batch_size, progress, "embed candidates")
     query_vecs: list[np.ndarray] = []
     for qf in files:
@@ -318,11 +319,8 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
             key = (q.qid.partition(":")[0], q.query_modality, _cand_modality(q, pos, candidates))
             instruction = pick_instruction(q.qid, instruction_sets.get(key), instruction_mode) \
                 if instruction_sets else None
-            text = q.query_txt
-            if instructions == "heldout" and isinstance(q.src.get("query_txt_heldout"), str):
-                text = q.src["query_txt_heldout"]
-            item = Item(text=text, image=root / q.query_img_path if q.query_img_path else None, id=q.qid)
-            item = item.with_instruction(instruction)
+            heldout = q.src.get("query_txt_heldout") if instructions == "heldout" else None
+            item = query_item(q, root, instruction, text_mode, heldout if isinstance(heldout, str) else None)
             keys.append(_item_key(item.text, q.query_img_path))
             items.append(item)
         query_vecs.append(cache.embed(model, keys, items, batch_size, progress, f"embed {qf.path.stem}"))
@@ -367,7 +365,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
                    "pool": "+".join(p.stem for p in qf.pool_files) if pool == "local" else "global",
                    "queries": len(idx), "file": qf.path.stem,
                    "missing_positives": sum(1 for i in idx if not per_query[start + i]["positives_in_pool"])}
-            for k in ks:
+            for k in sorted({*ks, headline_k(qf.dataset)}):
                 row[f"R@{k}"] = float(hits_at_k([ranked[i] for i in idx], [qf.positives[i] for i in idx], k).mean())
             rows.append(row)
     timings["search"] = time.perf_counter() - t0
@@ -378,8 +376,11 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
         rows=_merge_rows(rows, ks), categories={}, average={}, n_queries=len(per_query),
         n_candidates=len({d for idx in indexes.values() for d in idx.ids}), timings={}, notes=notes,
         arch=getattr(model, "arch", ""))
+    for row in result.rows:
+        row["headline_k"] = headline_k(row["dataset"])
+        row["headline"] = row[f"R@{row['headline_k']}"]
     result.categories = _categories(result.rows, ks)
-    result.average = {f"R@{k}": _mean([r[f"R@{k}"] for r in result.rows]) for k in ks}
+    result.average = {m: _mean([r[m] for r in result.rows]) for m in (*(f"R@{k}" for k in ks), "headline")}
     result.modifications, result.non_additive = _breakdowns(per_query, ks)
     missing = [p["qid"] for p in per_query if not p["positives_in_pool"]]
     result.missing_positives = {"count": len(missing), "qids": missing[:50]}
@@ -413,8 +414,8 @@ def _merge_rows(rows: list[dict[str, Any]], ks: Sequence[int]) -> list[dict[str,
             continue
         old = merged[key]
         n_old, n_new = old["queries"], row["queries"]
-        for k in ks:
-            old[f"R@{k}"] = (old[f"R@{k}"] * n_old + row[f"R@{k}"] * n_new) / max(1, n_old + n_new)
+        for metric in (m for m in row if m.startswith("R@")):
+            old[metric] = (old[metric] * n_old + row[metric] * n_new) / max(1, n_old + n_new)
         old["queries"] = n_old + n_new
         old["missing_positives"] += row["missing_positives"]
         old["file"] += "," + row["file"]
@@ -429,7 +430,8 @@ def _categories(rows: list[dict[str, Any]], ks: Sequence[int]) -> dict[str, dict
             continue
         out[category] = {"tasks": sorted({r["task"] for r in members}), "rows": len(members),
                          "queries": sum(r["queries"] for r in members), "fusion": category in FUSION_CATEGORIES,
-                         **{f"R@{k}": _mean([r[f"R@{k}"] for r in members]) for k in ks}}
+                         **{f"R@{k}": _mean([r[f"R@{k}"] for r in members]) for k in ks},
+                         "headline": _mean([r["headline"] for r in members])}
     return out
 
 

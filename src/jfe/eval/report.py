@@ -22,6 +22,7 @@ import numpy as np
 
 from jfe.data.records import CATEGORIES, FUSION_CATEGORIES
 from jfe.errors import ConfigError
+from jfe.eval.metrics import DEFAULT_HEADLINE_K, headline_label
 from jfe.eval.protocol import EXCLUSION_NOTE, EvalResult
 from jfe.paths import atomic_write
 
@@ -171,6 +172,16 @@ def _chart(runs: dict[str, EvalResult], path: Path, metric: str = "R@5") -> None
     _bar_chart(bars, categories, f"{metric} per category ({first.pool} pool, {first.split} split)", path, metric)
 
 
+HEADLINE_NOTE = ("M-BEIR's per-dataset headline Recall, R@10 for Fashion200K and FashionIQ and R@5 for every other "
+                 "dataset; category averages and margins use it.")
+
+
+def headline_metric(results: Iterable[EvalResult]) -> str:
+    """The metric key for headline columns: ``"R@5"`` when every (dataset, task) row's headline is R@5 (so
+    MiniBEIR's reports read as before), else ``"headline"`` (each row's own headline k)."""
+    return headline_label(r.get("headline_k", DEFAULT_HEADLINE_K) for res in results for r in res.rows)
+
+
 def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir: str | os.PathLike, *,
                  ours: str | None = None, baselines: Sequence[str] | None = None, title: str | None = None) -> Path:
     """Write ``report.md`` and ``categories_r5.png`` comparing runs (name -> EvalResult or result folder);
@@ -181,10 +192,13 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = runs[names[0]]
+    hl = headline_metric(runs.values())
+    metrics = ("R@1", hl)
     lines = [f"# {title or 'JFE evaluation report'}", "",
              f"Split `{first.split}`, `{first.pool}` candidate pool(s), instructions `{first.instructions}`. "
              "Scores are M-BEIR Recall@k in % (hit rate: 1 if any positive is in the top k), averaged per "
-             "(dataset, task); categories average their (dataset, task) rows. Best per row in **bold**.", "",
+             "(dataset, task); categories average their (dataset, task) rows. Best per row in **bold**. "
+             f"Headline metric: {HEADLINE_NOTE}", "",
              f"_{EXCLUSION_NOTE}_", "", "| run | role | model | queries |", "|---|---|---|---:|"]
     lines += [f"| {n} | {roles[n]} | `{runs[n].model}` | {runs[n].n_queries} |" for n in names]
     mismatched = [n for n in names if (runs[n].split, runs[n].pool) != (first.split, first.pool)]
@@ -196,13 +210,13 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     cat_rows = []
     for category in _present_categories(runs.values()):
         tasks = sorted({t for r in runs.values() for t in r.categories.get(category, {}).get("tasks", [])})
-        values = {n: {m: runs[n].categories.get(category, {}).get(m) for m in ("R@1", "R@5")} for n in names}
+        values = {n: {m: runs[n].categories.get(category, {}).get(m) for m in metrics} for n in names}
         cat_rows.append(([category, "yes" if category in FUSION_CATEGORIES else "no",
                           ",".join(map(str, tasks))], values))
-    avg = {n: {m: runs[n].average.get(m) for m in ("R@1", "R@5")} for n in names}
+    avg = {n: {m: runs[n].average.get(m) for m in metrics} for n in names}
     cat_rows.append((["**average**", "", ""], avg))
-    lines += _table(["category", "fusion", "tasks"], names, ("R@1", "R@5"), cat_rows)
-    lines += ["", f"![R@5 per category]({CHART_FILE})"]
+    lines += _table(["category", "fusion", "tasks"], names, metrics, cat_rows)
+    lines += ["", f"![{hl} per category]({CHART_FILE})"]
 
     # per task
     lines += ["", "## Per task (dataset, task)", ""]
@@ -214,9 +228,9 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
         for n in names:
             row = next((r for r in runs[n].rows if r["dataset"] == dataset and
                         (r["task"] if r["task"] is not None else 99) == task), None)
-            values[n] = {m: row.get(m) if row else None for m in ("R@1", "R@5")}
+            values[n] = {m: row.get(m) if row else None for m in metrics}
         task_rows.append(([dataset, str(task), modality], values))
-    lines += _table(["dataset", "task", "query→candidate"], names, ("R@1", "R@5"), task_rows)
+    lines += _table(["dataset", "task", "query→candidate"], names, metrics, task_rows)
 
     # per modification type and additive / non-additive
     mod_keys = sorted({(str(m["task"]), m["modification"], str(m.get("non_additive")))
@@ -253,7 +267,7 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     lines += ["", "## Fusion vs non-fusion margin", ""]
     summary = None
     if ours and baselines:
-        summary = margin_summary(runs, ours, baselines)
+        summary = margin_summary(runs, ours, baselines, metrics)
         lines += [f"`{ours}` minus the best of {', '.join(f'`{b}`' for b in baselines)} per category "
                   "(points of Recall@k); then the mean over fusion categories "
                   f"({', '.join(FUSION_CATEGORIES)}) and over the others.", "",
@@ -265,10 +279,10 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
             cells += [_signed(entry[k]) if entry[k] is not None else "–"
                       for k in ("fusion", "non_fusion", "gap")]
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-        gap = summary["metrics"]["R@5"]["gap"]
+        gap = summary["metrics"][hl]["gap"]
         if gap is not None:
             verdict = "larger" if gap > 0 else "not larger"
-            lines += ["", f"On R@5 the one-tower's margin over late fusion is **{verdict}** on fusion categories "
+            lines += ["", f"On {hl} the one-tower's margin over late fusion is **{verdict}** on fusion categories "
                           f"({_signed(gap)} points fusion minus non-fusion)."]
     else:
         lines.append("Needs one one-tower run and at least one late-fusion run (name them e.g. `jfe-mini`, "
@@ -282,7 +296,7 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
 
-    _chart(runs, out / CHART_FILE)
+    _chart(runs, out / CHART_FILE, hl)
     path = out / REPORT_FILE
     with atomic_write(path) as handle:
         handle.write("\n".join(lines) + "\n")

@@ -55,12 +55,14 @@ def read_trec_run(path: str | os.PathLike) -> dict[str, list[tuple[str, float]]]
 def write_tsv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], ks: Sequence[int],
               head: Sequence[str] = TSV_HEAD) -> None:
     """A tab-separated table, one row per (dataset, task) as UniIR prints it: the ``head`` columns, then
+    the headline metric (R@10 for Fashion200K and FashionIQ, R@5 elsewhere) when the rows carry it, then
     ``R@k`` for each k (4 decimals, as fractions in [0, 1])."""
+    metrics = (["headline"] if any("headline" in row for row in rows) else []) + [f"R@{k}" for k in ks]
     with atomic_write(path) as handle:
-        handle.write("\t".join([*head, *(f"R@{k}" for k in ks)]) + "\n")
+        handle.write("\t".join([*head, *metrics]) + "\n")
         for row in rows:
             cells = [str(row.get(col, "")) for col in head]
-            cells += [f"{row[f'R@{k}']:.4f}" if row.get(f"R@{k}") is not None else "" for k in ks]
+            cells += [f"{row[m]:.4f}" if row.get(m) is not None else "" for m in metrics]
             handle.write("\t".join(c.replace("\t", " ") for c in cells) + "\n")
 
 

@@ -51,8 +51,14 @@ class TrainConfig(BaseModel):
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="kwargs for load_model")
     # data
     data: Path = Field(description="M-BEIR-layout dataset root")
-    train_split: str = "train"
+    train_split: str = Field(default="train", description="query/<split>/ to train on (M-BEIR's union training "
+                             "set: union_train, i.e. query/union_train/mbeir_union_up_train.jsonl)")
+    train_pool: list[str] = Field(default_factory=list, description="pool files (relative to data) holding the "
+                                  "training candidates; empty = every local then global pool (M-BEIR union "
+                                  "training: cand_pool/global/mbeir_union_train_cand_pool.jsonl)")
     val_split: str = "val"
+    text_mode: Literal["jfe", "uniir"] = Field(default="jfe", description="query/candidate text formatting: "
+                                               "JFE's, or UniIR's exact format_string (to reproduce UniIR)")
     task_weights: dict[int, float] = Field(default_factory=dict,
                                            description="task id -> sampling weight; empty = every task in data")
     instructions: bool = False

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jfe.data.instructions import pick_instruction
+from jfe.data.instructions import TextMode, pick_instruction
 from jfe.data.items import Item, candidate_item, query_item
 from jfe.data.mbeir import MBEIRLayout, iter_candidates, iter_queries
 from jfe.data.records import Candidate, InstructionSet, Query, dataset_id_of
@@ -43,9 +43,10 @@ def _load_instructions(layout: MBEIRLayout) -> dict[tuple[str, str, str], Instru
     return read_instructions(layout.instructions_file)
 
 
-def _stream_candidates(layout: MBEIRLayout, wanted: set[str]) -> dict[str, Candidate]:
+def _stream_candidates(layout: MBEIRLayout, wanted: set[str], pool_files: list[Path] | None = None
+                       ) -> dict[str, Candidate]:
     found: dict[str, Candidate] = {}
-    for pool in [*layout.local_pool_files(), *layout.global_pool_files()]:
+    for pool in pool_files or [*layout.local_pool_files(), *layout.global_pool_files()]:
         for cand in iter_candidates(pool):
             if cand.did in wanted and cand.did not in found:
                 found[cand.did] = cand
@@ -62,6 +63,7 @@ class TrainingData:
     queries: list[Query]
     candidates: dict[str, Candidate]
     instructions: dict[tuple[str, str, str], InstructionSet] = field(default_factory=dict)
+    text_mode: TextMode = "jfe"
     by_task: dict[int, list[int]] = field(default_factory=dict)
     by_base: dict[str, list[int]] = field(default_factory=dict)
     # per task: dids usable as random negatives when a query has too few hard ones
@@ -70,8 +72,16 @@ class TrainingData:
     @classmethod
     def load(cls, root: str | Path, split: str = "train", tasks: set[int] | None = None,
              instructions: bool = False, hard_negatives: bool = False,
-             max_queries: int | None = None) -> TrainingData:
+             max_queries: int | None = None, pool_files: list[str | Path] | None = None,
+             text_mode: TextMode = "jfe") -> TrainingData:
+        """``pool_files`` (relative to ``root``) name the pools holding the training candidates, e.g.
+        ``cand_pool/global/mbeir_union_train_cand_pool.jsonl`` for M-BEIR's union training split
+        (``split="union_train"``); by default every local, then every global pool is searched."""
         layout = MBEIRLayout(root)
+        pools = [layout.root / f for f in pool_files] if pool_files else None
+        for pool in pools or []:
+            if not pool.is_file():
+                raise DataError("training pool file not found", path=str(pool))
         files = layout.query_files(split)
         if not files:
             raise DataError(f"no query files for split {split!r} (expected query/{split}/*.jsonl)",
@@ -98,13 +108,13 @@ class TrainingData:
         wanted_dids = {d for q in queries for d in q.pos_cand_list}
         if hard_negatives:
             wanted_dids |= {d for q in queries for d in q.neg_cand_list}
-        candidates = _stream_candidates(layout, wanted_dids)
+        candidates = _stream_candidates(layout, wanted_dids, pools)
         for query in queries:
             if not any(d in candidates for d in query.pos_cand_list):
                 raise DataError(f"none of the positives {query.pos_cand_list[:3]} is in any candidate pool",
                                 path=str(origin[query.qid]), record_id=query.qid)
         data = cls(root=layout.root, queries=queries, candidates=candidates,
-                   instructions=_load_instructions(layout) if instructions else {})
+                   instructions=_load_instructions(layout) if instructions else {}, text_mode=text_mode)
         data._index()
         return data
 
@@ -265,9 +275,10 @@ class BatchSampler:
         per = len(draws) // world_size
         shard = draws[rank * per:(rank + 1) * per]
         return ContrastiveBatch(
-            queries=[query_item(data.queries[d.index], data.root, d.instruction) for d in shard],
-            positives=[candidate_item(data.candidates[d.positive], data.root) for d in shard],
-            negatives=[candidate_item(data.candidates[n], data.root) for d in shard for n in d.negatives],
+            queries=[query_item(data.queries[d.index], data.root, d.instruction, data.text_mode) for d in shard],
+            positives=[candidate_item(data.candidates[d.positive], data.root, data.text_mode) for d in shard],
+            negatives=[candidate_item(data.candidates[n], data.root, data.text_mode)
+                       for d in shard for n in d.negatives],
             mask=mask if mask.any() else None,
         )
 
@@ -290,7 +301,8 @@ def _stable_order(ids: list[str]) -> list[int]:
 
 
 def load_val_groups(root: str | Path, split: str = "val", tasks: set[int] | None = None,
-                    instructions: bool = False, max_queries: int = 200, max_pool: int = 1000) -> list[ValGroup]:
+                    instructions: bool = False, max_queries: int = 200, max_pool: int = 1000,
+                    text_mode: TextMode = "jfe") -> list[ValGroup]:
     """Small, deterministic validation sets: at most ``max_queries`` queries in all (spread over the
     query files) and at most ``max_pool`` candidates per local pool (every selected query's positives
     first, then a stable hash order). Instructions are picked deterministically (by qid hash)."""
@@ -335,12 +347,12 @@ def load_val_groups(root: str | Path, split: str = "val", tasks: set[int] | None
                 cand_modality = cands[first_pos].modality if first_pos else None
                 instruction = pick_instruction(q.qid, inst.get((dataset_id_of(q.qid), q.query_modality,
                                                                 cand_modality)))
-            query_items.append(query_item(q, layout.root, instruction))
+            query_items.append(query_item(q, layout.root, instruction, text_mode))
         groups.append(ValGroup(
             name=path.stem, task_ids=[int(q.task_id) if q.task_id is not None else -1 for q in qs],
             queries=query_items, positives=[set(q.pos_cand_list) for q in qs],
             excluded=[{str(d) for d in (q.src.get("exclude_dids") or [])} for q in qs],
-            pool_ids=pool_ids, pool=[candidate_item(cands[d], layout.root) for d in pool_ids]))
+            pool_ids=pool_ids, pool=[candidate_item(cands[d], layout.root, text_mode) for d in pool_ids]))
     return groups
 
 

@@ -182,7 +182,8 @@ class Trainer:
         ctx.broadcast_parameters(self.model)
         tasks = set(cfg.task_weights) if cfg.task_weights else None
         self.data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
-                                      hard_negatives=cfg.hard_negatives > 0, max_queries=cfg.max_train_queries)
+                                      hard_negatives=cfg.hard_negatives > 0, max_queries=cfg.max_train_queries,
+                                      pool_files=cfg.train_pool, text_mode=cfg.text_mode)
         self.sampler = BatchSampler(self.data, cfg.batch_size, cfg.task_weights, cfg.group_size,
                                     cfg.hard_negatives, cfg.instructions, seed=cfg.seed,
                                     single_task=cfg.single_task_batches)
@@ -265,7 +266,7 @@ class Trainer:
         if not hasattr(self, "_val_groups"):
             tasks = set(self.cfg.task_weights) if self.cfg.task_weights else None
             self._val_groups = load_val_groups(self.cfg.data, self.cfg.val_split, tasks, self.cfg.instructions,
-                                               self.cfg.val_max_queries, self.cfg.val_max_pool)
+                                               self.cfg.val_max_queries, self.cfg.val_max_pool, self.cfg.text_mode)
         if not self._val_groups:
             return {}
         hit_rate_at_k = _hit_rate_fn()

@@ -20,14 +20,17 @@ from jfe.data.minibeir import templates as T
 from jfe.data.minibeir.render import ImageRegistry
 from jfe.data.minibeir.sources import ClipArt, Emoji, SourceInfo, load_clipart, load_emoji
 from jfe.data.minibeir.tasks import Cand, ClipArtTasks, EmojiTasks, QSpec, TaskData
-from jfe.data.records import TASK_CATEGORY, TASKS, Candidate, InstructionSet, Qrel, Query
+from jfe.data.records import QUERY_ID_BOUND, TASK_CATEGORY, TASKS, Candidate, InstructionSet, Qrel, Query
 from jfe.errors import ConfigError
 from jfe.paths import atomic_dir, atomic_write
 
 SPLITS = ("train", "val", "test")
-DATASET_IDS = {"emoji": "1", "clipart": "2"}
+# Outside M-BEIR's 0-9 (its ten datasets), so MiniBEIR ids, instructions and results never clash with them.
+DATASET_IDS = {"emoji": "90", "clipart": "91"}
 MARKER = ".minibeir.json"
-QUERY_ID_OFFSET = 1_000_000  # query ids "1:1000001"... never collide with candidate ids "1:1"...
+# Query ids "90:200001"... never collide with candidate ids "90:1"... and stay under UniIR's per-dataset
+# query bound (QUERY_ID_BOUND = 500,000), which its integer id hashing needs.
+QUERY_ID_OFFSET = 200_000
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,8 @@ class _Writer:
                 specs.append((self.split_of(q.base), q))
         specs.sort(key=lambda sq: (sq[1].task, SPLITS.index(sq[0]), sq[1].sort_key))
         out: dict[tuple[int, str], list[Query]] = defaultdict(list)
+        if QUERY_ID_OFFSET + len(specs) >= QUERY_ID_BOUND:
+            raise ConfigError(f"{self.name}: too many queries ({len(specs)}) for UniIR's id bound {QUERY_ID_BOUND:,}")
         for i, (split, q) in enumerate(specs, start=1):
             src = dict(q.src)
             if q.exclude:
@@ -228,8 +233,8 @@ offline by `jfe.data.minibeir.build_minibeir` from real emoji and clip-art data 
 
 {summary.to_markdown()}
 
-Datasets: `emoji` (dataset id 1), `clipart` (dataset id 2). Ids are `{{dataset_id}}:{{n}}`; candidate ids
-count from 1, query ids from {QUERY_ID_OFFSET + 1}.
+Datasets: `emoji` (dataset id 90), `clipart` (dataset id 91), outside M-BEIR's 0-9. Ids are
+`{{dataset_id}}:{{n}}`; candidate ids count from 1, query ids from {QUERY_ID_OFFSET + 1}.
 
 ## Layout
 
