@@ -12,6 +12,7 @@ import pytest
 
 from jfe.train.synthetic import write_synthetic_mbeir
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 RUNS = {"jfe-toy": "toy-hash", "two-tower-toy": "toy-hash", "late-fusion-sf-toy": "toy-hash",
         "late-fusion-ff-toy": "toy-hash"}
 
@@ -75,8 +76,11 @@ def test_reproduce_writes_curves_budget_seeds_and_margins(reproduced: tuple) -> 
             assert cfg["steps"] == budget
             assert cfg["seed"] == seed and cfg["schedule"] == "constant"
         assert json.loads((plan.out / "models" / run / "seed0" / "budget.json").read_text())["budget"] == budget
-        # the curve's intermediate checkpoints are pruned once the budget's model is out
-        assert len(list((plan.out / "models" / run / "seed0" / "curve" / "checkpoints").glob("step-*"))) == 1
+        # the curve's checkpoints are pruned once the budget's model is out
+        assert not (plan.out / "models" / run / "seed0" / "curve" / "checkpoints").exists()
+        assert (plan.out / "models" / run / "seed0" / "curve" / "final" / "config.json").exists()
+    curve_cfg = json.loads((plan.out / "models" / "jfe-toy" / "seed0" / "curve" / "train_config.json").read_text())
+    assert curve_cfg["val_max_queries"] == 16 and curve_cfg["val_every"] == 2 and curve_cfg["schedule"] == "constant"
     text = report.read_text()
     assert "pretraining corpus" in text and f"**Budget: {budget} stage-2 steps**" in text
     assert "| pooled over seeds |" in text and "| seed 2 |" in text and "**Verdict (local pool):**" in text
@@ -105,7 +109,8 @@ def test_rerun_is_cached_and_publish_rewrites_links(reproduced: tuple, tmp_path:
     assert run_reproduce(plan) == report
     assert weights.stat().st_mtime_ns == stamp  # nothing retrained
     files = {p.name for p in publish(report.parent, tmp_path / "docs")}
-    assert {"reproduce_report.md", "reproduce_learning_curves.png", "reproduce_local_seeds.md"} <= files
+    assert {"reproduce_report.md", "reproduce_summary.json", "reproduce_learning_curves.png",
+            "reproduce_local_seeds.md"} <= files
     text = (tmp_path / "docs" / "reproduce_report.md").read_text()
     assert "](reproduce_learning_curves.png)" in text and "](reproduce_local_seeds.md)" in text
 
@@ -130,8 +135,35 @@ def test_without_a_corpus_stage1_falls_back_loudly_and_models_register(tmp_path:
     stage1 = json.loads((plan.out / "models" / "jfe-toy" / "seed0" / "stage1" / "train_config.json").read_text())
     assert stage1["data"] == str(data)
     assert json.loads((plan.out / "curves.json").read_text())["budget"] == 2
+    assert "raised to the first validated step" in report.read_text()
     taken = json.loads((plan.out / "models" / "jfe-toy" / "seed0" / "budget.json").read_text())
     assert taken["from"].endswith("step-0000002/model")  # seed 0 at the budget: the curve's checkpoint
     entry = pretrained.find_pretrained("toy-hash")  # the last run registered wins the name
     assert entry is not None and entry.tag == "reproduce" and "stage2" in entry.trained_with
     assert entry.trained_with["budget"] == json.loads((plan.out / "curves.json").read_text())["budget"]
+
+
+@pytest.mark.slow
+@pytest.mark.assets
+def test_reproduce_with_the_real_models_and_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped configs/demo recipe with the real jfe-mini and late-fusion-sf-mini, a few steps each, on a
+    small real MiniBEIR: the orchestration runs the real models and registers them in the pretrained table."""
+    from jfe.data import assets
+    from jfe.data.minibeir import build_minibeir
+    from jfe.models import pretrained
+    from jfe.reproduce import ReproducePlan, run_reproduce
+
+    missing = [n for n, source in assets.SOURCES.items() if source.required and not assets.is_fetched(n)]
+    if missing:
+        pytest.fail(f"assets not fetched: {missing} (run `jfe assets fetch`; CI does)")
+    data = tmp_path / "minibeir"
+    build_minibeir(data, seed=0, max_bases=40, image_size=64, progress=False)
+    plan = ReproducePlan(data=data, out=tmp_path / "out", configs=CONFIGS, corpus=None,
+                         models={"jfe-mini": "jfe-mini", "late-fusion-sf": "late-fusion-sf-mini"}, stage1_steps=2,
+                         curve_steps=4, val_every=2, val_max_queries=8, val_max_pool=20, seeds=(0, 1), n_boot=100,
+                         overrides={"batch_size": 4})
+    report = run_reproduce(plan)
+    assert "**Verdict (local pool):**" in report.read_text()
+    entry = pretrained.find_pretrained("jfe-mini")
+    assert entry is not None and entry.tag == "reproduce"
+    assert entry.trained_with["stage2"]["model_overrides"] == {"grid": 2}  # the recipe's config travels along

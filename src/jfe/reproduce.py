@@ -52,9 +52,10 @@ class ReproducePlan:
     configs: Path  # stage1.toml and stage2.toml (the demo's recipe by default)
     corpus: Path | None = None  # stage-1 pretraining corpus; None or not built -> MiniBEIR's stage-1 pairs
     models: dict[str, str] = field(default_factory=dict)  # run name -> model name; default: the demo's four
-    stage1_steps: int = 100
-    curve_steps: int = 300
-    val_every: int = 50
+    # sized for <= 90 min on 2 idle cores when the plateau is at <= 160 steps (README: the estimate)
+    stage1_steps: int = 60
+    curve_steps: int = 240
+    val_every: int = 40
     val_max_queries: int = 96
     val_max_pool: int = 100
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -109,7 +110,10 @@ def stage1_source(plan: ReproducePlan) -> dict[str, Any]:
 def _train(plan: ReproducePlan, run: str, stage: str, overrides: dict[str, Any]) -> Path:
     from jfe.train import train
 
-    merged = {**plan.overrides, **plan.run_overrides.get(run, {}), **overrides}
+    # the plan's validation caps are defaults `--set` may change; the orchestration's own keys (model, data,
+    # output_dir, seed, steps, schedule) always win
+    caps = {"val_max_queries": plan.val_max_queries, "val_max_pool": plan.val_max_pool} if stage == "stage2" else {}
+    merged = {**caps, **plan.overrides, **plan.run_overrides.get(run, {}), **overrides}
     return train(plan.configs / f"{stage}.toml", overrides=merged, resume=True, progress=True)
 
 
@@ -125,8 +129,7 @@ def train_stage1(plan: ReproducePlan, run: str, model: str, seed: int, source: d
 def _stage2_overrides(plan: ReproducePlan, run: str, seed: int, init: Path, folder: str) -> dict[str, Any]:
     # constant lr after warm-up: a checkpoint at step B is then what a B-step budget gives
     return {"model": str(init), "init": "", "data": str(plan.data), "seed": seed, "schedule": "constant",
-            "output_dir": str(plan.out / "models" / run / f"seed{seed}" / folder),
-            "val_max_queries": plan.val_max_queries, "val_max_pool": plan.val_max_pool}
+            "output_dir": str(plan.out / "models" / run / f"seed{seed}" / folder)}
 
 
 def train_curve(plan: ReproducePlan, run: str, init: Path) -> Path:
@@ -160,9 +163,8 @@ def extract_budget_model(plan: ReproducePlan, run: str, curve_dir: Path, budget:
     load_model(source, device="cpu").save_pretrained(final)
     with atomic_write(marker) as handle:
         handle.write(json.dumps({"budget": budget, "from": str(source)}) + "\n")
-    if plan.prune:
-        for ckpt in sorted((curve_dir / "checkpoints").glob("step-*"))[:-1]:
-            shutil.rmtree(ckpt, ignore_errors=True)
+    if plan.prune:  # the finished curve run needs no checkpoint (its final/ and train_done.json mark it done)
+        shutil.rmtree(curve_dir / "checkpoints", ignore_errors=True)
     return final
 
 
@@ -313,7 +315,8 @@ def write_reproduce_report(plan: ReproducePlan, info: dict[str, Any], evals: dic
     budget = info["budget"]
     curve_chart(curves, budget, report / CURVE_CHART)
     lines = ["# JFE reproduce: the comparison at convergence", "",
-             f"Stage 1: {info['stage1']['message']}; {plan.stage1_steps} steps for every model and seed.",
+             f"Stage 1: {info['stage1']['message'].rstrip('.')}. {plan.stage1_steps} steps for every model and "
+             "seed.",
              f"Stage 2 on `{plan.data}`; learning curves (seed 0) up to {plan.curve_steps} steps at a constant "
              f"lr after warm-up, val R@5 every {plan.val_every} steps on capped val pools "
              f"({plan.val_max_queries} queries, ≤ {plan.val_max_pool} candidates per pool).",
@@ -327,7 +330,10 @@ def write_reproduce_report(plan: ReproducePlan, info: dict[str, Any], evals: dic
         best = max(curves[run]["values"]["average"])
         lines.append(f"| {run} | {p['step']} | {'yes' if p['reached'] else 'NO (still rising)'} | "
                      f"{100 * p['value']:.1f} | {100 * best:.1f} |")
-    lines += ["", f"**Budget: {budget} stage-2 steps** (the latest plateau)" +
+    latest = max(p["step"] for p in info["plateaus"].values())
+    why = "the latest plateau" if latest == budget else f"the latest plateau is step {latest}; raised to the " \
+        "first validated step so that stage 2 trains at all"
+    lines += ["", f"**Budget: {budget} stage-2 steps** ({why})" +
               ("" if all(p["reached"] for p in info["plateaus"].values()) else
                " — at least one curve had not flattened by the end: raise `--curve-steps` for a true plateau"),
               "", f"![learning curves]({CURVE_CHART})", ""]
@@ -397,7 +403,8 @@ def publish(report: Path, target: Path) -> list[Path]:
     for path in sorted(report.rglob("*")):
         if path.is_file() and path.suffix in (".md", ".png", ".json"):
             rel = path.relative_to(report).as_posix()
-            renames[rel] = "reproduce_" + (rel.replace("/", "_") if rel != REPORT_NAME else "report.md")
+            renames[rel] = {REPORT_NAME: "reproduce_report.md", "reproduce.json": "reproduce_summary.json"}.get(
+                rel, "reproduce_" + rel.replace("/", "_"))
     for rel, name in renames.items():
         source = report / rel
         if source.suffix == ".md":
@@ -520,9 +527,9 @@ def register(app: typer.Typer) -> None:
                                     "layout); when not built, stage 1 falls back to MiniBEIR's pairs."),
         out: Path = typer.Option(Path("runs/reproduce"), help="Models, curves, evaluations and the report."),
         configs: Path = typer.Option(Path("configs/demo"), help="Folder with stage1.toml and stage2.toml."),
-        stage1_steps: int = typer.Option(100, min=1, help="Stage-1 steps, every model and seed alike."),
-        curve_steps: int = typer.Option(300, min=1, help="Stage-2 steps of the learning curves."),
-        val_every: int = typer.Option(50, min=1, help="Validate (and checkpoint) every N stage-2 steps."),
+        stage1_steps: int = typer.Option(60, min=1, help="Stage-1 steps, every model and seed alike."),
+        curve_steps: int = typer.Option(240, min=1, help="Stage-2 steps of the learning curves."),
+        val_every: int = typer.Option(40, min=1, help="Validate (and checkpoint) every N stage-2 steps."),
         seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (0 = the learning-curve run)."),
         threshold: float = typer.Option(0.005, min=0.0, help="Plateau: val R@5 gain (fraction) counted as flat."),
         smoothing: int = typer.Option(1, min=1, help="Moving-average window (points) before plateau detection."),
