@@ -69,7 +69,7 @@ demo-seeds: demo
 ablations: minibeir
 	$(JFE) demo --data $(DATA) --out $(RUNS)/ablations --ablations
 
-# The comparison at convergence (not part of the demo; estimated 80-90 min on 2 cores): learning curves of
+# The comparison at convergence (not part of the demo; estimated 75-90 min on 2 idle cores): learning curves of
 # the four models to a plateau, 3 seeds at that budget, bootstrap CIs; stage 1 on $(CORPUS) when built
 # (else MiniBEIR's pairs, said loudly). Report under $(RUNS)/reproduce/report, copied into docs/results.
 CORPUS ?= $(RUNS)/pretrain-corpus

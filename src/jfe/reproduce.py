@@ -52,9 +52,9 @@ class ReproducePlan:
     configs: Path  # stage1.toml and stage2.toml (the demo's recipe by default)
     corpus: Path | None = None  # stage-1 pretraining corpus; None or not built -> MiniBEIR's stage-1 pairs
     models: dict[str, str] = field(default_factory=dict)  # run name -> model name; default: the demo's four
-    # sized for <= 90 min on 2 idle cores when the plateau is at <= 160 steps (README: the estimate)
+    # sized for ~75-90 min on 2 idle cores, whatever the plateau (README: the estimate)
     stage1_steps: int = 60
-    curve_steps: int = 240
+    curve_steps: int = 200
     val_every: int = 40
     val_max_queries: int = 96
     val_max_pool: int = 100
@@ -528,7 +528,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/reproduce"), help="Models, curves, evaluations and the report."),
         configs: Path = typer.Option(Path("configs/demo"), help="Folder with stage1.toml and stage2.toml."),
         stage1_steps: int = typer.Option(60, min=1, help="Stage-1 steps, every model and seed alike."),
-        curve_steps: int = typer.Option(240, min=1, help="Stage-2 steps of the learning curves."),
+        curve_steps: int = typer.Option(200, min=1, help="Stage-2 steps of the learning curves."),
         val_every: int = typer.Option(40, min=1, help="Validate (and checkpoint) every N stage-2 steps."),
         seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (0 = the learning-curve run)."),
         threshold: float = typer.Option(0.005, min=0.0, help="Plateau: val R@5 gain (fraction) counted as flat."),
