@@ -158,9 +158,9 @@ def fusion_margin_ci(runs: Mapping[str, Entries | Sequence[Entries]], ours: str,
     cat_members = {c: m for c, m in cat_members.items() if m}
     out: dict[str, Any] = {"ours": ours, "baselines": list(baselines), "metric": f"R@{k}", "per_category": {}}
     for group, wanted in (("fusion", True), ("non_fusion", False)):
-        members = [m for c, m in cat_members.items() if (c in FUSION_CATEGORIES) == wanted]
-        out[group] = (stratified_bootstrap(strata, _margin_statistic(members, 0, list(range(1, len(names)))),
-                                           n_boot, seed, level).to_json() if members else None)
+        group_members = [m for c, m in cat_members.items() if (c in FUSION_CATEGORIES) == wanted]
+        out[group] = (stratified_bootstrap(strata, _margin_statistic(group_members, 0, list(range(1, len(names)))),
+                                           n_boot, seed, level).to_json() if group_members else None)
     for category, members in cat_members.items():
         out["per_category"][category] = stratified_bootstrap(
             strata, _margin_statistic([members], 0, list(range(1, len(names)))), n_boot, seed, level).to_json()

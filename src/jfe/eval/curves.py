@@ -83,7 +83,7 @@ class Plateau:
         return asdict(self)
 
 
-def smooth(values: Sequence[float], window: int) -> np.ndarray:
+def smooth(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
     """Trailing moving average over ``window`` points (the first points average what exists so far)."""
     arr = np.asarray(values, dtype=np.float64)
     if window <= 1 or len(arr) == 0:

@@ -138,7 +138,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     if spec.startswith(HF_PREFIX):
         from jfe.models.hf import HFEncoder
 
-        model = HFEncoder.from_path(spec[len(HF_PREFIX):], device=device, **config_overrides)
+        model: Encoder = HFEncoder.from_path(spec[len(HF_PREFIX):], device=device, **config_overrides)
     elif spec in _MODELS:
         from jfe.models import pretrained as table
 
