@@ -61,6 +61,9 @@ def test_registered_name_loads_trained_weights_and_their_config(toy_name: str, t
     np.testing.assert_array_equal(model.encode(["a red square"]), expected)
     untrained = registry.load_model(toy_name, device="cpu", pretrained=False)
     assert untrained.config.embed_dim == 32
+    with pytest.raises(ConfigError, match="do not fit.*loads its trained weights.*pretrained=False"):
+        registry.load_model(toy_name, device="cpu", vocab_buckets=8)  # a shape the trained weights lack
+    assert registry.load_model(toy_name, device="cpu", pretrained=False, vocab_buckets=8).config.vocab_buckets == 8
     # the source may change or vanish afterwards: the table keeps its own copy
     (folder / "model.safetensors").unlink()
     np.testing.assert_array_equal(registry.load_model(toy_name, device="cpu").encode(["a red square"]), expected)

@@ -144,7 +144,11 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
 
         entry = table.find_pretrained(spec) if pretrained is not False else None
         if entry is not None:
-            model = _load_saved(table.verified_folder(entry), config_overrides)
+            try:
+                model = _load_saved(table.verified_folder(entry), config_overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (model {spec!r} loads its trained weights, {entry.describe()}; "
+                                  f"pretrained=False builds it untrained with any overrides)") from None
         elif pretrained:
             raise ConfigError(f"model {spec!r} has no trained weights; trained: "
                               f"{', '.join(table.list_pretrained()) or 'none'} (see `jfe models list`)")
