@@ -109,3 +109,10 @@ def build_tiny_mbeir(root: Path) -> Path:
 def tiny_mbeir(tmp_path: Path) -> Path:
     """A valid tiny M-BEIR-layout dataset (3 tasks, 2 splits, 4 images); see the module docstring."""
     return build_tiny_mbeir(tmp_path / "tiny_mbeir")
+
+
+@pytest.fixture(autouse=True)
+def _empty_pretrained_table(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with an empty pretrained table: weights a user registered (``make demo``) must not
+    change what ``load_model("jfe-mini")`` means inside the tests."""
+    monkeypatch.setenv("JFE_PRETRAINED", str(tmp_path_factory.mktemp("pretrained")))

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "jfe.eval.commands",
     "jfe.serve.commands",
     "jfe.demo",
+    "jfe.reproduce",
 )
 
 for _module_name in COMMAND_MODULES:

@@ -20,18 +20,47 @@ def register(app: typer.Typer) -> None:
 
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """List the registered model names (``hf:<path>`` and saved folders are accepted too)."""
+    """List the registered model names and whether each has trained weights (and from where)."""
+    from jfe.models.pretrained import table
     from jfe.models.registry import list_models
 
     infos = list_models()
+    rows = {row["name"]: row for row in table({i.name: i.arch for i in infos})}
     if as_json:
         typer.echo(json.dumps([{"name": i.name, "arch": i.arch, "embed_dim": i.embed_dim, "config": i.config,
-                                "description": i.description} for i in infos], indent=2))
+                                "description": i.description, **rows[i.name]} for i in infos], indent=2))
         return
     width = max(len(i.name) for i in infos)
     for info in infos:
-        typer.echo(f"{info.name:<{width}}  {info.arch:<20} {info.description}")
-    typer.echo("also: hf:<path to a transformers MLLM folder>, or a folder written by save_pretrained")
+        row = rows[info.name]
+        trained = f"trained: {row['tag']} ({row['folder']})" if row["trained"] else "UNTRAINED (random glue)"
+        typer.echo(f"{info.name:<{width}}  {info.arch:<20} {trained}\n{'':<{width}}  {info.description}")
+    typer.echo("also: hf:<path to a transformers MLLM folder>, or a folder written by save_pretrained; "
+               "register trained weights with `jfe models register NAME FOLDER`")
+
+
+@models_app.command("register")
+def models_register(
+    name: str = typer.Argument(..., help="A registered model name (see `jfe models list`)."),
+    folder: Path = typer.Argument(..., help="A saved model folder (config.json + model.safetensors)."),
+    tag: str = typer.Option("local", help="Where the weights come from (demo, reproduce, ...)."),
+) -> None:
+    """Make NAME load FOLDER's trained weights (linked or copied into the pretrained cache, with sha256)."""
+    from jfe.models.pretrained import register_pretrained
+    from jfe.models.registry import list_models
+
+    entry = register_pretrained(name, folder, tag=tag, known_names={i.name: i.arch for i in list_models()})
+    typer.echo(f"{name}: trained weights {entry.tag} at {entry.folder} (sha256 {entry.sha256[:12]}...)")
+
+
+@models_app.command("unregister")
+def models_unregister(name: str = typer.Argument(..., help="The name whose trained weights to forget.")) -> None:
+    """Forget NAME's trained weights in the cache (it loads untrained again, with a warning)."""
+    from jfe.models.pretrained import unregister_pretrained
+
+    if not unregister_pretrained(name):
+        raise ConfigError(f"{name!r} has no registered trained weights in the cache")
+    typer.echo(f"{name}: trained weights removed")
 
 
 def _read_items(path: Path) -> list[dict]:

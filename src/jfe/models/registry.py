@@ -1,7 +1,9 @@
 """Named models, open_clip style: a name maps to an architecture and a config; ``load_model`` resolves
 
 * a registered name (``"jfe-mini"``, ``"two-tower-mini"``, ``"late-fusion-sf-mini"``, ``"late-fusion-ff-mini"``
-  and their variants, see :func:`list_models`): a fresh model on the pretrained towers (glue untrained);
+  and their variants, see :func:`list_models`): its trained weights from the pretrained table
+  (:mod:`jfe.models.pretrained`, ``jfe models list``) when it has them, else a fresh model on the
+  pretrained towers (glue untrained) with an ``UntrainedModelWarning``;
 * ``"hf:<path>"``: a ``transformers`` MLLM folder through :class:`jfe.models.hf.HFEncoder` (imported lazily);
 * a folder written by ``save_pretrained`` (``config.json`` + ``model.safetensors``).
 
@@ -125,16 +127,36 @@ def _load_saved(directory: Path, overrides: dict[str, Any]) -> Encoder:
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = None,
-               **config_overrides: Any) -> Encoder:
-    """A ready-to-use encoder (in eval mode, on ``device`` or the default device) from a name or a path."""
+               pretrained: bool | None = None, **config_overrides: Any) -> Encoder:
+    """A ready-to-use encoder (in eval mode, on ``device`` or the default device) from a name or a path.
+
+    For a registered name, ``pretrained`` chooses the weights (:mod:`jfe.models.pretrained`): ``None``
+    loads the trained entry when the table has one, else builds it untrained and warns; ``True`` requires
+    the trained entry; ``False`` builds it untrained on purpose (training from scratch), without warning.
+    """
     spec = os.fspath(name_or_path)
     if spec.startswith(HF_PREFIX):
         from jfe.models.hf import HFEncoder
 
-        model = HFEncoder.from_path(spec[len(HF_PREFIX):], device=device, **config_overrides)
+        model: Encoder = HFEncoder.from_path(spec[len(HF_PREFIX):], device=device, **config_overrides)
     elif spec in _MODELS:
-        info = _MODELS[spec]
-        model = _build(info.arch, {**info.config, **config_overrides}, f"model {spec!r}")
+        from jfe.models import pretrained as table
+
+        entry = table.find_pretrained(spec) if pretrained is not False else None
+        if entry is not None:
+            try:
+                model = _load_saved(table.verified_folder(entry), config_overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (model {spec!r} loads its trained weights, {entry.describe()}; "
+                                  f"pretrained=False builds it untrained with any overrides)") from None
+        elif pretrained:
+            raise ConfigError(f"model {spec!r} has no trained weights; trained: "
+                              f"{', '.join(table.list_pretrained()) or 'none'} (see `jfe models list`)")
+        else:
+            if pretrained is None:
+                table.warn_untrained(spec)
+            info = _MODELS[spec]
+            model = _build(info.arch, {**info.config, **config_overrides}, f"model {spec!r}")
     elif (Path(spec) / CONFIG_NAME).is_file():
         model = _load_saved(Path(spec), config_overrides)
     elif Path(spec).exists():

@@ -98,7 +98,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
             return Encoder.from_pretrained(spec, device=device)
         raise ConfigError(f"cannot build model {spec!r}: jfe.models.registry is not installed yet; only saved "
                           f"model folders and 'toy-hash' can be trained") from None
-    return load_model(spec, device=device, **cfg.model_overrides)
+    # pretrained=False: a model name in a training config means the architecture trained from scratch,
+    # never weights someone registered in the pretrained table (start from those with `init`)
+    return load_model(spec, device=device, pretrained=False, **cfg.model_overrides)
 
 
 def _glue_ids(model: torch.nn.Module) -> set[int]:
