@@ -83,8 +83,8 @@ def test_stage1_then_stage2_then_save_and_load(tmp_path: Path) -> None:
     stage1_cfg = _recipe("hf-qwen2vl-lora-stage1.toml", output_dir=str(tmp_path / "s1"), **common)
     assert stage1_cfg["train_split"] == "union_train" and stage1_cfg["model_overrides"]["lora_r"] == 16
     stage1 = train(stage1_cfg, progress=False)
-    stage2_cfg = _recipe("hf-qwen2vl-lora-stage2.toml", output_dir=str(tmp_path / "s2"), init=str(stage1),
-                         **common)
+    stage2_cfg = _recipe("hf-qwen2vl-lora-stage2.toml", output_dir=str(tmp_path / "s2"), data=str(root),
+                         model=str(stage1))  # stage 2 starts from the stage-1 folder
     assert stage2_cfg["instructions"] and stage2_cfg["hard_negatives"] == 1
     stage2 = train(stage2_cfg, progress=False)
     first, second = load_file(str(stage1 / ADAPTER)), load_file(str(stage2 / ADAPTER))

@@ -57,7 +57,7 @@ class DistContext:
         """Apply FSDP2 to ``model`` in place when this run is an FSDP run; otherwise return it unchanged."""
         if not self.sharded:
             return model
-        return shard_frozen_weights(model, self.fsdp)
+        return shard_frozen_weights(model, self.fsdp, self.device)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -134,8 +134,12 @@ class FSDPOptions:
                    offload_params=flag("FSDP_OFFLOAD_PARAMS", "false"))
 
 
-def shard_frozen_weights(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
+def shard_frozen_weights(model: torch.nn.Module, options: FSDPOptions,
+                         device: torch.device | None = None) -> torch.nn.Module:
     """``fully_shard`` each transformer block, then the root, leaving ``lora_*`` parameters unsharded.
+
+    Build the model on CPU first (the trainer does under FSDP): ``fully_shard`` moves each rank's shard to
+    the device, so no GPU ever holds the whole model; the unsharded LoRA weights are moved to ``device``.
 
     Only frozen weights may be sharded here: a sharded trainable weight would get FSDP's averaged,
     reduce-scattered gradient, not the summed gradient of the global loss that every other parameter
@@ -165,6 +169,10 @@ def shard_frozen_weights(model: torch.nn.Module, options: FSDPOptions) -> torch.
     # hook); JFE encoders call self.backbone(...) from embed(), not self(...).
     root = model.backbone if isinstance(getattr(model, "backbone", None), torch.nn.Module) else model
     fully_shard(root, ignored_params={p for p in root.parameters() if p in kept}, **kwargs)
+    if device is not None:
+        with torch.no_grad():
+            for param in kept:
+                param.data = param.data.to(device)
     return model
 
 

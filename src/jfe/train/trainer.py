@@ -178,7 +178,8 @@ class Trainer:
         if cfg.batch_size % ctx.world_size:
             raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
         seed_everything(cfg.seed)  # identical model init on every rank
-        self.model = build_model(cfg, ctx.device)
+        # under FSDP the model is built on CPU and only each rank's shard moves to its GPU
+        self.model = build_model(cfg, torch.device("cpu") if ctx.sharded else ctx.device)
         ctx.broadcast_parameters(self.model)
         ctx.shard(self.model)  # FSDP runs only (accelerate's fsdp config); a no-op otherwise
         tasks = set(cfg.task_weights) if cfg.task_weights else None
