@@ -218,23 +218,115 @@ def test_align_without_lora_trains_the_projector(tiny_dir: Path) -> None:
         model.set_trainable("stage3")
 
 
-def test_save_load_lora_delta(tmp_path: Path, tiny_dir: Path) -> None:
-    model = HFEncoder.from_path(tiny_dir, device="cpu", lora_r=4, lora_alpha=8)
+def _trained_lora(tiny_dir: Path, seed: int = 1, **overrides) -> HFEncoder:
+    model = HFEncoder.from_path(tiny_dir, device="cpu", lora_r=4, lora_alpha=8, **overrides)
     model.set_trainable("align")
-    _perturb([p for p in model.parameters() if p.requires_grad], seed=1)
+    _perturb([p for p in model.parameters() if p.requires_grad], seed=seed)
+    return model
+
+
+def test_save_load_lora_as_peft_adapter(tmp_path: Path, tiny_dir: Path) -> None:
+    from safetensors import safe_open
+
+    model = _trained_lora(tiny_dir)
     items = mixed_items()
     expected = model.encode(items)
     saved = model.save_pretrained(tmp_path / "lora")
-    from safetensors import safe_open
-
+    # peft's standard pair, keyed for the full ForConditionalGeneration model
+    adapter_config = json.loads((saved / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8
+    assert adapter_config["base_model_name_or_path"] == str(tiny_dir)
+    with safe_open(str(saved / "adapter_model.safetensors"), "pt") as handle:
+        adapter_keys = set(handle.keys())
+    assert adapter_keys and all(k.startswith("base_model.model.model.language_model.") and ".lora_" in k
+                                for k in adapter_keys)
+    assert len(adapter_keys) == len(model._lora_names)
     with safe_open(str(saved / "model.safetensors"), "pt") as handle:
-        keys = set(handle.keys())
-    assert keys and all("lora_" in k for k in keys)  # only the adapter, not the 2-layer base
+        assert set(handle.keys()) == set()  # a LoRA-only run: nothing else changed, nothing else is saved
     assert json.loads((saved / "config.json").read_text())["weights"] == "delta"
     for loader in (HFEncoder.from_pretrained, Encoder.from_pretrained, HFEncoder.from_path):
         loaded = loader(saved, device="cpu")
         assert isinstance(loaded, HFEncoder)
+        assert not any(p.requires_grad for p in loaded.parameters())  # an inference model again
         np.testing.assert_allclose(loaded.encode(items), expected, atol=1e-6)
+
+
+def test_peft_loads_the_adapter_files(tmp_path: Path, tiny_dir: Path) -> None:
+    """Plain peft + transformers (no JFE code) reproduce JFE's vectors from the saved folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    model = _trained_lora(tiny_dir, seed=4)
+    items = mixed_items()
+    expected = model.encode(items)
+    saved = model.save_pretrained(tmp_path / "lora")
+    base = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    peft_model = PeftModel.from_pretrained(base, saved).eval()
+    batch = model.prepare(items)  # JFE's inputs; the model that consumes them is peft's
+
+    def pooled(net: torch.nn.Module) -> np.ndarray:
+        with torch.no_grad():
+            hidden = net(**batch, use_cache=False).last_hidden_state
+        rows = torch.arange(hidden.shape[0])
+        return torch.nn.functional.normalize(hidden[rows, last_token_index(batch["attention_mask"])], dim=-1).numpy()
+
+    np.testing.assert_allclose(pooled(peft_model.base_model.model.model), expected, atol=1e-5)
+    merged = peft_model.merge_and_unload()  # the adapter really is in the weights peft loaded
+    np.testing.assert_allclose(pooled(merged.model), expected, atol=1e-5)
+    assert not np.allclose(pooled(AutoModelForImageTextToText.from_pretrained(tiny_dir).model), expected, atol=1e-3)
+
+
+def test_older_checkpoints_with_lora_in_model_safetensors_still_load(tmp_path: Path, tiny_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = _trained_lora(tiny_dir, seed=5)
+    items = mixed_items()
+    expected = model.encode(items)
+    saved = model.save_pretrained(tmp_path / "old")
+    # rewrite it in the pre-PEFT layout: LoRA weights under JFE's own names in model.safetensors
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        (saved / name).unlink(missing_ok=True)
+    lora = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    save_file(lora, str(saved / "model.safetensors"), metadata={"arch": "hf-mllm", "weights": "delta"})
+    loaded = HFEncoder.from_pretrained(saved, device="cpu")
+    np.testing.assert_allclose(loaded.encode(items), expected, atol=1e-6)
+    resaved = loaded.save_pretrained(tmp_path / "new")  # and it is written back in the standard layout
+    assert (resaved / "adapter_model.safetensors").is_file()
+    np.testing.assert_allclose(HFEncoder.from_pretrained(resaved, device="cpu").encode(items), expected, atol=1e-6)
+
+
+def test_broken_adapter_folders_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
+    saved = _trained_lora(tiny_dir).save_pretrained(tmp_path / "lora")
+    with pytest.raises(ConfigError, match="cannot be overridden"):
+        HFEncoder.from_pretrained(saved, device="cpu", lora_r=8)
+    shutil.copytree(saved, tmp_path / "half")
+    (tmp_path / "half" / "adapter_config.json").unlink()
+    with pytest.raises(ConfigError, match="incomplete"):
+        HFEncoder.from_pretrained(tmp_path / "half", device="cpu")
+    (tmp_path / "half" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no LoRA adapter"):
+        HFEncoder.from_pretrained(tmp_path / "half", device="cpu")
+
+
+def test_lora_added_on_top_of_a_saved_projector_delta(tmp_path: Path, tiny_dir: Path) -> None:
+    """Stage 1 without LoRA (projector only), stage 2 adds a fresh adapter: both deltas survive a save."""
+    stage1 = HFEncoder.from_path(tiny_dir, device="cpu")
+    stage1.set_trainable("align")
+    _perturb([p for p in stage1.parameters() if p.requires_grad], seed=6)
+    first = stage1.save_pretrained(tmp_path / "stage1")
+    stage2 = HFEncoder.from_pretrained(first, device="cpu", lora_r=4, lora_alpha=8)
+    items = mixed_items()
+    np.testing.assert_allclose(stage2.encode(items), stage1.encode(items), atol=1e-6)  # lora_B = 0
+    stage2.set_trainable("full")
+    _perturb([p for p in stage2.parameters() if p.requires_grad], seed=7)
+    expected = stage2.encode(items)
+    second = stage2.save_pretrained(tmp_path / "stage2")
+    from safetensors import safe_open
+
+    with safe_open(str(second / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert keys and all(".merger." in k for k in keys)  # the stage-1 projector, next to the adapter files
+    np.testing.assert_allclose(HFEncoder.from_pretrained(second, device="cpu").encode(items), expected, atol=1e-6)
 
 
 def test_save_load_full_is_self_contained(tmp_path: Path, tiny_dir: Path) -> None:

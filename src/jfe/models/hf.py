@@ -13,11 +13,15 @@ expanded here, M-RoPE inputs built here), which also works where ``torchvision``
 video processor and hence by ``AutoProcessor`` — is not installed. Other ``AutoModelForImageTextToText``
 models go through their ``AutoProcessor``.
 
-Persistence: ``save_pretrained(dir)`` writes ``config.json`` + ``model.safetensors`` (JFE's contract) and
-``backbone/`` (the HF config, tokenizer, image processor and chat template, no weights).
-``model.safetensors`` holds either a *delta* — the LoRA weights and whatever else was made trainable
-(e.g. the projector after an ``align`` phase), applied on top of the base model at ``model_path`` — or,
-after full fine-tuning, every weight (then the folder is self-contained).
+Persistence: ``save_pretrained(dir)`` writes ``config.json`` + ``model.safetensors`` (JFE's contract),
+``backbone/`` (the HF config, tokenizer, image processor and chat template, no weights) and, with LoRA, the
+standard PEFT adapter files ``adapter_config.json`` + ``adapter_model.safetensors`` (written by peft's own
+``save_pretrained``, keyed for the full ``...ForConditionalGeneration`` model, so
+``peft.PeftModel.from_pretrained(base, dir)`` loads them). ``model.safetensors`` holds either a *delta* —
+whatever a phase made trainable besides LoRA (e.g. the projector after an ``align`` phase; empty for a
+LoRA-only run), applied on top of the base model at ``model_path`` — or, after full fine-tuning, every weight
+(then the folder is self-contained). Checkpoints of the older layout (LoRA weights inside
+``model.safetensors``, no adapter files) still load.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from jfe.paths import atomic_dir
 
 BACKBONE_DIR = "backbone"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's file names (peft.utils.constants)
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 
 
 class HFConfig(EncoderConfig):
@@ -125,6 +132,34 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * (positions + 1)).argmax(dim=1)
 
 
+def _saved_adapter(directory: Path, saved: dict[str, Any], overrides: dict[str, Any],
+                   state: dict[str, torch.Tensor]) -> Path | None:
+    """The folder to load a PEFT adapter from (``directory`` if it holds one), after checking the layouts.
+
+    * adapter files present: LoRA comes from them; overrides may not change its shape;
+    * LoRA keys inside ``model.safetensors`` (the older layout): a fresh adapter is injected from the saved
+      ``lora_*`` fields and those keys are loaded into it (None here);
+    * neither, although the saved config has ``lora_r > 0``: the checkpoint lost its adapter.
+    """
+    has_files = (directory / ADAPTER_CONFIG_NAME).is_file()
+    if has_files != (directory / ADAPTER_WEIGHTS_NAME).is_file():
+        raise ConfigError(f"{directory} has one of {ADAPTER_CONFIG_NAME} / {ADAPTER_WEIGHTS_NAME} but not the "
+                          f"other: the LoRA adapter is incomplete")
+    legacy = any("lora_" in key for key in state)
+    if has_files and legacy:
+        raise ConfigError(f"{directory} holds LoRA weights both in {WEIGHTS_NAME} and in {ADAPTER_WEIGHTS_NAME}")
+    if not has_files:
+        if saved.get("lora_r", 0) > 0 and not legacy:
+            raise ConfigError(f"{directory}/{CONFIG_NAME} says lora_r={saved['lora_r']} but the folder holds no "
+                              f"LoRA adapter ({ADAPTER_WEIGHTS_NAME} is missing)")
+        return None
+    changed = [k for k in LORA_FIELDS if k in overrides and overrides[k] != saved.get(k)]
+    if changed:
+        raise ConfigError(f"{directory} holds a trained LoRA adapter; its {', '.join(changed)} cannot be "
+                          f"overridden (train a new adapter from the base model instead)")
+    return directory
+
+
 def _looks_local(path: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else is meant as a folder on disk.
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).expanduser().exists()
@@ -140,12 +175,14 @@ class HFEncoder(Encoder):
     config_class = HFConfig
 
     def __init__(self, config: HFConfig, device: str | torch.device | None = None, *,
-                 source: str | os.PathLike | None = None, pretrained_weights: bool = True) -> None:
+                 source: str | os.PathLike | None = None, pretrained_weights: bool = True,
+                 adapter_from: str | os.PathLike | None = None) -> None:
         """Load the backbone named by ``config.model_path``.
 
         ``source`` reads the HF config and processor files from another folder (a saved ``backbone/``);
         ``pretrained_weights=False`` builds the architecture without loading weights (a full checkpoint
-        is loaded on top afterwards).
+        is loaded on top afterwards); ``adapter_from`` loads a saved PEFT LoRA adapter from that folder
+        instead of injecting a fresh one.
         """
         super().__init__(config)
         self._device = torch.device(device) if device is not None else default_device()
@@ -154,11 +191,19 @@ class HFEncoder(Encoder):
         hf_config = self._hf_config = self._load_hf_config(source)
         self.adapter = adapter_for(hf_config.model_type)
         self._load_processing(source)
-        self.backbone = self._load_backbone(config.model_path if pretrained_weights else None, hf_config)
-        self.backbone.requires_grad_(False)
+        full = self._load_backbone(config.model_path if pretrained_weights else None, hf_config)
+        # Embeddings need hidden states, not logits: the LM head (545M weights on Qwen2-VL-7B) is dropped,
+        # but the full model is kept as the root that peft wraps, so adapter files carry its key names.
+        if isinstance(getattr(full, "lm_head", None), torch.nn.Module):
+            full.lm_head = torch.nn.Identity()
+        full.requires_grad_(False)
         self._lora_names: set[str] = set()
-        if config.lora_r > 0:
-            self._inject_lora()
+        # Not a registered submodule: its modules are the backbone's, and state_dict() must not repeat them.
+        self.__dict__["_peft"] = self._wrap_lora(full, adapter_from) if (config.lora_r > 0 or adapter_from) \
+            else None
+        inner = getattr(full, "model", None)
+        self.backbone = inner if isinstance(inner, torch.nn.Module) else full
+        self._collect_lora_names()
         # Parameters that a training phase has unfrozen are saved in the delta checkpoint.
         self._touched: set[str] = set(self._lora_names)
         hidden = self._hidden_size(hf_config)
@@ -224,7 +269,7 @@ class HFEncoder(Encoder):
         return None
 
     def _load_backbone(self, weights_from: str | None, hf_config: Any) -> torch.nn.Module:
-        """The multimodal model without its LM head (embeddings need hidden states, not logits)."""
+        """The full HF model (``...ForConditionalGeneration``, or the bare model if there is none)."""
         from transformers import AutoModel, AutoModelForImageTextToText
 
         kwargs: dict[str, Any] = {"dtype": self._dtype}
@@ -244,31 +289,39 @@ class HFEncoder(Encoder):
                     full = AutoModel.from_pretrained(path, **kwargs, **self._hub_kwargs())
         except OSError as exc:
             raise ConfigError(f"cannot load the weights of {weights_from!r}: {exc}") from exc
-        inner = getattr(full, "model", None)
-        return inner if isinstance(inner, torch.nn.Module) else full
+        return full
 
     @staticmethod
     def _hidden_size(hf_config: Any) -> int:
         text_config = getattr(hf_config, "text_config", None) or hf_config
         return int(text_config.hidden_size)
 
-    def _inject_lora(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+    def _wrap_lora(self, full: torch.nn.Module, adapter_from: str | os.PathLike | None) -> Any:
+        """A ``peft.PeftModel`` around the full model: a fresh adapter from the config, or a saved one."""
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         cfg = self.config
+        if adapter_from is not None:
+            try:
+                return PeftModel.from_pretrained(full, str(adapter_from), is_trainable=True)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise ConfigError(f"cannot load the LoRA adapter in {adapter_from}: {exc}") from exc
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.target_modules, bias="none")
+                          target_modules=cfg.target_modules, bias="none",
+                          base_model_name_or_path=cfg.model_path)
         try:
-            inject_adapter_in_model(lora, self.backbone)
+            return get_peft_model(full, lora)
         except ValueError as exc:
             raise ConfigError(f"LoRA target_modules {cfg.target_modules!r} match nothing in the model: {exc}") \
                 from exc
-        for name, param in self.backbone.named_parameters():
+
+    def _collect_lora_names(self) -> None:
+        for name, param in self.named_parameters():
             if "lora_" in name:
                 # Adapters train in float32 even on a bf16 backbone (peft casts activations to match).
                 param.data = param.data.float()
                 param.requires_grad_(False)
-                self._lora_names.add(f"backbone.{name}")
+                self._lora_names.add(name)
 
     # --- public constructors -----------------------------------------------------------------
     @classmethod
@@ -300,16 +353,21 @@ class HFEncoder(Encoder):
         if not config_path.is_file():
             raise ConfigError(f"{directory} is not a saved JFE model (no {CONFIG_NAME})")
         try:
-            config = HFConfig(**{**json.loads(config_path.read_text()), **overrides})
+            saved = json.loads(config_path.read_text())
+            config = HFConfig(**{**saved, **overrides})
         except (ValidationError, json.JSONDecodeError) as exc:
             raise ConfigError(f"bad config in {config_path}: {exc}") from exc
         backbone_dir = directory / BACKBONE_DIR
         source = backbone_dir if backbone_dir.is_dir() else None
         full = config.weights == "full" and source is not None
-        model = cls(config, device=device, source=source, pretrained_weights=not full)
         state = load_file(str(directory / WEIGHTS_NAME))
+        adapter_from = _saved_adapter(directory, saved, overrides, state)
+        model = cls(config, device=device, source=source, pretrained_weights=not full, adapter_from=adapter_from)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        bad_missing = [k for k in missing if full or not model._may_be_missing(k)]
+        # LoRA weights come from the adapter files (or are fresh); only the older layout keeps them here.
+        in_file = not any("lora_" in k for k in state)
+        bad_missing = [k for k in missing if (k in model._lora_names and not in_file)
+                       or (k not in model._lora_names and full)]
         if unexpected or bad_missing:
             raise ConfigError(f"weights in {directory} do not match the config: missing={bad_missing[:5]}, "
                               f"unexpected={unexpected[:5]}")
@@ -318,8 +376,41 @@ class HFEncoder(Encoder):
         return model
 
     def _may_be_missing(self, key: str) -> bool:
-        # A delta checkpoint omits the base weights (they come from model_path) but never the LoRA ones.
+        # A delta model.safetensors omits the base weights (they come from model_path). LoRA weights are
+        # never silently skipped: a loader that reads only model.safetensors must fail on them, because they
+        # now live in the adapter files (see load_saved_weights).
         return key not in self._lora_names
+
+    def load_saved_weights(self, directory: str | os.PathLike) -> None:
+        """Load a folder written by :meth:`save_pretrained` into this (already built) model, in place.
+
+        The trainer's resume uses this: the adapter files and ``model.safetensors`` together, so the
+        parameters the optimiser holds keep their identity.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(self.device))
+        if (directory / ADAPTER_WEIGHTS_NAME).is_file():
+            if self._peft is None:
+                raise ConfigError(f"{directory} holds a LoRA adapter but this model has none (lora_r=0)")
+            from peft.utils import set_peft_model_state_dict
+
+            adapter = load_file(str(directory / ADAPTER_WEIGHTS_NAME), device=str(self.device))
+            result = set_peft_model_state_dict(self._peft, adapter)
+            missing_lora = [k for k in result.missing_keys if "lora_" in k]
+            if result.unexpected_keys or missing_lora:
+                raise ConfigError(f"the LoRA adapter in {directory} does not match this model: "
+                                  f"missing={missing_lora[:3]}, unexpected={list(result.unexpected_keys)[:3]}")
+            allowed = self._lora_names
+        else:
+            allowed = set()
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        bad_missing = [k for k in missing if k not in allowed and k in self._lora_names]
+        if unexpected or bad_missing:
+            raise ConfigError(f"weights in {directory} do not match this model: missing={bad_missing[:5]}, "
+                              f"unexpected={unexpected[:5]}")
+        self._touched |= set(state)
 
     # --- training ----------------------------------------------------------------------------
     def set_trainable(self, phase: str) -> None:
@@ -470,10 +561,10 @@ class HFEncoder(Encoder):
 
     # --- persistence -------------------------------------------------------------------------
     def _checkpoint_state(self) -> tuple[dict[str, torch.Tensor], bool]:
-        """The weights to save and whether they are all of them."""
-        state = self.state_dict()
+        """The weights for ``model.safetensors`` (all but LoRA, which peft saves) and whether they are all."""
+        state = {k: v for k, v in self.state_dict().items() if k not in self._lora_names}
         keep = self._touched | {n for n, p in self.named_parameters() if p.requires_grad}
-        full = all(name in keep for name, _ in self.named_parameters())
+        full = all(name in keep for name, _ in self.named_parameters() if name not in self._lora_names)
         chosen = state if full else {k: v for k, v in state.items() if k in keep}
         out, seen = {}, set()
         for key, value in chosen.items():
@@ -485,7 +576,8 @@ class HFEncoder(Encoder):
         return out, full
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``model.safetensors`` (delta or full) and ``backbone/``, atomically."""
+        """Write ``config.json``, ``model.safetensors`` (delta or full), ``backbone/`` and, with LoRA, the PEFT
+        adapter files, atomically."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -503,6 +595,11 @@ class HFEncoder(Encoder):
         target = directory / BACKBONE_DIR
         target.mkdir()
         self._hf_config.save_pretrained(target)
+        if self._peft is not None:
+            # peft's own writer: adapter_config.json + adapter_model.safetensors keyed for the full model
+            # (the model card it also writes is peft's README.md). The main process of a multi-process run
+            # is the only caller (the trainer saves on rank 0).
+            self._peft.save_pretrained(str(directory), safe_serialization=True, is_main_process=True)
         if self.processor is not None:
             self.processor.save_pretrained(target)
         else:

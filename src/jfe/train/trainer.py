@@ -180,8 +180,10 @@ class Trainer:
         if cfg.batch_size % ctx.world_size:
             raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
         seed_everything(cfg.seed)  # identical model init on every rank
-        self.model = build_model(cfg, ctx.device)
+        # under FSDP the model is built on CPU and only each rank's shard moves to its GPU
+        self.model = build_model(cfg, torch.device("cpu") if ctx.sharded else ctx.device)
         ctx.broadcast_parameters(self.model)
+        ctx.shard(self.model)  # FSDP runs only (accelerate's fsdp config); a no-op otherwise
         tasks = set(cfg.task_weights) if cfg.task_weights else None
         self.data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
                                       hard_negatives=cfg.hard_negatives > 0, max_queries=cfg.max_train_queries,
@@ -248,8 +250,12 @@ class Trainer:
         # replay the phase switches so the parameter set (and optimiser groups) match the checkpoint
         for index in range(1, state["phase_index"] + 1):
             self._enter_phase(index)
-        weights = load_file(str(folder / "model" / "model.safetensors"), device=str(self.ctx.device))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if hasattr(self.model, "load_saved_weights"):  # HF: model.safetensors + PEFT adapter files, checked there
+            self.model.load_saved_weights(folder / "model")
+            missing, unexpected = [], []
+        else:
+            weights = load_file(str(folder / "model" / "model.safetensors"), device=str(self.ctx.device))
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
         # delta checkpoints (HF + LoRA) leave out frozen base weights, which the rebuilt model already has
         may_miss = getattr(self.model, "_may_be_missing", lambda key: False)
         missing = [k for k in missing if not may_miss(k)]
@@ -325,7 +331,7 @@ class Trainer:
         window: list[float] = []
         window_start, window_pairs = time.perf_counter(), 0
         postfix: dict[str, str] = {}
-        if cfg.val_every and self.step == 0 and ctx.is_main:
+        if cfg.val_every and self.step == 0 and (ctx.is_main or ctx.sharded):
             scores = self.validate()  # the starting point, so a run's gain is visible in its own log
             if scores:
                 self.metrics.write({"step": 0, **scores, "time": time.time()})
@@ -368,7 +374,7 @@ class Trainer:
                     bar.set_postfix(postfix, refresh=False)
                     window, window_start, window_pairs = [], time.perf_counter(), 0
                 if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
-                    if ctx.is_main:
+                    if ctx.is_main or ctx.sharded:  # sharded weights: every rank takes part in each forward
                         scores = self.validate()
                         if scores:
                             self.metrics.write({"step": self.step, **scores, "time": time.time()})
