@@ -24,7 +24,8 @@ QUERY_FIELDS = ("qid", "query_txt", "query_img_path", "query_modality", "query_s
 CANDIDATE_FIELDS = ("did", "txt", "img_path", "modality", "src_content")
 
 
-def _iter_json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
+def iter_json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; errors name the file and line."""
     path = Path(path)
     try:
         handle = path.open("rb")  # decoded per line, so a bad byte is reported with its line number
@@ -107,13 +108,13 @@ def parse_candidate(obj: dict, path: PathLike = "<memory>", line: int = 0) -> Ca
 
 def iter_queries(path: PathLike) -> Iterator[Query]:
     """Stream the queries of one jsonl file."""
-    for line_no, obj in _iter_json_lines(path):
+    for line_no, obj in iter_json_lines(path):
         yield parse_query(obj, path, line_no)
 
 
 def iter_candidates(path: PathLike) -> Iterator[Candidate]:
     """Stream the candidates of one pool jsonl file."""
-    for line_no, obj in _iter_json_lines(path):
+    for line_no, obj in iter_json_lines(path):
         yield parse_candidate(obj, path, line_no)
 
 

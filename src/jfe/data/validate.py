@@ -90,7 +90,7 @@ class _Sink:
 
 
 def iter_json_lines_reporting(path: Path, sink: _Sink) -> Iterator[tuple[int, dict]]:
-    """Like ``mbeir._iter_json_lines`` but a bad line becomes a problem and reading goes on.
+    """Like ``mbeir.iter_json_lines`` but a bad line becomes a problem and reading goes on.
 
     The file is read as bytes and decoded line by line, so one bad byte costs one line, not the file.
     """

@@ -8,7 +8,6 @@ stops improving by more than a threshold.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jfe.data.mbeir import iter_json_lines
 from jfe.data.records import CATEGORIES
 from jfe.errors import DataError
 
@@ -45,13 +45,7 @@ def read_curve(metrics_path: str | os.PathLike, step_offset: int = 0) -> Curve:
     if not path.is_file():
         raise DataError("no training log here (metrics.jsonl missing)", path=str(path))
     points: dict[int, dict[str, float]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON ({exc.msg})", path=str(path), line=number) from None
+    for _, record in iter_json_lines(path):
         if "val/R@5" in record:
             points[int(record["step"]) + step_offset] = record  # a resumed run's repeat replaces the old one
     steps = sorted(points)
