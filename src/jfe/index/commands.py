@@ -94,11 +94,11 @@ def search_command(
     query = Item(text=text or None, image=image, id="query")
     vector = encoder.encode([query], instruction=instruction)
     ids, scores = vector_index.search(vector, k)
-    hits = []
-    for rank, (did, score) in enumerate(zip(ids[0], scores[0].tolist(), strict=False), start=1):
-        record = vector_index.record(did) or {}
-        hits.append({"rank": rank, "did": did, "score": round(float(score), 6), "modality": record.get("modality"),
-                     "text": record.get("txt"), "image": record.get("img_path"), "record": record})
+    from jfe.index.hits import hits_from
+
+    hits = [{"rank": hit.rank, "did": hit.did, "score": round(hit.score, 6), "modality": hit.record.get("modality"),
+             "text": hit.record.get("txt"), "image": hit.record.get("img_path"), "record": hit.record}
+            for hit in hits_from(vector_index, ids[0], scores[0].tolist())]
     if as_json:
         typer.echo(json.dumps({"index": str(index), "model": str(name), "k": k, "hits": hits}, ensure_ascii=False))
         return
