@@ -46,9 +46,11 @@ def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None =
     vector_index = index if isinstance(index, VectorIndex) else VectorIndex.load(index)
     encoder = _model(model if model is not None else vector_index.meta["model"])
     vector = encoder.encode([query], instruction=instruction)
+    from jfe.index.hits import hits_from
+
     ids, scores = vector_index.search(vector, k)
-    return [{"did": did, "score": float(score), "rank": rank + 1, "record": vector_index.record(did)}
-            for rank, (did, score) in enumerate(zip(ids[0], scores[0], strict=False))]
+    return [{"did": hit.did, "score": hit.score, "rank": hit.rank, "record": vector_index.record(hit.did)}
+            for hit in hits_from(vector_index, ids[0], scores[0].tolist())]
 
 
 def train(config: str | os.PathLike, overrides: dict[str, Any] | None = None, resume: bool = False,

@@ -29,13 +29,7 @@ COMMAND_MODULES = (
 )
 
 for _module_name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_module_name)
-    except ModuleNotFoundError as _exc:  # a layer without commands yet
-        if _exc.name != _module_name:
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(_module_name).register(app)
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ def eval_command(
     from rich.table import Table
 
     from jfe.eval.protocol import evaluate
-    from jfe.index.commands import _console, load_model
+    from jfe.index.commands import _console
+    from jfe.models.registry import load_model
 
     if pool not in ("local", "global"):
         raise ConfigError(f"--pool must be 'local' or 'global', got {pool!r}")

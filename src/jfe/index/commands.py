@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -21,13 +20,6 @@ def register(app: typer.Typer) -> None:
     """Add ``jfe index ...`` and ``jfe search`` to the ``jfe`` app."""
     app.add_typer(index_app, name="index")
     app.command("search")(search_command)
-
-
-def load_model(name_or_path: str) -> Any:
-    """A model by registry name, ``hf:<path>`` or saved folder (``jfe.models.registry.load_model``)."""
-    from jfe.models.registry import load_model as registry_load
-
-    return registry_load(name_or_path)
 
 
 def _console(stderr: bool = False):  # noqa: ANN202 - rich is imported lazily
@@ -61,6 +53,7 @@ def index_build(
     import time
 
     from jfe.index.build import build_index
+    from jfe.models.registry import load_model
 
     files = _split_files(pool)
     started = time.perf_counter()
@@ -87,6 +80,7 @@ def search_command(
     """Search an index with a text, an image, or both; print a ranked table (or JSON)."""
     from jfe.data.items import Item
     from jfe.index.vector_index import VectorIndex
+    from jfe.models.registry import load_model
 
     if not text and image is None:
         raise ConfigError("give a query: --text, --image or both")
@@ -100,11 +94,11 @@ def search_command(
     query = Item(text=text or None, image=image, id="query")
     vector = encoder.encode([query], instruction=instruction)
     ids, scores = vector_index.search(vector, k)
-    hits = []
-    for rank, (did, score) in enumerate(zip(ids[0], scores[0].tolist(), strict=False), start=1):
-        record = vector_index.record(did) or {}
-        hits.append({"rank": rank, "did": did, "score": round(float(score), 6), "modality": record.get("modality"),
-                     "text": record.get("txt"), "image": record.get("img_path"), "record": record})
+    from jfe.index.hits import hits_from
+
+    hits = [{"rank": hit.rank, "did": hit.did, "score": round(hit.score, 6), "modality": hit.record.get("modality"),
+             "text": hit.record.get("txt"), "image": hit.record.get("img_path"), "record": hit.record}
+            for hit in hits_from(vector_index, ids[0], scores[0].tolist())]
     if as_json:
         typer.echo(json.dumps({"index": str(index), "model": str(name), "k": k, "hits": hits}, ensure_ascii=False))
         return

@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jfe.data.images import load_image
 from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError, JFEError
+from jfe.index.hits import hits_from
 from jfe.serve.batching import EncodeBatcher
 from jfe.serve.schemas import (
     EmbeddingData,
@@ -441,12 +442,10 @@ def create_app(model: Any, index: Any, settings: ServeSettings | None = None) ->
         instruction = req.instruction if req.instruction and req.instruction.strip() else None
         vector = await batcher.encode([item.with_instruction(instruction)])
         ids, scores = await run_in_threadpool(index.search, vector, req.k)
-        hits = []
-        for rank, (did, score) in enumerate(zip(ids[0], scores[0].tolist(), strict=False), start=1):
-            record = index.record(did) or {}
-            hits.append(SearchHit(did=did, score=float(score), rank=rank, modality=record.get("modality"),
-                                  text=record.get("txt"),
-                                  image_url=f"/images/{quote(did, safe=':')}" if record.get("img_path") else None))
+        hits = [SearchHit(did=hit.did, score=hit.score, rank=hit.rank, modality=hit.record.get("modality"),
+                          text=hit.record.get("txt"),
+                          image_url=f"/images/{quote(hit.did, safe=':')}" if hit.record.get("img_path") else None)
+                for hit in hits_from(index, ids[0], scores[0].tolist())]
         return SearchResponse(query_modality=item.modality, k=req.k, results=hits,
                               took_ms=round((time.perf_counter() - started) * 1000, 3)).model_dump()
 
