@@ -175,13 +175,22 @@ def build_pretrain(out: str | Path, *, minibeir: str | Path, icon_sets: list[Pat
     """
     start = time.perf_counter()
     out = Path(out)
-    say = log or (lambda msg: print(f"[pretrain] {msg}", file=sys.stderr, flush=True) if progress else None)
+    def say(message: str) -> None:
+        if log is not None:
+            log(message)
+        elif progress:
+            print(f"[pretrain] {message}", file=sys.stderr, flush=True)
+
     warnings: list[str] = []
 
     def warn(message: str) -> None:
+        # always shown (the first 20; all are kept in the marker), whatever the progress setting
         warnings.append(message)
         if len(warnings) <= 20:
-            say(f"warning: {message}")
+            if log is None and not progress:
+                print(f"[pretrain] warning: {message}", file=sys.stderr, flush=True)
+            else:
+                say(f"warning: {message}")
 
     if max_pairs is not None and max_pairs < 1:
         raise ConfigError(f"max_pairs must be positive, got {max_pairs}")

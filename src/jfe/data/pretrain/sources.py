@@ -35,7 +35,7 @@ EMOJI_MARKERS = ("emoji", "moji")
 STYLE_TOKENS = frozenset({
     "outline", "outlined", "outlines", "filled", "fill", "solid", "bold", "line", "linear", "light", "thin",
     "duotone", "twotone", "two", "tone", "sharp", "round", "rounded", "regular", "broken", "alt", "o",
-    "sm", "md", "lg", "small", "large", "16", "20", "24", "28", "32", "48", "12", "10", "sharp",
+    "sm", "md", "lg", "small", "large", "16", "20", "24", "28", "32", "48", "12", "10",
 })
 SET_KIND = {"game-icons": "game", "healthicons": "health", "wi": "weather", "maki": "map"}
 
