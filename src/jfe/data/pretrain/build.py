@@ -123,7 +123,7 @@ def _compact_png(image: Image.Image) -> bytes:
     if r.tobytes() == g.tobytes() == b.tobytes():
         rgb = r
     buf = io.BytesIO()
-    rgb.save(buf, format="PNG", optimize=False, compress_level=9)
+    rgb.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
 
 
