@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,10 @@ def render_file(path: Path, size: int) -> Image.Image:
     return load_raster(path, size)
 
 
+def _raster(path: Path, size: int) -> Image.Image:
+    return load_raster(path, size)
+
+
 def _rank(seed: int, key: str) -> bytes:
     return hashlib.sha1(f"{seed}:pretrain:{key}".encode()).digest()
 
@@ -145,7 +150,7 @@ def _clipart_items(minibeir: Path, warn: Callable[[str], None]) -> tuple[list[It
         captions = [d.title, *([", ".join(d.keywords)] if d.keywords else []), *([d.description] if d.description
                                                                                  else [])]
         items.append(Item("openclipart", f"openclipart/{d.path}", captions, [d.title, *d.keywords],
-                          render=lambda size, png=d.png: load_raster(png, size), origin=str(d.png)))
+                          render=partial(_raster, d.png), origin=str(d.png)))
     report.items = len(items)
     return items, report
 

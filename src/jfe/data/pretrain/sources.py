@@ -19,9 +19,14 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jfe.errors import DataError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 # Names (and substrings) of iconify sets that are emoji: MiniBEIR is built from emoji, so every one of them
 # is left out, whatever else the set claims to be.
@@ -48,7 +53,7 @@ class Item:
     key: str  # unique id across the corpus, e.g. "game-icons/crossed-swords"
     captions: list[str]  # the first is the primary caption
     names: list[str]  # the short names checked for leakage (icon name + aliases, stamp caption, title)
-    render: Callable[[int], object] = field(repr=False)  # size -> PIL image
+    render: Callable[[int], Image] = field(repr=False)  # size -> RGB PIL image
     origin: str = ""  # the file the item comes from (for error messages)
     translations: list[str] = field(default_factory=list)  # other-language captions (text<->text pairs)
 
@@ -109,11 +114,19 @@ def icon_svg(body: str, left: float, top: float, width: float, height: float) ->
             f'width="{width}" height="{height}" viewBox="{left} {top} {width} {height}">{body}</svg>')
 
 
+def _render_text(render: Callable[[str, int, str], Image], svg: str, origin: str, size: int) -> Image:
+    return render(svg, size, origin)
+
+
+def _render_path(render: Callable[[Path, int], Image], path: Path, size: int) -> Image:
+    return render(path, size)
+
+
 def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
-def read_icon_set(package: Path, render_svg_text: Callable[[str, int, str], object]) \
+def read_icon_set(package: Path, render_svg_text: Callable[[str, int, str], Image]) \
         -> tuple[list[Item], SourceReport]:
     """The icons of one ``@iconify-json`` package folder (``.../package``); corrupt JSON is a DataError."""
     info = _read_json(package / "info.json")
@@ -166,7 +179,7 @@ def read_icon_set(package: Path, render_svg_text: Callable[[str, int, str], obje
             sentence += f" from {report.title}"
         origin = f"{icons_path}#{name}"
         items.append(Item(prefix, f"{prefix}/{name}", [label, sentence, *names[1:]], names,
-                          render=lambda size, svg=svg, origin=origin: render_svg_text(svg, size, origin),
+                          render=partial(_render_text, render_svg_text, svg, origin),
                           origin=origin))
     report.items = len(items)
     return items, report
@@ -178,7 +191,7 @@ TRANSLATION_LANGUAGES = ("de", "fr", "es", "it", "nl", "pt")
 _TRANSLATION = re.compile(r"^([A-Za-z_@]+)\.utf8=(.*)$")
 
 
-def read_tuxpaint(stamps: Path, render_file: Callable[[Path, int], object],
+def read_tuxpaint(stamps: Path, render_file: Callable[[Path, int], Image],
                   warn: Callable[[str], None]) -> tuple[list[Item], SourceReport]:
     """Every stamp image with a caption under ``usr/share/tuxpaint/stamps``; a stamp without one is skipped,
     counted and warned about (the package has a few: they are not worth failing the build for)."""
@@ -218,7 +231,7 @@ def read_tuxpaint(stamps: Path, render_file: Callable[[Path, int], object],
         label = " ".join(stem.name.replace("_", " ").replace("-", " ").split())
         captions = [english] + ([label] if label and label.lower() not in english.lower() else [])
         items.append(Item("tuxpaint", f"tuxpaint/{rel}", captions, [english, label],
-                          render=lambda size, image=image: render_file(image, size), origin=str(image),
+                          render=partial(_render_path, render_file, image), origin=str(image),
                           translations=sorted(dict.fromkeys(translations))))
     report.items = len(items)
     return items, report
