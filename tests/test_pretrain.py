@@ -102,6 +102,11 @@ def write_stamps(root: Path) -> Path:
         'fill="#884400"/></svg>')
     (stamps / "animals" / "cow.txt").write_text("A brown cow.\n")
     img.save(stamps / "animals" / "goldfish_mirror.png")  # no caption: skipped and counted
+    # an SVG without a usable size (as a few real stamps have): its PNG stands in
+    (stamps / "animals" / "fox.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="0" height="0"/>')
+    ImageDraw.Draw(fox := Image.new("RGB", (40, 40), "white")).polygon([(2, 38), (20, 2), (38, 38)], fill="red")
+    fox.save(stamps / "animals" / "fox.png")
+    (stamps / "animals" / "fox.txt").write_text("A red fox.\n")
     return stamps
 
 
@@ -145,12 +150,12 @@ def test_builder_writes_a_valid_corpus_that_stage1_reads(tmp_path: Path, sources
     out, summary = _build(tmp_path, sources)
     assert not list(iter_problems(out)), list(iter_problems(out))[:3]
     # 40 things, crossed swords and dog (a MiniBEIR *train* base) kept; cat face and the triangle dropped
-    assert summary.images == {"game-icons": 42, "tuxpaint": 2}
+    assert summary.images == {"game-icons": 42, "tuxpaint": 3}
     crossed = [c for c in iter_candidates(out / "cand_pool/local/mbeir_pretrain_task3_cand_pool.jsonl")
                if "crossed-swords" in c.src["base"]]
     assert [c.txt for c in crossed] == ["crossed swords", "a game icon of crossed swords, from the weapons icons "
                                         "of Game Icons", "swords crossed"]
-    assert summary.pairs["game-icons"] == 41 * 2 + 3 and summary.pairs["tuxpaint"] == 2
+    assert summary.pairs["game-icons"] == 41 * 2 + 3 and summary.pairs["tuxpaint"] == 3
     # the goldfish's German and French translations (not Japanese) are text pairs
     assert summary.text_pairs["tuxpaint"] == 2
     texts = {q.query_txt for p in (out / "query").rglob("*task1*.jsonl") for q in iter_queries(p)}
@@ -158,6 +163,7 @@ def test_builder_writes_a_valid_corpus_that_stage1_reads(tmp_path: Path, sources
     # grey icons are stored as one-channel PNGs, colour stamps as RGB
     assert Image.open(out / "images/game-icons/thing-1.png").mode == "L"
     assert Image.open(out / "images/tuxpaint/animals/goldfish.png").mode == "RGB"
+    assert Image.open(out / "images/tuxpaint/animals/fox.png").mode == "RGB"  # from fox.png, not the bad SVG
     readme = (out / "README.md").read_text()
     assert "| game-icons | Game Icons | 1.0.0 | MIT |" in readme and "GPL-2.0-or-later" in readme
     assert "excluded: emoji set" in readme

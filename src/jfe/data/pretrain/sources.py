@@ -118,8 +118,15 @@ def _render_text(render: Callable[[str, int, str], Image], svg: str, origin: str
     return render(svg, size, origin)
 
 
-def _render_path(render: Callable[[Path, int], Image], path: Path, size: int) -> Image:
-    return render(path, size)
+def _render_first(render: Callable[[Path, int], Image], paths: tuple[Path, ...], size: int) -> Image:
+    """The first of ``paths`` that renders; the error of the last one when none does."""
+    for i, path in enumerate(paths):
+        try:
+            return render(path, size)
+        except DataError:
+            if i == len(paths) - 1:
+                raise
+    raise DataError("no image file", path=str(paths[0]) if paths else None)
 
 
 def _article(word: str) -> str:
@@ -198,16 +205,16 @@ def read_tuxpaint(stamps: Path, render_file: Callable[[Path, int], Image],
     report = SourceReport("tuxpaint", "Tux Paint stamps", "", "GPL-2.0-or-later")
     if not stamps.is_dir():
         raise DataError("Tux Paint stamps folder not found", path=str(stamps))
-    images: dict[Path, Path] = {}
+    files: dict[Path, list[Path]] = {}
     for path in sorted(stamps.rglob("*")):
-        if path.suffix.lower() not in (".png", ".svg") or not path.is_file():
-            continue
-        stem = path.with_suffix("")
-        # Tux Paint prefers the SVG when a stamp has both; its PNG is then a raster fallback of the same drawing
-        if stem not in images or path.suffix.lower() == ".svg":
-            images[stem] = path
+        if path.suffix.lower() in (".png", ".svg") and path.is_file():
+            files.setdefault(path.with_suffix(""), []).append(path)
     items: list[Item] = []
-    for stem, image in sorted(images.items()):
+    for stem, paths in sorted(files.items()):
+        # Tux Paint prefers the SVG when a stamp has both; its PNG is a raster of the same drawing, used
+        # when the SVG does not render (a few have no usable size)
+        paths.sort(key=lambda p: p.suffix.lower() != ".svg")
+        image = paths[0]
         txt = stem.with_suffix(".txt")
         rel = stem.relative_to(stamps).as_posix()
         if not txt.exists():
@@ -231,7 +238,7 @@ def read_tuxpaint(stamps: Path, render_file: Callable[[Path, int], Image],
         label = " ".join(stem.name.replace("_", " ").replace("-", " ").split())
         captions = [english] + ([label] if label and label.lower() not in english.lower() else [])
         items.append(Item("tuxpaint", f"tuxpaint/{rel}", captions, [english, label],
-                          render=partial(_render_path, render_file, image), origin=str(image),
+                          render=partial(_render_first, render_file, tuple(paths)), origin=str(image),
                           translations=sorted(dict.fromkeys(translations))))
     report.items = len(items)
     return items, report
