@@ -11,7 +11,7 @@ RUNS    ?= runs
 DATA    ?= $(RUNS)/minibeir
 export JFE_CACHE ?= $(HOME)/.cache/jfe
 
-.PHONY: venv assets browser-deps minibeir test test-slow test-all lint demo demo-seeds ablations reproduce bench clean
+.PHONY: venv assets browser-deps minibeir pretrain test test-slow test-all lint demo demo-seeds ablations reproduce bench clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The two small icon sets the pretraining-corpus tests build from; `make pretrain` fetches the whole corpus.
 assets: venv
 	$(JFE) assets fetch
+	$(JFE) assets fetch iconify_game_icons iconify_maki
 
 # The browser test drives Debian's Chromium; install it from the distribution, never a download of its own.
 browser-deps:
@@ -37,6 +39,15 @@ minibeir: $(DATA)/README.md
 $(DATA)/README.md: | assets
 	$(JFE) data build-minibeir --out $(DATA)
 	$(JFE) data validate $(DATA)
+
+# The stage-1 pretraining corpus (docs/pretrain.md): ~0.5 GB of packages, built once like MiniBEIR.
+PRETRAIN ?= $(RUNS)/pretrain
+pretrain: $(PRETRAIN)/README.md
+
+$(PRETRAIN)/README.md: | minibeir
+	$(JFE) assets fetch --pretrain
+	$(JFE) data build-pretrain --out $(PRETRAIN) --minibeir $(DATA)
+	$(JFE) data validate $(PRETRAIN)
 
 test: assets browser-deps
 	$(BIN)/ruff check src tests benchmarks
@@ -72,8 +83,8 @@ ablations: minibeir
 # The comparison at convergence (not part of the demo; estimated 75-90 min on 2 idle cores): learning curves of
 # the four models to a plateau, 3 seeds at that budget, bootstrap CIs; stage 1 on $(CORPUS) when built
 # (else MiniBEIR's pairs, said loudly). Report under $(RUNS)/reproduce/report, copied into docs/results.
-CORPUS ?= $(RUNS)/pretrain-corpus
-reproduce: minibeir
+CORPUS ?= $(PRETRAIN)
+reproduce: minibeir pretrain
 	$(JFE) reproduce --data $(DATA) --corpus $(CORPUS) --out $(RUNS)/reproduce --publish docs/results
 
 bench: venv

