@@ -303,10 +303,14 @@ def test_embeddings_invalid_inputs(client: TestClient, index) -> None:  # noqa: 
     url = data_url(png_bytes())
     two_images = [[{"type": "image_url", "image_url": {"url": url}}] * 2]
     assert client.post("/v1/embeddings", json={"input": two_images}).status_code == 422
-    assert client.post("/v1/embeddings", json={"input": [[1, 2, 3]]}).status_code == 422  # token ids
+    # token ids are valid input (issue 13 item 4), but the toy model has no tokenizer: a clear 400
+    no_tokenizer = client.post("/v1/embeddings", json={"input": [[1, 2, 3]]})
+    assert no_tokenizer.status_code == 400 and "no tokenizer" in error_of(no_tokenizer)["message"]
+    assert client.post("/v1/embeddings", json={"input": [[True, 2]]}).status_code == 422  # not token ids
     assert client.post("/v1/embeddings", json={"input": [[{"type": "audio"}]]}).status_code == 422
     assert client.post("/v1/embeddings", json={"input": "x", "encoding_format": "int8"}).status_code == 422
-    assert client.post("/v1/embeddings", json={"input": "x", "dimensions": index.dim + 1}).status_code == 422
+    assert client.post("/v1/embeddings", json={"input": "x", "dimensions": index.dim + 1}).status_code == 400
+    assert client.post("/v1/embeddings", json={"input": "x", "dimensions": 0}).status_code == 422
     assert client.post("/v1/embeddings", json={"input": "x", "dimensions": index.dim}).status_code == 200
 
 
@@ -422,3 +426,120 @@ def test_model_errors_become_422(model, index) -> None:  # noqa: ANN001
     with make_client(Broken(), index) as c:
         response = c.post("/search", json={"text": "x"})
         assert response.status_code == 422 and "cannot embed this" in error_of(response)["message"]
+
+
+# ------------------------------------------------------------------------------------------ OpenAI parity
+def word_tokenizer(words: list[str]):  # noqa: ANN201 - a transformers fast tokenizer built offline
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]")
+
+
+class TokenizedToy(ToyEncoder):
+    """The toy encoder holding a tokenizer, as HF models do (``model.tokenizer``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = word_tokenizer(["a", "red", "circle", "blue", "square", "redness"])
+
+
+class MatryoshkaToy(ToyEncoder):
+    matryoshka = True
+
+
+def test_tokenizer_of_finds_hf_and_tower_tokenizers_and_none_for_the_toy(model, monkeypatch) -> None:  # noqa: ANN001
+    from jfe.models import text as text_module
+    from jfe.models.tokens import supports_matryoshka, tokenizer_of
+
+    assert tokenizer_of(model) is None and not supports_matryoshka(model)
+    toy = TokenizedToy()
+    assert tokenizer_of(toy) is toy.tokenizer  # HF models hold ``model.tokenizer``
+    assert supports_matryoshka(MatryoshkaToy())
+    tower_model = ToyEncoder()
+    tower_model.text = text_module.TextTower.__new__(text_module.TextTower)  # only its type matters: no weights
+    monkeypatch.setattr(text_module, "load_tokenizer", lambda path=None: "minilm-tokenizer")
+    assert tokenizer_of(tower_model) == "minilm-tokenizer"  # tower models share the MiniLM tokenizer
+
+
+def test_token_array_inputs_decode_with_the_model_tokenizer(index) -> None:  # noqa: ANN001
+    toy = TokenizedToy()
+    ids = toy.tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    other = toy.tokenizer("blue square", add_special_tokens=False)["input_ids"]
+    expected = toy.encode([Item(text="a red circle"), Item(text="blue square")])
+    with make_client(toy, index) as c:
+        single = c.post("/v1/embeddings", json={"input": ids}).json()  # a list of ints: one input
+        assert len(single["data"]) == 1
+        np.testing.assert_allclose(single["data"][0]["embedding"], expected[0], atol=1e-6)
+        several = c.post("/v1/embeddings", json={"input": [ids, other, "a red circle"]}).json()
+        got = np.array([d["embedding"] for d in several["data"]])
+        np.testing.assert_allclose(got, np.stack([expected[0], expected[1], expected[0]]), atol=1e-6)
+        assert several["usage"]["prompt_tokens"] == len(ids) + len(other) + 3
+        outside = c.post("/v1/embeddings", json={"input": [ids[0], 10_000]})
+        assert outside.status_code == 400 and "10000" in error_of(outside)["message"]
+
+
+def test_usage_counts_tokenizer_tokens_not_words(index) -> None:  # noqa: ANN001
+    toy = TokenizedToy()
+    with make_client(toy, index) as c:
+        # WordLevel + Whitespace splits punctuation: 4 tokens for 3 words
+        usage = c.post("/v1/embeddings", json={"input": "a red circle!", "instruction": "find it"}).json()["usage"]
+        assert usage == {"prompt_tokens": 4, "total_tokens": 4, "images": 0}
+
+
+def test_usage_counts_words_without_a_tokenizer(client: TestClient) -> None:
+    usage = client.post("/v1/embeddings", json={"input": ["a red circle!", "blue"]}).json()["usage"]
+    assert usage["prompt_tokens"] == usage["total_tokens"] == 4
+
+
+def test_model_field_is_echoed(client: TestClient, index) -> None:  # noqa: ANN001
+    assert client.post("/v1/embeddings", json={"input": "x", "model": "text-embedding-3-small"}).json()["model"] \
+        == "text-embedding-3-small"
+    assert client.post("/v1/embeddings", json={"input": "x"}).json()["model"] == index.meta["model"]
+    assert client.post("/v1/embeddings", data={"input": "x", "model": "m2"}).json()["model"] == "m2"
+
+
+def test_dimensions_below_the_dim_needs_a_matryoshka_model(client: TestClient, index) -> None:  # noqa: ANN001
+    refused = client.post("/v1/embeddings", json={"input": "x", "dimensions": 8})
+    assert refused.status_code == 400
+    message = error_of(refused)["message"]
+    assert "Matryoshka" in message and index.meta["model"] in message
+
+
+def test_dimensions_truncates_and_renormalises_matryoshka_models(index) -> None:  # noqa: ANN001
+    toy = MatryoshkaToy()
+    full = toy.encode([Item(text="a red circle")])[0]
+    with make_client(toy, index) as c:
+        body = c.post("/v1/embeddings", json={"input": "a red circle", "dimensions": 8}).json()
+        vec = np.array(body["data"][0]["embedding"])
+        assert vec.shape == (8,)
+        np.testing.assert_allclose(vec, full[:8] / np.linalg.norm(full[:8]), atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(vec), 1.0, atol=1e-6)
+        same = c.post("/v1/embeddings", json={"input": "a red circle", "dimensions": index.dim}).json()
+        np.testing.assert_allclose(same["data"][0]["embedding"], full, atol=1e-6)
+        assert c.post("/v1/embeddings", json={"input": "x", "dimensions": index.dim + 1}).status_code == 400
+
+
+def test_openapi_declares_the_api_key_security_schemes(client: TestClient, model, index) -> None:  # noqa: ANN001
+    spec = client.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"] == {"type": "http", "scheme": "bearer", "description": schemes["HTTPBearer"][
+        "description"]}
+    assert schemes["APIKeyHeader"]["type"] == "apiKey" and schemes["APIKeyHeader"]["name"] == "X-API-Key"
+    for path, method in [("/v1/embeddings", "post"), ("/search", "post"), ("/instructions", "get"),
+                         ("/images/{did}", "get")]:
+        assert {"HTTPBearer": []} in spec["paths"][path][method]["security"], path
+        assert {"APIKeyHeader": []} in spec["paths"][path][method]["security"], path
+    assert "security" not in spec["paths"]["/health"]["get"]
+    with make_client(model, index, api_key="s3cret") as c:  # the declared schemes are the ones enforced
+        assert c.post("/v1/embeddings", json={"input": "x"}).status_code == 401
+        ok = {"Authorization": "bearer s3cret"}
+        assert c.post("/v1/embeddings", json={"input": "x"}, headers=ok).status_code == 200
+        assert c.post("/v1/embeddings", json={"input": "x"}, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Basic s3cret"}
+                      ).status_code == 401

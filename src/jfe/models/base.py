@@ -48,6 +48,9 @@ class Encoder(torch.nn.Module):
     arch: ClassVar[str] = ""
     config_class: ClassVar[type[EncoderConfig]] = EncoderConfig
     _registry: ClassVar[dict[str, type[Encoder]]] = {}
+    # True only for models trained so that a renormalised prefix of an embedding is an embedding (Matryoshka);
+    # the service then honours OpenAI's ``dimensions`` below the model's dim. None of the shipped models is.
+    matryoshka: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

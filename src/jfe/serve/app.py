@@ -30,6 +30,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
@@ -41,6 +42,7 @@ from jfe.data.images import load_image
 from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError, JFEError
 from jfe.index.hits import hits_from
+from jfe.models.tokens import supports_matryoshka, tokenizer_of
 from jfe.serve.batching import EncodeBatcher
 from jfe.serve.schemas import (
     EmbeddingData,
@@ -300,18 +302,23 @@ def create_app(model: Any, index: Any, settings: ServeSettings | None = None) ->
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "X-API-Key", "Authorization"])
 
-    def require_key(request: Request) -> None:
+    # Declared through fastapi.security so /openapi.json lists both ways to send the key (either suffices);
+    # auto_error=False because the key is optional: require_key decides, with our JSON error body.
+    bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (when the server has a key)")
+    header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False,
+                                 description="X-API-Key: KEY (when the server has a key)")
+
+    def require_key(bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+                    header_key: str | None = Depends(header_scheme)) -> None:
         if not settings.api_key:
             return
-        given = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
+        given = header_key if header_key is not None else (bearer.credentials.strip() if bearer else None)
         if not given or not secrets.compare_digest(given.encode(), settings.api_key.encode()):
             raise ApiError(401, "missing or wrong API key (send X-API-Key: KEY or Authorization: Bearer KEY)",
                            "authentication_error", {"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(require_key)]
+    tokenizer = tokenizer_of(model)  # None: token-array inputs are refused and usage counts words
 
     # ------------------------------------------------------------------ pages
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -383,22 +390,25 @@ def create_app(model: Any, index: Any, settings: ServeSettings | None = None) ->
             instruction, fmt = _form_str(form, "instruction"), _form_str(form, "encoding_format") or "float"
             if fmt not in ("float", "base64"):
                 raise ApiError(422, "encoding_format must be 'float' or 'base64'")
+            requested_model, dimensions, id_counts = _form_str(form, "model"), None, [None]
         elif ctype in ("application/json", ""):
             req: EmbeddingsRequest = await _json_body(request, EmbeddingsRequest)
-            if req.dimensions is not None and req.dimensions != int(model.dim):
-                raise ApiError(422, f"dimensions={req.dimensions} is not supported (this model embeds in "
-                                    f"{model.dim} dimensions)")
-            items = await run_in_threadpool(_embedding_items, req, settings)  # decodes images: off the loop
-            instruction, fmt = req.instruction, req.encoding_format
+            dimensions = _check_dimensions(req.dimensions, model, model_name)
+            # decodes images and token ids: off the loop
+            items, id_counts = await run_in_threadpool(_embedding_items, req, settings, tokenizer, model_name)
+            instruction, fmt, requested_model = req.instruction, req.encoding_format, req.model
         else:
             raise ApiError(415, f"unsupported content type {ctype!r} (use application/json or multipart/form-data)",
                            "unsupported_media_type")
         instruction = instruction if instruction and instruction.strip() else None
         vectors = await batcher.encode([item.with_instruction(instruction) for item in items])
-        words = sum(len(item.text.split()) for item in items if item.text)
+        if dimensions is not None and dimensions < vectors.shape[1]:  # Matryoshka: prefix, renormalised
+            vectors = vectors[:, :dimensions]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        tokens = _count_tokens(items, id_counts, tokenizer)
         data = [EmbeddingData(index=i, embedding=_encode_vector(vec, fmt)) for i, vec in enumerate(vectors)]
-        return EmbeddingsResponse(data=data, model=model_name, usage=Usage(
-            prompt_tokens=words, total_tokens=words, images=sum(item.image is not None for item in items))
+        return EmbeddingsResponse(data=data, model=requested_model or model_name, usage=Usage(
+            prompt_tokens=tokens, total_tokens=tokens, images=sum(item.image is not None for item in items))
         ).model_dump()
 
     # ------------------------------------------------------------------ search
@@ -453,18 +463,62 @@ def create_app(model: Any, index: Any, settings: ServeSettings | None = None) ->
     return app
 
 
-def _embedding_items(req: EmbeddingsRequest, settings: ServeSettings) -> list[Item]:
-    entries = [req.input] if isinstance(req.input, str) else list(req.input)
+def _check_dimensions(dimensions: int | None, model: Any, model_name: str) -> int | None:
+    """OpenAI's ``dimensions``: the model's own dim always; fewer only for Matryoshka-trained models."""
+    dim = int(model.dim)
+    if dimensions is None or dimensions == dim:
+        return None
+    if dimensions > dim:
+        raise ApiError(400, f"dimensions={dimensions} is more than model {model_name!r} has ({dim})")
+    if not supports_matryoshka(model):
+        raise ApiError(400, f"dimensions={dimensions} is not supported: model {model_name!r} is not trained for "
+                            f"Matryoshka truncation, so it only gives its full {dim} dimensions")
+    return dimensions
+
+
+def _decode_ids(ids: list[int], tokenizer: Any, what: str, model_name: str) -> str:
+    if tokenizer is None:
+        raise ApiError(400, f"{what}: token-id input is not supported: model {model_name!r} has no tokenizer "
+                            "(send text instead)")
+    vocab = len(tokenizer)
+    bad = [t for t in ids if t >= vocab]
+    if bad:
+        raise ApiError(400, f"{what}: token id {bad[0]} is outside the vocabulary of model {model_name!r} "
+                            f"({vocab} ids)")
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _count_tokens(items: list[Item], id_counts: list[int | None], tokenizer: Any) -> int:
+    """Prompt tokens: the ids sent for token-array inputs, else the tokenizer's count (words without one)."""
+    texts = [item.text for item, ids in zip(items, id_counts, strict=True) if ids is None and item.text]
+    given = sum(n for n in id_counts if n is not None)
+    if tokenizer is None:
+        return given + sum(len(text.split()) for text in texts)
+    if not texts:
+        return given
+    encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return given + sum(len(ids) for ids in encoded)
+
+
+def _embedding_items(req: EmbeddingsRequest, settings: ServeSettings, tokenizer: Any = None,
+                     model_name: str = "model") -> tuple[list[Item], list[int | None]]:
+    """The items to embed, and for each the number of token ids it was sent as (``None``: sent as text)."""
+    one = isinstance(req.input, str) or (bool(req.input) and isinstance(req.input[0], int))
+    entries = [req.input] if one else list(req.input)
     if not entries:
         raise ApiError(400, "empty input: 'input' is an empty list")
     if len(entries) > settings.max_inputs:
         raise ApiError(413, f"{len(entries)} inputs in one request, over the limit of {settings.max_inputs}",
                        "request_too_large")
-    items = []
+    items: list[Item] = []
+    id_counts: list[int | None] = []
     for i, entry in enumerate(entries):
         what = f"input[{i}]"
-        if isinstance(entry, str):
-            text = _check_text(entry, settings, what)
+        ids = entry if isinstance(entry, list) and entry and isinstance(entry[0], int) else None
+        id_counts.append(len(ids) if ids is not None else None)
+        if isinstance(entry, str) or ids is not None:
+            raw = entry if isinstance(entry, str) else _decode_ids(ids, tokenizer, what, model_name)
+            text = _check_text(raw, settings, what)
             if text is None:
                 raise ApiError(400, f"{what}: empty text")
             items.append(Item(text=text, id=what))
@@ -478,7 +532,7 @@ def _embedding_items(req: EmbeddingsRequest, settings: ServeSettings) -> list[It
         if text is None and img is None:
             raise ApiError(400, f"{what}: empty input (no text and no image)")
         items.append(Item(text=text, image=img, id=what))
-    return items
+    return items, id_counts
 
 
 def _encode_vector(vec: np.ndarray, fmt: str) -> list[float] | str:

@@ -51,18 +51,23 @@ class ImagePart(BaseModel):
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-EmbeddingInput = str | list[ContentPart]
+# OpenAI's token-array input: ids of the served model's tokenizer (strict, so true/false or "1" are not ids).
+TokenIds = list[Annotated[int, Field(strict=True, ge=0)]]
+EmbeddingInput = str | TokenIds | list[ContentPart]
 
 
 class EmbeddingsRequest(BaseModel):
-    """``input``: a string, or a list whose entries are strings or lists of content parts (one item each)."""
+    """``input``: a string, a list of token ids (one input), or a list whose entries are strings, token-id
+    lists or lists of content parts (one item each). Token ids need a model with a tokenizer."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="accepted for OpenAI compatibility; the served model is used")
-    input: str | list[EmbeddingInput]
+    model: str | None = Field(None, description="echoed back in the response; the served model is used")
+    input: str | TokenIds | list[EmbeddingInput]
     instruction: str | None = Field(None, description="retrieval instruction prefixed to every input's text")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="not supported; must be omitted or equal the model's dim")
+    dimensions: int | None = Field(None, ge=1, description=(
+        "Matryoshka truncation to the first `dimensions` components, renormalised; only for models trained "
+        "for it (others accept only their own dim, else 400)"))
     user: str | None = None
 
 
@@ -73,7 +78,9 @@ class EmbeddingData(BaseModel):
 
 
 class Usage(BaseModel):
-    prompt_tokens: int = Field(..., description="whitespace-separated words of text (no tokenizer is exposed)")
+    prompt_tokens: int = Field(..., description=(
+        "tokens of the input texts by the model's tokenizer (token-array inputs count their ids); "
+        "whitespace-separated words for models without a tokenizer; instructions are not counted"))
     total_tokens: int
     images: int = 0
 
