@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import numpy as np
@@ -46,6 +46,7 @@ from jfe.models.tokens import supports_matryoshka, tokenizer_of
 from jfe.serve.batching import EncodeBatcher
 from jfe.serve.schemas import (
     EmbeddingData,
+    EmbeddingInput,
     EmbeddingsRequest,
     EmbeddingsResponse,
     Health,
@@ -390,7 +391,8 @@ def create_app(model: Any, index: Any, settings: ServeSettings | None = None) ->
             instruction, fmt = _form_str(form, "instruction"), _form_str(form, "encoding_format") or "float"
             if fmt not in ("float", "base64"):
                 raise ApiError(422, "encoding_format must be 'float' or 'base64'")
-            requested_model, dimensions, id_counts = _form_str(form, "model"), None, [None]
+            requested_model, dimensions = _form_str(form, "model"), None
+            id_counts: list[int | None] = [None]
         elif ctype in ("application/json", ""):
             req: EmbeddingsRequest = await _json_body(request, EmbeddingsRequest)
             dimensions = _check_dimensions(req.dimensions, model, model_name)
@@ -476,6 +478,11 @@ def _check_dimensions(dimensions: int | None, model: Any, model_name: str) -> in
     return dimensions
 
 
+def _is_token_ids(entry: list[Any]) -> bool:
+    """A non-empty list of ints (the schema's strict ints: never bools) is OpenAI's token-array input."""
+    return bool(entry) and isinstance(entry[0], int)
+
+
 def _decode_ids(ids: list[int], tokenizer: Any, what: str, model_name: str) -> str:
     if tokenizer is None:
         raise ApiError(400, f"{what}: token-id input is not supported: model {model_name!r} has no tokenizer "
@@ -503,8 +510,8 @@ def _count_tokens(items: list[Item], id_counts: list[int | None], tokenizer: Any
 def _embedding_items(req: EmbeddingsRequest, settings: ServeSettings, tokenizer: Any = None,
                      model_name: str = "model") -> tuple[list[Item], list[int | None]]:
     """The items to embed, and for each the number of token ids it was sent as (``None``: sent as text)."""
-    one = isinstance(req.input, str) or (bool(req.input) and isinstance(req.input[0], int))
-    entries = [req.input] if one else list(req.input)
+    one = isinstance(req.input, str) or _is_token_ids(req.input)  # a string or one token-id list: one input
+    entries = cast(list[EmbeddingInput], [req.input] if one else list(req.input))
     if not entries:
         raise ApiError(400, "empty input: 'input' is an empty list")
     if len(entries) > settings.max_inputs:
@@ -514,17 +521,18 @@ def _embedding_items(req: EmbeddingsRequest, settings: ServeSettings, tokenizer:
     id_counts: list[int | None] = []
     for i, entry in enumerate(entries):
         what = f"input[{i}]"
-        ids = entry if isinstance(entry, list) and entry and isinstance(entry[0], int) else None
+        ids = cast(list[int], entry) if not isinstance(entry, str) and _is_token_ids(entry) else None
         id_counts.append(len(ids) if ids is not None else None)
         if isinstance(entry, str) or ids is not None:
-            raw = entry if isinstance(entry, str) else _decode_ids(ids, tokenizer, what, model_name)
+            raw = entry if isinstance(entry, str) else _decode_ids(ids or [], tokenizer, what, model_name)
             text = _check_text(raw, settings, what)
             if text is None:
                 raise ApiError(400, f"{what}: empty text")
             items.append(Item(text=text, id=what))
             continue
-        texts = [p.text for p in entry if isinstance(p, TextPart) and p.text.strip()]
-        images = [p for p in entry if isinstance(p, ImagePart)]
+        parts = [p for p in entry if isinstance(p, TextPart | ImagePart)]
+        texts = [p.text for p in parts if isinstance(p, TextPart) and p.text.strip()]
+        images = [p for p in parts if isinstance(p, ImagePart)]
         if len(images) > 1:
             raise ApiError(422, f"{what}: at most one image part per input (got {len(images)})")
         text = _check_text(" ".join(texts), settings, what) if texts else None
