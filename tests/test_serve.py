@@ -543,3 +543,20 @@ def test_openapi_declares_the_api_key_security_schemes(client: TestClient, model
         assert c.post("/v1/embeddings", json={"input": "x"}, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert c.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Basic s3cret"}
                       ).status_code == 401
+
+
+@pytest.mark.assets
+def test_token_ids_and_usage_with_the_real_minilm_tokenizer(index) -> None:  # noqa: ANN001
+    """The tokenizer jfe-mini serves with (MiniLM WordPiece): sub-word ids decode back to the text."""
+    from jfe.models.text import load_tokenizer
+
+    toy = ToyEncoder()
+    toy.tokenizer = load_tokenizer()
+    text = "a glittering octahedron"
+    ids = toy.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # WordPiece splits "octahedron": tokens are not words
+    with make_client(toy, index) as c:
+        body = c.post("/v1/embeddings", json={"input": [ids]}).json()
+        np.testing.assert_allclose(body["data"][0]["embedding"], toy.encode([Item(text=text)])[0], atol=1e-6)
+        assert body["usage"]["prompt_tokens"] == len(ids)
+        assert c.post("/v1/embeddings", json={"input": text}).json()["usage"]["prompt_tokens"] == len(ids)
