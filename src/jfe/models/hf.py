@@ -34,7 +34,15 @@ from pydantic import ValidationError
 
 from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError
-from jfe.models.base import CONFIG_NAME, WEIGHTS_NAME, Encoder, EncoderConfig, default_device, l2_normalize
+from jfe.models.base import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    Encoder,
+    EncoderConfig,
+    default_device,
+    l2_normalize,
+    load_weights,
+)
 from jfe.paths import atomic_dir
 
 BACKBONE_DIR = "backbone"
@@ -293,8 +301,6 @@ class HFEncoder(Encoder):
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
                         **overrides: Any) -> HFEncoder:
         """Load a folder written by :meth:`save_pretrained`."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
@@ -307,12 +313,8 @@ class HFEncoder(Encoder):
         source = backbone_dir if backbone_dir.is_dir() else None
         full = config.weights == "full" and source is not None
         model = cls(config, device=device, source=source, pretrained_weights=not full)
-        state = load_file(str(directory / WEIGHTS_NAME))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        bad_missing = [k for k in missing if full or not model._may_be_missing(k)]
-        if unexpected or bad_missing:
-            raise ConfigError(f"weights in {directory} do not match the config: missing={bad_missing[:5]}, "
-                              f"unexpected={unexpected[:5]}")
+        # a full checkpoint holds every weight; a delta one may leave out the base weights
+        state = load_weights(model, directory, may_be_missing=lambda key: not full and model._may_be_missing(key))
         model._touched |= set(state)
         model.eval()
         return model
