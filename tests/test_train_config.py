@@ -99,3 +99,43 @@ def test_glue_parameters_get_their_own_optimizer_groups() -> None:
     assert _glue_ids(torch.nn.Linear(2, 2)) == set()  # models without glue: one lr for all
     with pytest.raises(ValueError):
         TrainConfig(model="x", data=Path("d"), output_dir=Path("o"), glue_lr=0)
+
+
+def test_model_overrides_are_checked_against_the_arch(tmp_path: Path) -> None:
+    base = {"model": "jfe-mini", "data": "d", "output_dir": "o"}
+    with pytest.raises(ConfigError, match=r"'gird' is not a setting of arch 'jfe-mini'"):
+        load_config({**base, "model_overrides": {"gird": 2}})
+    with pytest.raises(ConfigError, match=r"arch 'jfe-mini'.*embed_dim"):
+        load_config({**base, "model_overrides": {"embed_dim": 128}})  # a known key with a bad value
+    with pytest.raises(ConfigError, match=r"'vocab_buckets' is not a setting of arch 'late-fusion-ff-mini'"):
+        load_config({**base, "model": "late-fusion-ff-mini-2x2", "model_overrides": {"vocab_buckets": 8}})
+    with pytest.raises(ConfigError, match=r"'grid' is not a setting of arch 'toy-hash'"):
+        load_config({**base, "model": "toy", "model_overrides": {"grid": 2}})
+    assert load_config({**base, "model_overrides": {"grid": 2}}).model_overrides == {"grid": 2}
+    # a saved folder is checked against the arch in its config.json
+    from jfe.models.toy import ToyEncoder
+
+    saved = ToyEncoder().save_pretrained(tmp_path / "toy")
+    with pytest.raises(ConfigError, match=r"'grid' is not a setting of arch 'toy-hash'"):
+        load_config({**base, "model": str(saved), "model_overrides": {"grid": 2}})
+    # a folder that does not exist yet (stage 1 has not run) is checked when the run starts
+    assert load_config({**base, "model": str(tmp_path / "later"), "model_overrides": {"grid": 2}})
+
+
+def test_init_is_read_as_model_with_a_deprecation_warning() -> None:
+    base = {"model": "jfe-mini", "data": "d", "output_dir": "o"}
+    with pytest.warns(FutureWarning, match="'init' is deprecated"):
+        cfg = load_config({**base, "init": "stage1/final"})
+    assert cfg.model == cfg.start_from == "stage1/final" and "init" not in cfg.model_dump()
+    assert load_config({**base, "init": ""}).model == "jfe-mini"  # an empty init was always "unset"
+
+
+def test_shipped_configs_name_registered_models_with_the_2x2_grid() -> None:
+    from jfe.models.registry import _MODELS
+
+    for name in ("jfe-mini", "late-fusion-ff-mini"):
+        cfg = load_config(REPO / "configs" / f"{name}-stage1.toml")
+        assert cfg.model == f"{name}-2x2" and not cfg.model_overrides
+        assert _MODELS[cfg.model].config == {"grid": 2} and _MODELS[cfg.model].arch == name
+    stage2 = load_config(REPO / "configs" / "jfe-mini-stage2.toml")
+    assert stage2.model == "runs/train/jfe-mini/stage1/final" and not stage2.model_overrides

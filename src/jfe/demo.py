@@ -16,18 +16,19 @@ import typer
 
 from jfe.paths import atomic_write
 
+# run name -> registered model; a 2x2 visual grid wherever a model reads one (two-tower and SF pool globally)
 MODELS: dict[str, str] = {
-    "jfe-mini": "jfe-mini",
+    "jfe-mini": "jfe-mini-2x2",
     "two-tower": "two-tower-mini",
     "late-fusion-sf": "late-fusion-sf-mini",
-    "late-fusion-ff": "late-fusion-ff-mini",
+    "late-fusion-ff": "late-fusion-ff-mini-2x2",
 }
 
 # name -> which stages run; the ablations justify the two-stage design with numbers.
 ABLATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "jfe-mini": ("jfe-mini", ("stage1", "stage2")),
-    "jfe-mini-stage2-only": ("jfe-mini", ("stage2",)),
-    "jfe-mini-stage1-only": ("jfe-mini", ("stage1",)),
+    "jfe-mini": ("jfe-mini-2x2", ("stage1", "stage2")),
+    "jfe-mini-stage2-only": ("jfe-mini-2x2", ("stage2",)),
+    "jfe-mini-stage1-only": ("jfe-mini-2x2", ("stage1",)),
 }
 
 

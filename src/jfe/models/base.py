@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -132,43 +132,48 @@ class Encoder(torch.nn.Module):
         """Hook for files besides config and weights (e.g. a tokenizer)."""
 
     @classmethod
-    def from_config(cls, config: EncoderConfig | dict) -> Encoder:
-        """Build a model from a config (no weights loaded beyond the pretrained towers it names)."""
-        if isinstance(config, dict):
-            arch = config.get("arch")
-            if arch not in Encoder._registry:
-                raise ConfigError(f"unknown model arch {arch!r}; known: {sorted(Encoder._registry)}")
-            klass = Encoder._registry[arch]
-            config = klass.config_class(**config)
-        else:
-            klass = Encoder._registry.get(config.arch, cls)
-        return klass(config)
-
-    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> Encoder:
-        from safetensors.torch import load_file
+        """A folder written by :meth:`save_pretrained` (``jfe.models.registry.load_model`` does the work)."""
+        from jfe.models.registry import load_model
 
         directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.exists():
+        if not (directory / CONFIG_NAME).exists():
             raise ConfigError(f"{directory} is not a saved JFE model (no {CONFIG_NAME})")
-        config = json.loads(config_path.read_text())
-        klass = Encoder._registry.get(config.get("arch"))
-        if klass is not None and klass is not cls and "from_pretrained" in vars(klass):
-            # Architectures with their own checkpoint layout (e.g. hf-mllm's delta/full weights) load themselves.
-            return klass.from_pretrained(directory, device=device)
-        model = Encoder.from_config(config)
-        state = load_file(str(directory / WEIGHTS_NAME))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not model._may_be_missing(k)]:
-            raise ConfigError(f"weights in {directory} do not match the config: missing={missing[:5]}, "
-                              f"unexpected={unexpected[:5]}")
-        model.eval()
-        return model.to(device or default_device())
+        return load_model(directory, device=device)
 
     def _may_be_missing(self, key: str) -> bool:
         """Keys allowed to be absent from a checkpoint (e.g. non-persistent buffers)."""
         return False
+
+
+def load_weights(model: torch.nn.Module, folder: str | os.PathLike, device: str | torch.device = "cpu",
+                 may_be_missing: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Load ``folder/model.safetensors`` into ``model`` (every loader's one way to do it); returns the state.
+
+    Keys the checkpoint may leave out (``may_be_missing``, default the model's ``_may_be_missing``: e.g. a
+    delta checkpoint's frozen base weights) are allowed; any other missing, unexpected or misshapen weight is
+    a :class:`ConfigError` naming the folder.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.exists():
+        raise ConfigError(f"{folder} has a config but no {WEIGHTS_NAME}")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ConfigError(f"{weights}: cannot read the weights ({exc})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch, e.g. an override that changes the architecture
+        raise ConfigError(f"weights in {folder} do not fit the config: {str(exc).splitlines()[-1]}") from None
+    allowed = may_be_missing or getattr(model, "_may_be_missing", lambda key: False)
+    missing = [k for k in missing if not allowed(k)]
+    if missing or unexpected:
+        raise ConfigError(f"weights in {folder} do not match the config: missing={missing[:5]}, "
+                          f"unexpected={unexpected[:5]}")
+    return state
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

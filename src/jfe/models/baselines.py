@@ -23,8 +23,8 @@ from torch import nn
 from jfe.data.items import Item
 from jfe.errors import ConfigError
 from jfe.models.base import l2_normalize
-from jfe.models.jfe_mini import TowerConfig, TowerEncoder, check_items
 from jfe.models.text import HIDDEN, mean_pool
+from jfe.models.towers import TowerConfig, TowerEncoder, check_items
 from jfe.models.vision import FEATURE_DIM, grid_tokens
 
 

@@ -38,7 +38,14 @@ from pydantic import ValidationError
 
 from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError
-from jfe.models.base import CONFIG_NAME, WEIGHTS_NAME, Encoder, EncoderConfig, default_device, l2_normalize
+from jfe.models.base import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    Encoder,
+    EncoderConfig,
+    default_device,
+    l2_normalize,
+)
 from jfe.paths import atomic_dir
 
 BACKBONE_DIR = "backbone"
@@ -346,8 +353,6 @@ class HFEncoder(Encoder):
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
                         **overrides: Any) -> HFEncoder:
         """Load a folder written by :meth:`save_pretrained`."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
@@ -360,6 +365,8 @@ class HFEncoder(Encoder):
         backbone_dir = directory / BACKBONE_DIR
         source = backbone_dir if backbone_dir.is_dir() else None
         full = config.weights == "full" and source is not None
+        from safetensors.torch import load_file
+
         state = load_file(str(directory / WEIGHTS_NAME))
         adapter_from = _saved_adapter(directory, saved, overrides, state)
         model = cls(config, device=device, source=source, pretrained_weights=not full, adapter_from=adapter_from)

@@ -23,9 +23,10 @@ import torch
 from pydantic import ValidationError
 
 from jfe.errors import ConfigError
-from jfe.models.base import CONFIG_NAME, WEIGHTS_NAME, Encoder, default_device
+from jfe.models.base import CONFIG_NAME, Encoder, default_device, load_weights
 
 HF_PREFIX = "hf:"
+HF_ARCH = "hf-mllm"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ register_model("late-fusion-sf-mini", "late-fusion-sf-mini", "UniIR score fusion
                "unimodal embeddings")
 register_model("late-fusion-ff-mini", "late-fusion-ff-mini", "UniIR feature fusion: 2-layer transformer over "
                "both towers' output tokens")
+register_model("late-fusion-ff-mini-2x2", "late-fusion-ff-mini", "late-fusion-ff-mini over 2x2 + global visual "
+               "tokens (the grid the shipped training configs use)", grid=2)
+register_model("toy-hash", "toy-hash", "test encoder: hashed bag of words + 4x4 colour thumbnail (no pretrained "
+               "weights; fast, weak)", embed_dim=32)
+register_model("toy", "toy-hash", "alias of toy-hash", embed_dim=32)
 
 
 def _register_archs() -> None:
@@ -78,24 +84,67 @@ def list_models() -> list[ModelInfo]:
     return list(_MODELS.values())
 
 
-def _build(arch: str, config: dict[str, Any], what: str) -> Encoder:
+def _arch_class(arch: str, what: str) -> type[Encoder]:
     _register_archs()
-    if arch == "hf-mllm":
+    if arch == HF_ARCH:
         import jfe.models.hf  # noqa: F401
     klass = Encoder._registry.get(arch)
     if klass is None:
         raise ConfigError(f"{what}: unknown model arch {arch!r}; known: {sorted(Encoder._registry)}")
+    return klass
+
+
+def _make_config(klass: type[Encoder], arch: str, config: dict[str, Any], what: str) -> Any:
     try:
-        cfg = klass.config_class(**{**config, "arch": arch})
+        return klass.config_class(**{**config, "arch": arch})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{what}: invalid config: {problems}") from None
-    return klass(cfg)
+        raise ConfigError(f"{what}: invalid config for arch {arch!r}: {problems}") from None
+
+
+def _build(arch: str, config: dict[str, Any], what: str) -> Encoder:
+    klass = _arch_class(arch, what)
+    return klass(_make_config(klass, arch, config, what))
+
+
+def _saved_arch(directory: Path) -> str | None:
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # load_model reports an unreadable config with its own clear error
+    return config.get("arch") if isinstance(config, dict) else None
+
+
+def check_overrides(name_or_path: str | os.PathLike, overrides: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the key and the arch when an override is not a setting of the
+    model's config class (for a registered name: or not a valid value), without building the model.
+
+    A folder that does not exist yet (a stage-2 config naming the stage-1 output) cannot be checked here;
+    :func:`load_model` checks it when the run starts.
+    """
+    spec = os.fspath(name_or_path)
+    if spec.startswith(HF_PREFIX):
+        arch, base = HF_ARCH, None
+    elif spec in _MODELS:
+        arch, base = _MODELS[spec].arch, _MODELS[spec].config
+    elif (Path(spec) / CONFIG_NAME).is_file():
+        arch, base = _saved_arch(Path(spec)), None
+    else:
+        return
+    if arch is None:
+        return
+    what = f"model_overrides of {spec!r}"
+    klass = _arch_class(arch, what)
+    fields = set(klass.config_class.model_fields) - {"arch"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"{what}: {unknown[0]!r} is not a setting of arch {arch!r} "
+                          f"(its settings: {', '.join(sorted(fields))})")
+    if base is not None:
+        _make_config(klass, arch, {**base, **overrides}, what)
 
 
 def _load_saved(directory: Path, overrides: dict[str, Any]) -> Encoder:
-    from safetensors.torch import load_file
-
     try:
         config = json.loads((directory / CONFIG_NAME).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -103,26 +152,12 @@ def _load_saved(directory: Path, overrides: dict[str, Any]) -> Encoder:
     if not isinstance(config, dict) or "arch" not in config:
         raise ConfigError(f"{directory / CONFIG_NAME}: not a JFE model config (no 'arch')")
     arch = config.pop("arch")
-    if arch == "hf-mllm":  # the HF adapter knows how to rebuild its backbone (and adapters) from a folder
+    if arch == HF_ARCH:  # the HF adapter knows how to rebuild its backbone (and adapters) from a folder
         from jfe.models.hf import HFEncoder
 
-        return HFEncoder.from_path(directory, **overrides)
+        return HFEncoder.from_pretrained(directory, **overrides)
     model = _build(arch, {**config, **overrides}, str(directory))
-    weights = directory / WEIGHTS_NAME
-    if not weights.exists():
-        raise ConfigError(f"{directory} has a config but no {WEIGHTS_NAME}")
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ConfigError(f"{weights}: cannot read the weights ({exc})") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch, e.g. an override that changes the architecture
-        raise ConfigError(f"weights in {directory} do not fit the config: {str(exc).splitlines()[-1]}") from None
-    missing = [k for k in missing if not model._may_be_missing(k)]
-    if missing or unexpected:
-        raise ConfigError(f"weights in {directory} do not match the config: missing={missing[:5]}, "
-                          f"unexpected={unexpected[:5]}")
+    load_weights(model, directory)
     return model
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,9 +47,10 @@ class TrainConfig(BaseModel):
 
     stage: Literal["stage1", "stage2", "custom"] = "custom"
     # what to train
-    model: str = Field(description="model name for jfe.models.load_model, or a saved model folder")
-    init: str | None = Field(default=None, description="start from this saved checkpoint instead of `model`")
-    model_overrides: dict[str, Any] = Field(default_factory=dict, description="kwargs for load_model")
+    model: str = Field(description="what the run starts from: a registered name, hf:<path>, or a saved model "
+                       "folder (e.g. the stage-1 output) -- anything jfe.models.load_model takes")
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="config fields for load_model, "
+                                            "checked against the model's arch when the config loads")
     # data
     data: Path = Field(description="M-BEIR-layout dataset root")
     train_split: str = Field(default="train", description="query/<split>/ to train on (M-BEIR's union training "
@@ -110,8 +112,27 @@ class TrainConfig(BaseModel):
             return {**STAGE_PRESETS[values["stage"]], **values}
         return values
 
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_init(cls, values: Any) -> Any:
+        """``init`` (deprecated) once named the checkpoint to start from besides ``model``; both now say
+        what the run starts from, so a non-empty ``init`` becomes ``model`` (with a warning)."""
+        if not isinstance(values, dict) or "init" not in values:
+            return values
+        values = dict(values)
+        init = values.pop("init")
+        if init:
+            warnings.warn(f"training config key 'init' is deprecated: write model = {str(init)!r} instead "
+                          f"(one field says what the run starts from)", FutureWarning, stacklevel=2)
+            values["model"] = init
+        return values
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.model_overrides:
+            from jfe.models.registry import check_overrides
+
+            check_overrides(self.model, self.model_overrides)  # a ConfigError is a ValueError: pydantic reports it
         if not self.min_temperature <= self.temperature <= self.max_temperature:
             raise ValueError("temperature must lie in [min_temperature, max_temperature]")
         if any(w < 0 for w in self.task_weights.values()) or (self.task_weights and
@@ -123,8 +144,8 @@ class TrainConfig(BaseModel):
 
     @property
     def start_from(self) -> str:
-        """What the run starts from: ``init`` when set (an empty string counts as unset), else ``model``."""
-        return self.init or self.model
+        """What the run starts from (``model``; kept for callers of the days of a separate ``init``)."""
+        return self.model
 
     def phase_lr(self, index: int) -> float:
         """Peak learning rate of the ``index``-th phase of :meth:`phase_plan`."""
@@ -150,6 +171,7 @@ class TrainConfig(BaseModel):
         """``[(trainable, first_step, end_step)]`` with 0-based, end-exclusive steps covering the run
         (phases that get no steps are dropped)."""
         return [span for span in self._spans() if span[2] > span[1]]
+
 
 def _parse_value(raw: str) -> Any:
     """A ``--set`` value: a TOML literal when it parses as one (numbers, booleans, arrays), else a string."""
@@ -210,7 +232,7 @@ def load_config(config: TrainConfig | str | os.PathLike | dict[str, Any],
                 overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read and validate a config (a TOML path, a dict or a TrainConfig), applying overrides.
 
-    Relative ``data``/``output_dir``/``model``/``init`` paths in a TOML file are taken relative to the
+    Relative ``data``/``output_dir``/``model`` paths in a TOML file are taken relative to the
     current directory (where ``jfe`` is run), like every other CLI path.
     """
     source = "<dict>"

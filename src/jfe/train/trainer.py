@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from jfe.errors import ConfigError
+from jfe.models.base import load_weights
 from jfe.paths import atomic_dir, atomic_write
 from jfe.train.config import TrainConfig, load_config
 from jfe.train.data import BatchSampler, TrainingData, load_val_groups, rank_pool
@@ -74,33 +75,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The encoder to train: ``init`` (a saved folder) if set, else ``model`` (a name or a folder)."""
-    import jfe.models.toy  # noqa: F401  (registers the test arch so saved toy models load too)
-    from jfe.models.base import Encoder
+    """The encoder to train: ``model`` (a registered name, ``hf:<path>`` or a saved folder) with its overrides."""
+    from jfe.models.registry import load_model
 
-    spec = cfg.start_from
-    if spec in ("toy", "toy-hash"):
-        from jfe.models.toy import ToyConfig, ToyEncoder
-
-        return ToyEncoder(ToyConfig(**cfg.model_overrides)).to(device)
-    try:
-        from jfe.models.registry import load_model
-    except ModuleNotFoundError as exc:
-        if exc.name != "jfe.models.registry":
-            raise
-        if (Path(spec) / "config.json").exists():
-            import contextlib
-            import importlib
-
-            for name in ("jfe.models.jfe_mini", "jfe.models.baselines", "jfe.models.hf"):  # register their archs
-                with contextlib.suppress(ModuleNotFoundError):
-                    importlib.import_module(name)
-            return Encoder.from_pretrained(spec, device=device)
-        raise ConfigError(f"cannot build model {spec!r}: jfe.models.registry is not installed yet; only saved "
-                          f"model folders and 'toy-hash' can be trained") from None
-    # pretrained=False: a model name in a training config means the architecture trained from scratch,
-    # never weights someone registered in the pretrained table (start from those with `init`)
-    return load_model(spec, device=device, pretrained=False, **cfg.model_overrides)
+    # pretrained=False: a model name in a training config means the architecture trained from scratch, never
+    # weights someone registered in the pretrained table (name a saved folder to start from trained weights)
+    return load_model(cfg.model, device=device, pretrained=False, **cfg.model_overrides)
 
 
 def _glue_ids(model: torch.nn.Module) -> set[int]:
@@ -241,8 +221,6 @@ class Trainer:
         self.ctx.barrier()
 
     def _load_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
         state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
         if state["world_size"] != self.ctx.world_size:
             raise ConfigError(f"{folder} was written by {state['world_size']} processes; resume with as many "
@@ -252,16 +230,8 @@ class Trainer:
             self._enter_phase(index)
         if hasattr(self.model, "load_saved_weights"):  # HF: model.safetensors + PEFT adapter files, checked there
             self.model.load_saved_weights(folder / "model")
-            missing, unexpected = [], []
         else:
-            weights = load_file(str(folder / "model" / "model.safetensors"), device=str(self.ctx.device))
-            missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        # delta checkpoints (HF + LoRA) leave out frozen base weights, which the rebuilt model already has
-        may_miss = getattr(self.model, "_may_be_missing", lambda key: False)
-        missing = [k for k in missing if not may_miss(k)]
-        if missing or unexpected:
-            raise ConfigError(f"{folder}: model weights do not match the config's model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            load_weights(self.model, folder / "model", device=self.ctx.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.loss.load_state_dict(state["loss"])
         self.sampler.load_state_dict(state["sampler"])

@@ -1,0 +1,100 @@
+"""The base classes of every model built on the two pretrained towers (MobileNetV2 + MiniLM-L6):
+``jfe-mini`` and the baselines (two-tower, late-fusion SF and FF) share their config fields, the towers,
+the frozen-vision feature cache and the ``align``/``full`` trainable switch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from jfe.data.items import Item
+from jfe.errors import ConfigError, DataError
+from jfe.models.base import Encoder, EncoderConfig
+from jfe.models.feature_cache import feature_maps
+from jfe.models.text import TextTower
+from jfe.models.vision import VisionTower
+
+
+class TowerConfig(EncoderConfig):
+    """Settings shared by every model built on the MobileNetV2 + MiniLM towers."""
+
+    arch: str = ""
+    image_size: int = Field(224, description="input side in pixels (multiple of 32; the feature map is size/32)")
+    grid: int = Field(4, description="visual tokens per side, pooled from the feature map (7 = the full map at 224)")
+    global_token: bool = Field(True, description="add one global (mean-pooled) visual token after the grid")
+    freeze_vision: bool = Field(True, description="keep MobileNetV2 frozen (and its features cached)")
+    max_text_tokens: int = Field(64, description="WordPiece tokens kept per text (instruction included)")
+    pretrained: bool = Field(True, description="load the pretrained towers (False: random, for tests)")
+    seed: int = Field(0, description="seed for the new (glue) weights")
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, value: int) -> int:
+        if value < 32 or value % 32:
+            raise ValueError(f"image_size must be a multiple of 32 and >= 32, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _grid(self) -> TowerConfig:
+        side = self.image_size // 32
+        if not 1 <= self.grid <= side:
+            raise ValueError(f"grid must be between 1 and the feature map side {side} (image_size "
+                             f"{self.image_size}), got {self.grid}")
+        if not 1 <= self.max_text_tokens <= 500:
+            raise ValueError(f"max_text_tokens must be in 1..500, got {self.max_text_tokens}")
+        return self
+
+    @property
+    def n_visual(self) -> int:
+        return self.grid * self.grid + int(self.global_token)
+
+
+def check_items(items: Sequence[Item]) -> list[str]:
+    """Each item's modality; a clear :class:`DataError` for wrong types and empty items."""
+    modalities = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Item):
+            raise DataError(f"expected an Item, got {type(item).__name__} (use encode() for raw inputs)",
+                            record_id=f"item #{i}")
+        modalities.append(item.modality)  # raises DataError naming the item when it is empty
+    if not items:
+        raise DataError("no items to embed")
+    return modalities
+
+
+class TowerEncoder(Encoder):
+    """Base for models on the shared towers: ``self.vision`` (MobileNetV2) and ``self.text`` (MiniLM).
+
+    Subclasses list their new weights in :meth:`glue_modules`; ``set_trainable("align")`` trains only those,
+    ``"full"`` everything except a frozen vision tower.
+    """
+
+    config: TowerConfig
+
+    def __init__(self, config: TowerConfig) -> None:
+        super().__init__(config)
+        self.vision = VisionTower(config.image_size, pretrained=config.pretrained)
+        self.text = TextTower(config.max_text_tokens, pretrained=config.pretrained)
+        self.vision.requires_grad_(not config.freeze_vision)
+
+    def glue_modules(self) -> list[nn.Module | nn.Parameter]:
+        raise NotImplementedError
+
+    def set_trainable(self, phase: str) -> None:
+        if phase not in ("align", "full"):
+            raise ConfigError(f"unknown training phase {phase!r} (expected 'align' or 'full')")
+        self.requires_grad_(phase == "full")
+        self.vision.requires_grad_(phase == "full" and not self.config.freeze_vision)
+        for glue in self.glue_modules():
+            glue.requires_grad_(True)
+
+    def image_features(self, items: Sequence[Item]) -> torch.Tensor:
+        """Feature maps ``[n, 1280, h, w]`` of the items' images (cached when the tower is frozen)."""
+        return feature_maps(self.vision, [item.image for item in items], [item.id for item in items])
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed)
