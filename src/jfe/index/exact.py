@@ -167,7 +167,13 @@ def _scan_fp32(queries: np.ndarray, pool: np.ndarray, top: _TopK, chunk_rows: in
         vals_np = vals.numpy().ravel()
         tied = torch.nonzero(ties > 0).flatten().numpy()
         if len(tied):
-            tq, tc = np.nonzero(scores_np[tied] == kth.numpy()[tied][:, None])
+            # for those rows, replace topk's arbitrary pick among the k-th-score ties by all of them
+            kth_np = kth.numpy()
+            drop = np.zeros(len(queries), dtype=bool)
+            drop[tied] = True
+            keep = ~(drop[qrows] & (vals_np == kth_np[qrows]))
+            qrows, cols_np, vals_np = qrows[keep], cols_np[keep], vals_np[keep]
+            tq, tc = np.nonzero(scores_np[tied] == kth_np[tied][:, None])
             qrows = np.concatenate([qrows, tied[tq]])
             cols_np = np.concatenate([cols_np, tc])
             vals_np = np.concatenate([vals_np, scores_np[tied[tq], tc]])
