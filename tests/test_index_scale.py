@@ -62,7 +62,7 @@ def test_exact_topk_ties_memmap_and_short_pool(tmp_path: Path) -> None:
     assert rows.tolist() == [[0, 1, -1, -1]] and np.isneginf(scores[0, 2:]).all()
 
 
-@pytest.mark.parametrize("factory", ["HNSW16", "IVF16,PQ8", "OPQ8,IVF16,PQ8"])
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF16,PQ8x4", "OPQ8,IVF16,PQ8x4"])
 def test_ann_factory_records_recall_and_params_and_mmaps(factory: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     centres = _unit(rng, 20, 32)
