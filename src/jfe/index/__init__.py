@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from jfe.index.shards import ShardedIndex, load_index
 from jfe.index.vector_index import VectorIndex
 
-__all__ = ["VectorIndex", "build_index", "read_pools"]
+__all__ = ["ShardedIndex", "VectorIndex", "build_index", "load_index", "read_pools", "write_index"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("build_index", "read_pools"):
+    if name in ("build_index", "read_pools", "write_index"):
         from jfe.index import build
 
         return getattr(build, name)

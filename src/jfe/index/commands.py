@@ -47,22 +47,25 @@ def index_build(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Candidates per encoder batch."),
     nprobe: int = typer.Option(None, "--nprobe", min=1, help="IVF lists probed per query (more: slower, more "
                                                              "exact); saved with the index."),
+    search_param: list[str] = typer.Option(None, "--search-param", help="faiss search parameter NAME=VALUE "
+                                           "(efSearch=128, nprobe=32); repeatable; saved in meta.json."),
+    shards: int = typer.Option(1, "--shards", min=1, help="Write the index as this many shards."),
+    ray: str = typer.Option(None, "--ray", help="Encode with Ray across workers (ADDRESS or auto; needs the "
+                                                "`ray` extra) and write shards."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Embed candidate pools (no instruction) and write a searchable index folder."""
     import time
 
-    from jfe.index.build import build_index
-    from jfe.models.registry import load_model
+    from jfe.index.build import parse_search_params, write_index
 
     files = _split_files(pool)
     started = time.perf_counter()
-    encoder = load_model(model)
-    index = build_index(encoder, files, data_root, factory=factory, batch_size=batch_size, progress=progress,
-                        model_name=model)
+    params = parse_search_params(search_param) if search_param else None
     if nprobe is not None:
-        index.set_search_param("nprobe", nprobe)
-    index.save(out)
+        params = {**(params or {}), "nprobe": nprobe}
+    index = write_index(out, model, files, data_root, factory=factory, search_params=params, batch_size=batch_size,
+                        progress=progress, shards=shards, ray_address=ray)
     _console(stderr=True).print(f"indexed {len(index)} candidates (dim {index.dim}, {factory}) into {out} "
                                 f"in {time.perf_counter() - started:.1f}s", markup=False)
 
@@ -79,14 +82,14 @@ def search_command(
 ) -> None:
     """Search an index with a text, an image, or both; print a ranked table (or JSON)."""
     from jfe.data.items import Item
-    from jfe.index.vector_index import VectorIndex
+    from jfe.index.shards import load_index
     from jfe.models.registry import load_model
 
     if not text and image is None:
         raise ConfigError("give a query: --text, --image or both")
     if image is not None and not image.is_file():
         raise DataError("query image not found", path=str(image))
-    vector_index = VectorIndex.load(index)
+    vector_index = load_index(index, mmap=True)  # search only: the vectors page in from disk
     name = model or vector_index.meta.get("model")
     if not name:
         raise ConfigError(f"the index at {index} does not name its model; pass --model")

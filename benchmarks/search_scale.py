@@ -1,0 +1,228 @@
+"""Search at scale: exact and approximate methods on random-but-clustered 384-d vectors, in one run.
+
+For each pool size and method it reports queries/s (one batch of ``--queries`` queries, median of
+``--repeats``), recall@10 against exact fp32 search, build time and the peak RSS of the process while the
+method was built and searched (sampled every 20 ms). Methods:
+
+* ``numpy``: fp32 ``Q @ P.T`` + ``argpartition`` (the baseline);
+* ``faiss-flat``: ``faiss.IndexFlatIP``;
+* ``jfe-exact``: :func:`jfe.index.exact.exact_topk` (blocked BLAS + running top-k; bf16 scan with fp32
+  rescoring only where the CPU has avx512_bf16/amx_bf16);
+* ``hnsw``: ``HNSW32`` (efSearch ``--ef-search``);
+* ``ivfpq``: ``IVF{lists},PQ{m}`` trained on a seeded sample (nprobe ``--nprobe``).
+
+Vectors: ``--clusters`` unit centres, each vector a centre plus Gaussian noise, L2-normalised; queries are
+fresh draws from the same mixture. Ground truth is a streamed exact scan (``exact_topk`` over the pool).
+Pools over ``--ram-limit`` vectors are generated in chunks into a float32 file that is memory-mapped
+(never the whole pool in RAM as one array); there only jfe-exact and ivfpq run.
+
+    nice python benchmarks/search_scale.py --sizes 1000000 --out runs/bench/search_scale.json
+
+Prints the CPU flags that matter (avx2 / avx512* / amx*); figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = next(line for line in handle if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakRSS:
+    """Samples VmRSS in a thread: the peak while the ``with`` block ran."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak, self._stop = rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def clustered(rng: np.random.Generator, centres: np.ndarray, n: int, noise: float, out: np.ndarray,
+              chunk: int = 100_000) -> np.ndarray:
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        block = centres[rng.integers(0, len(centres), m)] + noise * rng.standard_normal((m, centres.shape[1]),
+                                                                                        dtype=np.float32)
+        out[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def numpy_topk(pool: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    scores = queries @ pool.T
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(part, np.argsort(-np.take_along_axis(scores, part, 1), axis=1), 1)
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / truth.shape[1]
+                          for a, b in zip(found, truth, strict=True)]))
+
+
+def timed(search: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
+    found = search()  # warm-up (page-in, thread pools)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        found = search()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), found
+
+
+def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[dict]:
+    import faiss
+
+    from jfe.index.exact import exact_topk, resolve_precision
+
+    rng = np.random.default_rng(args.seed)
+    d, k = args.dim, 10
+    centres = rng.standard_normal((args.clusters, d), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    t0 = time.perf_counter()
+    in_ram = n <= args.ram_limit
+    if in_ram:
+        pool = clustered(rng, centres, n, args.noise, np.empty((n, d), dtype=np.float32))
+    else:
+        path = workdir / f"pool_{n}.f32"
+        pool = clustered(rng, centres, n, args.noise, np.lib.format.open_memmap(path, "w+", np.float32, (n, d)))
+        pool.flush()
+        pool = np.load(path, mmap_mode="r")
+    queries = clustered(rng, centres, args.queries, args.noise, np.empty((args.queries, d), dtype=np.float32))
+    gen_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, truth = exact_topk(queries, pool, k, precision="fp32")
+    truth_s = time.perf_counter() - t0
+    print(f"n={n}: generated in {gen_s:.0f}s, ground truth (streamed exact scan) in {truth_s:.0f}s", flush=True)
+
+    def train_sample() -> np.ndarray:
+        rows = np.sort(np.random.default_rng(args.seed).choice(n, size=min(n, args.train_sample), replace=False))
+        return np.ascontiguousarray(pool[rows])
+
+    def add_chunked(index: faiss.Index) -> None:
+        for start in range(0, n, 200_000):
+            index.add(np.ascontiguousarray(pool[start:start + 200_000]))
+
+    methods: dict[str, Callable[[], tuple[Callable[[], np.ndarray], object]]] = {}
+    if in_ram:
+        methods["numpy"] = lambda: (lambda: numpy_topk(pool, queries, k), None)
+
+        def flat():  # noqa: ANN202
+            index = faiss.IndexFlatIP(d)
+            index.add(pool)
+            return (lambda: index.search(queries, k)[1]), index
+        methods["faiss-flat"] = flat
+    methods["jfe-exact"] = lambda: (lambda: exact_topk(queries, pool, k)[1], None)
+    if in_ram:
+        def hnsw():  # noqa: ANN202
+            index = faiss.index_factory(d, "HNSW32", faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = args.ef_construction
+            add_chunked(index)
+            index.hnsw.efSearch = args.ef_search
+            return (lambda: index.search(queries, k)[1]), index
+        methods["hnsw"] = hnsw
+
+    def ivfpq():  # noqa: ANN202
+        index = faiss.index_factory(d, f"IVF{args.lists},PQ{args.pq}", faiss.METRIC_INNER_PRODUCT)
+        index.train(train_sample())
+        add_chunked(index)
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", args.nprobe)
+        return (lambda: index.search(queries, k)[1]), index
+    methods["ivfpq"] = ivfpq
+
+    rows = []
+    for name in [m for m in args.methods.split(",") if m in methods]:
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            search, index = methods[name]()
+            build_s = time.perf_counter() - t0
+            seconds, found = timed(search, args.repeats)
+        row = {"n": n, "dim": d, "method": name, "queries": args.queries, "qps": args.queries / seconds,
+               "recall@10": recall(found, truth), "build_s": build_s, "peak_rss_mb": peak.peak,
+               "pool_in_ram": in_ram}
+        if name == "jfe-exact":
+            row["precision"] = resolve_precision("auto")
+        if name == "hnsw":
+            row.update(ef_search=args.ef_search, ef_construction=args.ef_construction)
+        if name == "ivfpq":
+            row.update(factory=f"IVF{args.lists},PQ{args.pq}", nprobe=args.nprobe, train_sample=args.train_sample)
+        rows.append(row)
+        print(f"  {name:<11} {row['qps']:>9.0f} q/s  recall@10 {row['recall@10']:.3f}  build {build_s:>7.1f}s  "
+              f"peak RSS {peak.peak:>7.0f} MB", flush=True)
+        del index, search
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000000", help="comma-separated pool sizes (e.g. 1000000,10000000)")
+    parser.add_argument("--methods", default="numpy,faiss-flat,jfe-exact,hnsw,ivfpq")
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--queries", type=int, default=256, help="query batch (also the ground-truth queries)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--noise", type=float, default=0.06, help="per-coordinate Gaussian noise around a centre")
+    parser.add_argument("--ef-search", type=int, default=128)
+    parser.add_argument("--ef-construction", type=int, default=40)
+    parser.add_argument("--lists", type=int, default=1024)
+    parser.add_argument("--pq", type=int, default=32)
+    parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--train-sample", type=int, default=131_072)
+    parser.add_argument("--ram-limit", type=int, default=2_000_000, help="bigger pools are memory-mapped files")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    import faiss
+
+    env = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+           "cpu_flags": cpu_flags(), "faiss": faiss.__version__, "numpy": np.__version__,
+           "faiss_threads": faiss.omp_get_max_threads(), "load_avg_start": os.getloadavg()}
+    print("CPU flags:", " ".join(env["cpu_flags"]) or "(unknown)", flush=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="jfe_search_scale_") as workdir:
+        for n in (int(s) for s in args.sizes.split(",") if s.strip()):
+            rows.extend(bench_size(n, args, Path(workdir)))
+            if args.out:  # after every size: a long run killed half way keeps what it measured
+                env["load_avg_end"] = os.getloadavg()
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
+                                                "results": rows}, indent=2) + "\n")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
