@@ -39,6 +39,8 @@ def eval_command(
     run_name: str = typer.Option(None, "--run-name", help="Run id in the TREC file (default: the model name)."),
     max_queries: int = typer.Option(None, "--max-queries", min=1, help="Cap queries per file (smoke tests)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    precision: str = typer.Option("auto", "--precision", help="Compute precision: auto (bf16 where the CPU/GPU "
+                                                              "has native bf16, else fp32), fp32 or bf16."),
     text_mode: str = typer.Option("jfe", "--text-mode", help="Text formatting: 'jfe', or 'uniir' (UniIR's exact "
                                                              "format_string, to reproduce UniIR checkpoints)."),
 ) -> None:
@@ -52,6 +54,7 @@ def eval_command(
     if pool not in ("local", "global"):
         raise ConfigError(f"--pool must be 'local' or 'global', got {pool!r}")
     encoder = load_model(model)
+    encoder.set_precision(precision)
     result = evaluate(encoder, data, split=split, pool=pool, out_dir=out, instructions=instructions,
                       batch_size=batch_size, run_name=run_name or _run_name(model), model_name=model,
                       progress=progress, max_queries=max_queries, text_mode=text_mode)  # type: ignore[arg-type]

@@ -185,10 +185,14 @@ def model_fingerprint(model: Encoder) -> str:
     """A short hash of the model's arch, config and weights: embeddings cached under it stay valid."""
     import torch
 
+    from jfe.models.precision import resolve_precision
+
     digest = hashlib.sha1()
     config = getattr(model, "config", None)
     dumped = config.model_dump() if hasattr(config, "model_dump") else repr(config)
-    digest.update(json.dumps([model.arch, dumped], sort_keys=True, default=str).encode())
+    precision = resolve_precision(getattr(model, "precision", "fp32"), model.device)  # bf16 vectors differ slightly
+    digest.update(json.dumps([model.arch, dumped] + ([precision] if precision != "fp32" else []), sort_keys=True,
+                             default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())

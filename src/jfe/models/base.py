@@ -90,13 +90,28 @@ class Encoder(torch.nn.Module):
             param.requires_grad_(True)
 
     # --- inference ---------------------------------------------------------------------------
+    #: compute precision of :meth:`encode` when the call gives none (``"auto"``/``"fp32"``/``"bf16"``, see
+    #: :mod:`jfe.models.precision`): "auto" = bf16 autocast where the hardware has native bf16, else fp32
+    precision: str = "auto"
+
+    def set_precision(self, precision: str) -> Encoder:
+        """Make ``precision`` the default of :meth:`encode` (checked now, resolved per call and device)."""
+        from jfe.models.precision import check_precision
+
+        self.precision = check_precision(precision)
+        return self
+
     @torch.no_grad()
     def encode(self, items: Sequence[Any], instruction: str | None = None, batch_size: int = 32,
-               progress: bool = False, desc: str = "encode") -> np.ndarray:
+               progress: bool = False, desc: str = "encode", precision: str | None = None) -> np.ndarray:
         """Embed items (texts, images, image+text pairs, in any mix) as float32 ``[n, dim]``.
 
-        ``instruction`` is prefixed to every item's text (the query side of retrieval).
+        ``instruction`` is prefixed to every item's text (the query side of retrieval). ``precision``
+        (default: :attr:`precision`) is the compute precision; vectors come back float32 and unit-norm either way.
         """
+        from jfe.models.precision import autocast, resolve_precision
+
+        compute = resolve_precision(precision or self.precision, self.device)
         coerced = [as_item(obj, i) for i, obj in enumerate(items)]
         if instruction:
             coerced = [item.with_instruction(instruction) for item in coerced]
@@ -110,7 +125,11 @@ class Encoder(torch.nn.Module):
             starts = range(0, len(coerced), batch_size)
             for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(coerced) == 0):
                 rows = order[start:start + batch_size]
-                out[rows] = self.embed([coerced[i] for i in rows]).float().cpu().numpy()
+                with autocast(compute, self.device):
+                    vectors = self.embed([coerced[i] for i in rows])
+                if compute != "fp32":  # bf16 rounding leaves norms a little off 1: renormalise in fp32
+                    vectors = l2_normalize(vectors.float())
+                out[rows] = vectors.float().cpu().numpy()
         finally:
             self.train(was_training)
         return out

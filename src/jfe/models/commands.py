@@ -98,6 +98,8 @@ def encode(
                                     "(query side)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    precision: str = typer.Option("auto", "--precision", help="Compute precision: auto (bf16 where the CPU/GPU "
+                                                              "has native bf16, else fp32), fp32 or bf16."),
 ) -> None:
     """Embed texts, images or image+text pairs into an .npy matrix, one row per input, in order.
 
@@ -127,6 +129,7 @@ def encode(
     from jfe.paths import atomic_write
 
     encoder = load_model(model, device=device)
+    encoder.set_precision(precision)
     vectors = encoder.encode(items, instruction=instruction, batch_size=batch_size, progress=len(items) > batch_size)
     with atomic_write(out, "wb") as handle:
         np.save(handle, vectors)

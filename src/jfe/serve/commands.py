@@ -41,6 +41,8 @@ def serve_command(
     max_image_mb: float = typer.Option(8.0, min=0.001, help="largest accepted image file, in MiB"),
     max_pixels: int = typer.Option(4096 * 4096, min=1, help="largest accepted image, width x height"),
     demo: bool = typer.Option(False, "--demo", help="serve a built-in shapes dataset with the toy encoder"),
+    precision: str = typer.Option("auto", "--precision", help="Compute precision: auto (bf16 where the CPU/GPU "
+                                                              "has native bf16, else fp32), fp32 or bf16."),
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
     """Serve search, embeddings and the web page over HTTP."""
@@ -65,6 +67,7 @@ def serve_command(
     if not model:
         raise ConfigError(f"the index at {index} does not name its model; pass --model")
     encoder = load_model(str(model))
+    encoder.set_precision(precision)
     settings = ServeSettings(model_name=str(model), api_key=api_key or os.environ.get("JFE_API_KEY") or None,
                              cors_origins=list(cors_origin), max_batch=max_batch, max_wait_ms=max_wait_ms,
                              batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),

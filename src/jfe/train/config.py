@@ -91,7 +91,8 @@ class TrainConfig(BaseModel):
     grad_cache_chunk: int = Field(default=0, ge=0, description="0 = plain backprop; >0 = GradCache chunk size")
     seed: int = 0
     device: str | None = None
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="compute precision: bf16 autocast "
+                                                      "where the CPU/GPU has native bf16 (auto), or always/never")
     # bookkeeping
     log_every: int = Field(default=10, ge=1)
     val_every: int = Field(default=0, ge=0, description="0 = only at the end")

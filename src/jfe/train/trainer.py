@@ -29,6 +29,7 @@ import torch
 
 from jfe.errors import ConfigError
 from jfe.models.base import load_weights
+from jfe.models.precision import resolve_precision
 from jfe.paths import atomic_dir, atomic_write
 from jfe.train.config import TrainConfig, load_config
 from jfe.train.data import BatchSampler, TrainingData, load_val_groups, rank_pool
@@ -173,7 +174,8 @@ class Trainer:
                                     single_task=cfg.single_task_batches)
         self.loss = InfoNCELoss(cfg.temperature, cfg.learnable_temperature, cfg.min_temperature,
                                 cfg.max_temperature, cfg.symmetric).to(ctx.device)
-        use_bf16 = cfg.precision == "bf16" and ctx.device.type == "cuda"
+        # bf16 autocast where the device computes it natively ("auto"), or where asked; the loss stays fp32
+        use_bf16 = resolve_precision(cfg.precision, ctx.device) == "bf16"
         self.objective = ContrastiveObjective(self.model, self.loss, cfg.grad_cache_chunk, ctx,
                                               torch.bfloat16 if use_bf16 else None)
         self.plan = self.cfg.phase_plan()

