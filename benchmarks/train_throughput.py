@@ -42,7 +42,7 @@ def _registry_available() -> bool:
 
 
 def measure(model_name: str, stage: str, data_root: Path, batch_size: int, steps: int, warmup: int,
-            chunk: int, device: str) -> dict:
+            chunk: int, device: str, precision: str = "fp32") -> dict:
     preset = STAGE_PRESETS[stage]
     cfg = TrainConfig(model=model_name, data=data_root, output_dir=Path(tempfile.gettempdir()), stage=stage,
                       batch_size=batch_size, device=device, grad_cache_chunk=chunk)
@@ -55,7 +55,10 @@ def measure(model_name: str, stage: str, data_root: Path, batch_size: int, steps
     sampler = BatchSampler(data, batch_size, preset["task_weights"], cfg.group_size, cfg.hard_negatives,
                            cfg.instructions, seed=0)
     loss = InfoNCELoss(cfg.temperature).to(device)
-    objective = ContrastiveObjective(model, loss, chunk)
+    from jfe.models.precision import resolve_precision
+
+    compute = resolve_precision(precision, device)  # as the trainer does: autocast the forward, fp32 loss
+    objective = ContrastiveObjective(model, loss, chunk, autocast_dtype=torch.bfloat16 if compute == "bf16" else None)
     optimizer = torch.optim.AdamW(_param_groups(model.named_parameters(), 0.01) +
                                   _param_groups(loss.named_parameters(), 0.0), lr=1e-5)
     model.train()
@@ -75,7 +78,7 @@ def measure(model_name: str, stage: str, data_root: Path, batch_size: int, steps
     per_step = sum(timings) / len(timings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"model": model_name, "stage": stage, "batch_size": batch_size, "hard_negatives": cfg.hard_negatives,
-            "grad_cache_chunk": chunk, "steps_timed": steps, "s_per_step": per_step,
+            "grad_cache_chunk": chunk, "precision": compute, "steps_timed": steps, "s_per_step": per_step,
             "pairs_per_s": batch_size / per_step, "trainable_params": trainable}
 
 
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--grad-cache-chunk", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"),
+                        help="compute precision of the forward pass (see benchmarks/precision_throughput.py)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_name in models:
             for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
                 row = measure(model_name, stage, data_root, args.batch_size, args.steps, args.warmup,
-                              args.grad_cache_chunk, args.device)
+                              args.grad_cache_chunk, args.device, args.precision)
                 rows.append(row)
                 print(f"{row['model']:<22} {row['stage']:<7} {row['pairs_per_s']:>9.1f} pairs/s "
                       f"({row['s_per_step']:.2f} s/step)", file=sys.stderr)
