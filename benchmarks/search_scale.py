@@ -27,6 +27,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -34,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from jfe.index.vector_index import VectorIndex
 
 
 def cpu_flags() -> list[str]:
@@ -132,74 +137,126 @@ def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[dict]:
         rows = np.sort(np.random.default_rng(args.seed).choice(n, size=min(n, args.train_sample), replace=False))
         return np.ascontiguousarray(pool[rows])
 
-    def add_chunked(index: faiss.Index) -> None:
-        for start in range(0, n, 200_000):
-            index.add(np.ascontiguousarray(pool[start:start + 200_000]))
-
-    methods: dict[str, Callable[[], tuple[Callable[[], np.ndarray], object]]] = {}
+    rows: list[dict] = []
+    base = {"n": n, "dim": d, "queries": args.queries, "pool_in_ram": in_ram}
+    exact: dict[str, Callable[[], np.ndarray]] = {"jfe-exact": lambda: exact_topk(queries, pool, k)[1]}
     if in_ram:
-        methods["numpy"] = lambda: (lambda: numpy_topk(pool, queries, k), None)
-
-        def flat():  # noqa: ANN202
-            index = faiss.IndexFlatIP(d)
-            index.add(pool)
-            return (lambda: index.search(queries, k)[1]), index
-        methods["faiss-flat"] = flat
-    methods["jfe-exact"] = lambda: (lambda: exact_topk(queries, pool, k)[1], None)
-    if in_ram:
-        def hnsw():  # noqa: ANN202
-            index = faiss.index_factory(d, "HNSW32", faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = args.ef_construction
-            add_chunked(index)
-            index.hnsw.efSearch = args.ef_search
-            return (lambda: index.search(queries, k)[1]), index
-        methods["hnsw"] = hnsw
-
-    def ivfpq():  # noqa: ANN202
-        index = faiss.index_factory(d, f"IVF{args.lists},PQ{args.pq}", faiss.METRIC_INNER_PRODUCT)
-        index.train(train_sample())
-        add_chunked(index)
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", args.nprobe)
-        return (lambda: index.search(queries, k)[1]), index
-    methods["ivfpq"] = ivfpq
-
-    rows = []
-    for name in [m for m in args.methods.split(",") if m in methods]:
+        exact["numpy"] = lambda: numpy_topk(pool, queries, k)
+    for name in [m for m in args.methods.split(",") if m in exact or m == "faiss-flat"]:
         with PeakRSS() as peak:
             t0 = time.perf_counter()
-            search, index = methods[name]()
+            if name == "faiss-flat":
+                if not in_ram:
+                    continue
+                flat = faiss.IndexFlatIP(d)
+                flat.add(pool)
+                exact[name] = lambda flat=flat: flat.search(queries, k)[1]
             build_s = time.perf_counter() - t0
-            seconds, found = timed(search, args.repeats)
-        row = {"n": n, "dim": d, "method": name, "queries": args.queries, "qps": args.queries / seconds,
-               "recall@10": recall(found, truth), "build_s": build_s, "peak_rss_mb": peak.peak,
-               "pool_in_ram": in_ram}
+            seconds, found = timed(exact[name], args.repeats)
+        row = {**base, "method": name, "qps": args.queries / seconds, "recall@10": recall(found, truth),
+               "build_s": build_s, "peak_rss_mb": peak.peak}
         if name == "jfe-exact":
             row["precision"] = resolve_precision("auto")
-        if name == "hnsw":
-            row.update(ef_search=args.ef_search, ef_construction=args.ef_construction)
-        if name == "ivfpq":
-            row.update(factory=f"IVF{args.lists},PQ{args.pq}", nprobe=args.nprobe, train_sample=args.train_sample)
-        rows.append(row)
-        print(f"  {name:<11} {row['qps']:>9.0f} q/s  recall@10 {row['recall@10']:.3f}  build {build_s:>7.1f}s  "
-              f"peak RSS {peak.peak:>7.0f} MB", flush=True)
-        del index, search
+        rows.append(_print_row(row))
+        exact.pop("faiss-flat", None)
+
+    for name in [m for m in args.methods.split(",") if m in ANN_METHODS]:
+        factory, param, values = ANN_METHODS[name](args)
+        if name in ("hnsw", "ivf") and not in_ram:
+            continue  # both keep every fp32 vector in RAM: out of the memory-mapped (larger than RAM) regime
+        t0 = time.perf_counter()
+        with PeakRSS() as peak:
+            index = VectorIndex(d, factory)
+            if name == "hnsw":
+                faiss.downcast_index(index._index.index).hnsw.efConstruction = args.ef_construction
+            index.train(train_sample())
+            for start in range(0, n, 200_000):  # chunked: a memory-mapped pool is never read whole
+                index.add([str(i) for i in range(start, min(n, start + 200_000))],
+                          np.ascontiguousarray(pool[start:start + 200_000]))
+        build_s = time.perf_counter() - t0
+        folder = workdir / f"{name}_{n}"
+        index.save(folder)
+        del index
+        qfile = workdir / "queries.npy"
+        np.save(qfile, queries)
+        for value in values:
+            served = _search_in_fresh_process(folder, qfile, k, param, value, args.repeats)
+            found = np.array([[int(i) for i in ids] + [-1] * (k - len(ids)) for ids in served["ids"]])
+            row = {**base, "method": name, "factory": factory, param: value, "qps": served["qps"],
+                   "recall@10": recall(found, truth), "build_s": build_s, "peak_rss_mb": peak.peak,
+                   "search_rss_mb": served["peak_rss_mb"], "index_mb": _folder_mb(folder)}
+            if name == "hnsw":
+                row["ef_construction"] = args.ef_construction
+            if name.startswith("ivf"):
+                row["train_sample"] = args.train_sample
+            rows.append(_print_row(row))
+        shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+# name -> (faiss factory, the search parameter swept, its values); built through jfe's VectorIndex, so the
+# figures include its id mapping and tie rule, as `jfe index build --factory ...` would build it.
+ANN_METHODS: dict[str, Callable[[argparse.Namespace], tuple[str, str, list[int]]]] = {
+    "hnsw": lambda a: (f"HNSW{a.hnsw_m}", "efSearch", _ints(a.ef_search)),
+    "ivf": lambda a: (f"IVF{a.lists},Flat", "nprobe", _ints(a.nprobe)),
+    "ivfsq8": lambda a: (f"IVF{a.lists},SQ8", "nprobe", _ints(a.nprobe)),
+    "ivfpq": lambda a: (f"IVF{a.lists},PQ{a.pq}", "nprobe", _ints(a.nprobe)),
+}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+
+
+def _print_row(row: dict) -> dict:
+    param = next((f"{p}={row[p]}" for p in ("efSearch", "nprobe") if p in row), "")
+    extra = f"  searchable in {row['search_rss_mb']:>6.0f} MB" if "search_rss_mb" in row else ""
+    print(f"  {row['method']:<10} {param:<12} {row['qps']:>8.0f} q/s  recall@10 {row['recall@10']:.3f}  "
+          f"build {row['build_s']:>6.0f}s  peak RSS {row['peak_rss_mb']:>6.0f} MB{extra}", flush=True)
+    return row
+
+
+def _search_in_fresh_process(folder: Path, qfile: Path, k: int, param: str, value: int, repeats: int) -> dict:
+    """Load the saved index in a new process and search it there: its peak RSS (VmHWM) is what serving
+    the index costs, free of the pool and build memory of this process."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import search_scale; "
+            f"search_scale._serve_probe({str(folder)!r}, {str(qfile)!r}, {k}, {param!r}, {value}, {repeats})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"search process failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _serve_probe(folder: str, qfile: str, k: int, param: str, value: int, repeats: int) -> None:
+    index = VectorIndex.load(folder)
+    index.set_search_param(param, value)
+    queries = np.load(qfile)
+    seconds, _ = timed(lambda: index.search(queries, k)[1], repeats)
+    ids, _ = index.search(queries, k)
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        hwm = next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmHWM:"))
+    print(json.dumps({"qps": len(queries) / seconds, "peak_rss_mb": hwm, "ids": ids}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000000", help="comma-separated pool sizes (e.g. 1000000,10000000)")
-    parser.add_argument("--methods", default="numpy,faiss-flat,jfe-exact,hnsw,ivfpq")
+    parser.add_argument("--methods", default="numpy,faiss-flat,jfe-exact,hnsw,ivf,ivfsq8,ivfpq")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=256, help="query batch (also the ground-truth queries)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--noise", type=float, default=0.06, help="per-coordinate Gaussian noise around a centre")
-    parser.add_argument("--ef-search", type=int, default=128)
+    parser.add_argument("--ef-search", default="64,128,256", help="HNSW efSearch values to sweep")
+    parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=40)
     parser.add_argument("--lists", type=int, default=1024)
     parser.add_argument("--pq", type=int, default=32)
-    parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--nprobe", default="1,2,4,8,16", help="IVF nprobe values to sweep")
     parser.add_argument("--train-sample", type=int, default=131_072)
     parser.add_argument("--ram-limit", type=int, default=2_000_000, help="bigger pools are memory-mapped files")
     parser.add_argument("--seed", type=int, default=0)
