@@ -134,6 +134,17 @@ def test_rejected_factory_names_string_and_writes_nothing(tiny_mbeir: Path, tmp_
     assert not out.exists() and not (tmp_path / "indexes").exists()
 
 
+def test_build_records_compute_precision_and_rejects_unknown(tiny_mbeir: Path, tmp_path: Path) -> None:
+    model_dir = ToyEncoder().save_pretrained(tmp_path / "toy")
+    for extra, folder in (((), "one"), (("--shards", "2"), "two")):
+        assert _build(tiny_mbeir, model_dir, tmp_path / folder, "--precision", "fp32", *extra).exit_code == 0
+    assert load_index(tmp_path / "one").meta["precision"] == "fp32"
+    assert json.loads((tmp_path / "two" / "shards.json").read_text())["meta"]["precision"] == "fp32"
+    result = _build(tiny_mbeir, model_dir, tmp_path / "bad", "--precision", "fp8")
+    assert isinstance(result.exception, ConfigError) and "'fp8'" in str(result.exception)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_killed_build_leaves_previous_index_intact(tiny_mbeir: Path, tmp_path: Path, monkeypatch) -> None:
     import faiss
 

@@ -134,8 +134,11 @@ def index_vectors(ids: Sequence[str], vectors: np.ndarray, records: Sequence[dic
 def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",
                 batch_size: int = 64, progress: bool = True, model_name: str | None = None,
                 meta: dict[str, Any] | None = None, search_params: dict[str, float] | None = None,
-                seed: int = 0, recall_queries: int = RECALL_QUERIES) -> VectorIndex:
+                seed: int = 0, recall_queries: int = RECALL_QUERIES, precision: str = "auto") -> VectorIndex:
     """Embed every candidate of ``pool_files`` (no instruction) and index it with its M-BEIR record.
+
+    ``precision`` (auto | fp32 | bf16) is the encoder's compute precision; the one it resolved to is kept in
+    ``meta.json``, since queries should be encoded the same way.
 
     Image paths in the records stay relative to ``data_root`` (stored absolute in ``index.meta``), as
     M-BEIR keeps them. ``model_name`` is what ``jfe search`` reloads the model by (default: guessed from
@@ -147,9 +150,11 @@ def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, 
     if not candidates:
         raise DataError("no candidates in the pool file(s): " + ", ".join(str(p) for p in pool_files))
     items = [candidate_item(c, data_root) for c in candidates]
-    vectors = model.encode(items, batch_size=batch_size, progress=progress, desc="embed candidates")
+    vectors = model.encode(items, batch_size=batch_size, progress=progress, desc="embed candidates",
+                           precision=precision)
     vectors = np.asarray(vectors, dtype=np.float32)
     info = pool_meta(model_name or model_name_of(model), model.arch, data_root, pool_files, factory)
+    info["precision"] = compute_precision(model, precision)
     info.update(meta or {})
     return index_vectors([c.did for c in candidates], vectors, [c.to_json() for c in candidates], factory=factory,
                          search_params=search_params, seed=seed, recall_queries=recall_queries, meta=info)
@@ -159,6 +164,13 @@ def pool_meta(model_name: str, arch: str | None, data_root: Path, pool_files: Se
               factory: str) -> dict[str, Any]:
     return {"model": model_name, "arch": arch, "data_root": str(data_root),
             "pool_files": [str(Path(p).resolve()) for p in pool_files], "factory": factory}
+
+
+def compute_precision(model: Encoder, precision: str) -> str:
+    """The precision ``model`` really computes in for ``precision`` on its device (``fp32`` or ``bf16``)."""
+    from jfe.models.precision import resolve_precision
+
+    return resolve_precision(precision, getattr(model, "device", "cpu"))
 
 
 def _check_factory(factory: str) -> None:
@@ -176,7 +188,7 @@ def _check_factory(factory: str) -> None:
 
 def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",
                 search_params: dict[str, float] | None = None, batch_size: int = 64, progress: bool = True,
-                shards: int = 1, ray_address: str | None = None, seed: int = 0) -> Any:
+                shards: int = 1, ray_address: str | None = None, seed: int = 0, precision: str = "auto") -> Any:
     """What ``jfe index build`` does: encode the pools, index them, write ``out`` atomically.
 
     ``shards > 1`` or ``ray_address`` writes a sharded index folder (:mod:`jfe.index.shards`); with
@@ -184,16 +196,20 @@ def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Pa
     The folder is built under a temporary name next to ``out`` and renamed into place, so a failed or
     killed build leaves any previous index at ``out`` untouched.
     """
+    from jfe.models.precision import check_precision
+
     _check_factory(factory)
+    precision = check_precision(precision)
     if ray_address is None and shards <= 1:
         from jfe.models.registry import load_model
 
         index = build_index(load_model(model), pool_files, data_root, factory=factory, batch_size=batch_size,
-                            progress=progress, model_name=model, search_params=search_params, seed=seed)
+                            progress=progress, model_name=model, search_params=search_params, seed=seed,
+                            precision=precision)
         index.save(out)
         return index
     from jfe.index.shards import build_sharded
 
     return build_sharded(out, model, pool_files, data_root, factory=factory, search_params=search_params,
                          batch_size=batch_size, progress=progress, shards=max(shards, 2 if ray_address else 1),
-                         ray_address=ray_address, seed=seed)
+                         ray_address=ray_address, seed=seed, precision=precision)

@@ -53,6 +53,8 @@ def index_build(
     ray: str = typer.Option(None, "--ray", help="Encode with Ray across workers (ADDRESS or auto; needs the "
                                                 "`ray` extra) and write shards."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    precision: str = typer.Option("auto", "--precision", help="Compute precision: auto (bf16 where the CPU/GPU "
+                                                              "has native bf16, else fp32), fp32 or bf16."),
 ) -> None:
     """Embed candidate pools (no instruction) and write a searchable index folder."""
     import time
@@ -65,7 +67,7 @@ def index_build(
     if nprobe is not None:
         params = {**(params or {}), "nprobe": nprobe}
     index = write_index(out, model, files, data_root, factory=factory, search_params=params, batch_size=batch_size,
-                        progress=progress, shards=shards, ray_address=ray)
+                        progress=progress, shards=shards, ray_address=ray, precision=precision)
     _console(stderr=True).print(f"indexed {len(index)} candidates (dim {index.dim}, {factory}) into {out} "
                                 f"in {time.perf_counter() - started:.1f}s", markup=False)
 

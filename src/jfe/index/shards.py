@@ -134,7 +134,7 @@ def split_rows(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, address: str, workers: int,
-                    batch_size: int) -> np.ndarray:
+                    batch_size: int, precision: str = "auto") -> np.ndarray:
     """Encode ``candidates`` (pool order) with Ray Data across ``workers`` actors; returns [n, dim] float32."""
     try:
         import ray
@@ -146,7 +146,7 @@ def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, a
         def __init__(self) -> None:
             from jfe.models.registry import load_model
 
-            self.encoder = load_model(model)
+            self.encoder = load_model(model).set_precision(precision)
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             from jfe.data.items import candidate_item
@@ -180,10 +180,10 @@ def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, a
 
 def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str,
                   search_params: dict[str, float] | None, batch_size: int, progress: bool, shards: int,
-                  ray_address: str | None, seed: int = 0) -> ShardedIndex:
+                  ray_address: str | None, seed: int = 0, precision: str = "auto") -> ShardedIndex:
     """Encode the pools (locally or with Ray), cut them into ``shards`` contiguous shards, write atomically."""
     from jfe.data.items import candidate_item
-    from jfe.index.build import index_vectors, pool_meta, read_pools
+    from jfe.index.build import compute_precision, index_vectors, pool_meta, read_pools
 
     data_root = Path(data_root).resolve()
     candidates = read_pools(pool_files)
@@ -191,16 +191,18 @@ def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: 
         raise DataError("no candidates in the pool file(s): " + ", ".join(str(p) for p in pool_files))
     if ray_address:
         vectors = encode_with_ray(model, candidates, data_root, address=ray_address, workers=shards,
-                                  batch_size=batch_size)
-        arch = None
+                                  batch_size=batch_size, precision=precision)
+        arch, resolved = None, precision  # resolved on each worker's own hardware
     else:
         from jfe.models.registry import load_model
 
         encoder = load_model(model)
-        arch = encoder.arch
+        arch, resolved = encoder.arch, compute_precision(encoder, precision)
         vectors = np.asarray(encoder.encode([candidate_item(c, data_root) for c in candidates], batch_size=batch_size,
-                                            progress=progress, desc="embed candidates"), dtype=np.float32)
+                                            progress=progress, desc="embed candidates", precision=precision),
+                             dtype=np.float32)
     meta = pool_meta(model, arch, data_root, pool_files, factory)
+    meta["precision"] = resolved
     meta["encoded_with"] = f"ray ({ray_address})" if ray_address else "one process"
     parts = []
     for start, stop in split_rows(len(candidates), shards):
