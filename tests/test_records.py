@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from jfe.data.images import load_image, to_rgb
-from jfe.data.instructions import format_text, instruction_key, pick_instruction, with_instruction
+from jfe.data.instructions import (
+    format_text,
+    instruction_key,
+    instruction_set_for,
+    pick_instruction,
+    with_instruction,
+)
 from jfe.data.items import Item, as_item, candidate_item, query_item
 from jfe.data.mbeir import (
     iter_candidates,
@@ -278,6 +284,10 @@ def test_instruction_key_takes_the_task_then_the_first_positive_in_the_pool() ->
     # the dataset id is the qid's part before ':'
     assert instruction_key(Query("91:7", None, "x.png", "image", task_id=3)) == ("91", "image", "text")
     assert instruction_key(Query("abc", "x", None, "text", task_id=1)) == ("abc", "text", "text")
+    sets = {("1", "text", "image"): InstructionSet("1", "text", "image", ["p1"])}
+    assert instruction_set_for(sets, ("1", "text", "image")) is sets[("1", "text", "image")]
+    assert instruction_set_for(sets, ("1", "text", "text")) is None
+    assert instruction_set_for(sets, ("1", "text", None)) is None
 
 
 # --------------------------------------------------------------------------------------------- images

@@ -102,3 +102,13 @@ def instruction_key(query: Query, candidates: Mapping[str, Candidate] | None = N
         if did in pool:
             return dataset_id, query.query_modality, pool[did].modality
     return dataset_id, query.query_modality, None
+
+
+def instruction_set_for(instruction_sets: Mapping[tuple[str, str, str], InstructionSet], key: InstructionKey
+                        ) -> InstructionSet | None:
+    """The instruction set filed under ``key`` (from :func:`instruction_key`); None when there is none, or
+    when the key has no candidate modality."""
+    dataset_id, query_modality, cand_modality = key
+    if cand_modality is None:
+        return None
+    return instruction_sets.get((dataset_id, query_modality, cand_modality))

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jfe.data.instructions import TEXT_MODES, TextMode, instruction_key, pick_instruction
+from jfe.data.instructions import TEXT_MODES, TextMode, instruction_key, instruction_set_for, pick_instruction
 from jfe.data.items import Item, candidate_item, query_item
 from jfe.data.mbeir import MBEIRLayout, iter_candidates, read_instructions, read_qrels, read_queries
 from jfe.data.records import CATEGORIES, FUSION_CATEGORIES, TASK_CATEGORY, TASKS, Candidate, InstructionSet, Query
@@ -326,7 +326,7 @@ def _query_items(qf: _QueryFile, inputs: _Inputs, instructions: str, instruction
         instruction = None
         if inputs.instruction_sets:
             key = instruction_key(q, inputs.candidates, _ordered_positives(q, pos))
-            instruction = pick_instruction(q.qid, inputs.instruction_sets.get(key), instruction_mode)
+            instruction = pick_instruction(q.qid, instruction_set_for(inputs.instruction_sets, key), instruction_mode)
         heldout = q.src.get("query_txt_heldout") if instructions == "heldout" else None
         item = query_item(q, inputs.root, instruction, text_mode, heldout if isinstance(heldout, str) else None)
         keys.append(_item_key(item.text, q.query_img_path))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from jfe.data.instructions import TextMode, instruction_key, pick_instruction
+from jfe.data.instructions import TextMode, instruction_key, instruction_set_for, pick_instruction
 from jfe.data.items import Item, candidate_item, query_item
 from jfe.data.mbeir import MBEIRLayout, iter_candidates, iter_queries
 from jfe.data.records import Candidate, InstructionSet, Query
@@ -132,7 +132,7 @@ class TrainingData:
     def instruction_set(self, query: Query) -> InstructionSet | None:
         """The query's instruction set, by :func:`jfe.data.instructions.instruction_key` (the same key for
         every draw of the query, whichever positive is drawn)."""
-        return self.instructions.get(instruction_key(query, self.candidates))
+        return instruction_set_for(self.instructions, instruction_key(query, self.candidates))
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ def load_val_groups(root: str | Path, split: str = "val", tasks: set[int] | None
         for q in qs:
             instruction = None
             if instructions:
-                instruction = pick_instruction(q.qid, inst.get(instruction_key(q, cands)))
+                instruction = pick_instruction(q.qid, instruction_set_for(inst, instruction_key(q, cands)))
             query_items.append(query_item(q, layout.root, instruction, text_mode))
         groups.append(ValGroup(
             name=path.stem, task_ids=[int(q.task_id) if q.task_id is not None else -1 for q in qs],
