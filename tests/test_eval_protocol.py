@@ -122,6 +122,38 @@ def test_instructions_are_applied_deterministically(tiny_mbeir: Path) -> None:
     assert "1:201" not in held_texts and held_texts["1:1"] is None
 
 
+def test_eval_validation_and_training_share_one_instruction_key(tiny_mbeir: Path) -> None:
+    """A task-0 query whose first positive is a text candidate still gets the task's text->image instruction:
+    in evaluation, in the training validation sets and in every training draw, whichever positive is drawn
+    (``jfe.data.instructions.instruction_key`` is the one rule)."""
+    from jfe.train.data import BatchSampler, TrainingData, load_val_groups
+
+    for split in ("test", "train"):
+        path = tiny_mbeir / "query" / split / f"mbeir_tiny_task0_{split}.jsonl"
+        queries = read_queries(path)
+        queries[0].pos_cand_list = ["1:5", *queries[0].pos_cand_list]  # 1:5 is a text candidate
+        write_queries(path, queries)
+        write_qrels(tiny_mbeir / "qrels" / split / f"{path.stem}_qrels.txt",
+                    [Qrel(q.qid, d, 1, 0) for q in queries for d in q.pos_cand_list])
+    prompts = ("Find the picture this text describes", "Retrieve a matching image")
+    model = ConstantEncoder()
+    evaluate(model, tiny_mbeir, pool="global", progress=False)
+    eval_texts = {item.id: item.text for item in model.seen}
+    assert eval_texts["1:101"].startswith(prompts)
+    val_texts = {q.id: q.text for g in load_val_groups(tiny_mbeir, "test", instructions=True) for q in g.queries}
+    assert val_texts["1:101"] == eval_texts["1:101"]
+    assert {qid: val_texts[qid] for qid in eval_texts if qid in val_texts} == \
+        {qid: eval_texts[qid] for qid in val_texts}
+
+    data = TrainingData.load(tiny_mbeir, "train", instructions=True)
+    mixed = next(i for i, q in enumerate(data.queries) if "1:5" in q.pos_cand_list)
+    assert data.instruction_set(data.queries[mixed]).cand_modality == "image"
+    sampler = BatchSampler(data, 2, instructions=True, seed=0)
+    draws = [d for _ in range(20) for d in sampler.next_batch() if d.index == mixed]
+    assert {d.positive for d in draws} == {"1:1", "1:5"}  # both positives get drawn ...
+    assert all(d.instruction in prompts for d in draws)  # ... and each draw has a text->image instruction
+
+
 def test_end_to_end_files_and_cache(tiny_mbeir: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     model = CountingToy()

@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from jfe.data.images import load_image, to_rgb
-from jfe.data.instructions import format_text, pick_instruction, with_instruction
+from jfe.data.instructions import (
+    format_text,
+    instruction_key,
+    instruction_set_for,
+    pick_instruction,
+    with_instruction,
+)
 from jfe.data.items import Item, as_item, candidate_item, query_item
 from jfe.data.mbeir import (
     iter_candidates,
@@ -256,6 +262,32 @@ def test_pick_instruction_is_deterministic_and_uses_every_variant() -> None:
     assert pick_instruction("1:5", instruction_set, mode="first") == "p1"
     assert pick_instruction("1:5", None) is None
     assert pick_instruction("1:5", InstructionSet("1", "text", "image", [])) is None
+
+
+
+def test_instruction_key_takes_the_task_then_the_first_positive_in_the_pool() -> None:
+    image, text = Candidate("1:1", None, "a.png", "image"), Candidate("1:5", "A red square", None, "text")
+    pool = {c.did: c for c in (image, text)}
+    query = Query("1:101", "a red square", None, "text", None, ["1:5", "1:1"], [], 0)
+    # an M-BEIR task decides, whatever the pool holds and whatever modality its first positive has
+    assert instruction_key(query) == ("1", "text", "image")
+    assert instruction_key(query, pool) == ("1", "text", "image")
+    assert instruction_key(query, {}, positives=["1:5"]) == ("1", "text", "image")
+    # no M-BEIR task: the first positive (pos_cand_list order) that the candidate pool holds
+    for task in (None, 42):
+        query.task_id = task
+        assert instruction_key(query, pool) == ("1", "text", "text")
+        assert instruction_key(query, {"1:1": image}) == ("1", "text", "image")  # 1:5 is not in this pool
+        assert instruction_key(query, pool, positives=["1:1", "1:5"]) == ("1", "text", "image")
+        assert instruction_key(query) == ("1", "text", None)  # no pool, no candidate modality
+        assert instruction_key(query, {"9:9": image}) == ("1", "text", None)
+    # the dataset id is the qid's part before ':'
+    assert instruction_key(Query("91:7", None, "x.png", "image", task_id=3)) == ("91", "image", "text")
+    assert instruction_key(Query("abc", "x", None, "text", task_id=1)) == ("abc", "text", "text")
+    sets = {("1", "text", "image"): InstructionSet("1", "text", "image", ["p1"])}
+    assert instruction_set_for(sets, ("1", "text", "image")) is sets[("1", "text", "image")]
+    assert instruction_set_for(sets, ("1", "text", "text")) is None
+    assert instruction_set_for(sets, ("1", "text", None)) is None
 
 
 # --------------------------------------------------------------------------------------------- images

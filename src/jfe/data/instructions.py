@@ -1,5 +1,8 @@
 """Task instructions and text formatting, with a deterministic choice of instruction variant.
 
+Instruction key: every query's instruction set is looked up under ``(dataset id, query modality, candidate
+modality)`` (the key of ``instructions/query_instructions.tsv``), computed by :func:`instruction_key` only.
+
 Two text modes:
 
 * ``"jfe"`` (the default): whitespace is collapsed, the instruction and the query text are each capitalised
@@ -13,9 +16,12 @@ Two text modes:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
-from jfe.data.records import InstructionSet
+from jfe.data.records import TASKS, Candidate, InstructionSet, Query
+
+InstructionKey = tuple[str, str, str | None]
 
 TextMode = Literal["jfe", "uniir"]
 TEXT_MODES: tuple[str, ...] = ("jfe", "uniir")
@@ -70,3 +76,39 @@ def pick_instruction(qid: str, instruction_set: InstructionSet | None, mode: str
         return instruction_set.prompts[0]
     digest = int.from_bytes(hashlib.sha1(qid.encode("utf-8")).digest()[:4], "big")
     return instruction_set.prompts[digest % len(instruction_set.prompts)]
+
+
+def instruction_key(query: Query, candidates: Mapping[str, Candidate] | None = None,
+                    positives: Iterable[str] | None = None) -> InstructionKey:
+    """The ``(dataset id, query modality, candidate modality)`` key of a query's instruction set.
+
+    The one rule, used by evaluation, training, validation sets and ``jfe data validate`` alike:
+
+    * dataset id: the qid's part before ``:`` (the whole qid when it has none: such a key matches no
+      instruction, and ``jfe data validate`` reports the id);
+    * candidate modality: the candidate side of the query's M-BEIR task (``TASKS[task_id][1]``) when
+      ``task_id`` is one; otherwise the modality of the first of ``positives`` (default: the query's
+      ``pos_cand_list``, in its order) found in ``candidates``, the candidate pool (UniIR's rule: its
+      ``pos_cand_list[0]``); ``None`` when none is there.
+
+    Why the task first: a query's instruction must not depend on which pool (local, global, a capped
+    validation pool) it is ranked in, nor on which of its positives a training step draws.
+    """
+    dataset_id = query.qid.partition(":")[0]
+    if query.task_id in TASKS:
+        return dataset_id, query.query_modality, TASKS[query.task_id][1]
+    pool = candidates or {}
+    for did in query.pos_cand_list if positives is None else positives:
+        if did in pool:
+            return dataset_id, query.query_modality, pool[did].modality
+    return dataset_id, query.query_modality, None
+
+
+def instruction_set_for(instruction_sets: Mapping[tuple[str, str, str], InstructionSet], key: InstructionKey
+                        ) -> InstructionSet | None:
+    """The instruction set filed under ``key`` (from :func:`instruction_key`); None when there is none, or
+    when the key has no candidate modality."""
+    dataset_id, query_modality, cand_modality = key
+    if cand_modality is None:
+        return None
+    return instruction_sets.get((dataset_id, query_modality, cand_modality))

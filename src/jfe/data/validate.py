@@ -15,11 +15,12 @@ import csv
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jfe.data.instructions import instruction_key
 from jfe.data.mbeir import MBEIRLayout, instruction_columns, parse_candidate, parse_query
 from jfe.data.records import (
     CANDIDATE_ID_BOUND,
@@ -258,6 +259,59 @@ def _splits(layout: MBEIRLayout) -> list[str]:
     return sorted(p.name for p in query_root.iterdir() if p.is_dir()) if query_root.is_dir() else []
 
 
+def _check_pools(layout: MBEIRLayout, sink: _Sink, check_images: bool
+                 ) -> Generator[Problem, None, tuple[set[str], dict[Path, set[str]]]]:
+    """Check every pool file, yielding its problems; returns (the union of the global pools' ids, each
+    local pool's ids)."""
+    # Union pools are per split (train / val / test) and overlap by design, so duplicates are checked
+    # within each file and membership against their union.
+    global_ids: set[str] = set()
+    for path in layout.global_pool_files():
+        file_ids: set[str] = set()
+        _check_candidate_file(path, layout.root, sink, file_ids, check_images)
+        global_ids |= file_ids
+        yield from sink.drain()
+
+    local_ids: dict[Path, set[str]] = {}
+    for path in layout.local_pool_files():
+        local_ids[path] = set()
+        _check_candidate_file(path, layout.root, sink, local_ids[path], check_images)
+        yield from sink.drain()
+    return global_ids, local_ids
+
+
+def _check_split(layout: MBEIRLayout, split: str, sink: _Sink, global_ids: set[str],
+                 local_ids: dict[Path, set[str]], instruction_keys: set[tuple[str, str, str]] | None,
+                 check_images: bool) -> Iterator[Problem]:
+    """The problems of one split's qrels and query files (each against its local and the global pools)."""
+    qrels: dict[str, _QrelEntry] = {}
+    qrels_files = layout.qrels_files(split)
+    for path in qrels_files:
+        _read_qrels_reporting(path, sink, qrels)
+    yield from sink.drain()
+    seen_qids: set[str] = set()
+    for path in layout.query_files(split):
+        local_path = layout.local_pool_for(path)
+        local = local_ids.get(local_path, set()) if local_path else set()
+        pools_exist = bool(local_path) or bool(global_ids)
+        expected = " or ".join(f"cand_pool/local/{n}" for n in layout.local_pool_names(path))
+        if not pools_exist:
+            sink.add(path, None, None, "layout", f"no local pool ({expected}) and no global pool for this "
+                     "query file")
+        elif local_path is None and "train" not in split:
+            # training reads the global pool, but `jfe eval --pool local` needs a query file's own pool
+            sink.add(path, None, None, "layout", f"no local pool for this query file ({expected}): "
+                     "`jfe eval --pool local` cannot evaluate it")
+        _check_query_file(path, layout.root, sink, seen_qids, local, global_ids if pools_exist else None,
+                          qrels if qrels_files else None, instruction_keys, check_images)
+        yield from sink.drain()
+    # Qrels whose query never appeared in this split.
+    for qid, entry in qrels.items():
+        if qid not in seen_qids:
+            sink.add(entry.path, entry.line, qid, "qrels-mismatch", f"qrels for a query not in query/{split}/")
+    yield from sink.drain()
+
+
 def iter_problems(root: PathLike, *, check_images: bool = True) -> Iterator[Problem]:
     """Yield the problems of an M-BEIR-layout dataset, file by file (see :func:`validate_dataset`)."""
     layout = MBEIRLayout(root)
@@ -269,20 +323,7 @@ def iter_problems(root: PathLike, *, check_images: bool = True) -> Iterator[Prob
     instruction_keys = _read_instruction_keys(layout.instructions_file, sink)
     yield from sink.drain()
 
-    # Union pools are per split (train / val / test) and overlap by design, so duplicates are checked
-    # within each file and membership against their union.
-    global_ids: set[str] = set()
-    for path in layout.global_pool_files():
-        file_ids: set[str] = set()
-        _check_candidate_file(path, root, sink, file_ids, check_images)
-        global_ids |= file_ids
-        yield from sink.drain()
-
-    local_ids: dict[Path, set[str]] = {}
-    for path in layout.local_pool_files():
-        local_ids[path] = set()
-        _check_candidate_file(path, root, sink, local_ids[path], check_images)
-        yield from sink.drain()
+    global_ids, local_ids = yield from _check_pools(layout, sink, check_images)
 
     splits = _splits(layout)
     if not splits:
@@ -293,32 +334,7 @@ def iter_problems(root: PathLike, *, check_images: bool = True) -> Iterator[Prob
     yield from sink.drain()
 
     for split in splits:
-        qrels: dict[str, _QrelEntry] = {}
-        qrels_files = layout.qrels_files(split)
-        for path in qrels_files:
-            _read_qrels_reporting(path, sink, qrels)
-        yield from sink.drain()
-        seen_qids: set[str] = set()
-        for path in layout.query_files(split):
-            local_path = layout.local_pool_for(path)
-            local = local_ids.get(local_path, set()) if local_path else set()
-            pools_exist = bool(local_path) or bool(global_ids)
-            expected = " or ".join(f"cand_pool/local/{n}" for n in layout.local_pool_names(path))
-            if not pools_exist:
-                sink.add(path, None, None, "layout", f"no local pool ({expected}) and no global pool for this "
-                         "query file")
-            elif local_path is None and "train" not in split:
-                # training reads the global pool, but `jfe eval --pool local` needs a query file's own pool
-                sink.add(path, None, None, "layout", f"no local pool for this query file ({expected}): "
-                         "`jfe eval --pool local` cannot evaluate it")
-            _check_query_file(path, root, sink, seen_qids, local, global_ids if pools_exist else None,
-                              qrels if qrels_files else None, instruction_keys, check_images)
-            yield from sink.drain()
-        # Qrels whose query never appeared in this split.
-        for qid, entry in qrels.items():
-            if qid not in seen_qids:
-                sink.add(entry.path, entry.line, qid, "qrels-mismatch", f"qrels for a query not in query/{split}/")
-        yield from sink.drain()
+        yield from _check_split(layout, split, sink, global_ids, local_ids, instruction_keys, check_images)
 
 
 def _check_query_file(path: Path, root: Path, sink: _Sink, seen: set[str], local: set[str],
@@ -360,10 +376,12 @@ def _check_query_file(path: Path, root: Path, sink: _Sink, seen: set[str], local
 
         if instruction_keys is not None and task is not None:
             try:
-                key = (dataset_id_of(qid), query.query_modality, task[1])
+                dataset_id_of(qid)  # a qid without a dataset id has no instruction key
             except ValueError as exc:
                 sink.add(path, line_no, qid, "schema", str(exc))
             else:
+                # only id sets are held here, no candidate records: the key comes from the task alone
+                key = instruction_key(query)
                 if key not in instruction_keys:
                     sink.add(path, line_no, qid, "missing-instruction",
                              f"no instruction for key (dataset {key[0]}, {key[1]} -> {key[2]})")

@@ -1,4 +1,5 @@
-"""M-BEIR evaluation: metrics (light, imported by training), the protocol, run files and reports.
+"""M-BEIR evaluation: metrics (light), the protocol (whose rank and score steps training's validation uses
+too), run files and reports.
 
 ``jfe.eval.metrics`` imports only numpy; ``evaluate``/``EvalResult``/``write_report`` load lazily.
 """

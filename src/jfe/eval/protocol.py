@@ -3,7 +3,8 @@
 1. Queries: every ``query/{split}/*.jsonl``; positives from ``qrels/{split}/<stem>_qrels.txt`` where present
    (as UniIR scores), else the query's ``pos_cand_list``. Each query gets the instruction chosen
    deterministically by :func:`jfe.data.instructions.pick_instruction` for its (dataset id, query
-   modality, candidate modality) key; its text is ``with_instruction(instruction, query_txt)``.
+   modality, candidate modality) key, :func:`jfe.data.instructions.instruction_key` (the task's candidate
+   modality, else its first positive's in the pools read); its text is ``with_instruction(instruction, query_txt)``.
 2. Candidates: ``local`` = each query file's own pool (``mbeir_<ds>_task<k>_cand_pool.jsonl``), ``global``
    = the union pool of the split (``cand_pool/global/*<split>*``; all global files if none is named so).
    Every unique candidate is embedded once, by its content (pools share candidates), without instruction.
@@ -26,23 +27,24 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jfe.data.instructions import TEXT_MODES, TextMode, pick_instruction
+from jfe.data.instructions import TEXT_MODES, TextMode, instruction_key, instruction_set_for, pick_instruction
 from jfe.data.items import Item, candidate_item, query_item
 from jfe.data.mbeir import MBEIRLayout, iter_candidates, read_instructions, read_qrels, read_queries
-from jfe.data.records import CATEGORIES, FUSION_CATEGORIES, TASK_CATEGORY, TASKS, Candidate, Query
+from jfe.data.records import CATEGORIES, FUSION_CATEGORIES, TASK_CATEGORY, TASKS, Candidate, InstructionSet, Query
 from jfe.errors import ConfigError, DataError
-from jfe.eval.metrics import DEFAULT_KS, first_hit_rank, headline_k, hits_at_k
+from jfe.eval.metrics import DEFAULT_KS, first_hit_rank, headline_k, recall_at_ks
 from jfe.eval.runfiles import write_trec_run, write_tsv
 from jfe.paths import atomic_write
 
 if TYPE_CHECKING:
+    from jfe.index.vector_index import VectorIndex
     from jfe.models.base import Encoder
 
 RESULTS_FILE = "results.json"
@@ -246,17 +248,212 @@ class EmbeddingCache:
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
-def _cand_modality(query: Query, positives: set[str], candidates: dict[str, Candidate]) -> str | None:
-    if query.task_id in TASKS:
-        return TASKS[query.task_id][1]
-    for did in positives:
-        if did in candidates:
-            return candidates[did].modality
-    return None
+# evaluate() runs five named steps: read -> embed -> rank -> score -> write. The rank and score steps are
+# public because training validation (jfe.train.trainer) ranks and scores its capped pools with them too.
+@dataclass
+class _Inputs:
+    """What the read step found: the query files, every candidate of their pools, the instruction sets."""
+
+    root: Path
+    files: list[_QueryFile]
+    candidates: dict[str, Candidate]
+    pool_dids: dict[Path, list[str]]
+    instruction_sets: dict[tuple[str, str, str], InstructionSet]
+
+
+@dataclass
+class _Scored:
+    """What the score step produced: run-file rows, per-query entries and one row per (dataset, task, file)."""
+
+    run_rows: list[tuple[str, list[str], list[float], Any]] = field(default_factory=list)
+    per_query: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else 0.0
+
+
+def _checked_ks(pool: str, instructions: str, text_mode: str, ks: Sequence[int]) -> list[int]:
+    """Validate the options; returns ``ks`` sorted and deduplicated."""
+    if pool not in ("local", "global"):
+        raise ConfigError(f"pool must be 'local' or 'global', got {pool!r}")
+    if instructions not in ("default", "heldout", "none"):
+        raise ConfigError(f"instructions must be 'default', 'heldout' or 'none', got {instructions!r}")
+    if text_mode not in TEXT_MODES:
+        raise ConfigError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {text_mode!r}")
+    checked = sorted({int(k) for k in ks})
+    if not checked or checked[0] < 1:
+        raise ConfigError(f"ks must be positive integers, got {checked}")
+    return checked
+
+
+def _read_instruction_sets(layout: MBEIRLayout, instructions: str, notes: list[str]
+                           ) -> dict[tuple[str, str, str], InstructionSet]:
+    if instructions == "none":
+        return {}
+    tsv = layout.instructions_file if instructions == "default" else layout.root / "instructions" / \
+        HELDOUT_INSTRUCTIONS
+    if tsv.is_file():
+        return read_instructions(tsv)
+    if instructions == "heldout":
+        raise DataError("held-out instructions requested but the dataset has none", path=str(tsv))
+    notes.append(f"No instructions file at {tsv}: queries were embedded without instructions.")
+    return {}
+
+
+def _read(root: Path, split: str, pool: str, instructions: str, max_queries: int | None,
+          notes: list[str]) -> _Inputs:
+    """Read step: query files, their pools' candidates (each did once) and the instruction sets."""
+    layout = MBEIRLayout(root)
+    files = _load_query_files(layout, split, pool, max_queries)
+    candidates, pool_dids = _read_pools(sorted({p for f in files for p in f.pool_files}))
+    return _Inputs(root, files, candidates, pool_dids, _read_instruction_sets(layout, instructions, notes))
+
+
+def _ordered_positives(query: Query, positives: set[str]) -> list[str]:
+    """The positives in the query's ``pos_cand_list`` order, then any others (qrels-only) sorted: the
+    "first positive" of :func:`jfe.data.instructions.instruction_key` must not depend on set order."""
+    listed = [d for d in query.pos_cand_list if d in positives]
+    return listed + sorted(positives.difference(listed))
+
+
+def _query_items(qf: _QueryFile, inputs: _Inputs, instructions: str, instruction_mode: str,
+                 text_mode: TextMode) -> tuple[list[str], list[Item]]:
+    """Cache keys and items of one file's queries, each with its instruction (and held-out text)."""
+    keys, items = [], []
+    for q, pos in zip(qf.queries, qf.positives, strict=True):
+        instruction = None
+        if inputs.instruction_sets:
+            key = instruction_key(q, inputs.candidates, _ordered_positives(q, pos))
+            instruction = pick_instruction(q.qid, instruction_set_for(inputs.instruction_sets, key), instruction_mode)
+        heldout = q.src.get("query_txt_heldout") if instructions == "heldout" else None
+        item = query_item(q, inputs.root, instruction, text_mode, heldout if isinstance(heldout, str) else None)
+        keys.append(_item_key(item.text, q.query_img_path))
+        items.append(item)
+    return keys, items
+
+
+def _embed(model: Encoder, inputs: _Inputs, cache: EmbeddingCache, batch_size: int, progress: bool,
+           instructions: str, instruction_mode: str, text_mode: TextMode
+           ) -> tuple[np.ndarray, dict[str, int], list[np.ndarray]]:
+    """Embed step: candidates by content, once, without instruction; queries with their instruction.
+    Returns the candidate matrix, each did's row in it, and one query matrix per query file."""
+    candidates = inputs.candidates
+    cand_ids = sorted(candidates, key=lambda d: d)  # sorted: stable cache order regardless of pool order
+    cand_row = {did: i for i, did in enumerate(cand_ids)}
+    cand_items = [candidate_item(candidates[d], inputs.root, text_mode) for d in cand_ids]
+    cand_keys = [_item_key(item.text, candidates[d].img_path) for d, item in zip(cand_ids, cand_items, strict=True)]
+    cand_vecs = cache.embed(model, cand_keys, cand_items, batch_size, progress, "embed candidates")
+    query_vecs: list[np.ndarray] = []
+    for qf in inputs.files:
+        keys, items = _query_items(qf, inputs, instructions, instruction_mode, text_mode)
+        query_vecs.append(cache.embed(model, keys, items, batch_size, progress, f"embed {qf.path.stem}"))
+    cache.save()
+    return cand_vecs, cand_row, query_vecs
+
+
+def pool_index(pool_ids: Sequence[str], vectors: np.ndarray, dim: int) -> VectorIndex:
+    """Rank step, part 1: an exact inner-product index over one pool. ``vectors[i]`` is ``pool_ids[i]``'s;
+    ids are added in pool order, which is the tie rule (equal scores rank in pool order)."""
+    from jfe.index.vector_index import VectorIndex
+
+    index = VectorIndex(dim)
+    if len(pool_ids):
+        index.add(list(pool_ids), vectors)
+    return index
+
+
+def rank(index: VectorIndex, query_vecs: np.ndarray, k: int, exclude: Sequence[Collection[str]]
+         ) -> tuple[list[list[str]], np.ndarray | None]:
+    """Rank step, part 2: each query's top-``k`` ids and scores in ``index``, its ``exclude`` ids removed
+    from its own ranking (CIRR's convention). No queries: ``([], None)``."""
+    if not len(query_vecs):
+        return [], None
+    return index.search(query_vecs, k, exclude=exclude)
+
+
+def score(ranked: Sequence[Sequence[str]], positives: Sequence[Collection[str]], ks: Iterable[int]
+          ) -> dict[str, float]:
+    """Score step: M-BEIR Recall@k (hit rate) of a set of ranked queries, ``{"R@k": ...}`` for each k in
+    ``ks`` (in that order)."""
+    return recall_at_ks(ranked, positives, ks)
+
+
+def _exclusions(queries: Sequence[Query]) -> list[set[str]]:
+    return [{str(d) for d in (q.src.get("exclude_dids") or [])} for q in queries]
+
+
+def _rank_files(inputs: _Inputs, cand_vecs: np.ndarray, cand_row: dict[str, int], query_vecs: list[np.ndarray],
+                k: int, dim: int) -> tuple[dict[tuple[Path, ...], VectorIndex], list[tuple[list, Any]]]:
+    """Rank every query file in its pool (one index per distinct pool, shared by the files that use it)."""
+    indexes: dict[tuple[Path, ...], VectorIndex] = {}
+    rankings = []
+    for qf, qvecs in zip(inputs.files, query_vecs, strict=True):
+        pool_key = tuple(qf.pool_files)
+        if pool_key not in indexes:
+            dids = list(dict.fromkeys(d for p in qf.pool_files for d in inputs.pool_dids[p]))
+            indexes[pool_key] = pool_index(dids, cand_vecs[[cand_row[d] for d in dids]], dim)
+        rankings.append(rank(indexes[pool_key], qvecs, k, _exclusions(qf.queries)))
+    return indexes, rankings
+
+
+def _score_file(qf: _QueryFile, ranked: list[list[str]], scores: Any, index: VectorIndex, ks: Sequence[int],
+                pool: str, into: _Scored) -> None:
+    """Score step for one query file: its run rows, per-query entries and one row per (dataset, task)."""
+    start = len(into.per_query)
+    for i, q in enumerate(qf.queries):
+        into.run_rows.append((q.qid, ranked[i], scores[i][:len(ranked[i])].tolist(), q.task_id))
+        src = q.src
+        into.per_query.append({"qid": q.qid, "dataset": qf.dataset, "task": q.task_id, "file": qf.path.stem,
+                               "first_hit_rank": first_hit_rank(ranked[i], qf.positives[i]),
+                               "positives_in_pool": any(d in index for d in qf.positives[i]),
+                               "modification": src.get("modification"), "non_additive": src.get("non_additive"),
+                               "base": src.get("base")})
+    # M-BEIR files hold one task each, but be general
+    by_task: dict[Any, list[int]] = {}
+    for i, q in enumerate(qf.queries):
+        by_task.setdefault(q.task_id, []).append(i)
+    for task, idx in sorted(by_task.items(), key=lambda kv: (kv[0] is None, kv[0])):
+        row = {"dataset": qf.dataset, "task": task,
+               "modality": "→".join(TASKS[task]) if task in TASKS else "?",
+               "category": TASK_CATEGORY.get(task, "other"),
+               "pool": "+".join(p.stem for p in qf.pool_files) if pool == "local" else "global",
+               "queries": len(idx), "file": qf.path.stem,
+               "missing_positives": sum(1 for i in idx if not into.per_query[start + i]["positives_in_pool"])}
+        row.update(score([ranked[i] for i in idx], [qf.positives[i] for i in idx],
+                         sorted({*ks, headline_k(qf.dataset)})))
+        into.rows.append(row)
+
+
+def _summarise(result: EvalResult, scored: _Scored, ks: Sequence[int]) -> None:
+    """Fill the result's headline, category, average, breakdown and missing-positive fields from its rows."""
+    for row in result.rows:
+        row["headline_k"] = headline_k(row["dataset"])
+        row["headline"] = row[f"R@{row['headline_k']}"]
+    result.categories = _categories(result.rows, ks)
+    result.average = {m: _mean([r[m] for r in result.rows]) for m in (*(f"R@{k}" for k in ks), "headline")}
+    result.modifications, result.non_additive = _breakdowns(scored.per_query, ks)
+    missing = [p["qid"] for p in scored.per_query if not p["positives_in_pool"]]
+    result.missing_positives = {"count": len(missing), "qids": missing[:50]}
+    if missing:
+        result.notes.append(f"{len(missing)} queries have no positive in their pool; they count as misses.")
+
+
+def _write(out: Path, result: EvalResult, scored: _Scored, pool: str) -> None:
+    """Write step: ``run.trec``, ``results.tsv``, ``categories.tsv``, ``per_query.jsonl``, then ``results.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_trec_run(out / RUN_FILE, scored.run_rows, result.run_name)
+    write_tsv(out / TSV_FILE, [*result.rows, {"dataset": "average", "task": "all", "modality": "",
+                                              "pool": pool, "queries": result.n_queries, **result.average}],
+              result.ks)
+    write_tsv(out / CATEGORY_TSV_FILE, [{**v, "category": c, "tasks": ",".join(map(str, v["tasks"]))}
+                                        for c, v in result.categories.items()],
+              result.ks, head=("category", "tasks", "rows", "queries"))
+    with atomic_write(out / PER_QUERY_FILE) as handle:
+        for entry in scored.per_query:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    result.save(out / RESULTS_FILE)  # last: its presence marks a complete evaluation
 
 
 def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test", pool: str = "local",
@@ -274,137 +471,41 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
     ``text_mode``: ``"jfe"`` or ``"uniir"`` (UniIR's exact text formatting, see :mod:`jfe.data.instructions`).
     """
     from jfe.index.build import model_name_of
-    from jfe.index.vector_index import VectorIndex
 
-    if pool not in ("local", "global"):
-        raise ConfigError(f"pool must be 'local' or 'global', got {pool!r}")
-    if instructions not in ("default", "heldout", "none"):
-        raise ConfigError(f"instructions must be 'default', 'heldout' or 'none', got {instructions!r}")
-    if text_mode not in TEXT_MODES:
-        raise ConfigError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {text_mode!r}")
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ConfigError(f"ks must be positive integers, got {ks}")
+    ks = _checked_ks(pool, instructions, text_mode, ks)
     root = Path(data_root).resolve()
-    layout = MBEIRLayout(root)
     out = Path(out_dir) if out_dir is not None else None
     timings: dict[str, float] = {}
     notes = [EXCLUSION_NOTE, "Recall@k is M-BEIR's hit rate: 1 if any positive is in the top k."]
     t0 = time.perf_counter()
-
-    files = _load_query_files(layout, split, pool, max_queries)
-    candidates, pool_dids = _read_pools(sorted({p for f in files for p in f.pool_files}))
-    instruction_sets = {}
-    if instructions != "none":
-        tsv = layout.instructions_file if instructions == "default" else layout.root / "instructions" / \
-            HELDOUT_INSTRUCTIONS
-        if tsv.is_file():
-            instruction_sets = read_instructions(tsv)
-        elif instructions == "heldout":
-            raise DataError("held-out instructions requested but the dataset has none", path=str(tsv))
-        else:
-            notes.append(f"No instructions file at {tsv}: queries were embedded without instructions.")
+    inputs = _read(root, split, pool, instructions, max_queries, notes)
     timings["read"] = time.perf_counter() - t0
 
-    # embed: candidates by content, once; queries with their instruction
     t0 = time.perf_counter()
-    fingerprint = model_fingerprint(model)
     cache = EmbeddingCache(Path(cache_dir) if cache_dir is not None else (out / "embeddings" if out else None),
-                           fingerprint)
-    cand_ids = sorted(candidates, key=lambda d: d)  # sorted: stable cache order regardless of pool order
-    cand_row = {did: i for i, did in enumerate(cand_ids)}
-    cand_items = [candidate_item(candidates[d], root, text_mode) for d in cand_ids]
-    cand_keys = [_item_key(item.text, candidates[d].img_path) for d, item in zip(cand_ids, cand_items, strict=True)]
-    cand_vecs = cache.embed(model, cand_keys, cand_items, batch_size, progress, "embed candidates")
-    query_vecs: list[np.ndarray] = []
-    for qf in files:
-        keys, items = [], []
-        for q, pos in zip(qf.queries, qf.positives, strict=True):
-            key = (q.qid.partition(":")[0], q.query_modality, _cand_modality(q, pos, candidates))
-            instruction = pick_instruction(q.qid, instruction_sets.get(key), instruction_mode) \
-                if instruction_sets else None
-            heldout = q.src.get("query_txt_heldout") if instructions == "heldout" else None
-            item = query_item(q, root, instruction, text_mode, heldout if isinstance(heldout, str) else None)
-            keys.append(_item_key(item.text, q.query_img_path))
-            items.append(item)
-        query_vecs.append(cache.embed(model, keys, items, batch_size, progress, f"embed {qf.path.stem}"))
-    cache.save()
+                           model_fingerprint(model))
+    cand_vecs, cand_row, query_vecs = _embed(model, inputs, cache, batch_size, progress, instructions,
+                                             instruction_mode, text_mode)
     timings["embed"] = time.perf_counter() - t0
 
-    # search each query file in its pool
-    t0 = time.perf_counter()
-    k_max = ks[-1]
-    indexes: dict[tuple[Path, ...], VectorIndex] = {}
-    run_rows: list[tuple[str, list[str], list[float], Any]] = []
-    per_query: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
-    for qf, qvecs in zip(files, query_vecs, strict=True):
-        pool_key = tuple(qf.pool_files)
-        if pool_key not in indexes:
-            dids = list(dict.fromkeys(d for p in qf.pool_files for d in pool_dids[p]))
-            index = VectorIndex(cand_vecs.shape[1] if len(cand_vecs) else model.dim)
-            if dids:
-                index.add(dids, cand_vecs[[cand_row[d] for d in dids]])
-            indexes[pool_key] = index
-        index = indexes[pool_key]
-        exclude = [{str(d) for d in (q.src.get("exclude_dids") or [])} for q in qf.queries]
-        ranked, scores = index.search(qvecs, k_max, exclude=exclude) if qf.queries else ([], None)
-        for i, q in enumerate(qf.queries):
-            run_rows.append((q.qid, ranked[i], scores[i][:len(ranked[i])].tolist(), q.task_id))
-            src = q.src
-            per_query.append({"qid": q.qid, "dataset": qf.dataset, "task": q.task_id, "file": qf.path.stem,
-                              "first_hit_rank": first_hit_rank(ranked[i], qf.positives[i]),
-                              "positives_in_pool": any(d in index for d in qf.positives[i]),
-                              "modification": src.get("modification"), "non_additive": src.get("non_additive"),
-                              "base": src.get("base")})
-        # one row per (dataset, task) of this file; M-BEIR files hold one task each, but be general
-        start = len(per_query) - len(qf.queries)
-        by_task: dict[Any, list[int]] = {}
-        for i, q in enumerate(qf.queries):
-            by_task.setdefault(q.task_id, []).append(i)
-        for task, idx in sorted(by_task.items(), key=lambda kv: (kv[0] is None, kv[0])):
-            row = {"dataset": qf.dataset, "task": task,
-                   "modality": "→".join(TASKS[task]) if task in TASKS else "?",
-                   "category": TASK_CATEGORY.get(task, "other"),
-                   "pool": "+".join(p.stem for p in qf.pool_files) if pool == "local" else "global",
-                   "queries": len(idx), "file": qf.path.stem,
-                   "missing_positives": sum(1 for i in idx if not per_query[start + i]["positives_in_pool"])}
-            for k in sorted({*ks, headline_k(qf.dataset)}):
-                row[f"R@{k}"] = float(hits_at_k([ranked[i] for i in idx], [qf.positives[i] for i in idx], k).mean())
-            rows.append(row)
+    t0 = time.perf_counter()  # "search" times ranking and scoring together
+    dim = cand_vecs.shape[1] if len(cand_vecs) else model.dim
+    indexes, rankings = _rank_files(inputs, cand_vecs, cand_row, query_vecs, ks[-1], dim)
+    scored = _Scored()
+    for qf, (ranked, scores) in zip(inputs.files, rankings, strict=True):
+        _score_file(qf, ranked, scores, indexes[tuple(qf.pool_files)], ks, pool, scored)
     timings["search"] = time.perf_counter() - t0
 
     result = EvalResult(
         run_name=run_name or model_name or model_name_of(model), model=model_name or model_name_of(model),
         data_root=str(root), split=split, pool=pool, instructions=instructions, ks=list(ks),
-        rows=_merge_rows(rows, ks), categories={}, average={}, n_queries=len(per_query),
+        rows=_merge_rows(scored.rows, ks), categories={}, average={}, n_queries=len(scored.per_query),
         n_candidates=len({d for idx in indexes.values() for d in idx.ids}), timings={}, notes=notes,
         arch=getattr(model, "arch", ""))
-    for row in result.rows:
-        row["headline_k"] = headline_k(row["dataset"])
-        row["headline"] = row[f"R@{row['headline_k']}"]
-    result.categories = _categories(result.rows, ks)
-    result.average = {m: _mean([r[m] for r in result.rows]) for m in (*(f"R@{k}" for k in ks), "headline")}
-    result.modifications, result.non_additive = _breakdowns(per_query, ks)
-    missing = [p["qid"] for p in per_query if not p["positives_in_pool"]]
-    result.missing_positives = {"count": len(missing), "qids": missing[:50]}
-    if missing:
-        result.notes.append(f"{len(missing)} queries have no positive in their pool; they count as misses.")
+    _summarise(result, scored, ks)
     result.timings = {k: round(v, 3) for k, v in timings.items()}
-
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_trec_run(out / RUN_FILE, run_rows, result.run_name)
-        write_tsv(out / TSV_FILE, [*result.rows, {"dataset": "average", "task": "all", "modality": "",
-                                                  "pool": pool, "queries": result.n_queries, **result.average}],
-                  ks)
-        write_tsv(out / CATEGORY_TSV_FILE, [{**v, "category": c, "tasks": ",".join(map(str, v["tasks"]))}
-                                            for c, v in result.categories.items()],
-                  ks, head=("category", "tasks", "rows", "queries"))
-        with atomic_write(out / PER_QUERY_FILE) as handle:
-            for entry in per_query:
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        result.save(out / RESULTS_FILE)  # last: its presence marks a complete evaluation
+        _write(out, result, scored, pool)
     return result
 
 

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from jfe.data.instructions import TextMode, pick_instruction
+from jfe.data.instructions import TextMode, instruction_key, instruction_set_for, pick_instruction
 from jfe.data.items import Item, candidate_item, query_item
 from jfe.data.mbeir import MBEIRLayout, iter_candidates, iter_queries
-from jfe.data.records import Candidate, InstructionSet, Query, dataset_id_of
+from jfe.data.records import Candidate, InstructionSet, Query
 from jfe.errors import ConfigError, DataError
 from jfe.train.losses import ContrastiveBatch, false_negative_mask
 
@@ -130,9 +129,10 @@ class TrainingData:
         self.by_base = dict(by_base)
         self.task_pools = {t: sorted(p) for t, p in pools.items()}
 
-    def instruction_set(self, query: Query, cand_did: str) -> InstructionSet | None:
-        cand = self.candidates[cand_did]
-        return self.instructions.get((dataset_id_of(query.qid), query.query_modality, cand.modality))
+    def instruction_set(self, query: Query) -> InstructionSet | None:
+        """The query's instruction set, by :func:`jfe.data.instructions.instruction_key` (the same key for
+        every draw of the query, whichever positive is drawn)."""
+        return instruction_set_for(self.instructions, instruction_key(query, self.candidates))
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ class BatchSampler:
                 negatives.append(pool[int(self.rng.integers(len(pool)))])
         instruction = None
         if self.use_instructions:
-            inst = self.data.instruction_set(query, positive)
+            inst = self.data.instruction_set(query)
             if inst is not None and inst.prompts:
                 instruction = inst.prompts[int(self.rng.integers(len(inst.prompts)))]
         return Draw(index=index, positive=positive, negatives=tuple(negatives), instruction=instruction)
@@ -343,10 +343,7 @@ def load_val_groups(root: str | Path, split: str = "val", tasks: set[int] | None
         for q in qs:
             instruction = None
             if instructions:
-                first_pos = next((d for d in q.pos_cand_list if d in cands), None)
-                cand_modality = cands[first_pos].modality if first_pos else None
-                instruction = pick_instruction(q.qid, inst.get((dataset_id_of(q.qid), q.query_modality,
-                                                                cand_modality)))
+                instruction = pick_instruction(q.qid, instruction_set_for(inst, instruction_key(q, cands)))
             query_items.append(query_item(q, layout.root, instruction, text_mode))
         groups.append(ValGroup(
             name=path.stem, task_ids=[int(q.task_id) if q.task_id is not None else -1 for q in qs],
@@ -355,16 +352,3 @@ def load_val_groups(root: str | Path, split: str = "val", tasks: set[int] | None
             pool_ids=pool_ids, pool=[candidate_item(cands[d], layout.root, text_mode) for d in pool_ids]))
     return groups
 
-
-def rank_pool(query_vecs: np.ndarray, pool_vecs: np.ndarray, pool_ids: list[str], excluded: list[set[str]],
-              k: int) -> list[list[str]]:
-    """Top-``k`` pool ids per query by inner product, never returning a query's excluded ids
-    (CIRR's convention: a composed query's reference image is not a hit)."""
-    scores = torch.from_numpy(query_vecs) @ torch.from_numpy(pool_vecs).T
-    position = {d: j for j, d in enumerate(pool_ids)}
-    for i, ex in enumerate(excluded):
-        cols = [position[d] for d in ex if d in position]
-        if cols:
-            scores[i, cols] = float("-inf")
-    top = torch.topk(scores, k=min(k, len(pool_ids)), dim=1).indices.tolist()
-    return [[pool_ids[j] for j in row] for row in top]

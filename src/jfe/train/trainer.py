@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from jfe.errors import ConfigError
+from jfe.eval.protocol import pool_index, rank, score
 from jfe.models.base import load_weights
 from jfe.models.precision import resolve_precision
 from jfe.paths import atomic_dir, atomic_write
 from jfe.train.config import TrainConfig, load_config
-from jfe.train.data import BatchSampler, TrainingData, load_val_groups, rank_pool
+from jfe.train.data import BatchSampler, TrainingData, load_val_groups
 from jfe.train.distributed import DistContext, init_distributed
 from jfe.train.losses import ContrastiveObjective, InfoNCELoss
 
@@ -145,6 +146,18 @@ class _Metrics:
                 handle.write(json.dumps(record) + "\n")
 
 
+class _Window:
+    """Losses and pairs since the last log line, and when it began: the next line's mean loss and throughput."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.start = time.perf_counter()
+        self.pairs = 0
+
+
 # --- the trainer -------------------------------------------------------------------------------------
 class Trainer:
     """One training run. Use :func:`train` unless you need the pieces."""
@@ -242,15 +255,15 @@ class Trainer:
 
     # validation ----------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        """Recall@1/5 (M-BEIR hit rate) on a capped val set: overall (mean over query files) and per task."""
+        """Recall@1/5 (M-BEIR hit rate) on a capped val set: overall (mean over query files) and per task.
+        Ranking (with each query's exclusions) and scoring are the evaluator's own steps."""
         if not hasattr(self, "_val_groups"):
             tasks = set(self.cfg.task_weights) if self.cfg.task_weights else None
             self._val_groups = load_val_groups(self.cfg.data, self.cfg.val_split, tasks, self.cfg.instructions,
                                                self.cfg.val_max_queries, self.cfg.val_max_pool, self.cfg.text_mode)
         if not self._val_groups:
             return {}
-        hit_rate_at_k = _hit_rate_fn()
-        per_file: dict[str, dict[int, float]] = {}
+        per_file: dict[str, dict[str, float]] = {}
         by_task: dict[int, list[float]] = {}
         bs = self.cfg.val_batch_size
         # pools of different query files overlap (or are one file): embed every candidate once
@@ -260,129 +273,152 @@ class Trainer:
         row = {d: i for i, d in enumerate(cand_ids)}
         for group in self._val_groups:
             q = self.model.encode(group.queries, batch_size=bs)
-            p = cand_vecs[[row[d] for d in group.pool_ids]]
-            ranked = rank_pool(q, p, group.pool_ids, group.excluded, k=5)
-            per_file[group.name] = {k: hit_rate_at_k(ranked, group.positives, k) for k in (1, 5)}
+            index = pool_index(group.pool_ids, cand_vecs[[row[d] for d in group.pool_ids]], cand_vecs.shape[1])
+            ranked, _ = rank(index, q, 5, group.excluded)
+            per_file[group.name] = score(ranked, group.positives, (1, 5))
             task = max(set(group.task_ids), key=group.task_ids.count)
-            by_task.setdefault(task, []).append(per_file[group.name][5])
-        out = {f"val/R@{k}": float(np.mean([v[k] for v in per_file.values()])) for k in (1, 5)}
+            by_task.setdefault(task, []).append(per_file[group.name]["R@5"])
+        out = {f"val/R@{k}": float(np.mean([v[f"R@{k}"] for v in per_file.values()])) for k in (1, 5)}
         out.update({f"val/R@5/task{t}": float(np.mean(v)) for t, v in sorted(by_task.items())})
         return out
 
+    def _validate_and_log(self) -> dict[str, float]:
+        """Validate where it runs (rank 0; every rank when the weights are sharded, since each forward needs
+        all of them), log the scores, then wait for every rank. Returns the scores ({} on other ranks)."""
+        scores: dict[str, float] = {}
+        if self.ctx.is_main or self.ctx.sharded:
+            scores = self.validate()
+            if scores:
+                self.metrics.write({"step": self.step, **scores, "time": time.time()})
+        self.ctx.barrier()
+        return scores
+
     # the loop ------------------------------------------------------------------------------------
-    def run(self, resume: bool = False, progress: bool = True) -> Path:
-        cfg, ctx = self.cfg, self.ctx
-        final = self.out / "final"
+    def _previous_run(self, resume: bool, final: Path) -> tuple[bool, Path | None]:
+        """(whether ``output_dir`` holds this run finished, its newest checkpoint); without ``resume`` an
+        existing run is refused rather than overwritten."""
         latest = latest_checkpoint(self.out)
         if not resume and (latest is not None or (final / "config.json").exists()):
             raise ConfigError(f"{self.out} already holds a training run; pass --resume (resume=True) to continue "
                               f"it or choose another output_dir")
         if resume and (self.out / DONE_NAME).exists() and (final / "config.json").exists():
             done = json.loads((self.out / DONE_NAME).read_text())
-            if done.get("steps") == cfg.steps:
-                return final
+            if done.get("steps") == self.cfg.steps:
+                return True, latest
+        return False, latest
+
+    def _start(self, resume: bool, latest: Path | None) -> None:
+        """Build everything, restore the newest checkpoint when resuming, and record the config."""
         self._setup()
         if resume and latest is not None:
-            if ctx.is_main:  # half-written checkpoints of a killed run (atomic_dir's temporary folders)
+            if self.ctx.is_main:  # half-written checkpoints of a killed run (atomic_dir's temporary folders)
                 for junk in (self.out / CHECKPOINTS).glob(".step-*"):
                     shutil.rmtree(junk, ignore_errors=True)
             self._load_checkpoint(latest)
             self.metrics.truncate_after(self.step)
         else:
             self.metrics.truncate_after(-1)  # a fresh start (or a crash before the first checkpoint)
-        if ctx.is_main:
+        if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.out / "train_config.json") as handle:
-                handle.write(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
-        from tqdm.auto import tqdm
+                handle.write(json.dumps(self.cfg.model_dump(mode="json"), indent=2) + "\n")
 
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
-                   disable=not progress or not ctx.is_main, dynamic_ncols=True)
+    def _train_step(self, model_params: list[torch.nn.Parameter], loss_params: list[torch.nn.Parameter]
+                    ) -> tuple[float, float, int]:
+        """One optimiser step on the next global batch; returns (loss, learning rate, pairs in the batch)."""
+        cfg, ctx = self.cfg, self.ctx
+        phase = self._phase_for(self.step)
+        if phase != self.phase_index:
+            self._enter_phase(phase)
+        draws = self.sampler.next_batch()
+        batch = self.sampler.to_batch(draws, ctx.rank, ctx.world_size)
+        factor = lr_factor(self.step, cfg)
+        lr = cfg.phase_lr(self.phase_index) * factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.glue_lr * factor if group.get("glue") and cfg.glue_lr else lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.objective(batch)
+        loss.backward()
+        ctx.sum_gradients(model_params)  # shard gradients of the global loss add up to its gradient
+        ctx.sum_gradients(loss_params, average=True)  # every rank computed the same one
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model_params + loss_params if p.grad is not None],
+                                           cfg.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {self.step}; lower lr or check the data")
+        return value, lr, len(draws)
+
+    def _log(self, window: _Window, lr: float, bar: Any, postfix: dict[str, str]) -> None:
+        """Write the log line of the window since the last one (mean loss, throughput) and start a new window."""
+        elapsed = time.perf_counter() - window.start
+        record = {"step": self.step, "loss": float(np.mean(window.losses)), "lr": lr,
+                  "temperature": self.loss.temperature, "phase": self.plan[self.phase_index][0],
+                  "pairs_per_s": window.pairs / max(elapsed, 1e-9), "time": time.time()}
+        self.metrics.write(record)
+        postfix.update(loss=f"{record['loss']:.3f}", pairs_s=f"{record['pairs_per_s']:.1f}")
+        bar.set_postfix(postfix, refresh=False)
+        window.reset()
+
+    def _loop(self, bar: Any, window: _Window) -> Path | None:
+        """Train up to ``steps``, logging, validating and checkpointing on schedule. Returns the newest
+        checkpoint's model folder when ``stop_at_step`` ends the run early, else None."""
+        cfg = self.cfg
         model_params = list(self.model.parameters())
         loss_params = list(self.loss.parameters())
-        window: list[float] = []
-        window_start, window_pairs = time.perf_counter(), 0
         postfix: dict[str, str] = {}
-        if cfg.val_every and self.step == 0 and (ctx.is_main or ctx.sharded):
-            scores = self.validate()  # the starting point, so a run's gain is visible in its own log
-            if scores:
-                self.metrics.write({"step": 0, **scores, "time": time.time()})
-        ctx.barrier()
-        try:
-            while self.step < cfg.steps:
-                phase = self._phase_for(self.step)
-                if phase != self.phase_index:
-                    self._enter_phase(phase)
-                draws = self.sampler.next_batch()
-                batch = self.sampler.to_batch(draws, ctx.rank, ctx.world_size)
-                factor = lr_factor(self.step, cfg)
-                lr = cfg.phase_lr(self.phase_index) * factor
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.glue_lr * factor if group.get("glue") and cfg.glue_lr else lr
-                self.model.train()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self.objective(batch)
-                loss.backward()
-                ctx.sum_gradients(model_params)  # shard gradients of the global loss add up to its gradient
-                ctx.sum_gradients(loss_params, average=True)  # every rank computed the same one
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([p for p in model_params + loss_params if p.grad is not None],
-                                                   cfg.max_grad_norm)
-                self.optimizer.step()
-                self.step += 1
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"loss became {value} at step {self.step}; lower lr or check the data")
-                window.append(value)
-                window_pairs += len(draws)
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": self.step, "loss": float(np.mean(window)), "lr": lr,
-                              "temperature": self.loss.temperature, "phase": self.plan[self.phase_index][0],
-                              "pairs_per_s": window_pairs / max(elapsed, 1e-9), "time": time.time()}
-                    self.metrics.write(record)
-                    postfix.update(loss=f"{record['loss']:.3f}", pairs_s=f"{record['pairs_per_s']:.1f}")
+        while self.step < cfg.steps:
+            value, lr, pairs = self._train_step(model_params, loss_params)
+            window.losses.append(value)
+            window.pairs += pairs
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(window, lr, bar, postfix)
+            if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
+                scores = self._validate_and_log()
+                if scores:
+                    postfix["R@5"] = f"{scores['val/R@5']:.3f}"
                     bar.set_postfix(postfix, refresh=False)
-                    window, window_start, window_pairs = [], time.perf_counter(), 0
-                if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
-                    if ctx.is_main or ctx.sharded:  # sharded weights: every rank takes part in each forward
-                        scores = self.validate()
-                        if scores:
-                            self.metrics.write({"step": self.step, **scores, "time": time.time()})
-                            postfix["R@5"] = f"{scores['val/R@5']:.3f}"
-                            bar.set_postfix(postfix, refresh=False)
-                    ctx.barrier()
-                    window_start = time.perf_counter()  # validation time is not training throughput
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self._save_checkpoint()
-                if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < cfg.steps:
-                    latest = latest_checkpoint(self.out)
-                    return (latest / "model") if latest is not None else self.out
+                window.start = time.perf_counter()  # validation time is not training throughput
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self._save_checkpoint()
+            if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < cfg.steps:
+                latest = latest_checkpoint(self.out)
+                return (latest / "model") if latest is not None else self.out
+        return None
+
+    def run(self, resume: bool = False, progress: bool = True) -> Path:
+        """Train (or, with ``resume``, continue) to ``steps``; returns the final model folder (see the module
+        docstring for what ``output_dir`` receives)."""
+        final = self.out / "final"
+        finished, latest = self._previous_run(resume, final)
+        if finished:
+            return final
+        self._start(resume, latest)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.cfg.stage}", unit="step",
+                   disable=not progress or not self.ctx.is_main, dynamic_ncols=True)
+        window = _Window()
+        if self.cfg.val_every and self.step == 0:
+            self._validate_and_log()  # the starting point, so a run's gain is visible in its own log
+        else:
+            self.ctx.barrier()
+        try:
+            stopped = self._loop(bar, window)
         finally:
             bar.close()
-        if ctx.is_main:
+        if stopped is not None:
+            return stopped
+        if self.ctx.is_main:
             self.model.save_pretrained(final)
             with atomic_write(self.out / DONE_NAME) as handle:
-                handle.write(json.dumps({"steps": cfg.steps, "final": str(final)}) + "\n")
-        ctx.barrier()
+                handle.write(json.dumps({"steps": self.cfg.steps, "final": str(final)}) + "\n")
+        self.ctx.barrier()
         return final
-
-
-def _hit_rate_fn():
-    """``jfe.eval.metrics.hit_rate_at_k`` where the eval layer is installed; the same M-BEIR hit rate
-    otherwise (1 if any positive is in the top k, averaged)."""
-    try:
-        from jfe.eval.metrics import hit_rate_at_k
-
-        return hit_rate_at_k
-    except ImportError:
-        def hit_rate_at_k(ranked_ids, positives, k):  # type: ignore[no-redef]
-            if not ranked_ids:
-                return 0.0
-            return float(np.mean([bool(set(r[:k]) & set(p)) for r, p in zip(ranked_ids, positives, strict=True)]))
-
-        return hit_rate_at_k
 
 
 def train(config: TrainConfig | str | Path | dict[str, Any], overrides: dict[str, Any] | None = None,
