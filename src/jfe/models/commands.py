@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
 from jfe.errors import ConfigError, DataError
 
 models_app = typer.Typer(help="Built-in and saved encoders.", no_args_is_help=True)
@@ -98,8 +99,7 @@ def encode(
                                     "(query side)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
-    precision: str = typer.Option("auto", "--precision", help="Compute precision: auto (bf16 where the CPU/GPU "
-                                                              "has native bf16, else fp32), fp32 or bf16."),
+    precision: PrecisionOption = DEFAULT_PRECISION,
 ) -> None:
     """Embed texts, images or image+text pairs into an .npy matrix, one row per input, in order.
 
