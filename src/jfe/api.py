@@ -47,7 +47,7 @@ def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None =
     from jfe.index.shards import load_index
 
     saved = isinstance(index, str | os.PathLike)
-    vector_index = load_index(index) if saved else index
+    vector_index: Any = load_index(index) if saved else index  # anything with search/record/meta
     name = model if model is not None else vector_index.meta.get("model")
     if not name:
         raise ConfigError(f"the index{f' at {index}' if saved else ''} does not name its model; pass model=")
