@@ -35,7 +35,7 @@ def build_index(model_name: str, workdir: Path) -> tuple[Path, Path, str]:
     A registry name builds fresh glue weights on every load, so the model is saved and the server loads that
     folder: the server then embeds queries with exactly the weights that embedded the index.
     """
-    from jfe.serve.commands import load_model
+    from jfe.models.registry import load_model
     from jfe.serve.sample import build_sample_index
 
     root = workdir / "sample"

@@ -21,7 +21,7 @@ from jfe.data.instructions import (
     pick_instruction,
     with_instruction,
 )
-from jfe.data.items import Item, as_item, candidate_item, query_item
+from jfe.data.items import Item, as_item, candidate_item, query_item, read_items
 from jfe.data.mbeir import (
     iter_candidates,
     iter_qrels,
@@ -404,3 +404,40 @@ def test_query_and_candidate_items(tmp_path: Path) -> None:
     assert cand == Item(text="a blue square", image=None, id="1:2")
     with pytest.raises(DataError, match="1:9"):
         candidate_item(Candidate("1:9", None, "images/none.png", "image"), tmp_path).load_image()
+
+
+# ------------------------------------------------------------------------------------------ items files
+def test_items_file_reads_text_image_and_pairs_relative_to_the_file(tmp_path: Path) -> None:
+    absolute = tmp_path / "elsewhere" / "b.png"
+    (tmp_path / "sub").mkdir()
+    path = _lines(tmp_path / "sub" / "items.jsonl",
+                  json.dumps({"text": "hello"}), "", json.dumps({"image": "a.png", "id": "mine"}),
+                  json.dumps({"text": "edit", "image": str(absolute)}))
+    assert read_items(path) == [Item(text="hello", id="line 1"), Item(image=tmp_path / "sub" / "a.png", id="mine"),
+                                Item(text="edit", image=absolute, id="line 4")]
+    assert read_items(_lines(tmp_path / "empty.jsonl", "")) == []
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    ("{broken", "malformed JSON"),
+    ("[1, 2]", "JSON object"),
+    (json.dumps({"text": "a", "caption": "b"}), "unknown item keys.*caption"),
+    (json.dumps({"id": "x"}), "neither text nor image"),
+    (json.dumps({"text": 3}), "text must be a string"),
+    (json.dumps({"image": 3}), "'image' must be a path string"),
+])
+def test_items_file_errors_name_file_and_line(tmp_path: Path, bad: str, match: str) -> None:
+    path = _lines(tmp_path / "items.jsonl", json.dumps({"text": "fine"}), "", bad)
+    with pytest.raises(DataError, match=match) as info:
+        read_items(path)
+    assert info.value.path == str(path) and info.value.line == 3
+    assert f"{path}:3" in str(info.value)
+
+
+def test_items_file_that_cannot_be_read_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="file not found") as info:
+        read_items(tmp_path / "missing.jsonl")
+    assert info.value.path == str(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="cannot read the file") as info:
+        read_items(tmp_path)  # a folder
+    assert info.value.path == str(tmp_path)

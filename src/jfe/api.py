@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from jfe.errors import ConfigError
 from jfe.models.base import Encoder
 
 ModelLike = str | os.PathLike | Encoder
@@ -39,17 +40,21 @@ def encode(items: Sequence[Any], model: ModelLike = "jfe-mini", instruction: str
 
 def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None = None, k: int = 10,
            instruction: str | None = None) -> list[dict[str, Any]]:
-    """Search a saved index (folder or loaded ``VectorIndex``) with one query item; returns ranked hits
-    ``{"did", "score", "rank", "record"}``. The model defaults to the one the index was built with."""
-    from jfe.index import VectorIndex
-
-    vector_index = index if isinstance(index, VectorIndex) else VectorIndex.load(index)
-    encoder = _model(model if model is not None else vector_index.meta["model"])
-    vector = encoder.encode([query], instruction=instruction)
+    """Search an index (a saved folder, plain or sharded, or a loaded index) with one query item; returns
+    ranked hits ``{"did", "score", "rank", "record"}`` (``record``: the candidate's stored record, ``{}`` when
+    the index holds none). The model defaults to the one the index was built with."""
     from jfe.index.hits import hits_from
+    from jfe.index.shards import load_index
 
+    saved = isinstance(index, str | os.PathLike)
+    vector_index: Any = load_index(index) if saved else index  # anything with search/record/meta
+    name = model if model is not None else vector_index.meta.get("model")
+    if not name:
+        raise ConfigError(f"the index{f' at {index}' if saved else ''} does not name its model; pass model=")
+    vector = _model(name).encode([query], instruction=instruction)
     ids, scores = vector_index.search(vector, k)
-    return [{"did": hit.did, "score": hit.score, "rank": hit.rank, "record": vector_index.record(hit.did)}
+    # one hit shape for the API, `jfe search` and POST /search: jfe.index.hits
+    return [{"did": hit.did, "score": hit.score, "rank": hit.rank, "record": hit.record}
             for hit in hits_from(vector_index, ids[0], scores[0].tolist())]
 
 

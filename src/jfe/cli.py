@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "jfe.models.commands",
     "jfe.train.commands",
     "jfe.index.commands",
+    "jfe.api_commands",  # jfe search: over jfe.api, so above every layer
     "jfe.eval.commands",
     "jfe.serve.commands",
     "jfe.demo",

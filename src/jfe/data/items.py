@@ -1,4 +1,4 @@
-"""Model inputs: an :class:`Item` is text, an image, or both. Records become items here.
+"""Model inputs: an :class:`Item` is text, an image, or both. Records (and items files) become items here.
 
 This is the "records -> inputs" step of the data flow; every encoder takes items, never records.
 """
@@ -14,6 +14,7 @@ from PIL import Image
 
 from jfe.data.images import load_image
 from jfe.data.instructions import TextMode, candidate_text, with_instruction
+from jfe.data.mbeir import iter_json_lines
 from jfe.data.records import Candidate, Query
 from jfe.errors import DataError
 
@@ -86,6 +87,27 @@ def as_item(obj: Any, index: int | None = None) -> Item:
                         record_id=item.id)
     _ = item.modality  # raises on empty items
     return item
+
+
+def read_items(path: str | os.PathLike) -> list[Item]:
+    """The items of a JSON-lines file: ``{"text": ..., "image": "relative/or/absolute.png", "id": ...}`` per
+    line, ``image`` relative to the file's folder, ``id`` ``"line N"`` unless given. Every error (unreadable
+    file, bad JSON or UTF-8, unknown keys, an empty item) names the file and the line."""
+    path = Path(path)
+    items = []
+    for line_no, record in iter_json_lines(path):
+        record.setdefault("id", f"line {line_no}")
+        image = record.get("image")
+        if image and not isinstance(image, str):
+            raise DataError(f"'image' must be a path string, got {type(image).__name__}", path=str(path),
+                            line=line_no)
+        if image:
+            record["image"] = Path(image) if Path(image).is_absolute() else path.parent / image
+        try:
+            items.append(as_item(record))
+        except DataError as exc:  # as_item knows the item, not where it came from
+            raise DataError(exc.message, path=str(path), line=line_no, record_id=exc.record_id) from None
+    return items
 
 
 def query_item(query: Query, root: str | os.PathLike, instruction: str | None = None,

@@ -31,6 +31,8 @@ def iter_json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
         handle = path.open("rb")  # decoded per line, so a bad byte is reported with its line number
     except FileNotFoundError:
         raise DataError("file not found", path=str(path)) from None
+    except OSError as exc:  # a folder, no permission...: still one clear line naming the file
+        raise DataError(f"cannot read the file ({exc.strerror})", path=str(path)) from None
     with handle:
         for line_no, raw in enumerate(handle, start=1):
             try:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
 from jfe.errors import ConfigError
 
 
@@ -39,8 +40,7 @@ def eval_command(
     run_name: str = typer.Option(None, "--run-name", help="Run id in the TREC file (default: the model name)."),
     max_queries: int = typer.Option(None, "--max-queries", min=1, help="Cap queries per file (smoke tests)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
-    precision: str = typer.Option("auto", "--precision", help="Compute precision: auto (bf16 where the CPU/GPU "
-                                                              "has native bf16, else fp32), fp32 or bf16."),
+    precision: PrecisionOption = DEFAULT_PRECISION,
     text_mode: str = typer.Option("jfe", "--text-mode", help="Text formatting: 'jfe', or 'uniir' (UniIR's exact "
                                                              "format_string, to reproduce UniIR checkpoints)."),
 ) -> None:

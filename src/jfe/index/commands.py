@@ -1,25 +1,23 @@
-"""``jfe index build`` and ``jfe search``.
+"""``jfe index build`` (``jfe search`` is :mod:`jfe.api_commands`, a shell over ``jfe.search``).
 
 Heavy imports (torch, faiss, rich) happen inside the command functions so that ``jfe --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
 
-from jfe.errors import ConfigError, DataError
+from jfe.errors import ConfigError
 
 index_app = typer.Typer(help="Vector indexes over M-BEIR candidate pools.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``jfe index ...`` and ``jfe search`` to the ``jfe`` app."""
+    """Add ``jfe index ...`` to the ``jfe`` app."""
     app.add_typer(index_app, name="index")
-    app.command("search")(search_command)
 
 
 def _console(stderr: bool = False):  # noqa: ANN202 - rich is imported lazily
@@ -70,51 +68,3 @@ def index_build(
                         progress=progress, shards=shards, ray_address=ray, precision=precision)
     _console(stderr=True).print(f"indexed {len(index)} candidates (dim {index.dim}, {factory}) into {out} "
                                 f"in {time.perf_counter() - started:.1f}s", markup=False)
-
-
-def search_command(
-    index: Path = typer.Option(..., "--index", help="Index folder written by `jfe index build`."),
-    model: str = typer.Option(None, "--model", help="Model name or folder (default: the one the index was built "
-                                                    "with)."),
-    text: str = typer.Option(None, "--text", help="Query text."),
-    image: Path = typer.Option(None, "--image", help="Query image file."),
-    instruction: str = typer.Option(None, "--instruction", help="Task instruction prefixed to the query text."),
-    k: int = typer.Option(10, "-k", "--top-k", min=1, help="How many results."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-) -> None:
-    """Search an index with a text, an image, or both; print a ranked table (or JSON)."""
-    from jfe.data.items import Item
-    from jfe.index.shards import load_index
-    from jfe.models.registry import load_model
-
-    if not text and image is None:
-        raise ConfigError("give a query: --text, --image or both")
-    if image is not None and not image.is_file():
-        raise DataError("query image not found", path=str(image))
-    vector_index = load_index(index, mmap=True)  # search only: the vectors page in from disk
-    name = model or vector_index.meta.get("model")
-    if not name:
-        raise ConfigError(f"the index at {index} does not name its model; pass --model")
-    encoder = load_model(str(name))
-    query = Item(text=text or None, image=image, id="query")
-    vector = encoder.encode([query], instruction=instruction)
-    ids, scores = vector_index.search(vector, k)
-    from jfe.index.hits import hits_from
-
-    hits = [{"rank": hit.rank, "did": hit.did, "score": round(hit.score, 6), "modality": hit.record.get("modality"),
-             "text": hit.record.get("txt"), "image": hit.record.get("img_path"), "record": hit.record}
-            for hit in hits_from(vector_index, ids[0], scores[0].tolist())]
-    if as_json:
-        typer.echo(json.dumps({"index": str(index), "model": str(name), "k": k, "hits": hits}, ensure_ascii=False))
-        return
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"top {k} of {len(vector_index)} in {index} (model {name})")
-    for column in ("rank", "did", "score", "modality", "text", "image"):
-        table.add_column(column, justify="right" if column in ("rank", "score") else "left",
-                         overflow="fold", no_wrap=column in ("rank", "did", "score"))
-    for hit in hits:
-        table.add_row(str(hit["rank"]), escape(hit["did"]), f"{hit['score']:.4f}", hit["modality"] or "-",
-                      escape(hit["text"] or "-"), escape(hit["image"] or "-"))
-    _console().print(table)

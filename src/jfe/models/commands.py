@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from jfe.errors import ConfigError, DataError
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
+from jfe.errors import ConfigError
 
 models_app = typer.Typer(help="Built-in and saved encoders.", no_args_is_help=True)
 
@@ -63,30 +64,6 @@ def models_unregister(name: str = typer.Argument(..., help="The name whose train
     typer.echo(f"{name}: trained weights removed")
 
 
-def _read_items(path: Path) -> list[dict]:
-    """JSONL items: ``{"text": ..., "image": "relative/or/absolute.png", "id": ...}`` per line."""
-    items = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"cannot read items file ({exc.strerror})", path=str(path)) from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON ({exc.msg})", path=str(path), line=number) from None
-        if not isinstance(record, dict):
-            raise DataError("expected a JSON object with 'text' and/or 'image'", path=str(path), line=number)
-        record.setdefault("id", f"line {number}")
-        if record.get("image"):
-            image = Path(record["image"])
-            record["image"] = image if image.is_absolute() else path.parent / image
-        items.append(record)
-    return items
-
-
 def encode(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the vectors (.npy, float32 [n, dim])."),
     model: str = typer.Option("jfe-mini", "--model", "-m", help="Registered name, hf:<path> or a saved folder."),
@@ -98,26 +75,26 @@ def encode(
                                     "(query side)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
-    precision: str = typer.Option("auto", "--precision", help="Compute precision: auto (bf16 where the CPU/GPU "
-                                                              "has native bf16, else fp32), fp32 or bf16."),
+    precision: PrecisionOption = DEFAULT_PRECISION,
 ) -> None:
     """Embed texts, images or image+text pairs into an .npy matrix, one row per input, in order.
 
     Given both --text and --image the same number of times, the i-th text and the i-th image form one
     image+text item; given only one kind, each is a unimodal item. --items reads any mix from a file.
     """
+    from jfe.data.items import Item, read_items
+
     texts, images = list(text or []), list(image or [])
     if texts and images:
         if len(texts) != len(images):
             raise ConfigError(f"got {len(texts)} --text and {len(images)} --image: pass them in equal numbers to "
                               f"form image+text pairs, or use --items for a mix")
-        items: list[dict] = [{"text": t, "image": p, "id": f"pair #{i}"} for i, (t, p) in
-                             enumerate(zip(texts, images, strict=True))]
+        items = [Item(text=t, image=p, id=f"pair #{i}") for i, (t, p) in enumerate(zip(texts, images, strict=True))]
     else:
-        items = [{"text": t, "id": f"text #{i}"} for i, t in enumerate(texts)]
-        items += [{"image": p, "id": f"image #{i} ({p})"} for i, p in enumerate(images)]
+        items = [Item(text=t, id=f"text #{i}") for i, t in enumerate(texts)]
+        items += [Item(image=p, id=f"image #{i} ({p})") for i, p in enumerate(images)]
     if items_file is not None:
-        items += _read_items(items_file)
+        items += read_items(items_file)  # the data layer's reader: errors name the file and the line
     if not items:
         raise ConfigError("nothing to encode: give --text, --image or --items")
     if out.suffix != ".npy":

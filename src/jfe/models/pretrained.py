@@ -13,7 +13,8 @@ wins:
    holds MiniLM and MobileNetV2, ~100 MB).
 
 A name without an entry still loads (``load_model`` builds it on the pretrained towers with untrained glue),
-but says so with an :class:`UntrainedModelWarning`: such a model ranks near chance.
+but says so with an :class:`UntrainedModelWarning`: such a model ranks near chance. Test encoders registered
+with ``needs_training=False`` (``toy``, ``toy-hash``) load silently: they have nothing to learn.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ PACKAGE_ROOT = Path(__file__).parent / "weights"
 
 
 class UntrainedModelWarning(UserWarning):
-    """A registered name was loaded without trained weights: its glue (projector, heads) is random."""
+    """A registered name of a learnt architecture was loaded without trained weights: its glue (projector,
+    heads) is random. Never emitted for test encoders (``toy``/``toy-hash``), which have nothing to train."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 * a registered name (``"jfe-mini"``, ``"two-tower-mini"``, ``"late-fusion-sf-mini"``, ``"late-fusion-ff-mini"``
   and their variants, see :func:`list_models`): its trained weights from the pretrained table
   (:mod:`jfe.models.pretrained`, ``jfe models list``) when it has them, else a fresh model on the
-  pretrained towers (glue untrained) with an ``UntrainedModelWarning``;
+  pretrained towers (glue untrained) with an ``UntrainedModelWarning`` (not for ``toy``/``toy-hash``: a test
+  encoder with nothing to train);
 * ``"hf:<path>"``: a ``transformers`` MLLM folder through :class:`jfe.models.hf.HFEncoder` (imported lazily);
 * a folder written by ``save_pretrained`` (``config.json`` + ``model.safetensors``).
 
@@ -37,6 +38,9 @@ class ModelInfo:
     arch: str
     description: str
     config: dict[str, Any] = field(default_factory=dict)
+    # False for test encoders (toy-hash): built fresh they are what they are meant to be, so loading one
+    # without trained weights is not worth an UntrainedModelWarning
+    needs_training: bool = True
 
     @property
     def embed_dim(self) -> int:
@@ -46,9 +50,11 @@ class ModelInfo:
 _MODELS: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, arch: str, description: str, **config: Any) -> ModelInfo:
-    """Add (or replace) a named config. ``config`` fields override the architecture's defaults."""
-    info = ModelInfo(name, arch, description, dict(config))
+def register_model(name: str, arch: str, description: str, *, needs_training: bool = True,
+                   **config: Any) -> ModelInfo:
+    """Add (or replace) a named config. ``config`` fields override the architecture's defaults;
+    ``needs_training=False`` marks a name that is complete untrained (no warning when it loads so)."""
+    info = ModelInfo(name, arch, description, dict(config), needs_training=needs_training)
     _MODELS[name] = info
     return info
 
@@ -68,8 +74,8 @@ register_model("late-fusion-ff-mini", "late-fusion-ff-mini", "UniIR feature fusi
 register_model("late-fusion-ff-mini-2x2", "late-fusion-ff-mini", "late-fusion-ff-mini over 2x2 + global visual "
                "tokens (the grid the shipped training configs use)", grid=2)
 register_model("toy-hash", "toy-hash", "test encoder: hashed bag of words + 4x4 colour thumbnail (no pretrained "
-               "weights; fast, weak)", embed_dim=32)
-register_model("toy", "toy-hash", "alias of toy-hash", embed_dim=32)
+               "weights; fast, weak)", needs_training=False, embed_dim=32)
+register_model("toy", "toy-hash", "alias of toy-hash", needs_training=False, embed_dim=32)
 
 
 def _register_archs() -> None:
@@ -166,8 +172,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     """A ready-to-use encoder (in eval mode, on ``device`` or the default device) from a name or a path.
 
     For a registered name, ``pretrained`` chooses the weights (:mod:`jfe.models.pretrained`): ``None``
-    loads the trained entry when the table has one, else builds it untrained and warns; ``True`` requires
-    the trained entry; ``False`` builds it untrained on purpose (training from scratch), without warning.
+    loads the trained entry when the table has one, else builds it untrained and warns (unless the name
+    does not need training: ``toy``/``toy-hash``); ``True`` requires the trained entry; ``False`` builds it
+    untrained on purpose (training from scratch), without warning.
     """
     spec = os.fspath(name_or_path)
     if spec.startswith(HF_PREFIX):
@@ -188,9 +195,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
             raise ConfigError(f"model {spec!r} has no trained weights; trained: "
                               f"{', '.join(table.list_pretrained()) or 'none'} (see `jfe models list`)")
         else:
-            if pretrained is None:
-                table.warn_untrained(spec)
             info = _MODELS[spec]
+            if pretrained is None and info.needs_training:
+                table.warn_untrained(spec)
             model = _build(info.arch, {**info.config, **config_overrides}, f"model {spec!r}")
     elif (Path(spec) / CONFIG_NAME).is_file():
         model = _load_saved(Path(spec), config_overrides)

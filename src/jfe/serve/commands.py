@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import typer
 
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
 from jfe.errors import ConfigError
 
 
 def register(app: typer.Typer) -> None:
     """Add ``jfe serve`` to the ``jfe`` app."""
     app.command("serve")(serve_command)
-
-
-def load_model(name_or_path: str) -> Any:
-    """``toy``/``toy-hash`` (the test encoder), a registry name, or a saved model folder."""
-    if name_or_path in ("toy", "toy-hash"):
-        from jfe.models.toy import ToyEncoder
-
-        return ToyEncoder()
-    from jfe.models.registry import load_model as registry_load
-
-    return registry_load(name_or_path)
 
 
 def serve_command(
@@ -41,13 +30,13 @@ def serve_command(
     max_image_mb: float = typer.Option(8.0, min=0.001, help="largest accepted image file, in MiB"),
     max_pixels: int = typer.Option(4096 * 4096, min=1, help="largest accepted image, width x height"),
     demo: bool = typer.Option(False, "--demo", help="serve a built-in shapes dataset with the toy encoder"),
-    precision: str = typer.Option("auto", "--precision", help="Compute precision: auto (bf16 where the CPU/GPU "
-                                                              "has native bf16, else fp32), fp32 or bf16."),
+    precision: PrecisionOption = DEFAULT_PRECISION,
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
     """Serve search, embeddings and the web page over HTTP."""
     import uvicorn
 
+    from jfe.models.registry import load_model
     from jfe.serve.app import create_app
     from jfe.serve.schemas import ServeSettings
 

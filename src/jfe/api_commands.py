@@ -1,0 +1,76 @@
+"""``jfe search``: a thin shell over :func:`jfe.api.search`, so the command and the Python API rank alike.
+
+It lives at the top (beside :mod:`jfe.api`, which sits above the layers), not in ``jfe.index.commands``: the
+index layer must not import the API module, which reaches up to training and evaluation. Heavy imports
+happen inside the command so that ``jfe --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from jfe.errors import ConfigError, DataError
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``jfe search`` to the ``jfe`` app."""
+    app.command("search")(search_command)
+
+
+def search_command(
+    index: Path = typer.Option(..., "--index", help="Index folder written by `jfe index build`."),
+    model: str = typer.Option(None, "--model", help="Model name or folder (default: the one the index was built "
+                                                    "with)."),
+    text: str = typer.Option(None, "--text", help="Query text."),
+    image: Path = typer.Option(None, "--image", help="Query image file."),
+    instruction: str = typer.Option(None, "--instruction", help="Task instruction prefixed to the query text."),
+    k: int = typer.Option(10, "-k", "--top-k", min=1, help="How many results."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Search an index with a text, an image, or both; print a ranked table (or JSON)."""
+    from jfe.api import search
+    from jfe.data.items import Item
+    from jfe.index.shards import load_index
+
+    if not text and image is None:
+        raise ConfigError("give a query: --text, --image or both")
+    if image is not None and not image.is_file():
+        raise DataError("query image not found", path=str(image))
+    vector_index = load_index(index, mmap=True)  # search only: the vectors page in from disk
+    name = model or vector_index.meta.get("model")
+    if not name:
+        raise ConfigError(f"the index at {index} does not name its model; pass --model")
+    query = Item(text=text or None, image=image, id="query")
+    hits = [_shown(hit) for hit in search(vector_index, query, model=str(name), k=k, instruction=instruction)]
+    if as_json:
+        typer.echo(json.dumps({"index": str(index), "model": str(name), "k": k, "hits": hits}, ensure_ascii=False))
+        return
+    _print_table(hits, f"top {k} of {len(vector_index)} in {index} (model {name})")
+
+
+def _shown(hit: dict[str, Any]) -> dict[str, Any]:
+    """An API hit as the command shows it: the record's modality, text and image path up front."""
+    record = hit["record"]
+    return {"rank": hit["rank"], "did": hit["did"], "score": round(hit["score"], 6),
+            "modality": record.get("modality"), "text": record.get("txt"), "image": record.get("img_path"),
+            "record": record}
+
+
+def _print_table(hits: list[dict[str, Any]], title: str) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from jfe.index.commands import _console
+
+    table = Table(title=title)
+    for column in ("rank", "did", "score", "modality", "text", "image"):
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left",
+                         overflow="fold", no_wrap=column in ("rank", "did", "score"))
+    for hit in hits:
+        table.add_row(str(hit["rank"]), escape(hit["did"]), f"{hit['score']:.4f}", hit["modality"] or "-",
+                      escape(hit["text"] or "-"), escape(hit["image"] or "-"))
+    _console().print(table)

@@ -1,0 +1,18 @@
+"""Typer options that commands of several layers share, declared once so they read and behave alike.
+
+Top-level and torch-free like :mod:`jfe.errors`: the ``commands`` module of any layer may import it without
+importing a layer above its own, and ``jfe --help`` stays fast. Values are checked where they are used
+(``Encoder.set_precision`` raises a ``ConfigError`` naming the accepted ones).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+DEFAULT_PRECISION = "auto"
+PRECISION_HELP = "Compute precision: auto (bf16 where the CPU/GPU has native bf16, else fp32), fp32 or bf16."
+
+#: ``precision: PrecisionOption = DEFAULT_PRECISION`` declares ``--precision`` (see :mod:`jfe.models.precision`)
+PrecisionOption = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]

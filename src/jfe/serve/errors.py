@@ -1,0 +1,64 @@
+"""The service's one error shape: ``{"error": {"message", "type", "code"}}`` with the status code.
+
+:class:`ApiError` is what the input checks and the routes raise; :func:`add_error_handlers` makes every
+other failure (validation, unknown route, JFE's own errors) answer in the same shape.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jfe.errors import JFEError
+
+
+class ApiError(Exception):
+    """An error the client caused (or may see): rendered as JSON with its status code."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.headers = status, message, type_, headers
+
+
+def error_response(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error body every failure of the service answers with."""
+    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status,
+                        headers=headers)
+
+
+def validation_message(exc: ValidationError | RequestValidationError) -> str:
+    """Pydantic's errors as one line: ``field.path: message; ...`` (the ``body`` prefix dropped)."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.type, exc.headers)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, validation_message(exc), "invalid_request_error")
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), "http_error", getattr(exc, "headers", None))
+
+
+async def _jfe_error(_: Request, exc: JFEError) -> JSONResponse:
+    # bad input the model or the data layer noticed (e.g. an item it cannot embed): the client's fault
+    return error_response(422, str(exc), "invalid_input")
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Render :class:`ApiError`, request validation, HTTP and JFE errors as the JSON error body."""
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(JFEError, _jfe_error)  # type: ignore[arg-type]
