@@ -138,8 +138,10 @@ def test_precision_is_one_shared_option() -> None:
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     found = {}
-    for name in ("encode", "eval", "serve"):
-        [option] = [p for p in commands[name].params if "--precision" in p.opts]
+    for name in ("encode", "eval", "serve", "index build"):
+        group = commands[name.split()[0]]
+        command = group.commands[name.split()[1]] if " " in name else group  # type: ignore[attr-defined]
+        [option] = [p for p in command.params if "--precision" in p.opts]
         found[name] = (option.default, option.help)
     assert set(found.values()) == {(DEFAULT_PRECISION, PRECISION_HELP)}
     bad = runner.invoke(app, ["encode", "--model", "toy", "--text", "x", "--precision", "fp8", "--out", "v.npy"])
@@ -167,3 +169,23 @@ def test_apps_built_side_by_side_keep_their_own_state(tiny_mbeir: Path) -> None:
         assert b.post("/search", json={"text": "x"}).status_code == 401
         got = b.post("/search", json={"text": "x", "k": 100}, headers={"X-API-Key": "k"}).json()["results"]
         assert len(got) == len(part) < len(full)
+
+
+def test_serve_loads_a_sharded_index_memory_mapped(tiny_mbeir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`jfe serve --index` takes the sharded folders `jfe index build --shards` writes, and `--mmap`."""
+    import uvicorn
+
+    one, model_dir = _index(tiny_mbeir, tmp_path)
+    sharded, _ = _index(tiny_mbeir, tmp_path, "--shards", "2")
+    served: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.setdefault("app", app))
+    answers = []
+    for folder, extra in ((one, ()), (sharded, ("--mmap",))):
+        served.clear()
+        result = runner.invoke(app, ["serve", "--index", str(folder), "--model", str(model_dir), *extra])
+        assert result.exit_code == 0, result.output
+        with TestClient(served["app"]) as client:
+            assert client.get("/health").json()["index_size"] == 8
+            hits = client.post("/search", json={"text": "A blue circle", "k": 8}).json()["results"]
+        answers.append([(h["did"], round(h["score"], 6)) for h in hits])
+    assert answers[0] == answers[1] and len(answers[0]) == 8

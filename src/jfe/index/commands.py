@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
 from jfe.errors import ConfigError
 
 index_app = typer.Typer(help="Vector indexes over M-BEIR candidate pools.", no_args_is_help=True)
@@ -51,8 +52,7 @@ def index_build(
     ray: str = typer.Option(None, "--ray", help="Encode with Ray across workers (ADDRESS or auto; needs the "
                                                 "`ray` extra) and write shards."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    precision: str = typer.Option("auto", "--precision", help="Compute precision: auto (bf16 where the CPU/GPU "
-                                                              "has native bf16, else fp32), fp32 or bf16."),
+    precision: PrecisionOption = DEFAULT_PRECISION,
 ) -> None:
     """Embed candidate pools (no instruction) and write a searchable index folder."""
     import time

@@ -31,6 +31,8 @@ def serve_command(
     max_pixels: int = typer.Option(4096 * 4096, min=1, help="largest accepted image, width x height"),
     demo: bool = typer.Option(False, "--demo", help="serve a built-in shapes dataset with the toy encoder"),
     precision: PrecisionOption = DEFAULT_PRECISION,
+    mmap: bool = typer.Option(False, "--mmap/--no-mmap", help="memory-map the index files instead of reading "
+                                                             "them into RAM (large indexes; read-only)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
     """Serve search, embeddings and the web page over HTTP."""
@@ -49,9 +51,9 @@ def serve_command(
     elif index is None:
         raise ConfigError("give --index DIR (an index built by `jfe index build`) or --demo")
     else:
-        from jfe.index import VectorIndex
+        from jfe.index.shards import load_index
 
-        vector_index = VectorIndex.load(index)
+        vector_index = load_index(index, mmap=mmap)  # one index folder or a sharded one (merged search)
     model = model or vector_index.meta.get("model")
     if not model:
         raise ConfigError(f"the index at {index} does not name its model; pass --model")
