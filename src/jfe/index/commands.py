@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -99,9 +100,10 @@ def search_command(
     ids, scores = vector_index.search(vector, k)
     from jfe.index.hits import hits_from
 
-    hits = [{"rank": hit.rank, "did": hit.did, "score": round(hit.score, 6), "modality": hit.record.get("modality"),
-             "text": hit.record.get("txt"), "image": hit.record.get("img_path"), "record": hit.record}
-            for hit in hits_from(vector_index, ids[0], scores[0].tolist())]
+    hits: list[dict[str, Any]] = [
+        {"rank": hit.rank, "did": hit.did, "score": round(hit.score, 6), "modality": hit.record.get("modality"),
+         "text": hit.record.get("txt"), "image": hit.record.get("img_path"), "record": hit.record}
+        for hit in hits_from(vector_index, ids[0], scores[0].tolist())]
     if as_json:
         typer.echo(json.dumps({"index": str(index), "model": str(name), "k": k, "hits": hits}, ensure_ascii=False))
         return
