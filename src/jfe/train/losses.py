@@ -162,7 +162,7 @@ class ContrastiveObjective(nn.Module):
     def _device(self) -> torch.device:
         """The model's device: every encoder has a ``device`` property, which ``nn.Module`` typing does not know."""
         device = self.model.device
-        assert isinstance(device, torch.device), "the model must be an Encoder"
+        assert isinstance(device, torch.device), "the model needs a torch.device `device` (every Encoder has one)"
         return device
 
     def _embed(self, items: Sequence[Item]) -> torch.Tensor:
