@@ -152,7 +152,8 @@ def register(app: typer.Typer) -> None:
         """Build MiniBEIR, train jfe-mini and the three baselines alike, evaluate, and report."""
         from jfe.train.config import parse_overrides
 
-        runs = ABLATIONS if ablations else {name: (model, ("stage1", "stage2")) for name, model in MODELS.items()}
+        runs: dict[str, tuple[str, tuple[str, ...]]] = ABLATIONS if ablations else \
+            {name: (model, ("stage1", "stage2")) for name, model in MODELS.items()}
         plan = DemoPlan(data=data, out=out, configs=configs, runs=runs, stage1_steps=stage1_steps,
                         stage2_steps=stage2_steps, seed=seed, overrides=parse_overrides(set_))
         report = run_demo(plan)

@@ -10,6 +10,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -81,7 +82,7 @@ def assets_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
     """List every known asset: client, pinned packages, role, licence, and whether it is fetched."""
     from jfe.data import assets
 
-    rows = [{"name": s.name, "client": s.client, "packages": list(s.packages), "role": s.role,
+    rows: list[dict[str, Any]] = [{"name": s.name, "client": s.client, "packages": list(s.packages), "role": s.role,
              "licence": s.licence, "required": s.required, "fetched": assets.is_fetched(s.name),
              "path": str(assets.asset_dir(s.name))} for s in assets.SOURCES.values()]
     if as_json:

@@ -40,6 +40,20 @@ class Item:
             return "text"
         raise DataError("item has neither text nor image", record_id=self.id)
 
+    @property
+    def required_text(self) -> str:
+        """``text``, typed ``str``: for callers that know the item has text (its modality includes it)."""
+        if self.text is None:
+            raise DataError("item has no text", record_id=self.id)
+        return self.text
+
+    @property
+    def required_image(self) -> ImageLike:
+        """``image``, typed not-None: for callers that know the item has one (its modality includes it)."""
+        if self.image is None:
+            raise DataError("item has no image", record_id=self.id)
+        return self.image
+
     def load_image(self) -> Image.Image | None:
         """The item's image as RGB PIL (None for text-only items); clear errors for bad files."""
         if self.image is None:

@@ -187,7 +187,9 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, device: str 
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch, e.g. an override that changes the architecture
         raise ConfigError(f"weights in {folder} do not fit the config: {str(exc).splitlines()[-1]}") from None
-    allowed = may_be_missing or getattr(model, "_may_be_missing", lambda key: False)
+    # `is not None` rather than `or`: mypy keeps None in the type of `optional or <Any>`
+    allowed: Callable[[str], bool] = may_be_missing if may_be_missing is not None else \
+        getattr(model, "_may_be_missing", lambda key: False)
     missing = [k for k in missing if not allowed(k)]
     if missing or unexpected:
         raise ConfigError(f"weights in {folder} do not match the config: missing={missing[:5]}, "

@@ -73,7 +73,7 @@ class TwoTowerMini(TowerEncoder):
             vecs = l2_normalize(self.image_proj(pooled)).to(image.dtype)  # (autocast may give bf16)
             image = image.index_copy(0, torch.tensor(image_rows, device=device), vecs)
         if text_rows:
-            sentence = self.text.sentence([items[i].text for i in text_rows])
+            sentence = self.text.sentence([items[i].required_text for i in text_rows])
             vecs = l2_normalize(self.text_proj(sentence)).to(text.dtype)
             text = text.index_copy(0, torch.tensor(text_rows, device=device), vecs)
         return image, text
@@ -154,12 +154,14 @@ class FeatureFusionMini(TowerEncoder):
         cfg = self.config
         device = self.modality.device
         image_items = [item for item, m in zip(items, modalities, strict=True) if "image" in m]
-        texts = [item.text for item, m in zip(items, modalities, strict=True) if "text" in m]
+        texts = [item.required_text for item, m in zip(items, modalities, strict=True) if "text" in m]
         n_vis = [cfg.n_visual if "image" in m else 0 for m in modalities]
-        text_states = text_mask = None
+        # both set exactly when some item has text
+        text_states: torch.Tensor | None = None
+        text_mask: torch.Tensor | None = None
         if texts:
             text_states, text_mask = self.text(texts)
-        n_txt = iter(text_mask.sum(1).tolist() if texts else [])
+        n_txt = iter(text_mask.sum(1).tolist() if text_mask is not None else [])
         lengths = [(v, next(n_txt) if "text" in m else 0) for v, m in zip(n_vis, modalities, strict=True)]
         width = max(v + t for v, t in lengths)
         slots_visual = torch.zeros(len(items), width, dtype=torch.bool)
@@ -174,7 +176,7 @@ class FeatureFusionMini(TowerEncoder):
             tokens = grid_tokens(self.image_features(image_items), cfg.grid, cfg.global_token)
             visual = self.image_proj(tokens) + self.visual_position + self.modality[0]
             seq = seq.masked_scatter(slots_visual.unsqueeze(-1), visual.reshape(-1, cfg.embed_dim).to(seq.dtype))
-        if texts:
+        if text_states is not None and text_mask is not None:
             words = self.text_proj(text_states[text_mask.bool()]) + self.modality[1]  # real tokens, row-major
             seq = seq.masked_scatter(slots_text.unsqueeze(-1), words.to(seq.dtype))
         fused = self.fusion(seq, src_key_padding_mask=~mask)

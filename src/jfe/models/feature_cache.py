@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ def configure(mode: str | None = None, memory_mb: float | None = None, dtype: st
     """Change the cache settings for this process (unspecified fields keep their value)."""
     global _settings
     current = settings()
-    changes = {k: v for k, v in {"mode": mode, "memory_mb": memory_mb, "dtype": dtype,
+    changes: dict[str, Any] = {k: v for k, v in {"mode": mode, "memory_mb": memory_mb, "dtype": dtype,
                                  "directory": Path(directory) if directory is not None else None}.items()
                if v is not None}
     _settings = replace(current, **changes)

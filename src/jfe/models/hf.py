@@ -180,6 +180,11 @@ class HFEncoder(Encoder):
 
     arch = "hf-mllm"
     config_class = HFConfig
+    # The config is always an HFConfig (the constructor takes one); declared so its fields type-check.
+    config: HFConfig
+    # A peft.PeftModel, or None without LoRA. Kept in __dict__, not _modules (see __init__); declared here
+    # because torch's Module.__getattr__ would otherwise type it as Tensor | Module.
+    _peft: Any | None
 
     def __init__(self, config: HFConfig, device: str | torch.device | None = None, *,
                  source: str | os.PathLike | None = None, pretrained_weights: bool = True,
@@ -238,7 +243,10 @@ class HFEncoder(Encoder):
         from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
         source = os.path.expanduser(source)
-        self.processor = None
+        # Non-native adapters use the model's AutoProcessor; native ones a tokenizer + image processor.
+        self.processor: Any | None = None
+        self.image_processor: Any | None
+        self._reserved: tuple[str, ...]
         if not self.adapter.native:
             try:
                 self.processor = AutoProcessor.from_pretrained(source, **self._hub_kwargs())
@@ -404,7 +412,8 @@ class HFEncoder(Encoder):
             from peft.utils import set_peft_model_state_dict
 
             adapter = load_file(str(directory / ADAPTER_WEIGHTS_NAME), device=str(self.device))
-            result = set_peft_model_state_dict(self._peft, adapter)
+            # peft annotates the return as `namedtuple` (the factory, not a type); it is torch's _IncompatibleKeys.
+            result: Any = set_peft_model_state_dict(self._peft, adapter)
             missing_lora = [k for k in result.missing_keys if "lora_" in k]
             if result.unexpected_keys or missing_lora:
                 raise ConfigError(f"the LoRA adapter in {directory} does not match this model: "
@@ -438,7 +447,9 @@ class HFEncoder(Encoder):
             param.requires_grad_(name in chosen)
         self._touched |= chosen
         if self.config.gradient_checkpointing and hasattr(self.backbone, "gradient_checkpointing_enable"):
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # An HF PreTrainedModel method; torch's Module.__getattr__ types it as Tensor | Module.
+            self.backbone.gradient_checkpointing_enable(  # type: ignore[operator]
+                gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # --- inputs ------------------------------------------------------------------------------
     def _truncate(self, text: str) -> str:
@@ -478,10 +489,16 @@ class HFEncoder(Encoder):
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=self.config.add_generation_prompt)
 
+    @property
+    def _native_image_processor(self) -> Any:
+        """The image processor of a native adapter: always loaded there (None only behind an AutoProcessor)."""
+        assert self.image_processor is not None, "native adapters load an image processor"
+        return self.image_processor
+
     def _image_kwargs(self) -> dict[str, Any]:
         if self.config.min_pixels is None and self.config.max_pixels is None:
             return {}
-        size = dict(self.image_processor.size)
+        size = dict(self._native_image_processor.size)
         if self.config.min_pixels is not None:
             size["shortest_edge"] = self.config.min_pixels
         if self.config.max_pixels is not None:
@@ -499,17 +516,19 @@ class HFEncoder(Encoder):
     def _prepare_native(self, items: Sequence[Item], prompts: list[str],
                         images: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
         placeholder = self.adapter.image_token
+        assert placeholder is not None, "native adapters name their image token"
+        image_processor = self._native_image_processor
         pixel_values, grids = [], []
         for index, image in images:
             try:
-                out = self.image_processor(images=[image], return_tensors="pt", **self._image_kwargs())
+                out = image_processor(images=[image], return_tensors="pt", **self._image_kwargs())
             except Exception as exc:  # noqa: BLE001 - image processors raise ValueError, TypeError, ...
                 raise DataError(f"the image processor rejected the image: {exc}", record_id=items[index].id) \
                     from exc
             pixel_values.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])
             # One placeholder per merged patch group: what the vision tower emits for this image.
-            count = int(out["image_grid_thw"][0].prod()) // self.image_processor.merge_size ** 2
+            count = int(out["image_grid_thw"][0].prod()) // image_processor.merge_size ** 2
             if prompts[index].count(placeholder) != 1:
                 raise ConfigError(f"the chat template of {self.config.model_path} must put exactly one "
                                   f"{placeholder} per image; got {prompts[index].count(placeholder)}")
@@ -526,15 +545,17 @@ class HFEncoder(Encoder):
 
     def _prepare_processor(self, items: Sequence[Item], prompts: list[str],
                            images: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+        processor = self.processor
+        assert processor is not None, "non-native adapters load an AutoProcessor"
         kwargs: dict[str, Any] = {"text": prompts, "padding": True, "return_tensors": "pt"}
         if images:
             kwargs["images"] = [image for _, image in images]
         try:
-            return dict(self.processor(**kwargs))
+            return dict(processor(**kwargs))
         except Exception as exc:  # noqa: BLE001
             for index, image in images:  # find the item at fault, so the error can name it
                 try:
-                    self.processor(text=[prompts[index]], images=[image], return_tensors="pt")
+                    processor(text=[prompts[index]], images=[image], return_tensors="pt")
                 except Exception as inner:  # noqa: BLE001
                     raise DataError(f"the processor rejected the item: {inner}", record_id=items[index].id) \
                         from inner
@@ -611,6 +632,6 @@ class HFEncoder(Encoder):
             self.processor.save_pretrained(target)
         else:
             self.tokenizer.save_pretrained(target)
-            self.image_processor.save_pretrained(target)
+            self._native_image_processor.save_pretrained(target)
         if self.chat_template:
             (target / CHAT_TEMPLATE_FILE).write_text(self.chat_template)

@@ -89,13 +89,13 @@ class JFEMini(TowerEncoder):
         cfg = self.config
         cls, sep, pad = self.text.special_ids
         with_image = [item for item, m in zip(items, modalities, strict=True) if "image" in m]
-        texts = [item.text for item, m in zip(items, modalities, strict=True) if "text" in m]
+        texts = [item.required_text for item, m in zip(items, modalities, strict=True) if "text" in m]
         text_ids = iter(tokenize(texts, cfg.max_text_tokens))
         rows, visual_rows = [], []
         for m in modalities:
             n_vis = cfg.n_visual if "image" in m else 0
-            ids = next(text_ids) if "text" in m else []
-            rows.append([cls, *([pad] * n_vis), *ids, sep])
+            row_text_ids = next(text_ids) if "text" in m else []
+            rows.append([cls, *([pad] * n_vis), *row_text_ids, sep])
             visual_rows.append(n_vis)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -10,9 +10,13 @@ import copy
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # transformers is imported lazily at run time (it is slow to import)
+    from transformers import PreTrainedModel
 
 HIDDEN = 384
 
@@ -33,7 +37,7 @@ def load_tokenizer(path: str | None = None):  # noqa: ANN201 - a transformers fa
     return AutoTokenizer.from_pretrained(_minilm_path(path), use_fast=True)
 
 
-def load_text_model(pretrained: bool = True, path: str | Path | None = None) -> nn.Module:
+def load_text_model(pretrained: bool = True, path: str | Path | None = None) -> PreTrainedModel:
     """MiniLM as a ``transformers`` ``BertModel`` (no pooler); ``pretrained=False`` gives random weights
     of the same shape (its config still comes from the asset).
 
@@ -46,11 +50,11 @@ def load_text_model(pretrained: bool = True, path: str | Path | None = None) -> 
 
 
 @functools.lru_cache(maxsize=2)
-def _pristine_text_model(path: str) -> nn.Module:
+def _pristine_text_model(path: str) -> PreTrainedModel:
     return _read_text_model(True, path).eval()
 
 
-def _read_text_model(pretrained: bool, path: str | Path | None) -> nn.Module:
+def _read_text_model(pretrained: bool, path: str | Path | None) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -106,7 +110,9 @@ class TextTower(nn.Module):
         cls, sep, pad = self.special_ids
         rows = [[cls, *ids, sep] for ids in tokenize(texts, self.max_tokens)]
         width = max(len(r) for r in rows)
-        device = self.bert.get_input_embeddings().weight.device
+        embeddings = self.bert.get_input_embeddings()
+        assert isinstance(embeddings, nn.Embedding), "BERT's input embeddings are a lookup table"
+        device = embeddings.weight.device
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):

@@ -94,7 +94,7 @@ class TowerEncoder(Encoder):
 
     def image_features(self, items: Sequence[Item]) -> torch.Tensor:
         """Feature maps ``[n, 1280, h, w]`` of the items' images (cached when the tower is frozen)."""
-        return feature_maps(self.vision, [item.image for item in items], [item.id for item in items])
+        return feature_maps(self.vision, [item.required_image for item in items], [item.id for item in items])
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from jfe.data.images import load_image
 from jfe.data.items import Item
 from jfe.models.base import Encoder, EncoderConfig, l2_normalize
 
@@ -30,6 +31,7 @@ def _bucket(token: str, buckets: int) -> int:
 class ToyEncoder(Encoder):
     arch = "toy-hash"
     config_class = ToyConfig
+    config: ToyConfig
 
     def __init__(self, config: ToyConfig | None = None) -> None:
         config = config or ToyConfig()
@@ -44,7 +46,7 @@ class ToyEncoder(Encoder):
         return self.text_table[torch.tensor(ids, device=self.text_table.device)].mean(0)
 
     def _image_features(self, item: Item) -> torch.Tensor:
-        image = item.load_image().resize((4, 4))
+        image = load_image(item.required_image, item_id=item.id).resize((4, 4))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).reshape(-1) / 255.0 - 0.5)
         return pixels.to(self.image_proj.device) @ self.image_proj
 
@@ -54,7 +56,7 @@ class ToyEncoder(Encoder):
             modality = item.modality  # raises a clear error on empty items
             vec = torch.zeros(self.config.embed_dim, device=self.text_table.device)
             if "text" in modality:
-                vec = vec + self._text_features(item.text)
+                vec = vec + self._text_features(item.required_text)
             if "image" in modality:
                 vec = vec + self._image_features(item)
             rows.append(vec)

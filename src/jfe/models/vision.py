@@ -158,10 +158,12 @@ def fold_batchnorm(features: nn.Module) -> nn.Module:
         children = list(seq.named_children())
         for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                running_mean, running_var = bn.running_mean, bn.running_var
+                assert running_mean is not None and running_var is not None, "MobileNetV2's BNs track statistics"
+                scale = bn.weight / torch.sqrt(running_var + bn.eps)
                 conv.weight = nn.Parameter((conv.weight * scale.view(-1, 1, 1, 1)).detach(), requires_grad=False)
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                conv.bias = nn.Parameter((bn.bias + (bias - bn.running_mean) * scale).detach(), requires_grad=False)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(running_mean)
+                conv.bias = nn.Parameter((bn.bias + (bias - running_mean) * scale).detach(), requires_grad=False)
                 setattr(seq, bn_name, nn.Identity())
 
     with torch.no_grad():
@@ -170,7 +172,8 @@ def fold_batchnorm(features: nn.Module) -> nn.Module:
                 fold(module)
     for param in fused.parameters():
         param.requires_grad_(False)
-    return fused.to(memory_format=torch.channels_last)
+    # torch's stub of Module.to lacks the memory_format keyword that the runtime accepts
+    return fused.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 class VisionTower(nn.Module):
@@ -182,11 +185,14 @@ class VisionTower(nn.Module):
     the feature cache; it (and the folded copy) is recomputed after any ``load_state_dict``.
     """
 
+    # Set with object.__setattr__ (not a submodule); declared so torch's __getattr__ typing does not apply.
+    _folded: nn.Module | None
+
     def __init__(self, image_size: int = 224, pretrained: bool = True) -> None:
         super().__init__()
         self.image_size = image_size
         self.features = mobilenet_v2(pretrained).features
-        self.features.to(memory_format=torch.channels_last)
+        self.features.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks it
         self.features.eval()
         self._fingerprint: str | None = None
         # object.__setattr__ keeps the folded copy out of the submodules: never saved, rebuilt when stale
@@ -235,10 +241,12 @@ class VisionTower(nn.Module):
             self._invalidate()  # the weights are being trained: fingerprint and folded copy go stale
             return self.features(pixels)
         device = next(self.features.parameters()).device
-        if self._folded is None or next(self._folded.parameters()).device != device:
-            object.__setattr__(self, "_folded", fold_batchnorm(self.features))
+        folded = self._folded
+        if folded is None or next(folded.parameters()).device != device:
+            folded = fold_batchnorm(self.features)
+            object.__setattr__(self, "_folded", folded)
         with torch.no_grad():
-            return self._folded(pixels)
+            return folded(pixels)
 
     def features_of(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Preprocess and run a batch of PIL images on the tower's device."""

@@ -77,6 +77,7 @@ class EncodeBatcher:
             self._count(len(items))
             return await loop.run_in_executor(self._executor, self._encode_now, items)
         self._ensure_worker(loop)
+        assert self._wake is not None, "_ensure_worker creates the event"
         job = _Job(items, loop.create_future())
         self._pending.append(job)
         self._wake.set()
@@ -117,7 +118,8 @@ class EncodeBatcher:
             self._worker = loop.create_task(self._run(), name="jfe-encode-batcher")
 
     def _take_batch(self) -> list[_Job]:
-        jobs, n = [], 0
+        jobs: list[_Job] = []
+        n = 0
         while self._pending and (not jobs or n + len(self._pending[0].items) <= self.max_batch):
             job = self._pending.popleft()
             jobs.append(job)

@@ -154,7 +154,8 @@ class TrainConfig(BaseModel):
         return kept[index].lr or self.lr
 
     def _spans(self) -> list[tuple[str, int, int]]:
-        spans, start = [], 0
+        spans: list[tuple[str, int, int]] = []
+        start = 0
         for i, phase in enumerate(self.phases):
             if i == len(self.phases) - 1:
                 end = self.steps

@@ -55,7 +55,7 @@ class DistContext:
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         """Apply FSDP2 to ``model`` in place when this run is an FSDP run; otherwise return it unchanged."""
-        if not self.sharded:
+        if not self.sharded or self.fsdp is None:  # sharded implies fsdp; the None check narrows its type
             return model
         return shard_frozen_weights(model, self.fsdp, self.device)
 
@@ -129,7 +129,10 @@ class FSDPOptions:
             raise ConfigError("JFE shards with FSDP2 (torch fully_shard): set fsdp_version: 2 in the accelerate "
                               "config (configs/accelerate/fsdp.yaml)")
         names = [n.strip() for n in env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()]
-        flag = lambda key, default: env.get(key, default).lower() == "true"  # noqa: E731
+
+        def flag(key: str, default: str) -> bool:
+            return env.get(key, default).lower() == "true"
+
         return cls(block_classes=names, reshard_after_forward=flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
                    offload_params=flag("FSDP_OFFLOAD_PARAMS", "false"))
 
@@ -167,7 +170,8 @@ def shard_frozen_weights(model: torch.nn.Module, options: FSDPOptions,
         fully_shard(block, ignored_params={p for p in block.parameters() if p in kept} or None, **kwargs)
     # The root must be the module whose forward is called (FSDP gathers the root's own weights in a forward
     # hook); JFE encoders call self.backbone(...) from embed(), not self(...).
-    root = model.backbone if isinstance(getattr(model, "backbone", None), torch.nn.Module) else model
+    backbone = getattr(model, "backbone", None)
+    root = backbone if isinstance(backbone, torch.nn.Module) else model
     fully_shard(root, ignored_params={p for p in root.parameters() if p in kept}, **kwargs)
     if device is not None:
         with torch.no_grad():

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +133,7 @@ class _RandState:
         self.cpu = torch.get_rng_state()
         self.cuda = [torch.cuda.get_rng_state(d) for d in devices]
 
-    def replay(self) -> torch.random.fork_rng:
+    def replay(self) -> AbstractContextManager[Any]:
         ctx = torch.random.fork_rng(devices=self.devices)
         ctx.__enter__()
         torch.set_rng_state(self.cpu)
@@ -156,19 +158,26 @@ class ContrastiveObjective(nn.Module):
         self.dist = dist
         self.autocast_dtype = autocast_dtype
 
+    @property
+    def _device(self) -> torch.device:
+        """The model's device: every encoder has a ``device`` property, which ``nn.Module`` typing does not know."""
+        device = self.model.device
+        assert isinstance(device, torch.device), "the model needs a torch.device `device` (every Encoder has one)"
+        return device
+
     def _embed(self, items: Sequence[Item]) -> torch.Tensor:
         # one call for the whole mixed-modality list (splitting it by modality to save padding was not faster
         # for jfe-mini on CPU when measured)
+        # (Encoder.embed: torch's Module.__getattr__ types it as Tensor | Module, hence the ignores)
         if self.autocast_dtype is not None:
-            with torch.autocast(device_type=self.model.device.type, dtype=self.autocast_dtype):
-                return self.model.embed(items)
-        return self.model.embed(items)
+            with torch.autocast(device_type=self._device.type, dtype=self.autocast_dtype):
+                return self.model.embed(items)  # type: ignore[operator]
+        return self.model.embed(items)  # type: ignore[operator]
 
     def _loss_from_reps(self, reps: torch.Tensor, batch: ContrastiveBatch) -> torch.Tensor:
         nq, npos = len(batch.queries), len(batch.positives)
-        q, p, neg = reps[:nq], reps[nq:nq + npos], reps[nq + npos:]
-        q, p = gather_with_grad(q, self.dist), gather_with_grad(p, self.dist)
-        neg = gather_with_grad(neg, self.dist) if len(batch.negatives) else None
+        q, p = gather_with_grad(reps[:nq], self.dist), gather_with_grad(reps[nq:nq + npos], self.dist)
+        neg = gather_with_grad(reps[nq + npos:], self.dist) if len(batch.negatives) else None
         return self.loss(q, p, neg, batch.mask)
 
     def forward(self, batch: ContrastiveBatch) -> torch.Tensor:
@@ -181,7 +190,7 @@ class ContrastiveObjective(nn.Module):
 
     def _grad_cache_forward(self, items: list[Item], batch: ContrastiveBatch) -> torch.Tensor:
         chunks = [items[i:i + self.chunk_size] for i in range(0, len(items), self.chunk_size)]
-        devices = [self.model.device.index or 0] if self.model.device.type == "cuda" else []
+        devices = [self._device.index or 0] if self._device.type == "cuda" else []
         states: list[_RandState] = []
         with torch.no_grad():
             parts = []
