@@ -287,8 +287,9 @@ def verdict(margins: dict[str, Any]) -> str:
     return text
 
 
-def _modification_table(mods: list[dict[str, Any]], runs: dict[str, list[Any]], ours: str,
-                        baselines: list[str]) -> list[str]:
+def _modification_table(mods: list[dict[str, Any]], runs: dict[str, list[Any]]) -> list[str]:
+    from jfe.eval.report import mean_sd
+
     lines = ["| task | modification | queries | " + " | ".join(runs) + " | margin [95 % CI] |",
              "|---:|---|---:|" + "---:|" * len(runs) + "---:|"]
     for row in sorted(mods, key=lambda r: (r["task"], r["modification"])):
@@ -296,24 +297,15 @@ def _modification_table(mods: list[dict[str, Any]], runs: dict[str, list[Any]], 
         for results in runs.values():
             values = [m["R@5"] for r in results for m in r.modifications
                       if m["task"] == row["task"] and str(m["modification"]) == row["modification"]]
-            cells.append(f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}" if len(values) > 1
-                         else (f"{100 * values[0]:.1f}" if values else "–"))
+            cells.append(mean_sd(values) if values else "–")
         lines.append(f"| {row['task']} | {row['modification']} | {row['queries']} | " + " | ".join(cells)
                      + f" | {_ci(row['margin'])} |")
     return lines
 
 
-def write_reproduce_report(plan: ReproducePlan, info: dict[str, Any], evals: dict[str, dict[str, list[Path]]],
-                           curves: dict[str, Any]) -> Path:
-    """Every pool's seed report, bootstrap margins, charts and ``reproduce.md``; returns its path."""
-    from jfe.eval.bootstrap import fusion_margin_ci, modification_margin_ci, read_per_query
-    from jfe.eval.protocol import EvalResult
-    from jfe.eval.report import _resolve_roles, margin_summary, write_seed_report
-
-    report = plan.out / "report"
-    report.mkdir(parents=True, exist_ok=True)
+def _curves_section(plan: ReproducePlan, info: dict[str, Any], curves: dict[str, Any]) -> list[str]:
+    """The report's head: how stage 1 and 2 ran, each model's plateau and the budget chosen from them."""
     budget = info["budget"]
-    curve_chart(curves, budget, report / CURVE_CHART)
     lines = ["# JFE reproduce: the comparison at convergence", "",
              f"Stage 1: {info['stage1']['message'].rstrip('.')}. {plan.stage1_steps} steps for every model and "
              "seed.",
@@ -337,62 +329,80 @@ def write_reproduce_report(plan: ReproducePlan, info: dict[str, Any], evals: dic
               ("" if all(p["reached"] for p in info["plateaus"].values()) else
                " — at least one curve had not flattened by the end: raise `--curve-steps` for a true plateau"),
               "", f"![learning curves]({CURVE_CHART})", ""]
-    summary: dict[str, Any] = {"budget": budget, "plateaus": info["plateaus"], "stage1": {
+    return lines
+
+
+def _margin_tables(plan: ReproducePlan, margins: dict[str, Any], seed_cis: list[dict[str, Any]], ours: str,
+                   baselines: list[str], chart: str) -> list[str]:
+    """Pooled and per-seed fusion / non-fusion margins with their intervals, then per category and the chart."""
+    from jfe.eval.report import backticked
+
+    lines = ["", f"### Fusion margin: `{ours}` minus the best of {backticked(baselines)}", "",
+             "R@5 points; 95 % bootstrap CI over queries (resampled within each dataset/task, "
+             f"{plan.n_boot} replicates, seed 0); 'pooled' scores each query by its hit rate over the seeds.", "",
+             "| | fusion | non-fusion |", "|---|---:|---:|",
+             f"| pooled over seeds | {_ci(margins['fusion'])} | {_ci(margins['non_fusion'])} |"]
+    for seed, ci in zip(plan.seeds, seed_cis, strict=True):
+        lines.append(f"| seed {seed} | {_ci(ci['fusion'])} | {_ci(ci['non_fusion'])} |")
+    lines += ["", "| category | fusion | margin [95 % CI] |", "|---|---|---:|"]
+    for category, box in margins["per_category"].items():
+        lines.append(f"| {category} | {'yes' if category in FUSION_CATEGORIES else 'no'} | {_ci(box)} |")
+    return lines + ["", f"![margins]({chart})"]
+
+
+def _pool_section(plan: ReproducePlan, pool: str, runs: dict[str, list[Path]], report: Path
+                  ) -> tuple[list[str], dict[str, Any] | None]:
+    """One pool: its seed report, the bootstrap margins (chart and tables), per modification type and the
+    verdict; the pool's summary is None when there is no one-tower run or no late-fusion baseline."""
+    from jfe.eval.bootstrap import fusion_margin_ci, modification_margin_ci, read_per_query
+    from jfe.eval.protocol import EvalResult
+    from jfe.eval.report import _resolve_roles, margin_summary, seed_category_table, write_seed_report
+
+    results = {run: [EvalResult.load(f) for f in folders] for run, folders in runs.items()}
+    seed_md = write_seed_report(results, report / pool, title=f"JFE reproduce, {pool} pool, across seeds")
+    _, ours, baselines = _resolve_roles({n: rs[0] for n, rs in results.items()}, None, None)
+    lines = [f"## {pool.capitalize()} pool ({plan.split} split)", "",
+             f"Per-category R@5 mean ± sd over {len(plan.seeds)} seeds: [{pool}/seeds.md]({pool}/seeds.md).", ""]
+    lines += seed_category_table(results)
+    if not ours or not baselines:
+        return lines + ["", "(no one-tower run or no late-fusion baselines: no margins)", ""], None
+    per_query = {run: [read_per_query(f) for f in folders] for run, folders in runs.items()}
+    margins = fusion_margin_ci(per_query, ours, baselines, n_boot=plan.n_boot, seed=0)
+    per_seed = [margin_summary({n: rs[i] for n, rs in results.items()}, ours, baselines,
+                               metrics=("R@5",))["metrics"]["R@5"] for i in range(len(plan.seeds))]
+    seed_cis = [fusion_margin_ci({n: per_query[n][i] for n in [ours, *baselines]}, ours, baselines,
+                                 n_boot=plan.n_boot, seed=0) for i in range(len(plan.seeds))]
+    mods = modification_margin_ci(per_query, ours, baselines, n_boot=plan.n_boot, seed=0)
+    chart = f"{pool}_{MARGIN_CHART}"
+    margin_chart(margins, per_seed, report / chart)
+    lines += _margin_tables(plan, margins, seed_cis, ours, baselines, chart)
+    lines += ["", "### Per modification type (R@5, mean ± sd over seeds)", ""]
+    lines += _modification_table(mods, results) if mods else ["(no modification types)"]
+    lines += ["", f"**Verdict ({pool} pool):** {verdict(margins)}", ""]
+    return lines, {"margins": margins, "per_seed_ci": seed_cis, "modifications": mods,
+                   "seeds_report": str(seed_md), "verdict": verdict(margins)}
+
+
+def write_reproduce_report(plan: ReproducePlan, info: dict[str, Any], evals: dict[str, dict[str, list[Path]]],
+                           curves: dict[str, Any]) -> Path:
+    """Every pool's seed report, bootstrap margins, charts and ``reproduce.md``; returns its path."""
+    report = plan.out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    curve_chart(curves, info["budget"], report / CURVE_CHART)
+    lines = _curves_section(plan, info, curves)
+    summary: dict[str, Any] = {"budget": info["budget"], "plateaus": info["plateaus"], "stage1": {
         k: str(v) if isinstance(v, Path) else v for k, v in info["stage1"].items()}, "pools": {}}
     for pool, runs in evals.items():
-        results = {run: [EvalResult.load(f) for f in folders] for run, folders in runs.items()}
-        seed_md = write_seed_report(results, report / pool, title=f"JFE reproduce, {pool} pool, across seeds")
-        _, ours, baselines = _resolve_roles({n: rs[0] for n, rs in results.items()}, None, None)
-        lines += [f"## {pool.capitalize()} pool ({plan.split} split)", "",
-                  f"Per-category R@5 mean ± sd over {len(plan.seeds)} seeds: [{pool}/seeds.md]({pool}/seeds.md).", ""]
-        lines += _seed_category_table(results)
-        if not ours or not baselines:
-            lines += ["", "(no one-tower run or no late-fusion baselines: no margins)", ""]
-            continue
-        per_query = {run: [read_per_query(f) for f in folders] for run, folders in runs.items()}
-        margins = fusion_margin_ci(per_query, ours, baselines, n_boot=plan.n_boot, seed=0)
-        per_seed = [margin_summary({n: rs[i] for n, rs in results.items()}, ours, baselines,
-                                   metrics=("R@5",))["metrics"]["R@5"] for i in range(len(plan.seeds))]
-        seed_cis = [fusion_margin_ci({n: per_query[n][i] for n in [ours, *baselines]}, ours, baselines,
-                                     n_boot=plan.n_boot, seed=0) for i in range(len(plan.seeds))]
-        mods = modification_margin_ci(per_query, ours, baselines, n_boot=plan.n_boot, seed=0)
-        chart = f"{pool}_{MARGIN_CHART}"
-        margin_chart(margins, per_seed, report / chart)
-        lines += ["", f"### Fusion margin: `{ours}` minus the best of {', '.join(f'`{b}`' for b in baselines)}", "",
-                  "R@5 points; 95 % bootstrap CI over queries (resampled within each dataset/task, "
-                  f"{plan.n_boot} replicates, seed 0); 'pooled' scores each query by its hit rate over the seeds.", "",
-                  "| | fusion | non-fusion |", "|---|---:|---:|",
-                  f"| pooled over seeds | {_ci(margins['fusion'])} | {_ci(margins['non_fusion'])} |"]
-        for seed, ci in zip(plan.seeds, seed_cis, strict=True):
-            lines.append(f"| seed {seed} | {_ci(ci['fusion'])} | {_ci(ci['non_fusion'])} |")
-        lines += ["", "| category | fusion | margin [95 % CI] |", "|---|---|---:|"]
-        for category, box in margins["per_category"].items():
-            lines.append(f"| {category} | {'yes' if category in FUSION_CATEGORIES else 'no'} | {_ci(box)} |")
-        lines += ["", f"![margins]({chart})", "", "### Per modification type (R@5, mean ± sd over seeds)", ""]
-        lines += _modification_table(mods, results, ours, baselines) if mods else ["(no modification types)"]
-        lines += ["", f"**Verdict ({pool} pool):** {verdict(margins)}", ""]
-        summary["pools"][pool] = {"margins": margins, "per_seed_ci": seed_cis, "modifications": mods,
-                                  "seeds_report": str(seed_md), "verdict": verdict(margins)}
+        pool_lines, pool_summary = _pool_section(plan, pool, runs, report)
+        lines += pool_lines
+        if pool_summary is not None:
+            summary["pools"][pool] = pool_summary
     with atomic_write(report / "reproduce.json") as handle:
         handle.write(json.dumps(summary, indent=2, default=str) + "\n")
     path = report / REPORT_NAME
     with atomic_write(path) as handle:
         handle.write("\n".join(lines) + "\n")
     return path
-
-
-def _seed_category_table(results: dict[str, list[Any]]) -> list[str]:
-    names = list(results)
-    lines = ["| category | fusion | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-    cats = [c for c in CATEGORIES if any(c in r.categories for rs in results.values() for r in rs)]
-    for category in cats:
-        cells = []
-        for n in names:
-            values = [r.categories.get(category, {}).get("R@5", np.nan) for r in results[n]]
-            cells.append(f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}" if len(values) > 1
-                         else f"{100 * values[0]:.1f}")
-        lines.append(f"| {category} | {'yes' if category in FUSION_CATEGORIES else 'no'} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def publish(report: Path, target: Path) -> list[Path]:

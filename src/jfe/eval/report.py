@@ -182,18 +182,35 @@ def headline_metric(results: Iterable[EvalResult]) -> str:
     return headline_label(r.get("headline_k", DEFAULT_HEADLINE_K) for res in results for r in res.rows)
 
 
-def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir: str | os.PathLike, *,
-                 ours: str | None = None, baselines: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """Write ``report.md`` and ``categories_r5.png`` comparing runs (name -> EvalResult or result folder);
-    returns the Markdown path. ``ours`` / ``baselines`` override the roles guessed from the names."""
-    runs = _load(results)
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    """A Markdown file from its lines (newline-terminated); returns ``path``."""
+    with atomic_write(path) as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_write(path) as handle:
+        handle.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _signed_or_dash(value: float | None) -> str:
+    return _signed(value) if value is not None else "–"
+
+
+def backticked(names: Iterable[str]) -> str:
+    """Run names as inline code, comma-separated (how reports list the baselines)."""
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def _fusion_flag(category: str) -> str:
+    return "yes" if category in FUSION_CATEGORIES else "no"
+
+
+def _report_header(runs: dict[str, EvalResult], roles: dict[str, str], title: str | None) -> list[str]:
+    """Title, what the scores are, one line per run, and a warning when runs disagree on split or pool."""
     names = list(runs)
-    roles, ours, baselines = _resolve_roles(runs, ours, baselines)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     first = runs[names[0]]
-    hl = headline_metric(runs.values())
-    metrics = ("R@1", hl)
     lines = [f"# {title or 'JFE evaluation report'}", "",
              f"Split `{first.split}`, `{first.pool}` candidate pool(s), instructions `{first.instructions}`. "
              "Scores are M-BEIR Recall@k in % (hit rate: 1 if any positive is in the top k), averaged per "
@@ -204,105 +221,142 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     mismatched = [n for n in names if (runs[n].split, runs[n].pool) != (first.split, first.pool)]
     if mismatched:
         lines += ["", f"**Warning:** runs {', '.join(mismatched)} used a different split or pool."]
+    return lines
 
-    # per category
-    lines += ["", "## Per category", ""]
-    cat_rows = []
+
+def _category_section(runs: dict[str, EvalResult], metrics: Sequence[str]) -> list[str]:
+    """Per category (and the average) for every run, then the chart; ``metrics[1]`` is the headline."""
+    names = list(runs)
+    rows = []
     for category in _present_categories(runs.values()):
         tasks = sorted({t for r in runs.values() for t in r.categories.get(category, {}).get("tasks", [])})
         values = {n: {m: runs[n].categories.get(category, {}).get(m) for m in metrics} for n in names}
-        cat_rows.append(([category, "yes" if category in FUSION_CATEGORIES else "no",
-                          ",".join(map(str, tasks))], values))
+        rows.append(([category, _fusion_flag(category), ",".join(map(str, tasks))], values))
     avg = {n: {m: runs[n].average.get(m) for m in metrics} for n in names}
-    cat_rows.append((["**average**", "", ""], avg))
-    lines += _table(["category", "fusion", "tasks"], names, metrics, cat_rows)
-    lines += ["", f"![{hl} per category]({CHART_FILE})"]
+    rows.append((["**average**", "", ""], avg))
+    return (["", "## Per category", ""] + _table(["category", "fusion", "tasks"], names, metrics, rows)
+            + ["", f"![{metrics[1]} per category]({CHART_FILE})"])
 
-    # per task
-    lines += ["", "## Per task (dataset, task)", ""]
-    keys = sorted({(r["task"] if r["task"] is not None else 99, r["dataset"], r["modality"])
-                   for res in runs.values() for r in res.rows})
-    task_rows = []
+
+def _task_section(runs: dict[str, EvalResult], metrics: Sequence[str]) -> list[str]:
+    """One row per (dataset, task) any run scored; rows without a task sort last (as task 99)."""
+    names = list(runs)
+
+    def task_of(row: dict[str, Any]) -> Any:
+        return row["task"] if row["task"] is not None else 99
+
+    keys = sorted({(task_of(r), r["dataset"], r["modality"]) for res in runs.values() for r in res.rows})
+    rows = []
     for task, dataset, modality in keys:
         values = {}
         for n in names:
-            row = next((r for r in runs[n].rows if r["dataset"] == dataset and
-                        (r["task"] if r["task"] is not None else 99) == task), None)
+            row = next((r for r in runs[n].rows if r["dataset"] == dataset and task_of(r) == task), None)
             values[n] = {m: row.get(m) if row else None for m in metrics}
-        task_rows.append(([dataset, str(task), modality], values))
-    lines += _table(["dataset", "task", "query→candidate"], names, metrics, task_rows)
+        rows.append(([dataset, str(task), modality], values))
+    return ["", "## Per task (dataset, task)", ""] + _table(["dataset", "task", "query→candidate"], names, metrics,
+                                                            rows)
 
-    # per modification type and additive / non-additive
-    mod_keys = sorted({(str(m["task"]), m["modification"], str(m.get("non_additive")))
-                       for res in runs.values() for m in res.modifications})
-    if mod_keys:
-        lines += ["", "## Per modification type", "",
-                  "Composed and question tasks broken down by the kind of modification the query text asks for; "
-                  "`non-additive` ones need the image and the text combined (late score fusion cannot add them).",
-                  ""]
-        mod_rows = []
-        for task, mod, flag in mod_keys:
-            values, count = {}, 0
-            for n in names:
-                entry = next((m for m in runs[n].modifications if str(m["task"]) == task
-                              and m["modification"] == mod), None)
-                values[n] = {k: entry.get(k) if entry else None for k in ("R@1", "R@5")}
-                count = max(count, entry["queries"] if entry else 0)
-            mod_rows.append(([task, mod, {"True": "yes", "False": "no"}.get(flag, "?"), str(count)], values))
-        lines += _table(["task", "modification", "non-additive", "queries"], names, ("R@1", "R@5"), mod_rows)
-    flag_keys = sorted({(str(f["task"]), bool(f["non_additive"])) for res in runs.values() for f in res.non_additive})
-    if flag_keys:
-        lines += ["", "### Additive vs non-additive", ""]
-        flag_rows = []
-        for task, flag in flag_keys:
-            values = {}
-            for n in names:
-                entry = next((f for f in runs[n].non_additive if str(f["task"]) == task
-                              and bool(f["non_additive"]) == flag), None)
-                values[n] = {k: entry.get(k) if entry else None for k in ("R@1", "R@5")}
-            flag_rows.append(([task, "non-additive" if flag else "additive"], values))
-        lines += _table(["task", "kind"], names, ("R@1", "R@5"), flag_rows)
 
-    # the paper's claim: margins over the best late-fusion baseline
-    lines += ["", "## Fusion vs non-fusion margin", ""]
-    summary = None
-    if ours and baselines:
-        summary = margin_summary(runs, ours, baselines, metrics)
-        lines += [f"`{ours}` minus the best of {', '.join(f'`{b}`' for b in baselines)} per category "
-                  "(points of Recall@k); then the mean over fusion categories "
-                  f"({', '.join(FUSION_CATEGORIES)}) and over the others.", "",
-                  "| metric | " + " | ".join(CATEGORIES) + " | fusion mean | non-fusion mean | gap |",
-                  "|---|" + "---:|" * (len(CATEGORIES) + 3)]
-        for metric, entry in summary["metrics"].items():
-            cells = [_signed(entry["per_category"][c]) if c in entry["per_category"] else "–"
-                     for c in CATEGORIES]
-            cells += [_signed(entry[k]) if entry[k] is not None else "–"
-                      for k in ("fusion", "non_fusion", "gap")]
-            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-        gap = summary["metrics"][hl]["gap"]
-        if gap is not None:
-            verdict = "larger" if gap > 0 else "not larger"
-            lines += ["", f"On {hl} the one-tower's margin over late fusion is **{verdict}** on fusion categories "
-                          f"({_signed(gap)} points fusion minus non-fusion)."]
-    else:
+def _modification_section(runs: dict[str, EvalResult]) -> list[str]:
+    """R@1/R@5 per (task, modification type); empty when no run has modification types."""
+    names = list(runs)
+    keys = sorted({(str(m["task"]), m["modification"], str(m.get("non_additive")))
+                   for res in runs.values() for m in res.modifications})
+    if not keys:
+        return []
+    rows = []
+    for task, mod, flag in keys:
+        values, count = {}, 0
+        for n in names:
+            entry = next((m for m in runs[n].modifications if str(m["task"]) == task
+                          and m["modification"] == mod), None)
+            values[n] = {k: entry.get(k) if entry else None for k in ("R@1", "R@5")}
+            count = max(count, entry["queries"] if entry else 0)
+        rows.append(([task, mod, {"True": "yes", "False": "no"}.get(flag, "?"), str(count)], values))
+    return (["", "## Per modification type", "",
+             "Composed and question tasks broken down by the kind of modification the query text asks for; "
+             "`non-additive` ones need the image and the text combined (late score fusion cannot add them).", ""]
+            + _table(["task", "modification", "non-additive", "queries"], names, ("R@1", "R@5"), rows))
+
+
+def _additive_section(runs: dict[str, EvalResult]) -> list[str]:
+    """R@1/R@5 of additive vs non-additive queries per task; empty when no run split them."""
+    names = list(runs)
+    keys = sorted({(str(f["task"]), bool(f["non_additive"])) for res in runs.values() for f in res.non_additive})
+    if not keys:
+        return []
+    rows = []
+    for task, flag in keys:
+        values = {}
+        for n in names:
+            entry = next((f for f in runs[n].non_additive if str(f["task"]) == task
+                          and bool(f["non_additive"]) == flag), None)
+            values[n] = {k: entry.get(k) if entry else None for k in ("R@1", "R@5")}
+        rows.append(([task, "non-additive" if flag else "additive"], values))
+    return ["", "### Additive vs non-additive", ""] + _table(["task", "kind"], names, ("R@1", "R@5"), rows)
+
+
+def _margin_section(runs: dict[str, EvalResult], ours: str | None, baselines: Sequence[str],
+                    metrics: Sequence[str]) -> tuple[list[str], dict[str, Any] | None]:
+    """The paper's claim: ours minus the best late-fusion baseline per category, the fusion / non-fusion
+    means and the verdict on the headline ``metrics[1]``; the summary is None without ours or baselines."""
+    lines = ["", "## Fusion vs non-fusion margin", ""]
+    if not (ours and baselines):
         lines.append("Needs one one-tower run and at least one late-fusion run (name them e.g. `jfe-mini`, "
                      "`late-fusion-sf`, `late-fusion-ff`, or pass ours=/baselines=).")
+        return lines, None
+    summary = margin_summary(runs, ours, baselines, metrics)
+    lines += [f"`{ours}` minus the best of {backticked(baselines)} per category "
+              "(points of Recall@k); then the mean over fusion categories "
+              f"({', '.join(FUSION_CATEGORIES)}) and over the others.", "",
+              "| metric | " + " | ".join(CATEGORIES) + " | fusion mean | non-fusion mean | gap |",
+              "|---|" + "---:|" * (len(CATEGORIES) + 3)]
+    for metric, entry in summary["metrics"].items():
+        cells = [_signed_or_dash(entry["per_category"].get(c)) for c in CATEGORIES]
+        cells += [_signed_or_dash(entry[k]) for k in ("fusion", "non_fusion", "gap")]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    hl = metrics[1]
+    gap = summary["metrics"][hl]["gap"]
+    if gap is not None:
+        verdict = "larger" if gap > 0 else "not larger"
+        lines += ["", f"On {hl} the one-tower's margin over late fusion is **{verdict}** on fusion categories "
+                      f"({_signed(gap)} points fusion minus non-fusion)."]
+    return lines, summary
 
-    missing = {n: runs[n].missing_positives.get("count", 0) for n in names if runs[n].missing_positives.get("count")}
+
+def _report_footer(runs: dict[str, EvalResult]) -> list[str]:
+    """Queries scored as misses for want of a positive in the pool, then the runs' notes."""
+    lines: list[str] = []
+    missing = {n: r.missing_positives.get("count", 0) for n, r in runs.items() if r.missing_positives.get("count")}
     if missing:
         lines += ["", "Queries with no positive in the pool (scored as misses): " +
                   ", ".join(f"{n}: {c}" for n, c in missing.items())]
     notes = sorted({note for r in runs.values() for note in r.notes if note != EXCLUSION_NOTE})
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+    return lines
 
+
+def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir: str | os.PathLike, *,
+                 ours: str | None = None, baselines: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Write ``report.md`` and ``categories_r5.png`` comparing runs (name -> EvalResult or result folder);
+    returns the Markdown path. ``ours`` / ``baselines`` override the roles guessed from the names."""
+    runs = _load(results)
+    roles, ours, baselines = _resolve_roles(runs, ours, baselines)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hl = headline_metric(runs.values())
+    metrics = ("R@1", hl)
+    lines = _report_header(runs, roles, title)
+    lines += _category_section(runs, metrics)
+    lines += _task_section(runs, metrics)
+    lines += _modification_section(runs) + _additive_section(runs)
+    margin_lines, summary = _margin_section(runs, ours, baselines, metrics)
+    lines += margin_lines + _report_footer(runs)
     _chart(runs, out / CHART_FILE, hl)
-    path = out / REPORT_FILE
-    with atomic_write(path) as handle:
-        handle.write("\n".join(lines) + "\n")
+    path = _write_lines(out / REPORT_FILE, lines)
     if summary is not None:
-        with atomic_write(out / "margins.json") as handle:
-            handle.write(json.dumps(summary, indent=2) + "\n")
+        _write_json(out / "margins.json", summary)
     return path
 
 
@@ -310,11 +364,25 @@ SEEDS_REPORT_FILE = "seeds.md"
 SEEDS_CHART_FILE = "categories_r5_seeds.png"
 
 
-def _mean_sd(values: Sequence[float]) -> str:
+def mean_sd(values: Sequence[float]) -> str:
     """``"m ± sd"`` in % (sample sd; just the mean for a single value)."""
     if len(values) == 1:
         return f"{100 * values[0]:.1f}"
     return f"{100 * float(np.mean(values)):.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
+
+
+def seed_category_table(groups: Mapping[str, Sequence[EvalResult]], *, average: bool = False) -> list[str]:
+    """Markdown table of R@5 per category, mean ± sd over each run's repeats; ``average`` adds the runs'
+    overall average as a last row."""
+    names = list(groups)
+    lines = ["| category | fusion | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for category in _present_categories(r for rs in groups.values() for r in rs):
+        cells = [mean_sd([r.categories.get(category, {}).get("R@5", np.nan) for r in groups[n]]) for n in names]
+        lines.append(f"| {category} | {_fusion_flag(category)} | " + " | ".join(cells) + " |")
+    if average:
+        lines.append("| **average** | | " + " | ".join(mean_sd([r.average.get("R@5", np.nan) for r in groups[n]])
+                                                      for n in names) + " |")
+    return lines
 
 
 def _seed_chart(groups: dict[str, list[EvalResult]], categories: list[str], path: Path,
@@ -327,6 +395,55 @@ def _seed_chart(groups: dict[str, list[EvalResult]], categories: list[str], path
                                  f"({first[0].pool} pool)", path, metric)
 
 
+def _load_repeats(groups: Mapping[str, Sequence[EvalResult | str | os.PathLike]]) -> dict[str, list[EvalResult]]:
+    """Every run's repeats loaded; all runs must have the same (non-zero) number of them."""
+    loaded = {name: [r if isinstance(r, EvalResult) else EvalResult.load(r) for r in repeats]
+              for name, repeats in groups.items()}
+    if not loaded:
+        raise ConfigError("no evaluation results to report")
+    counts = {name: len(rs) for name, rs in loaded.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise ConfigError(f"every run needs the same number of repeats (seeds), got {counts}")
+    return loaded
+
+
+def _seed_pattern(seed_runs: dict[str, EvalResult], ours: str, baselines: Sequence[str],
+                  categories: list[str]) -> dict[str, Any]:
+    """One seed's R@5 fusion margins and the categories where ours is at least every other run."""
+    margins = margin_summary(seed_runs, ours, baselines, metrics=("R@5",))["metrics"]["R@5"]
+    others = [n for n in seed_runs if n != ours]
+    led = [c for c in categories if all(
+        seed_runs[ours].categories.get(c, {}).get("R@5", -1.0) >= seed_runs[o].categories.get(c, {}).get(
+            "R@5", -1.0) for o in others)]
+    return {"fusion": margins["fusion"], "non_fusion": margins["non_fusion"], "gap": margins["gap"],
+            "per_category": margins["per_category"], "categories_led": led,
+            "leads_everywhere": len(led) == len(categories)}
+
+
+def _seed_pattern_section(loaded: dict[str, list[EvalResult]], ours: str, baselines: Sequence[str],
+                          categories: list[str], summary: dict[str, Any]) -> list[str]:
+    """The paper's pattern seed by seed (R@5); fills ``summary["per_seed"]`` and ``summary["pattern_held"]``."""
+    n_seeds = summary["seeds"]
+    lines = ["", "## The paper's pattern, seed by seed (R@5)", "",
+             f"Margin = `{ours}` minus the best of {backticked(baselines)}, averaged over "
+             f"the fusion categories ({', '.join(FUSION_CATEGORIES)}) and over the others; "
+             f"'leads everywhere' = `{ours}` ≥ every other run in every category.", "",
+             "| seed | fusion margin | non-fusion margin | gap | leads everywhere | categories led |",
+             "|---:|---:|---:|---:|---|---:|"]
+    for i in range(n_seeds):
+        entry = _seed_pattern({n: rs[i] for n, rs in loaded.items()}, ours, baselines, categories)
+        summary["per_seed"].append(entry)
+        cells = [_signed_or_dash(entry[k]) for k in ("fusion", "non_fusion", "gap")]
+        lines.append(f"| {i} | " + " | ".join(cells) + f" | {'yes' if entry['leads_everywhere'] else 'no'} | "
+                     f"{len(entry['categories_led'])}/{len(categories)} |")
+    gaps = [e["gap"] for e in summary["per_seed"] if e["gap"] is not None]
+    held = sum(1 for e in summary["per_seed"] if e["leads_everywhere"] and (e["gap"] or 0) > 0)
+    summary["pattern_held"] = held
+    lines += ["", f"Gap (fusion minus non-fusion margin) over seeds: {mean_sd(gaps) if gaps else '–'} points; "
+                  f"the full pattern (leads everywhere **and** gap > 0) held in **{held} of {n_seeds}** seeds."]
+    return lines
+
+
 def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLike]], out_dir: str | os.PathLike,
                       *, ours: str | None = None, baselines: Sequence[str] | None = None,
                       title: str | None = None) -> Path:
@@ -336,66 +453,25 @@ def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLi
     ``groups``: run name -> its repeats; repeat *i* of every run is taken as one seed, so all runs need the
     same number of repeats (the margins compare runs within a seed).
     """
-    loaded = {name: [r if isinstance(r, EvalResult) else EvalResult.load(r) for r in repeats]
-              for name, repeats in groups.items()}
-    if not loaded:
-        raise ConfigError("no evaluation results to report")
-    counts = {name: len(rs) for name, rs in loaded.items()}
-    if len(set(counts.values())) != 1 or 0 in counts.values():
-        raise ConfigError(f"every run needs the same number of repeats (seeds), got {counts}")
-    n_seeds = next(iter(counts.values()))
+    loaded = _load_repeats(groups)
     names = list(loaded)
+    n_seeds = len(loaded[names[0]])
     _, ours, baselines = _resolve_roles({n: rs[0] for n, rs in loaded.items()}, ours, baselines)
-    others = [n for n in names if n != ours]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = loaded[names[0]][0]
     categories = _present_categories(r for rs in loaded.values() for r in rs)
-
     lines = [f"# {title or 'JFE evaluation across seeds'}", "",
              f"{n_seeds} repeats per run; split `{first.split}`, `{first.pool}` pool(s). Recall in %, "
              "mean ± sample standard deviation over the repeats.", "",
-             "## Per category (R@5)", "",
-             "| category | fusion | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-    for category in categories:
-        cells = [_mean_sd([r.categories.get(category, {}).get("R@5", np.nan) for r in loaded[n]]) for n in names]
-        lines.append(f"| {category} | {'yes' if category in FUSION_CATEGORIES else 'no'} | " + " | ".join(cells)
-                     + " |")
-    lines.append("| **average** | | " + " | ".join(_mean_sd([r.average.get("R@5", np.nan) for r in loaded[n]])
-                                                  for n in names) + " |")
+             "## Per category (R@5)", ""]
+    lines += seed_category_table(loaded, average=True)
     lines += ["", f"![R@5 per category across seeds]({SEEDS_CHART_FILE})"]
-
     summary: dict[str, Any] = {"ours": ours, "baselines": list(baselines), "runs": names, "seeds": n_seeds,
                                "per_seed": []}
     if ours and baselines:
-        lines += ["", "## The paper's pattern, seed by seed (R@5)", "",
-                  f"Margin = `{ours}` minus the best of {', '.join(f'`{b}`' for b in baselines)}, averaged over "
-                  f"the fusion categories ({', '.join(FUSION_CATEGORIES)}) and over the others; "
-                  f"'leads everywhere' = `{ours}` ≥ every other run in every category.", "",
-                  "| seed | fusion margin | non-fusion margin | gap | leads everywhere | categories led |",
-                  "|---:|---:|---:|---:|---|---:|"]
-        for i in range(n_seeds):
-            seed_runs = {n: loaded[n][i] for n in names}
-            margins = margin_summary(seed_runs, ours, baselines, metrics=("R@5",))["metrics"]["R@5"]
-            led = [c for c in categories if all(
-                seed_runs[ours].categories.get(c, {}).get("R@5", -1.0) >= seed_runs[o].categories.get(c, {}).get(
-                    "R@5", -1.0) for o in others)]
-            entry = {"fusion": margins["fusion"], "non_fusion": margins["non_fusion"], "gap": margins["gap"],
-                     "per_category": margins["per_category"], "categories_led": led,
-                     "leads_everywhere": len(led) == len(categories)}
-            summary["per_seed"].append(entry)
-            cells = [_signed(entry[k]) if entry[k] is not None else "–" for k in ("fusion", "non_fusion", "gap")]
-            lines.append(f"| {i} | " + " | ".join(cells) + f" | {'yes' if entry['leads_everywhere'] else 'no'} | "
-                         f"{len(led)}/{len(categories)} |")
-        gaps = [e["gap"] for e in summary["per_seed"] if e["gap"] is not None]
-        held = sum(1 for e in summary["per_seed"] if e["leads_everywhere"] and (e["gap"] or 0) > 0)
-        summary["pattern_held"] = held
-        lines += ["", f"Gap (fusion minus non-fusion margin) over seeds: {_mean_sd(gaps) if gaps else '–'} points; "
-                      f"the full pattern (leads everywhere **and** gap > 0) held in **{held} of {n_seeds}** seeds."]
+        lines += _seed_pattern_section(loaded, ours, baselines, categories, summary)
     _seed_chart(loaded, categories, out / SEEDS_CHART_FILE)
-    path = out / SEEDS_REPORT_FILE
-    with atomic_write(path) as handle:
-        handle.write("\n".join(lines) + "\n")
-    with atomic_write(out / "seeds.json") as handle:
-        handle.write(json.dumps(summary, indent=2) + "\n")
+    path = _write_lines(out / SEEDS_REPORT_FILE, lines)
+    _write_json(out / "seeds.json", summary)
     return path

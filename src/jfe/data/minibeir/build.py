@@ -19,7 +19,7 @@ from jfe.data.mbeir import write_candidates, write_instructions, write_qrels, wr
 from jfe.data.minibeir import templates as T
 from jfe.data.minibeir.render import ImageRegistry
 from jfe.data.minibeir.sources import ClipArt, Emoji, SourceInfo, load_clipart, load_emoji
-from jfe.data.minibeir.tasks import Cand, ClipArtTasks, EmojiTasks, QSpec, TaskData
+from jfe.data.minibeir.tasks import Cand, ClipArtTasks, EmojiTasks, QSpec, SplitFn, TaskData
 from jfe.data.records import QUERY_ID_BOUND, TASK_CATEGORY, TASKS, Candidate, InstructionSet, Qrel, Query
 from jfe.errors import ConfigError
 from jfe.paths import atomic_dir, atomic_write
@@ -222,8 +222,6 @@ def _instruction_sets(names: list[str], tasks_by_ds: dict[str, list[int]], heldo
 
 
 def _readme(summary: MiniBEIRSummary) -> str:
-    src_rows = "\n".join(f"| {s.name} | {', '.join(s.packages)} | {s.licence} | {s.used_for} |"
-                         for s in summary.sources)
     return f"""# MiniBEIR
 
 A small universal multimodal retrieval benchmark in the exact M-BEIR layout (UniIR-compatible), built
@@ -251,7 +249,12 @@ Datasets: `emoji` (dataset id 90), `clipart` (dataset id 91), outside M-BEIR's 0
   the OpenMoji style are rendered from SVG at this size; Google / Twitter emoji (task 4 queries) are 64-px
   sources scaled up; clip-art comes from Debian's pre-rendered PNGs.
 
-## Conventions
+{_README_CONVENTIONS}
+{_readme_provenance(summary)}"""
+
+
+# static: what the fields of the built files mean (the README's "Conventions" section)
+_README_CONVENTIONS = """## Conventions
 
 - `query_src_content` is a JSON object: `base` (base item id), `group` (distractor group), `modification`
   (edit, question or query type), `non_additive` (true for edits and questions whose answer depends on
@@ -260,14 +263,20 @@ Datasets: `emoji` (dataset id 90), `clipart` (dataset id 91), outside M-BEIR's 0
   questions), `query_txt_heldout` (a held-out rewording of the modification or question, tasks 6-8), and for
   composed tasks `exclude_dids`: the reference image's own candidate, which evaluation must drop from that
   query's ranking (CIRR's convention).
-- Candidates' `src_content` is `{{"base": ..., "group": ...}}`; answers shared across images (skin tones,
+- Candidates' `src_content` is `{"base": ..., "group": ...}`; answers shared across images (skin tones,
   genders, roles, categories) have bases `vocab:<kind>`.
 - `neg_cand_list` holds hard negatives for training: other variants of the same base / family.
 - Splits are by base item (an emoji with all its skin-tone, gender, hair and direction variants; a clip-art
   drawing with all its texts), from a hash of (seed, base). Sequence families (clock faces, moon phases,
   keycaps, coloured shapes, arrows) split per member, and their edits only link members of one split.
+"""
 
-## Sources and licences
+
+def _readme_provenance(summary: MiniBEIRSummary) -> str:
+    """The README's tail: sources with their licences, and the build configuration."""
+    src_rows = "\n".join(f"| {s.name} | {', '.join(s.packages)} | {s.licence} | {s.used_for} |"
+                         for s in summary.sources)
+    return f"""## Sources and licences
 
 | source | package | licence | used for |
 |---|---|---|---|
@@ -285,6 +294,95 @@ This derived dataset inherits CC-BY-SA-4.0 from OpenMoji for its OpenMoji images
 """
 
 
+@dataclass
+class _Tally:
+    """What the writing steps accumulate across datasets and tasks, for the summary and the global pools."""
+
+    counts: dict[tuple[str, int, str], int] = field(default_factory=dict)
+    pools: dict[tuple[str, int], int] = field(default_factory=dict)
+    non_additive: dict[tuple[str, int], float] = field(default_factory=dict)
+    distractors: dict[tuple[str, int], float] = field(default_factory=dict)
+    modifications: dict[tuple[str, int], dict[str, int]] = field(default_factory=dict)
+    used_images: set[str] = field(default_factory=set)
+    global_rows: dict[str, list[Candidate]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    tasks_by_ds: dict[str, list[int]] = field(default_factory=dict)
+    dropped: int = 0
+
+
+def _build_tasks(cfg: BuildConfig, split_of: SplitFn, progress: bool
+                 ) -> tuple[dict[str, dict[int, TaskData]], ImageRegistry, list[SourceInfo]]:
+    """Read and select the sources, then build every task in memory: (datasets, images, sources)."""
+    _log(progress, "reading sources")
+    emoji, emoji_info = load_emoji()
+    drawings, clip_info = load_clipart()
+    emoji = select_emoji(emoji, cfg.max_bases, cfg.seed)
+    drawings = select_clipart(drawings, cfg.max_bases, cfg.seed)
+    images = ImageRegistry(cfg.image_size)
+    _log(progress, f"building tasks from {len(emoji)} emoji and {len(drawings)} drawings")
+    datasets = {
+        "emoji": EmojiTasks(emoji, images, split_of, cfg.seed, cfg.emoji_caps, cfg.max_negs).build(),
+        "clipart": ClipArtTasks(drawings, images, cfg.seed, cfg.clipart_caps, cfg.max_negs).build(),
+    }
+    return datasets, images, emoji_info + clip_info
+
+
+def _write_task(tmp: Path, writer: _Writer, task: int, by_split: dict[tuple[int, str], list[Query]],
+                tally: _Tally) -> None:
+    """One (dataset, task): its local pool, its queries and qrels per split, and its statistics."""
+    name, tasks = writer.name, writer.tasks
+    pool = [writer.candidate(k) for k in sorted(tasks[task].pool, key=lambda k: writer.did[k])]
+    pool.sort(key=lambda c: int(c.did.split(":")[1]))
+    stem = f"mbeir_{name}_task{task}"
+    write_candidates(tmp / "cand_pool" / "local" / f"{stem}_cand_pool.jsonl", pool)
+    tally.pools[(name, task)] = len(pool)
+    tally.used_images.update(c.img_path for c in pool if c.img_path)
+    all_q: list[Query] = []
+    for split in SPLITS:
+        qs = by_split.get((task, split), [])
+        if not qs:
+            continue
+        all_q += qs
+        tally.counts[(name, task, split)] = len(qs)
+        write_queries(tmp / "query" / split / f"{stem}_{split}.jsonl", qs)
+        write_qrels(tmp / "qrels" / split / f"{stem}_{split}_qrels.txt",
+                    (Qrel(q.qid, d, 1, q.task_id) for q in qs for d in q.pos_cand_list))
+        tally.used_images.update(q.query_img_path for q in qs if q.query_img_path)
+    tally.non_additive[(name, task)] = sum(q.src.get("non_additive", False) for q in all_q) / max(1, len(all_q))
+    tally.distractors[(name, task)] = _distractors(all_q, pool)
+    tally.modifications[(name, task)] = dict(sorted(Counter(q.src["modification"] for q in all_q).items()))
+
+
+def _write_dataset(tmp: Path, name: str, tasks: dict[int, TaskData], split_of: SplitFn, tally: _Tally) -> None:
+    """One dataset's ids, tasks (those with queries) and its rows of the global pools."""
+    writer = _Writer(name, tasks, split_of)
+    by_split = writer.queries()
+    tally.dropped += writer.dropped
+    tally.tasks_by_ds[name] = sorted(t for t in tasks if any(by_split.get((t, s)) for s in SPLITS))
+    for task in tally.tasks_by_ds[name]:
+        _write_task(tmp, writer, task, by_split, tally)
+    for key in writer.cands:
+        cand = writer.candidate(key)
+        base = writer.cands[key].base
+        for split in SPLITS:
+            # train's global pool leaves out val/test bases; the shared answer vocabulary is in every split
+            if split != "train" or base.startswith("vocab:") or split_of(base) == "train":
+                tally.global_rows[split].append(cand)
+
+
+def _write_docs(tmp: Path, summary: MiniBEIRSummary) -> None:
+    """README.md and the build marker; neither holds timings, so that two builds are byte-identical."""
+    timed = summary.seconds
+    summary.seconds = 0.0
+    readme = _readme(summary).replace("; built in 0 s", "")
+    summary.seconds = timed
+    with atomic_write(tmp / "README.md") as fh:
+        fh.write(readme)
+    with atomic_write(tmp / MARKER) as fh:
+        fh.write(json.dumps({"builder": "jfe.data.minibeir", "config": asdict(summary.config),
+                             "modifications": {f"{d}:task{t}": m for (d, t), m in summary.modifications.items()}},
+                            indent=2, sort_keys=True) + "\n")
+
+
 def build_minibeir(out: Path, *, seed: int = 0, max_bases: int | None = None, image_size: int = 128,
                    progress: bool = True, config: BuildConfig | None = None) -> MiniBEIRSummary:
     """Build MiniBEIR into ``out`` (replaced atomically; an existing non-MiniBEIR folder is refused).
@@ -300,85 +398,27 @@ def build_minibeir(out: Path, *, seed: int = 0, max_bases: int | None = None, im
     def split_of(base: str) -> str:
         return split_of_base(base, cfg.seed, cfg.split_fractions)
 
-    _log(progress, "reading sources")
-    emoji, emoji_info = load_emoji()
-    drawings, clip_info = load_clipart()
-    emoji = select_emoji(emoji, cfg.max_bases, cfg.seed)
-    drawings = select_clipart(drawings, cfg.max_bases, cfg.seed)
-    images = ImageRegistry(cfg.image_size)
-    _log(progress, f"building tasks from {len(emoji)} emoji and {len(drawings)} drawings")
-    datasets = {
-        "emoji": EmojiTasks(emoji, images, split_of, cfg.seed, cfg.emoji_caps, cfg.max_negs).build(),
-        "clipart": ClipArtTasks(drawings, images, cfg.seed, cfg.clipart_caps, cfg.max_negs).build(),
-    }
-
-    counts: dict[tuple[str, int, str], int] = {}
-    pools: dict[tuple[str, int], int] = {}
-    non_add: dict[tuple[str, int], float] = {}
-    distract: dict[tuple[str, int], float] = {}
-    mods: dict[tuple[str, int], dict[str, int]] = {}
-    used_images: set[str] = set()
-    global_rows: dict[str, list[Candidate]] = {s: [] for s in SPLITS}
-    tasks_by_ds: dict[str, list[int]] = {}
-    dropped = 0
+    datasets, images, sources = _build_tasks(cfg, split_of, progress)
+    tally = _Tally()
     with atomic_dir(out) as tmp:
         for name, tasks in datasets.items():
-            writer = _Writer(name, tasks, split_of)
-            by_split = writer.queries()
-            dropped += writer.dropped
-            tasks_by_ds[name] = sorted(t for t in tasks if any(by_split.get((t, s)) for s in SPLITS))
-            for task in tasks_by_ds[name]:
-                pool = [writer.candidate(k) for k in sorted(tasks[task].pool, key=lambda k: writer.did[k])]
-                pool.sort(key=lambda c: int(c.did.split(":")[1]))
-                stem = f"mbeir_{name}_task{task}"
-                write_candidates(tmp / "cand_pool" / "local" / f"{stem}_cand_pool.jsonl", pool)
-                pools[(name, task)] = len(pool)
-                used_images.update(c.img_path for c in pool if c.img_path)
-                all_q: list[Query] = []
-                for split in SPLITS:
-                    qs = by_split.get((task, split), [])
-                    if not qs:
-                        continue
-                    all_q += qs
-                    counts[(name, task, split)] = len(qs)
-                    write_queries(tmp / "query" / split / f"{stem}_{split}.jsonl", qs)
-                    write_qrels(tmp / "qrels" / split / f"{stem}_{split}_qrels.txt",
-                                (Qrel(q.qid, d, 1, q.task_id) for q in qs for d in q.pos_cand_list))
-                    used_images.update(q.query_img_path for q in qs if q.query_img_path)
-                non_add[(name, task)] = sum(q.src.get("non_additive", False) for q in all_q) / max(1, len(all_q))
-                distract[(name, task)] = _distractors(all_q, pool)
-                mods[(name, task)] = dict(sorted(Counter(q.src["modification"] for q in all_q).items()))
-            for key in writer.cands:
-                cand = writer.candidate(key)
-                base = writer.cands[key].base
-                for split in SPLITS:
-                    if split != "train" or base.startswith("vocab:") or split_of(base) == "train":
-                        global_rows[split].append(cand)
+            _write_dataset(tmp, name, tasks, split_of, tally)
         for split in SPLITS:
             write_candidates(tmp / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl",
-                             global_rows[split])
+                             tally.global_rows[split])
         names = list(datasets)
         write_instructions(tmp / "instructions" / "query_instructions.tsv",
-                           _instruction_sets(names, tasks_by_ds, heldout=False))
+                           _instruction_sets(names, tally.tasks_by_ds, heldout=False))
         write_instructions(tmp / "instructions" / "heldout_instructions.tsv",
-                           _instruction_sets(names, tasks_by_ds, heldout=True))
-        _log(progress, f"writing {len(used_images)} images")
-        n_images = images.write(tmp, only=used_images, progress=progress)
+                           _instruction_sets(names, tally.tasks_by_ds, heldout=True))
+        _log(progress, f"writing {len(tally.used_images)} images")
+        n_images = images.write(tmp, only=tally.used_images, progress=progress)
         summary = MiniBEIRSummary(
-            out=out, queries=counts, pools=pools, global_pools={s: len(r) for s, r in global_rows.items()},
-            images=n_images, non_additive=non_add, distractors=distract, modifications=mods,
-            seconds=time.perf_counter() - start, config=cfg, sources=emoji_info + clip_info, dropped=dropped)
-        # the README and marker hold no timings, so that two builds are byte-identical
-        timed = summary.seconds
-        summary.seconds = 0.0
-        readme = _readme(summary).replace("; built in 0 s", "")
-        summary.seconds = timed
-        with atomic_write(tmp / "README.md") as fh:
-            fh.write(readme)
-        with atomic_write(tmp / MARKER) as fh:
-            fh.write(json.dumps({"builder": "jfe.data.minibeir", "config": asdict(cfg),
-                                 "modifications": {f"{d}:task{t}": m for (d, t), m in mods.items()}},
-                                indent=2, sort_keys=True) + "\n")
+            out=out, queries=tally.counts, pools=tally.pools,
+            global_pools={s: len(r) for s, r in tally.global_rows.items()}, images=n_images,
+            non_additive=tally.non_additive, distractors=tally.distractors, modifications=tally.modifications,
+            seconds=time.perf_counter() - start, config=cfg, sources=sources, dropped=tally.dropped)
+        _write_docs(tmp, summary)
     summary.seconds = time.perf_counter() - start
     _log(progress, f"done in {summary.seconds:.0f} s: {summary.total_queries} queries")
     return summary

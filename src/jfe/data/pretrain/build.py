@@ -169,61 +169,50 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"{out} exists and is not a pretraining-corpus build; choose an empty or new folder")
 
 
-def build_pretrain(out: str | Path, *, minibeir: str | Path, icon_sets: list[Path] | None = None,
-                   tuxpaint: Path | None = None, clipart: bool = True, max_pairs: int | None = None,
-                   seed: int = 0, image_size: int = 128, workers: int | None = None, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> PretrainSummary:
-    """Build the corpus into ``out`` (replaced atomically) from the given sources, never leaking ``minibeir``.
+@dataclass
+class _Messages:
+    """A build's progress lines (to ``log``, else stderr when ``progress``) and its warnings."""
 
-    ``icon_sets`` are ``@iconify-json`` ``package`` folders and ``tuxpaint`` a stamps folder; both default to
-    the fetched assets (``jfe assets fetch --pretrain``). ``max_pairs`` caps the image-text pairs (a seeded
-    choice of whole images), for quick builds.
-    """
-    start = time.perf_counter()
-    out = Path(out)
-    def say(message: str) -> None:
-        if log is not None:
-            log(message)
-        elif progress:
+    progress: bool
+    log: Callable[[str], None] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def say(self, message: str) -> None:
+        if self.log is not None:
+            self.log(message)
+        elif self.progress:
             print(f"[pretrain] {message}", file=sys.stderr, flush=True)
 
-    warnings: list[str] = []
-
-    def warn(message: str) -> None:
+    def warn(self, message: str) -> None:
         # always shown (the first 20; all are kept in the marker), whatever the progress setting
-        warnings.append(message)
-        if len(warnings) <= 20:
-            if log is None and not progress:
+        self.warnings.append(message)
+        if len(self.warnings) <= 20:
+            if self.log is None and not self.progress:
                 print(f"[pretrain] warning: {message}", file=sys.stderr, flush=True)
             else:
-                say(f"warning: {message}")
+                self.say(f"warning: {message}")
 
-    if max_pairs is not None and max_pairs < 1:
-        raise ConfigError(f"max_pairs must be positive, got {max_pairs}")
-    _check_out(out)
-    if icon_sets is None and tuxpaint is None:
-        icon_sets, tuxpaint = fetched_sources()
-    icon_sets = list(icon_sets or [])
-    reference = LeakageReference.from_minibeir(minibeir)
-    say(f"leakage reference: {reference.describe()}")
 
+def _read_sources(icon_sets: list[Path], tuxpaint: Path | None, clipart: bool, minibeir: Path,
+                  messages: _Messages) -> tuple[list[Item], list[SourceReport]]:
+    """Every item of the icon sets, the Tux Paint stamps and (if fetched) MiniBEIR's training clip-art."""
     items: list[Item] = []
     reports: list[SourceReport] = []
     for package in sorted(icon_sets):
         got, report = read_icon_set(package, render_svg_text)
         if report.excluded:
-            say(f"{report.name}: excluded ({report.excluded})")
+            messages.say(f"{report.name}: excluded ({report.excluded})")
         items += got
         reports.append(report)
     if tuxpaint is not None:
-        got, report = read_tuxpaint(tuxpaint, render_file, warn)
+        got, report = read_tuxpaint(tuxpaint, render_file, messages.warn)
         record = tuxpaint.parents[3] / assets.MARKER if len(tuxpaint.parents) > 3 else None
         if record is not None and record.exists():
             report.version = ", ".join(json.loads(record.read_text(encoding="utf-8")).get("archives_sha256", {}))
         items += got
         reports.append(report)
     if clipart and assets.is_fetched("openclipart"):
-        got, report = _clipart_items(Path(minibeir), warn)
+        got, report = _clipart_items(minibeir, messages.warn)
         items += got
         reports.append(report)
     if not items:
@@ -231,8 +220,13 @@ def build_pretrain(out: str | Path, *, minibeir: str | Path, icon_sets: list[Pat
     keys = Counter(i.key for i in items)
     if (dup := next((k for k, n in keys.items() if n > 1), None)) is not None:
         raise DataError("two items share one key (the same set fetched twice?)", record_id=dup)
+    return items, reports
 
-    dropped: dict[str, Counter] = defaultdict(Counter)
+
+def _rank_candidates(items: list[Item], reference: LeakageReference, seed: int, max_pairs: int | None,
+                     dropped: dict[str, Counter]) -> list[Item]:
+    """The items whose names do not leak (counted in ``dropped``), in seeded rank order, capped near
+    ``max_pairs``."""
     candidates: list[Item] = []
     for item in items:
         match = reference.text_match(item.names)
@@ -250,73 +244,119 @@ def build_pretrain(out: str | Path, *, minibeir: str | Path, icon_sets: list[Pat
             chosen.append(item)
             pairs += len(item.captions)
         candidates = chosen
+    return candidates
 
+
+def _render_all(tmp: Path, candidates: list[Item], rels: list[str], image_size: int, workers: int | None,
+                progress: bool) -> list[tuple[str, np.ndarray] | str]:
+    """Render and write every candidate's image in a thread pool; per candidate (pixel sha1, dhash), or the
+    error text of a failed render. Each render writes its own file, so the result does not depend on timing."""
+
+    def make(index: int) -> tuple[str, np.ndarray] | str:
+        item = candidates[index]
+        try:
+            image = item.render(image_size)
+        except DataError as exc:
+            return str(exc)
+        data = _compact_png(image)
+        path = tmp / rels[index]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return hashlib.sha1(image.convert("RGB").tobytes()).hexdigest(), dhash(image)
+
+    n_workers = workers or max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        results_iter = pool.map(make, range(len(candidates)), chunksize=64)
+        if progress:
+            from tqdm import tqdm
+
+            results_iter = tqdm(results_iter, total=len(candidates), desc="images", unit="img")
+        return list(results_iter)
+
+
+def _keep_rendered(tmp: Path, candidates: list[Item], rels: list[str], results: list[tuple[str, np.ndarray] | str],
+                   reference: LeakageReference, max_pairs: int | None, dropped: dict[str, Counter],
+                   warn: Callable[[str], None]) -> list[int]:
+    """Indices of the rendered images to keep, decided in rank order: not unrenderable, not a leaked image,
+    not a pixel duplicate of an earlier one, within ``max_pairs``. The others' files are deleted."""
+    ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    leaks = reference.image_match(np.stack([results[i][1] for i in ok])) if ok else np.zeros(0, bool)
+    leak_at = {i for i, leak in zip(ok, leaks, strict=True) if leak}
+    kept: list[int] = []
+    seen_pixels: set[str] = set()
+    pairs = 0
+    for index, result in enumerate(results):
+        item = candidates[index]
+        reason = ""
+        if isinstance(result, str):
+            reason = "unrenderable"
+            warn(f"{item.source}: {result}; skipped")
+        elif index in leak_at:
+            reason = "leak: image"
+        elif result[0] in seen_pixels:
+            reason = "duplicate image"
+        elif max_pairs is not None and pairs + len(item.captions) > max_pairs and kept:
+            reason = "over --max-pairs"
+        if reason:
+            if reason != "over --max-pairs":
+                dropped[item.source][reason] += 1
+            (tmp / rels[index]).unlink(missing_ok=True)
+            continue
+        seen_pixels.add(result[0])
+        pairs += len(item.captions)
+        kept.append(index)
+    return kept
+
+
+def _write_docs(tmp: Path, summary: PretrainSummary, warnings: list[str]) -> None:
+    """README.md and the build marker (config, sources, counts, leakage reference, the first 200 warnings)."""
+    with atomic_write(tmp / "README.md") as fh:
+        fh.write(_readme(summary, len(warnings)))
+    with atomic_write(tmp / MARKER) as fh:
+        fh.write(json.dumps({"builder": "jfe.data.pretrain", "config": summary.config,
+                             "sources": [asdict(s) for s in summary.sources], "dropped": summary.dropped,
+                             "images": summary.images, "pairs": summary.pairs,
+                             "text_pairs": summary.text_pairs, "leakage": summary.leakage,
+                             "warnings": warnings[:200]}, indent=2, sort_keys=True) + "\n")
+
+
+def build_pretrain(out: str | Path, *, minibeir: str | Path, icon_sets: list[Path] | None = None,
+                   tuxpaint: Path | None = None, clipart: bool = True, max_pairs: int | None = None,
+                   seed: int = 0, image_size: int = 128, workers: int | None = None, progress: bool = True,
+                   log: Callable[[str], None] | None = None) -> PretrainSummary:
+    """Build the corpus into ``out`` (replaced atomically) from the given sources, never leaking ``minibeir``.
+
+    ``icon_sets`` are ``@iconify-json`` ``package`` folders and ``tuxpaint`` a stamps folder; both default to
+    the fetched assets (``jfe assets fetch --pretrain``). ``max_pairs`` caps the image-text pairs (a seeded
+    choice of whole images), for quick builds.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    messages = _Messages(progress, log)
+    if max_pairs is not None and max_pairs < 1:
+        raise ConfigError(f"max_pairs must be positive, got {max_pairs}")
+    _check_out(out)
+    if icon_sets is None and tuxpaint is None:
+        icon_sets, tuxpaint = fetched_sources()
+    reference = LeakageReference.from_minibeir(minibeir)
+    messages.say(f"leakage reference: {reference.describe()}")
+    items, reports = _read_sources(list(icon_sets or []), tuxpaint, clipart, Path(minibeir), messages)
+    dropped: dict[str, Counter] = defaultdict(Counter)
+    candidates = _rank_candidates(items, reference, seed, max_pairs, dropped)
     with atomic_dir(out) as tmp:
-        say(f"rendering {len(candidates)} images from {len(reports)} sources")
+        messages.say(f"rendering {len(candidates)} images from {len(reports)} sources")
         rels = [f"images/{i.key}.png" for i in candidates]
-
-        def make(index: int) -> tuple[str, np.ndarray] | str:
-            item = candidates[index]
-            try:
-                image = item.render(image_size)
-            except DataError as exc:
-                return str(exc)
-            data = _compact_png(image)
-            path = tmp / rels[index]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            return hashlib.sha1(image.convert("RGB").tobytes()).hexdigest(), dhash(image)
-
-        n_workers = workers or max(1, min(8, os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            results_iter = pool.map(make, range(len(candidates)), chunksize=64)
-            if progress:
-                from tqdm import tqdm
-
-                results_iter = tqdm(results_iter, total=len(candidates), desc="images", unit="img")
-            results = list(results_iter)
-        ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
-        leaks = reference.image_match(np.stack([results[i][1] for i in ok])) if ok else np.zeros(0, bool)
-        leak_at = {i for i, leak in zip(ok, leaks, strict=True) if leak}
-        kept: list[int] = []
-        seen_pixels: set[str] = set()
-        pairs = 0
-        for index, result in enumerate(results):
-            item = candidates[index]
-            reason = ""
-            if isinstance(result, str):
-                reason = "unrenderable"
-                warn(f"{item.source}: {result}; skipped")
-            elif index in leak_at:
-                reason = "leak: image"
-            elif result[0] in seen_pixels:
-                reason = "duplicate image"
-            elif max_pairs is not None and pairs + len(item.captions) > max_pairs and kept:
-                reason = "over --max-pairs"
-            if reason:
-                if reason != "over --max-pairs":
-                    dropped[item.source][reason] += 1
-                (tmp / rels[index]).unlink(missing_ok=True)
-                continue
-            seen_pixels.add(result[0])
-            pairs += len(item.captions)
-            kept.append(index)
+        results = _render_all(tmp, candidates, rels, image_size, workers, progress)
+        kept = _keep_rendered(tmp, candidates, rels, results, reference, max_pairs, dropped, messages.warn)
         summary = _write(tmp, [candidates[i] for i in kept], [rels[i] for i in kept], seed)
         summary.out, summary.sources = out, reports
         summary.dropped = {s: dict(sorted(c.items())) for s, c in sorted(dropped.items())}
         summary.leakage = reference.describe()
         summary.config = {"seed": seed, "image_size": image_size, "max_pairs": max_pairs,
                           "val_fraction": VAL_FRACTION, "clipart": clipart}
-        with atomic_write(tmp / "README.md") as fh:
-            fh.write(_readme(summary, len(warnings)))
-        with atomic_write(tmp / MARKER) as fh:
-            fh.write(json.dumps({"builder": "jfe.data.pretrain", "config": summary.config,
-                                 "sources": [asdict(s) for s in reports], "dropped": summary.dropped,
-                                 "images": summary.images, "pairs": summary.pairs,
-                                 "text_pairs": summary.text_pairs, "leakage": summary.leakage,
-                                 "warnings": warnings[:200]}, indent=2, sort_keys=True) + "\n")
+        _write_docs(tmp, summary, messages.warnings)
     summary.seconds = time.perf_counter() - start
-    say(f"done in {summary.seconds:.0f} s: {summary.total_images} images, {summary.total_pairs} pairs")
+    messages.say(f"done in {summary.seconds:.0f} s: {summary.total_images} images, {summary.total_pairs} pairs")
     return summary
 
 
