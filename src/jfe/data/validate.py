@@ -28,6 +28,8 @@ from jfe.data.records import (
     QUERY_ID_BOUND,
     TASK_CATEGORY,
     TASKS,
+    Candidate,
+    Query,
     dataset_id_of,
     hashed_id,
     modality_of,
@@ -125,6 +127,13 @@ def _image_ok(root: Path, rel: str | None, check: bool) -> bool:
     return not check or not rel or (root / rel).is_file()
 
 
+def _record_fields(record: Query | Candidate) -> tuple[str, str | None, str | None, str]:
+    """``(id, text, image path, modality)`` of a query or a candidate, whose fields are named differently."""
+    if isinstance(record, Query):
+        return record.qid, record.query_txt, record.query_img_path, record.query_modality
+    return record.did, record.txt, record.img_path, record.modality
+
+
 def _checked_records(path: Path, root: Path, sink: _Sink, seen: set[str], kind: str, check_images: bool
                      ) -> Iterator[tuple[int, Any]]:
     """The well-formed records of one query (``kind="query"``) or pool (``"candidate"``) file, after the
@@ -148,9 +157,7 @@ def _checked_records(path: Path, root: Path, sink: _Sink, seen: set[str], kind: 
         except DataError as exc:
             sink.add(path, line_no, rid, "schema", exc.message)
             continue
-        text, image, modality = ((record.query_txt, record.query_img_path, record.query_modality) if is_query
-                                 else (record.txt, record.img_path, record.modality))
-        rid = record.qid if is_query else record.did
+        rid, text, image, modality = _record_fields(record)
         try:
             hashed_id(rid, QUERY_ID_BOUND if is_query else CANDIDATE_ID_BOUND)
         except ValueError as exc:

@@ -190,7 +190,8 @@ def model_fingerprint(model: Encoder) -> str:
     from jfe.models.precision import resolve_precision
 
     digest = hashlib.sha1()
-    config = getattr(model, "config", None)
+    # an Encoder's config is pydantic; any other encoder-like object is fingerprinted by its config's repr
+    config: object = getattr(model, "config", None)
     dumped = config.model_dump() if hasattr(config, "model_dump") else repr(config)
     precision = resolve_precision(getattr(model, "precision", "fp32"), model.device)  # bf16 vectors differ slightly
     digest.update(json.dumps([model.arch, dumped] + ([precision] if precision != "fp32" else []), sort_keys=True,

@@ -129,6 +129,9 @@ def check_overrides(name_or_path: str | os.PathLike, overrides: dict[str, Any]) 
     :func:`load_model` checks it when the run starts.
     """
     spec = os.fspath(name_or_path)
+    # a saved folder may name no arch; only a registered name has a base config to validate values against
+    arch: str | None
+    base: dict[str, Any] | None
     if spec.startswith(HF_PREFIX):
         arch, base = HF_ARCH, None
     elif spec in _MODELS:

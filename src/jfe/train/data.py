@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,14 @@ def base_of(query: Query) -> str:
     """The base item a query is about (MiniBEIR's ``query_src_content.base``); the qid otherwise."""
     base = query.src.get("base")
     return str(base) if base not in (None, "") else query.qid
+
+
+def _task_id_of(query: Query) -> int:
+    """A training query's task id: :meth:`TrainingData.load` refuses queries without one, so only a
+    ``TrainingData`` built by hand can hold a query that fails here."""
+    if query.task_id is None:
+        raise DataError("training queries need a task_id", record_id=query.qid)
+    return int(query.task_id)
 
 
 def _load_instructions(layout: MBEIRLayout) -> dict[tuple[str, str, str], InstructionSet]:
@@ -71,7 +80,7 @@ class TrainingData:
     @classmethod
     def load(cls, root: str | Path, split: str = "train", tasks: set[int] | None = None,
              instructions: bool = False, hard_negatives: bool = False,
-             max_queries: int | None = None, pool_files: list[str | Path] | None = None,
+             max_queries: int | None = None, pool_files: Sequence[str | Path] | None = None,
              text_mode: TextMode = "jfe") -> TrainingData:
         """``pool_files`` (relative to ``root``) name the pools holding the training candidates, e.g.
         ``cand_pool/global/mbeir_union_train_cand_pool.jsonl`` for M-BEIR's union training split
@@ -122,9 +131,9 @@ class TrainingData:
         by_base: dict[str, list[int]] = defaultdict(list)
         pools: dict[int, set[str]] = defaultdict(set)
         for i, query in enumerate(self.queries):
-            by_task[int(query.task_id)].append(i)
+            by_task[_task_id_of(query)].append(i)
             by_base[base_of(query)].append(i)
-            pools[int(query.task_id)].update(d for d in query.pos_cand_list if d in self.candidates)
+            pools[_task_id_of(query)].update(d for d in query.pos_cand_list if d in self.candidates)
         self.by_task = dict(sorted(by_task.items()))
         self.by_base = dict(by_base)
         self.task_pools = {t: sorted(p) for t, p in pools.items()}
@@ -222,7 +231,7 @@ class BatchSampler:
             if hard:
                 take = min(self.hard_negatives, len(hard))
                 negatives = [hard[int(i)] for i in self.rng.choice(len(hard), size=take, replace=False)]
-            pool = self.data.task_pools[int(query.task_id)]
+            pool = self.data.task_pools[_task_id_of(query)]
             # pad with random candidates of the same task so every query has exactly k negatives
             # (fixed shapes keep the cross-process gather simple)
             for _ in range(4 * self.hard_negatives):

@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from torch import nn
 
 from jfe.data.items import Item
 from jfe.train.distributed import DistContext, gather_with_grad
+
+if TYPE_CHECKING:  # only for the annotation: the losses need no model code at import time
+    from jfe.models.base import Encoder
 
 
 class InfoNCELoss(nn.Module):
@@ -149,7 +152,7 @@ class ContrastiveObjective(nn.Module):
     own parameters; in GradCache mode the model's gradients are produced inside that call.
     """
 
-    def __init__(self, model: nn.Module, loss: InfoNCELoss, chunk_size: int = 0, dist: DistContext | None = None,
+    def __init__(self, model: Encoder, loss: InfoNCELoss, chunk_size: int = 0, dist: DistContext | None = None,
                  autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
@@ -158,21 +161,13 @@ class ContrastiveObjective(nn.Module):
         self.dist = dist
         self.autocast_dtype = autocast_dtype
 
-    @property
-    def _device(self) -> torch.device:
-        """The model's device: every encoder has a ``device`` property, which ``nn.Module`` typing does not know."""
-        device = self.model.device
-        assert isinstance(device, torch.device), "the model needs a torch.device `device` (every Encoder has one)"
-        return device
-
     def _embed(self, items: Sequence[Item]) -> torch.Tensor:
         # one call for the whole mixed-modality list (splitting it by modality to save padding was not faster
         # for jfe-mini on CPU when measured)
-        # (Encoder.embed: torch's Module.__getattr__ types it as Tensor | Module, hence the ignores)
         if self.autocast_dtype is not None:
-            with torch.autocast(device_type=self._device.type, dtype=self.autocast_dtype):
-                return self.model.embed(items)  # type: ignore[operator]
-        return self.model.embed(items)  # type: ignore[operator]
+            with torch.autocast(device_type=self.model.device.type, dtype=self.autocast_dtype):
+                return self.model.embed(items)
+        return self.model.embed(items)
 
     def _loss_from_reps(self, reps: torch.Tensor, batch: ContrastiveBatch) -> torch.Tensor:
         nq, npos = len(batch.queries), len(batch.positives)
@@ -190,7 +185,8 @@ class ContrastiveObjective(nn.Module):
 
     def _grad_cache_forward(self, items: list[Item], batch: ContrastiveBatch) -> torch.Tensor:
         chunks = [items[i:i + self.chunk_size] for i in range(0, len(items), self.chunk_size)]
-        devices = [self._device.index or 0] if self._device.type == "cuda" else []
+        device = self.model.device
+        devices = [device.index or 0] if device.type == "cuda" else []
         states: list[_RandState] = []
         with torch.no_grad():
             parts = []

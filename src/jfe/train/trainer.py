@@ -29,7 +29,7 @@ import torch
 
 from jfe.errors import ConfigError
 from jfe.eval.protocol import pool_index, rank, score
-from jfe.models.base import load_weights
+from jfe.models.base import Encoder, load_weights
 from jfe.models.precision import resolve_precision
 from jfe.paths import atomic_dir, atomic_write
 from jfe.train.config import TrainConfig, load_config
@@ -76,7 +76,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, device: torch.device) -> Encoder:
     """The encoder to train: ``model`` (a registered name, ``hf:<path>`` or a saved folder) with its overrides."""
     from jfe.models.registry import load_model
 
@@ -243,8 +243,10 @@ class Trainer:
         # replay the phase switches so the parameter set (and optimiser groups) match the checkpoint
         for index in range(1, state["phase_index"] + 1):
             self._enter_phase(index)
-        if hasattr(self.model, "load_saved_weights"):  # HF: model.safetensors + PEFT adapter files, checked there
-            self.model.load_saved_weights(folder / "model")
+        # HF: model.safetensors + PEFT adapter files, checked there (getattr: an Encoder does not declare it)
+        load_saved_weights = getattr(self.model, "load_saved_weights", None)
+        if load_saved_weights is not None:
+            load_saved_weights(folder / "model")
         else:
             load_weights(self.model, folder / "model", device=self.ctx.device)
         self.optimizer.load_state_dict(state["optimizer"])
