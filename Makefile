@@ -51,6 +51,7 @@ $(PRETRAIN)/README.md: | minibeir
 
 test: assets browser-deps
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: assets
@@ -61,6 +62,7 @@ test-all: assets browser-deps
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
 
 # The demo's trained models become what the names mean (`jfe models list`: trained, tag demo).
 DEMO_MODELS := jfe-mini:jfe-mini two-tower:two-tower-mini late-fusion-sf:late-fusion-sf-mini late-fusion-ff:late-fusion-ff-mini

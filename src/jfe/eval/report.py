@@ -93,9 +93,9 @@ def _table(head: list[str], names: list[str], metrics: Sequence[str],
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(head) + ["---:"] * (len(cols) - len(head)))
              + "|"]
     for cells, values in rows:
-        best = {}
+        best: dict[str, float | None] = {}
         for m in metrics:
-            present = [values[n][m] for n in names if values.get(n, {}).get(m) is not None]
+            present = [v for n in names if (v := values.get(n, {}).get(m)) is not None]
             # nothing to single out when fewer than two runs have a value or all show the same number
             distinct = {f"{100 * v:.1f}" for v in present}
             best[m] = max(present) if len(present) > 1 and len(distinct) > 1 else None
@@ -117,8 +117,7 @@ def margin_summary(runs: dict[str, EvalResult], ours: str, baselines: Sequence[s
         per_cat = {}
         for category in CATEGORIES:
             mine = runs[ours].categories.get(category, {}).get(metric)
-            theirs = [runs[b].categories.get(category, {}).get(metric) for b in baselines]
-            theirs = [t for t in theirs if t is not None]
+            theirs = [t for b in baselines if (t := runs[b].categories.get(category, {}).get(metric)) is not None]
             if mine is None or not theirs:
                 continue
             per_cat[category] = mine - max(theirs)

@@ -41,14 +41,15 @@ def _key(levels: tuple[int, int, int]) -> str:
     return "".join(map(str, levels))
 
 
-def _neighbours(combo: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+def _neighbours(combo: Levels) -> list[Levels]:
     """The colours one level away in one channel: the hard negatives."""
-    out = []
+    out: list[Levels] = []
     for ch in range(3):
         for step in (-1, 1):
             lv = combo[ch] + step
             if 0 <= lv < 4:
-                out.append(tuple(lv if i == ch else v for i, v in enumerate(combo)))
+                r, g, b = (lv if i == ch else v for i, v in enumerate(combo))
+                out.append((r, g, b))
     return out
 
 
@@ -91,7 +92,7 @@ def _split_queries(split_combos: list[Levels], image_did: dict[Levels, str], tex
 def write_synthetic_mbeir(root: str | Path, seed: int = 0, val_fraction: float = 0.25) -> Path:
     """Write the dataset under ``root`` (M-BEIR layout); returns ``root``."""
     root = Path(root)
-    combos = list(itertools.product(range(4), repeat=3))
+    combos: list[Levels] = [(r, g, b) for r, g, b in itertools.product(range(4), repeat=3)]
     random.Random(seed).shuffle(combos)
     n_val = max(4, int(len(combos) * val_fraction))
     splits = {"val": combos[:n_val], "train": combos[n_val:]}

@@ -203,7 +203,7 @@ class _Writer:
 
 def _distractors(queries: list[Query], pool: list[Candidate]) -> float:
     """Mean number of pool candidates in the query's distractor group that are neither positive nor excluded."""
-    by_group: Counter[str] = Counter(c.src.get("group") for c in pool)
+    by_group: Counter[str | None] = Counter(c.src.get("group") for c in pool)
     total = 0
     for q in queries:
         src = q.src

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from jfe.data.minibeir import templates as T
 from jfe.data.minibeir.render import ImageRegistry
 from jfe.data.minibeir.sources import LANGUAGE_NAMES, ClipArt, Emoji
+
+_T = TypeVar("_T")
 
 SplitFn = Callable[[str], str]
 
@@ -79,7 +81,7 @@ class Edit:
     fill: dict[str, Any]
 
 
-def _choice(rng: random.Random, options: list[str]) -> str:
+def _choice(rng: random.Random, options: Sequence[_T]) -> _T:
     return options[rng.randrange(len(options))]
 
 
@@ -140,6 +142,7 @@ class EmojiTasks:
 
     # candidates -----------------------------------------------------------------------------------
     def img(self, e: Emoji) -> str:
+        assert e.svg is not None, f"emoji {e.key} has no drawing"  # load_emoji keeps only drawn ones
         return self.images.svg(f"images/emoji/openmoji/{e.key}.png", e.svg)
 
     def c_img(self, e: Emoji) -> Cand:
@@ -262,7 +265,7 @@ class EmojiTasks:
 
         def add(kind: str, value: tuple, fill: dict) -> None:
             t = self.by_family.get((fam, value))
-            if self._same_split(e, t):
+            if t is not None and self._same_split(e, t):
                 out.append(Edit(kind, t, True, fill))
 
         if fam == "clock":
@@ -325,7 +328,7 @@ class EmojiTasks:
             # different edit types per reference, a random edit of each type; the few sequence-family members
             # (clocks, moons, keycaps, shapes, arrows) get several edits each so that these are not too rare
             chosen = (_sample(options, 3 * per_ref, rng) if e.family
-                      else [_choice(rng, by_kind[k]) for k in kinds[:per_ref]])  # type: ignore[arg-type]
+                      else [_choice(rng, by_kind[k]) for k in kinds[:per_ref]])
             for ed in chosen:
                 kind = ed.kind
                 txt, heldout = _phrase(T.EDITS, kind, ed.fill, rng)
