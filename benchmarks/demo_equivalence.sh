@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Same numbers before and after a refactor: run a small `jfe demo` with the code at REV and with this
+# checkout, on one MiniBEIR build, and compare every model's TREC run file and the reports byte for byte.
+#   benchmarks/demo_equivalence.sh 9c2652b [OUT]      (about 15 min on 2 cores)
+set -euo pipefail
+rev=${1:?usage: demo_equivalence.sh REV [OUT]}
+out=${2:-runs/equivalence}
+here=$(pwd)
+jfe="$here/.venv/bin/jfe"
+rm -rf "$out" && mkdir -p "$out"
+git worktree add -q --detach "$out/old-src" "$rev"
+trap 'git worktree remove --force "$out/old-src"' EXIT
+old() { (cd "$out/old-src" && PYTHONPATH="$PWD/src" "$jfe" "$@"); }
+old data build-minibeir --out "$here/$out/minibeir" --max-bases 60 >/dev/null
+for side in old new; do
+  run=(demo --data "$here/$out/minibeir" --out "$here/$out/$side" --stage1-steps 10 --stage2-steps 10)
+  if [ "$side" = old ]; then old "${run[@]}"; else "$jfe" "${run[@]}"; fi
+done
+status=0
+for f in $(cd "$out/old" && find eval -name run.trec | sort) report/local/report.md report/global/report.md; do
+  if cmp -s "$out/old/$f" "$out/new/$f"; then echo "same $f"; else echo "DIFFERENT $f"; status=1; fi
+done
+exit $status
