@@ -4,16 +4,16 @@
 #   benchmarks/demo_equivalence.sh 9c2652b [OUT]      (about 15 min on 2 cores)
 set -euo pipefail
 rev=${1:?usage: demo_equivalence.sh REV [OUT]}
-out=${2:-runs/equivalence}
 here=$(pwd)
+out=$(realpath -m "${2:-runs/equivalence}")
 jfe="$here/.venv/bin/jfe"
 rm -rf "$out" && mkdir -p "$out"
 git worktree add -q --detach "$out/old-src" "$rev"
 trap 'git worktree remove --force "$out/old-src"' EXIT
 old() { (cd "$out/old-src" && PYTHONPATH="$PWD/src" "$jfe" "$@"); }
-old data build-minibeir --out "$here/$out/minibeir" --max-bases 60 >/dev/null
+old data build-minibeir --out "$out/minibeir" --max-bases 60 >/dev/null
 for side in old new; do
-  run=(demo --data "$here/$out/minibeir" --out "$here/$out/$side" --stage1-steps 10 --stage2-steps 10)
+  run=(demo --data "$out/minibeir" --out "$out/$side" --stage1-steps 10 --stage2-steps 10)
   if [ "$side" = old ]; then old "${run[@]}"; else "$jfe" "${run[@]}"; fi
 done
 status=0
