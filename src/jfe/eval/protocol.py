@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -249,8 +249,9 @@ class EmbeddingCache:
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
-# evaluate() runs five named steps: read -> embed -> rank -> score -> write. The rank and score steps are
-# public because training validation (jfe.train.trainer) ranks and scores its capped pools with them too.
+# evaluate() runs five named steps: read -> embed -> rank -> score -> write. The rank step is public and the
+# score step is jfe.eval.metrics.recall_at_ks, because training validation (jfe.train.trainer) ranks and
+# scores its capped pools with them too.
 @dataclass
 class _Inputs:
     """What the read step found: the query files, every candidate of their pools, the instruction sets."""
@@ -374,13 +375,6 @@ def rank(index: VectorIndex, query_vecs: np.ndarray, k: int, exclude: Sequence[C
     return index.search(query_vecs, k, exclude=exclude)
 
 
-def score(ranked: Sequence[Sequence[str]], positives: Sequence[Collection[str]], ks: Iterable[int]
-          ) -> dict[str, float]:
-    """Score step: M-BEIR Recall@k (hit rate) of a set of ranked queries, ``{"R@k": ...}`` for each k in
-    ``ks`` (in that order)."""
-    return recall_at_ks(ranked, positives, ks)
-
-
 def _exclusions(queries: Sequence[Query]) -> list[set[str]]:
     return [{str(d) for d in (q.src.get("exclude_dids") or [])} for q in queries]
 
@@ -422,7 +416,7 @@ def _score_file(qf: _QueryFile, ranked: list[list[str]], scores: Any, index: Vec
                "pool": "+".join(p.stem for p in qf.pool_files) if pool == "local" else "global",
                "queries": len(idx), "file": qf.path.stem,
                "missing_positives": sum(1 for i in idx if not into.per_query[start + i]["positives_in_pool"])}
-        row.update(score([ranked[i] for i in idx], [qf.positives[i] for i in idx],
+        row.update(recall_at_ks([ranked[i] for i in idx], [qf.positives[i] for i in idx],
                          sorted({*ks, headline_k(qf.dataset)})))
         into.rows.append(row)
 

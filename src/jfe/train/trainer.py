@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from jfe.errors import ConfigError
-from jfe.eval.protocol import pool_index, rank, score
+from jfe.eval.metrics import recall_at_ks
+from jfe.eval.protocol import pool_index, rank
 from jfe.models.base import Encoder, load_weights
 from jfe.models.precision import resolve_precision
 from jfe.paths import atomic_dir, atomic_write
@@ -277,7 +278,7 @@ class Trainer:
             q = self.model.encode(group.queries, batch_size=bs)
             index = pool_index(group.pool_ids, cand_vecs[[row[d] for d in group.pool_ids]], cand_vecs.shape[1])
             ranked, _ = rank(index, q, 5, group.excluded)
-            per_file[group.name] = score(ranked, group.positives, (1, 5))
+            per_file[group.name] = recall_at_ks(ranked, group.positives, (1, 5))
             task = max(set(group.task_ids), key=group.task_ids.count)
             by_task.setdefault(task, []).append(per_file[group.name]["R@5"])
         out = {f"val/R@{k}": float(np.mean([v[f"R@{k}"] for v in per_file.values()])) for k in (1, 5)}
