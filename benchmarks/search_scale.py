@@ -8,13 +8,18 @@ method was built and searched (sampled every 20 ms). Methods:
 * ``faiss-flat``: ``faiss.IndexFlatIP``;
 * ``jfe-exact``: :func:`jfe.index.exact.exact_topk` (blocked BLAS + running top-k; bf16 scan with fp32
   rescoring only where the CPU has avx512_bf16/amx_bf16);
-* ``hnsw``: ``HNSW32`` (efSearch ``--ef-search``);
-* ``ivfpq``: ``IVF{lists},PQ{m}`` trained on a seeded sample (nprobe ``--nprobe``).
+* ``hnsw``: ``HNSW{--hnsw-m}`` (efConstruction ``--ef-construction``; efSearch swept over ``--ef-search``);
+* ``ivf`` / ``ivfsq8`` / ``ivfpq``: ``IVF{lists},Flat`` / ``,SQ8`` / ``,PQ{m}`` trained on a seeded sample
+  (nprobe swept over ``--nprobe``).
+
+The approximate indexes are built through :class:`jfe.index.VectorIndex` (string ids, chunked adds) and
+saved; each swept value is then measured in a fresh process that loads the saved folder, whose peak RSS
+(``search_rss_mb``) is the RAM serving that index costs.
 
 Vectors: ``--clusters`` unit centres, each vector a centre plus Gaussian noise, L2-normalised; queries are
 fresh draws from the same mixture. Ground truth is a streamed exact scan (``exact_topk`` over the pool).
 Pools over ``--ram-limit`` vectors are generated in chunks into a float32 file that is memory-mapped
-(never the whole pool in RAM as one array); there only jfe-exact and ivfpq run.
+(never the whole pool in RAM as one array); there only jfe-exact, ivfsq8 and ivfpq run.
 
     nice python benchmarks/search_scale.py --sizes 1000000 --out runs/bench/search_scale.json
 
@@ -50,10 +55,11 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``), or its peak so far (``VmHWM``), in MiB."""
     with open("/proc/self/status", encoding="utf-8") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -139,26 +145,29 @@ def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[dict]:
 
     rows: list[dict] = []
     base = {"n": n, "dim": d, "queries": args.queries, "pool_in_ram": in_ram}
-    exact: dict[str, Callable[[], np.ndarray]] = {"jfe-exact": lambda: exact_topk(queries, pool, k)[1]}
+    def faiss_flat() -> Callable[[], np.ndarray]:
+        flat = faiss.IndexFlatIP(d)
+        flat.add(pool)
+        return lambda: flat.search(queries, k)[1]
+
+    # name -> builds the index (if any) and returns the timed search; the pool must be in RAM but for jfe-exact
+    exact: dict[str, Callable[[], Callable[[], np.ndarray]]] = {
+        "jfe-exact": lambda: lambda: exact_topk(queries, pool, k)[1]}
     if in_ram:
-        exact["numpy"] = lambda: numpy_topk(pool, queries, k)
-    for name in [m for m in args.methods.split(",") if m in exact or m == "faiss-flat"]:
+        exact["numpy"] = lambda: lambda: numpy_topk(pool, queries, k)
+        exact["faiss-flat"] = faiss_flat
+    for name in [m for m in args.methods.split(",") if m in exact]:
         with PeakRSS() as peak:
             t0 = time.perf_counter()
-            if name == "faiss-flat":
-                if not in_ram:
-                    continue
-                flat = faiss.IndexFlatIP(d)
-                flat.add(pool)
-                exact[name] = lambda flat=flat: flat.search(queries, k)[1]
+            search = exact[name]()
             build_s = time.perf_counter() - t0
-            seconds, found = timed(exact[name], args.repeats)
+            seconds, found = timed(search, args.repeats)
+        del search  # frees faiss-flat's copy of the pool before the next method
         row = {**base, "method": name, "qps": args.queries / seconds, "recall@10": recall(found, truth),
                "build_s": build_s, "peak_rss_mb": peak.peak}
         if name == "jfe-exact":
             row["precision"] = resolve_precision("auto")
         rows.append(_print_row(row))
-        exact.pop("faiss-flat", None)
 
     for name in [m for m in args.methods.split(",") if m in ANN_METHODS]:
         factory, param, values = ANN_METHODS[name](args)
@@ -237,9 +246,7 @@ def _serve_probe(folder: str, qfile: str, k: int, param: str, value: int, repeat
     queries = np.load(qfile)
     seconds, _ = timed(lambda: index.search(queries, k)[1], repeats)
     ids, _ = index.search(queries, k)
-    with open("/proc/self/status", encoding="utf-8") as handle:
-        hwm = next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmHWM:"))
-    print(json.dumps({"qps": len(queries) / seconds, "peak_rss_mb": hwm, "ids": ids}))
+    print(json.dumps({"qps": len(queries) / seconds, "peak_rss_mb": rss_mb("VmHWM"), "ids": ids}))
 
 
 def main() -> None:
