@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from jfe.errors import ConfigError, DataError
 from jfe.index import VectorIndex
 from jfe.index.build import index_vectors, parse_search_params
-from jfe.index.exact import exact_topk
+from jfe.index.exact import Bf16Pool, exact_topk
 from jfe.index.shards import ShardedIndex, load_index, split_rows
 from jfe.models.toy import ToyEncoder
 
@@ -48,6 +48,41 @@ def test_exact_topk_equals_plain_fp32(precision: str, chunk_rows: int) -> None:
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
     full = unit_q @ unit_pool.T
     np.testing.assert_allclose(np.take_along_axis(full, rows, axis=1), ref_scores, atol=1e-6)
+
+
+def test_bf16_scan_over_a_prepared_copy_equals_fp32_and_rejects_another_pool() -> None:
+    rng = np.random.default_rng(5)
+    centres = _unit(rng, 8, 48)  # clustered: many near-ties, so the "unsure" fp32 fallback runs too
+    pool = centres[rng.integers(0, 8, 5000)] + 0.05 * rng.standard_normal((5000, 48)).astype(np.float32)
+    queries = centres[rng.integers(0, 8, 30)] + 0.05 * rng.standard_normal((30, 48)).astype(np.float32)
+    prepared = Bf16Pool.of(pool, chunk_rows=700)
+    assert len(prepared) == 5000 and prepared.data.dtype.is_floating_point
+    ref_scores, ref_rows = exact_topk(queries, pool, 10, precision="fp32", chunk_rows=512)
+    for chunk_rows in (16, 512, 8192):  # chunks smaller than the 32 bf16 candidates, and the whole pool
+        scores, rows = exact_topk(queries, pool, 10, precision="bf16", chunk_rows=chunk_rows, prepared=prepared)
+        np.testing.assert_array_equal(rows, ref_rows)
+        np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    with pytest.raises(ValueError, match="5000 rows, the pool 4999"):
+        exact_topk(queries, pool[:-1], 10, precision="bf16", prepared=prepared)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_flat_index_batch_search_keeps_its_bf16_copy_in_step(precision: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JFE_EXACT_PRECISION", precision)
+    rng = np.random.default_rng(6)
+    pool, queries = _unit(rng, 300, 16), _unit(rng, 20, 16)
+    index = VectorIndex(16)
+    index.add([f"d{i}" for i in range(300)], pool)
+    ids, _ = index.search(queries, 5)
+    ref = np.argsort(-(queries @ pool.T), axis=1, kind="stable")[:, :5]
+    assert ids == [[f"d{j}" for j in row] for row in ref]
+    assert (index._bf16 is not None) == (precision == "bf16")
+    # a new exact copy of each query must now rank first: a stale bf16 copy would not contain it
+    index.add([f"q{i}" for i in range(20)], queries)
+    assert [row[0] for row in index.search(queries, 5)[0]] == [f"q{i}" for i in range(20)]
+    index.remove([f"q{i}" for i in range(20)])
+    assert index.search(queries, 5)[0] == ids
 
 
 def test_exact_topk_ties_memmap_and_short_pool(tmp_path: Path) -> None:
