@@ -75,6 +75,9 @@ def test_reproduce_writes_curves_budget_seeds_and_margins(reproduced: tuple) -> 
             cfg = json.loads((plan.out / "models" / run / f"seed{seed}" / "stage2" / "train_config.json").read_text())
             assert cfg["steps"] == budget
             assert cfg["seed"] == seed and cfg["schedule"] == "constant"
+            # stage 1 is shared: every seed's stage 2 starts from seed 0's stage-1 model, none trains its own
+            assert cfg["model"] == str(plan.out / "models" / run / "seed0" / "stage1" / "final")
+            assert not (plan.out / "models" / run / f"seed{seed}" / "stage1").exists()
         assert json.loads((plan.out / "models" / run / "seed0" / "budget.json").read_text())["budget"] == budget
         # the curve's checkpoints are pruned once the budget's model is out
         assert not (plan.out / "models" / run / "seed0" / "curve" / "checkpoints").exists()
@@ -166,4 +169,8 @@ def test_reproduce_with_the_real_models_and_recipe(tmp_path: Path, monkeypatch: 
     assert "**Verdict (local pool):**" in report.read_text()
     entry = pretrained.find_pretrained("jfe-mini")
     assert entry is not None and entry.tag == "reproduce"
-    assert entry.trained_with["stage2"]["model_overrides"] == {"grid": 2}  # the recipe's config travels along
+    from jfe.train.config import load_config
+
+    recipe = load_config(CONFIGS / "stage2.toml")  # the demo preset extends jfe-mini's own stage 2
+    assert entry.trained_with["stage2"]["lr"] == recipe.lr  # the recipe's config travels along
+    assert entry.trained_with["stage2"]["temperature"] == recipe.temperature

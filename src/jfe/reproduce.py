@@ -11,8 +11,9 @@ For every model of the comparison (jfe-mini and the three baselines, same recipe
    length, the checkpoint at step *B* is the model a budget of *B* steps gives.
 3. **Budget**: each model's plateau (:func:`jfe.eval.curves.plateau`: the step after which its average val
    R@5 never gains more than ``threshold``); the common budget is the latest of them.
-4. **Seeds**: seed 0 is the curve run's checkpoint at the budget; the other seeds train stage 1 and
-   stage 2 (to the budget) again.
+4. **Seeds**: seed 0 is the curve run's checkpoint at the budget; the other seeds train stage 2 (to the
+   budget) again from the same stage-1 model (``shared_stage1``, the default, as the paper's seeds vary the
+   instruction tuning of one adapted model), or stage 1 and stage 2 again (``--stage1-per-seed``).
 5. **Evaluation** of every model and seed on the test split, and the **report**: learning-curve and margin
    charts, per-category mean ± sd over seeds (``write_seed_report``), bootstrap 95 % intervals over queries
    for the fusion margin (jfe-mini minus the best late-fusion baseline, on fusion and non-fusion categories,
@@ -52,8 +53,10 @@ class ReproducePlan:
     configs: Path  # stage1.toml and stage2.toml (the demo's recipe by default)
     corpus: Path | None = None  # stage-1 pretraining corpus; None or not built -> MiniBEIR's stage-1 pairs
     models: dict[str, str] = field(default_factory=dict)  # run name -> model name; default: the demo's four
-    # sized for ~75-90 min on 2 idle cores, whatever the plateau (README: the estimate)
-    stage1_steps: int = 60
+    # sized for ~75-90 min on 2 idle cores, whatever the plateau (README: the estimate); stage 1 is trained
+    # once per model and shared by the seeds, so 180 steps cost what 3 x 60 per-seed steps did
+    stage1_steps: int = 180
+    shared_stage1: bool = True  # False: every seed retrains stage 1 with its own seed
     curve_steps: int = 200
     val_every: int = 40
     val_max_queries: int = 96
@@ -169,8 +172,11 @@ def extract_budget_model(plan: ReproducePlan, run: str, curve_dir: Path, budget:
 
 
 def train_seed(plan: ReproducePlan, run: str, model: str, seed: int, budget: int, source: dict[str, Any]) -> Path:
+    """Seed ``seed`` of ``run`` at ``budget`` stage-2 steps, from the shared (seed-0) stage 1 or its own."""
     final = plan.out / "models" / run / f"seed{seed}" / "stage2" / "final"
-    stage1 = train_stage1(plan, run, model, seed, source)
+    # shared: the paper's seeds vary instruction tuning over one adapted model; train_stage1 of seed 0 is done
+    # by now (the learning curve started from it), so this only finds its folder
+    stage1 = train_stage1(plan, run, model, 0 if plan.shared_stage1 else seed, source)
     _log(f"{run} seed {seed}: stage 2, {budget} steps")
     return _train(plan, run, "stage2", {**_stage2_overrides(plan, run, seed, stage1, "stage2"), "steps": budget,
                                    "val_every": 0}) if not (final / "config.json").exists() else final
@@ -307,8 +313,9 @@ def _curves_section(plan: ReproducePlan, info: dict[str, Any], curves: dict[str,
     """The report's head: how stage 1 and 2 ran, each model's plateau and the budget chosen from them."""
     budget = info["budget"]
     lines = ["# JFE reproduce: the comparison at convergence", "",
-             f"Stage 1: {info['stage1']['message'].rstrip('.')}. {plan.stage1_steps} steps for every model and "
-             "seed.",
+             f"Stage 1: {info['stage1']['message'].rstrip('.')}. {plan.stage1_steps} steps for every model"
+             + (", trained once (seed 0) and shared by every seed: seeds vary stage 2 only." if plan.shared_stage1
+                else " and seed, retrained per seed."),
              f"Stage 2 on `{plan.data}`; learning curves (seed 0) up to {plan.curve_steps} steps at a constant "
              f"lr after warm-up, val R@5 every {plan.val_every} steps on capped val pools "
              f"({plan.val_max_queries} queries, ≤ {plan.val_max_pool} candidates per pool).",
@@ -533,11 +540,13 @@ def register(app: typer.Typer) -> None:
     @app.command("reproduce")
     def reproduce_command(
         data: Path = typer.Option(Path("runs/minibeir"), help="MiniBEIR folder (built if missing)."),
-        corpus: Path = typer.Option(Path("runs/pretrain-corpus"), help="Stage-1 pretraining corpus (M-BEIR "
+        corpus: Path = typer.Option(Path("runs/pretrain"), help="Stage-1 pretraining corpus (M-BEIR "
                                     "layout); when not built, stage 1 falls back to MiniBEIR's pairs."),
         out: Path = typer.Option(Path("runs/reproduce"), help="Models, curves, evaluations and the report."),
         configs: Path = typer.Option(Path("configs/demo"), help="Folder with stage1.toml and stage2.toml."),
-        stage1_steps: int = typer.Option(60, min=1, help="Stage-1 steps, every model and seed alike."),
+        stage1_steps: int = typer.Option(180, min=1, help="Stage-1 steps, every model alike."),
+        stage1_per_seed: bool = typer.Option(False, "--stage1-per-seed", help="Retrain stage 1 for every seed "
+                                             "(default: once per model, shared by the seeds)."),
         curve_steps: int = typer.Option(200, min=1, help="Stage-2 steps of the learning curves."),
         val_every: int = typer.Option(40, min=1, help="Validate (and checkpoint) every N stage-2 steps."),
         seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (0 = the learning-curve run)."),
@@ -553,7 +562,7 @@ def register(app: typer.Typer) -> None:
         from jfe.train.config import parse_overrides
 
         plan = ReproducePlan(data=data, out=out, configs=configs, corpus=corpus, stage1_steps=stage1_steps,
-                             curve_steps=curve_steps, val_every=val_every,
+                             shared_stage1=not stage1_per_seed, curve_steps=curve_steps, val_every=val_every,
                              seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), threshold=threshold,
                              smoothing=smoothing, n_boot=n_boot, pools=tuple(p.strip() for p in pools.split(",")),
                              overrides=parse_overrides(set_), register=not no_register)
