@@ -1,0 +1,194 @@
+"""How far can the frozen towers go on cross-modal retrieval? A probe (issue 11), not a model of the package.
+
+The image side is the frozen MobileNetV2 (ImageNet) feature map, mean-pooled to 1,280 numbers; the text side
+is the frozen MiniLM sentence vector (mean-pooled, 384). Two small heads (linear, or an MLP with 1,024 hidden
+units) map both into 256 dimensions and are trained with a symmetric InfoNCE loss (learnable temperature,
+AdamW lr 1e-3, ``--steps`` x ``--batch`` pairs drawn with replacement) on caption -> image pairs from:
+
+* ``corpus``: ``--pairs`` task-0 pairs sampled from the pretraining corpus (``jfe data build-pretrain``);
+* ``mini``: MiniBEIR's own task-0 training pairs (emoji and clip-art, ~1,850);
+* ``corpus+mini``: both, the MiniBEIR pairs repeated 5 times so they are not drowned.
+
+It reports R@5 (%) every 1,000 steps on MiniBEIR **test** with the full local pools: text -> image (task 0)
+and image -> text (task 3) for emoji and clip-art, plus the corpus's own val split (its captions against
+its val images) as an in-domain check. Whatever these heads reach is roughly what the frozen features carry
+for unseen emoji and clip-art; jfe-mini trains more (the LM itself) but starts from the same features.
+
+    python benchmarks/frozen_feature_probe.py --train corpus --pairs 20000 --image-size 128 \\
+        --out runs/bench/probe_corpus_128.json
+
+Features are cached per image size under ``--cache`` (a 20k-pair run extracts ~30k images: ~5 min at 128 px,
+~12 min at 224 px on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from jfe.data.mbeir import read_candidates, read_queries
+from jfe.models.precision import machine_summary
+from jfe.models.text import TextTower
+from jfe.models.vision import VisionTower
+
+
+class Features:
+    """Frozen image and text features, cached as .npy per name."""
+
+    def __init__(self, image_size: int, cache: Path) -> None:
+        self.vision, self.text = VisionTower(image_size).eval(), TextTower().eval()
+        self.cache = cache
+        cache.mkdir(parents=True, exist_ok=True)
+
+    def images(self, root: Path, paths: list[str], name: str) -> np.ndarray:
+        path = self.cache / f"{name}_img.npy"
+        if path.exists():
+            return np.load(path)
+        out = []
+        for i in range(0, len(paths), 64):
+            batch = [Image.open(root / p).convert("RGB") for p in paths[i:i + 64]]
+            with torch.no_grad():
+                out.append(self.vision.features_of(batch).float().mean((2, 3)).numpy())
+        feats = np.concatenate(out)
+        np.save(path, feats)
+        return feats
+
+    def texts(self, texts: list[str], name: str) -> np.ndarray:
+        path = self.cache / f"{name}_txt.npy"
+        if path.exists():
+            return np.load(path)
+        out = []
+        for i in range(0, len(texts), 256):
+            with torch.no_grad():
+                out.append(self.text.sentence(texts[i:i + 256]).float().numpy())
+        feats = np.concatenate(out)
+        np.save(path, feats)
+        return feats
+
+
+def task0_pairs(feats: Features, root: Path, split: str, name: str, limit: int | None = None,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    queries = [q for p in sorted((root / "query" / split).glob(f"*task0_{split}.jsonl")) for q in read_queries(p)]
+    pool = {c.did: c for p in (root / "cand_pool" / "local").glob("*task0_cand_pool.jsonl")
+            for c in read_candidates(p)}
+    if limit is not None:
+        random.Random(seed).shuffle(queries)
+        queries = queries[:limit]
+    images = [pool[q.pos_cand_list[0]].img_path or "" for q in queries]
+    return feats.images(root, images, name), feats.texts([q.query_txt or "" for q in queries], name)
+
+
+def minibeir_tests(feats: Features, mini: Path) -> list[tuple[str, int, np.ndarray, np.ndarray, list[str], list]]:
+    tests = []
+    for dataset in ("emoji", "clipart"):
+        for task in (0, 3):
+            queries = read_queries(mini / "query" / "test" / f"mbeir_{dataset}_task{task}_test.jsonl")
+            pool = read_candidates(mini / "cand_pool" / "local" / f"mbeir_{dataset}_task{task}_cand_pool.jsonl")
+            name = f"{dataset}{task}"
+            if task == 0:
+                q = feats.texts([x.query_txt or "" for x in queries], name + "q")
+                c = feats.images(mini, [x.img_path or "" for x in pool], name + "c")
+            else:
+                q = feats.images(mini, [x.query_img_path or "" for x in queries], name + "q")
+                c = feats.texts([x.txt or "" for x in pool], name + "c")
+            tests.append((f"{dataset} task {task}", task, q, c, [x.did for x in pool],
+                          [set(x.pos_cand_list) for x in queries]))
+    return tests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", type=Path, default=Path("runs/pretrain"))
+    parser.add_argument("--minibeir", type=Path, default=Path("runs/minibeir"))
+    parser.add_argument("--train", choices=("corpus", "mini", "corpus+mini"), default="corpus")
+    parser.add_argument("--pairs", type=int, default=20000, help="corpus pairs sampled (corpus, corpus+mini)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--head", choices=("linear", "mlp"), default="linear")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=Path("runs/probe_cache"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    started = time.time()
+    feats = Features(args.image_size, args.cache / f"s{args.image_size}")
+    tests = minibeir_tests(feats, args.minibeir)
+    parts = []
+    if args.train != "mini":
+        parts.append(task0_pairs(feats, args.corpus, "train", f"corpus{args.pairs}s{args.seed}", args.pairs,
+                                 args.seed))
+        val_img, val_txt = task0_pairs(feats, args.corpus, "val", "corpusval")
+        ids = [str(i) for i in range(len(val_img))]
+        tests.append(("corpus val task 0", 0, val_txt, val_img, ids, [{i} for i in ids]))
+    if args.train != "corpus":
+        parts.extend([task0_pairs(feats, args.minibeir, "train", "minitrain")] * (5 if parts else 1))
+    train_img = np.concatenate([p[0] for p in parts])
+    train_txt = np.concatenate([p[1] for p in parts])
+    print(f"{len(train_img)} training pairs, features in {time.time() - started:.0f} s", file=sys.stderr)
+
+    mean, std = train_img.mean(0), train_img.std(0) + 1e-6
+
+    def head(dim: int) -> nn.Module:
+        return nn.Linear(dim, 256) if args.head == "linear" else \
+            nn.Sequential(nn.Linear(dim, 1024), nn.GELU(), nn.Linear(1024, 256))
+
+    image_head, text_head = head(train_img.shape[1]), head(train_txt.shape[1])
+    log_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+    params = [*image_head.parameters(), *text_head.parameters(), log_scale]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    images = torch.from_numpy((train_img - mean) / std).float()
+    texts = torch.from_numpy(train_txt).float()
+
+    def embed_images(x: np.ndarray) -> torch.Tensor:
+        return F.normalize(image_head(torch.from_numpy((x - mean) / std).float()), dim=-1)
+
+    def embed_texts(x: np.ndarray) -> torch.Tensor:
+        return F.normalize(text_head(torch.from_numpy(x).float()), dim=-1)
+
+    def evaluate() -> dict[str, float]:
+        scores = {}
+        with torch.no_grad():
+            for name, task, q, c, dids, positives in tests:
+                qe, ce = (embed_texts(q), embed_images(c)) if task == 0 else (embed_images(q), embed_texts(c))
+                top = (qe @ ce.T).topk(5, dim=1).indices.numpy()
+                hits = [bool({dids[j] for j in row} & pos) for row, pos in zip(top, positives, strict=True)]
+                scores[name] = round(100 * float(np.mean(hits)), 1)
+        return scores
+
+    curve = []
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(images), (args.batch,))
+        a = F.normalize(image_head(images[idx]), dim=-1)
+        b = F.normalize(text_head(texts[idx]), dim=-1)
+        logits = log_scale.exp().clamp(max=100) * a @ b.T
+        target = torch.arange(args.batch)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 1000 == 0 or step == args.steps:
+            point = {"step": step, "loss": round(loss.item(), 3), "R@5": evaluate()}
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+    chance = {name: round(100 * 5 / len(dids), 2) for name, _, _, _, dids, _ in tests}
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "train_pairs": len(train_img),
+              "machine": machine_summary(), "chance_R@5": chance, "curve": curve,
+              "seconds": round(time.time() - started, 1)}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
