@@ -24,6 +24,7 @@ The ``TINY_*`` constants below describe it for assertions (counts, colours, file
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,11 @@ from PIL import Image, ImageDraw
 
 from jfe.data.mbeir import write_candidates, write_instructions, write_qrels, write_queries
 from jfe.data.records import Candidate, InstructionSet, Qrel, Query
+
+# The suite compares code paths number for number (batch vs one by one, 2 processes vs 1, CLI vs API): pin
+# `precision="auto"` to fp32 so that a CPU with native bf16 gives the same numbers as one without. The bf16
+# paths are tested where a test asks for bf16 explicitly (tests/test_precision.py); subprocesses inherit it.
+os.environ["JFE_PRECISION"] = "fp32"
 
 TINY_COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 TINY_SHAPES = ("square", "circle")

@@ -27,6 +27,7 @@ def test_cpu_flags_parse_and_bf16_detection() -> None:
 
 
 def test_resolve_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JFE_PRECISION", raising=False)  # the suite pins auto to fp32 (conftest)
     monkeypatch.setattr(P, "cpu_bf16_flags", lambda flags=None: [])
     assert P.resolve_precision("auto", "cpu") == "fp32"
     assert P.resolve_precision("bf16", "cpu") == "bf16"  # honoured, emulated (with a warning)
@@ -35,6 +36,15 @@ def test_resolve_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> N
     assert P.resolve_precision("auto", "cpu") == "bf16"
     with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
         P.resolve_precision("fp16", "cpu")
+    # the environment replaces auto (only auto), and a wrong value there is named like a wrong argument
+    monkeypatch.setenv("JFE_PRECISION", "fp32")
+    assert P.resolve_precision("auto", "cpu") == "fp32" and P.resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(P, "cpu_bf16_flags", lambda flags=None: [])
+    monkeypatch.setenv("JFE_PRECISION", "bf16")
+    assert P.resolve_precision("auto", "cpu") == "bf16" and P.resolve_precision("fp32", "cpu") == "fp32"
+    monkeypatch.setenv("JFE_PRECISION", "half")
+    with pytest.raises(ConfigError, match="unknown precision 'half'"):
+        P.resolve_precision("auto", "cpu")
 
 
 def test_encode_returns_float32_unit_vectors_in_bf16() -> None:

@@ -5,7 +5,8 @@ Sapphire Rapids and later, AMD Zen 4 and later) and CUDA GPUs that report ``torc
 Elsewhere PyTorch emulates bf16 matmuls through fp32 conversions, which gives the same numbers but is
 *slower* than plain fp32, so
 
-* ``"auto"`` picks bf16 where the hardware has it and fp32 everywhere else;
+* ``"auto"`` picks bf16 where the hardware has it and fp32 everywhere else (``JFE_PRECISION=fp32`` or ``bf16``
+  in the environment overrides that choice);
 * ``"fp32"`` never uses bf16;
 * ``"bf16"`` always does; on hardware without native bf16 it still works (emulated) and logs a warning
   that it will be slower than fp32.
@@ -131,8 +132,12 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> Com
     """``auto`` -> ``bf16`` where ``device`` has native bf16, else ``fp32``; ``fp32``/``bf16`` as given.
 
     An explicit ``bf16`` without native support is honoured (PyTorch emulates it) with a one-time warning.
+    ``JFE_PRECISION=fp32|bf16`` in the environment replaces ``auto`` everywhere (encode, eval, serve,
+    training): ``fp32`` gives the same numbers on every machine, whatever its CPU has.
     """
     value = check_precision(precision)
+    if value == "auto":
+        value = check_precision(os.environ.get("JFE_PRECISION", "auto") or "auto")
     if value == "fp32":
         return "fp32"
     support = bf16_support(device)
