@@ -26,7 +26,7 @@ from jfe.train.data import BatchSampler, TrainingData
 from jfe.train.losses import ContrastiveObjective, InfoNCELoss
 from jfe.train.recipes import STAGE_PRESETS
 from jfe.train.synthetic import write_synthetic_mbeir
-from jfe.train.trainer import _param_groups, build_model
+from jfe.train.trainer import _param_groups, adamw, build_model
 
 DEFAULT_MODELS = ("jfe-mini", "two-tower-mini", "late-fusion-sf-mini", "late-fusion-ff-mini")
 
@@ -59,8 +59,8 @@ def measure(model_name: str, stage: str, data_root: Path, batch_size: int, steps
 
     compute = resolve_precision(precision, device)  # as the trainer does: autocast the forward, fp32 loss
     objective = ContrastiveObjective(model, loss, chunk, autocast_dtype=torch.bfloat16 if compute == "bf16" else None)
-    optimizer = torch.optim.AdamW(_param_groups(model.named_parameters(), 0.01) +
-                                  _param_groups(loss.named_parameters(), 0.0), lr=1e-5)
+    optimizer = adamw(_param_groups(model.named_parameters(), 0.01) + _param_groups(loss.named_parameters(), 0.0),
+                      1e-5, 0.01, device)  # the trainer's own (fused) AdamW
     model.train()
     timings = []
     for i in range(warmup + steps):

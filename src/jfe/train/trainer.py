@@ -109,6 +109,18 @@ def _param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay
             for (decayed, is_glue), ps in sorted(buckets.items())]
 
 
+def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float,
+          device: torch.device | str) -> torch.optim.AdamW:
+    """AdamW, fused where PyTorch has the kernel (CPU and CUDA): one pass over all parameters instead of a
+    loop of per-tensor ops. Measured on jfe-mini's stage-1 step on 2 CPU cores: the optimizer step 0.10 ->
+    0.014 s, the whole step 0.52 -> 0.40 s (fp32) and 0.44 -> 0.32 s (bf16)."""
+    fused = torch.device(device).type in ("cpu", "cuda")
+    try:
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    except (RuntimeError, ValueError):  # a parameter the fused kernel does not take: the per-tensor loop
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
 def _add_new_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module, weight_decay: float) -> int:
     """Parameters that appeared since the optimiser was built (e.g. LoRA adapters added by
     ``set_trainable``) join it as new groups; returns how many."""
@@ -197,7 +209,7 @@ class Trainer:
         self.model.set_trainable(self.plan[0][0])
         groups = _param_groups(self.model.named_parameters(), cfg.weight_decay, _glue_ids(self.model))
         groups += _param_groups(self.loss.named_parameters(), 0.0)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(groups, cfg.lr, cfg.weight_decay, ctx.device)
         self.step = 0
         # dropout differs per rank (different data), but each rank's stream is reproducible
         torch.manual_seed(cfg.seed + 1 + ctx.rank)
