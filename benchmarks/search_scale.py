@@ -288,21 +288,24 @@ def main() -> None:
            "faiss_threads": faiss.omp_get_max_threads(), "load_avg_start": os.getloadavg()}
     print("CPU flags:", " ".join(env["cpu_flags"]) or "(unknown)", flush=True)
     rows: list[dict] = []
+    result: dict = {"env": env, "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}
+
+    def save() -> None:
+        if args.out:
+            env["load_avg_end"] = os.getloadavg()
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="jfe_search_scale_") as workdir:
         for n in (int(s) for s in args.sizes.split(",") if s.strip()):
             rows.extend(bench_size(n, args, Path(workdir)))
-            if args.out:  # after every size: a long run killed half way keeps what it measured
-                env["load_avg_end"] = os.getloadavg()
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
-                                                "results": rows}, indent=2) + "\n")
-    result: dict = {"env": env, "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}
+            save()  # after every size: a long run killed half way keeps what it measured
     if not args.no_precision:  # encode and training throughput, fp32 vs bf16, in the same run (issue 12)
         import precision_throughput
 
         precision_throughput._print(precision_throughput.run(result)["precision"])
+    save()
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.out}")
 
 

@@ -231,16 +231,17 @@ def _scan_bf16(queries: np.ndarray, pool: np.ndarray, top: _TopK, chunk_rows: in
         approx = q16 @ b16.T
         margin = BF16_REL_ERROR * q_norm * block_norm  # |bf16 score - exact| <= margin, per query row
         kk = min(BF16_CANDIDATES, len(block))
-        last_kept, cols = torch.topk(approx, kk, dim=1, sorted=True)
-        qrows, cols_np = np.repeat(np.arange(m), kk), cols.numpy().ravel()
-        top.merge(qrows, cols_np + start, np.einsum("ij,ij->i", queries[qrows], block[cols_np]))
+        last_kept, kept = torch.topk(approx, kk, dim=1, sorted=True)
+        cols = kept.numpy()  # [m, kk]
+        qrows, flat = np.repeat(np.arange(m), kk), cols.ravel()
+        top.merge(qrows, flat + start, np.einsum("ij,ij->i", queries[qrows], block[flat]))
         if kk == len(block):
             continue  # every column of this chunk was rescored
         unsure = np.flatnonzero(last_kept[:, -1].float().numpy() + margin >= top.threshold)
         if len(unsure):
             exact = queries[unsure] @ block.T
             # the columns merged above are in the buffer already: a second copy would take two of its k slots
-            exact[np.arange(len(unsure))[:, None], cols.numpy()[unsure]] = -np.inf
+            exact[np.arange(len(unsure))[:, None], cols[unsure]] = -np.inf
             hq, hc = _heavy_topk(exact, k)
             kth = exact[hq, hc].reshape(len(unsure), -1).min(axis=1)
             # tie-inclusive (the merge applies the row rule), never an excluded column
