@@ -258,6 +258,58 @@ def test_unfrozen_vision_trains_and_bypasses_cache(image_files: dict[str, Path])
     assert feature_cache.stats().entries == 0
 
 
+@pytest.mark.parametrize("name", ["jfe-mini", "two-tower-mini"])
+def test_vision_top_trains_and_the_trunk_below_stays_cached(name: str, image_files: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    from jfe.models.vision import TRUNK_MODULES, preprocess
+
+    model = load_model(name, device="cpu", vision_trainable_modules=3, **SMALL)
+    model.set_trainable("align")
+    assert model.vision.frozen and model.vision.split == TRUNK_MODULES, "align trains only the glue"
+    model.set_trainable("full")
+    trained = {n for n, p in model.vision.named_parameters() if p.requires_grad}
+    assert trained and all(int(n.split(".")[1]) >= TRUNK_MODULES - 3 for n in trained)
+    assert model.vision.split == TRUNK_MODULES - 3
+
+    items = [Item(image=image_files["red_square"]), Item(image=image_files["blue_circle"], text="blue")]
+    frozen_key = load_model(name, device="cpu", **SMALL).vision.cache_key(torch.float32)
+    with feature_cache.overridden(dtype="float32"):
+        feature_cache.clear()
+        model.train()
+        maps = model.image_features(items)
+        # the cache holds the frozen part's output (the input of module 16), one entry per image
+        stats = feature_cache.stats()
+        assert stats.misses == 2 and stats.entries == 2
+        assert model.vision.cache_key(torch.float32) != frozen_key
+        pixels = preprocess([Image.open(image_files["red_square"]).convert("RGB")], 64)
+        with torch.no_grad():
+            np.testing.assert_allclose(maps[0].detach().numpy(), model.vision.features(pixels)[0].numpy(),
+                                       atol=1e-4)
+        model.embed(items).sum().backward()
+        assert feature_cache.stats().hits == 2, "the second pass reads the frozen part from the cache"
+    grads = {n: p.grad for n, p in model.vision.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n in trained)
+    assert all(g is None for n, g in grads.items() if n not in trained)
+
+    # one optimiser step moves the top; the saved model gives back the same vectors
+    before = model.encode(items)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    after = model.encode(items)
+    assert float(np.abs(after - before).max()) > 1e-4, "trained top weights must change the embeddings"
+    model.save_pretrained(tmp_path / "m")
+    np.testing.assert_allclose(load_model(tmp_path / "m", device="cpu").encode(items), after, atol=1e-5)
+    # frozen again, the tower is refolded from the trained weights (no stale copy of the pre-training top)
+    model.set_trainable("align")
+    np.testing.assert_allclose(model.encode(items), after, atol=1e-5)
+
+
+def test_vision_trainable_modules_is_checked() -> None:
+    with pytest.raises(ConfigError, match="freeze_vision"):
+        load_model("jfe-mini", device="cpu", freeze_vision=False, vision_trainable_modules=3, **SMALL)
+    with pytest.raises(ConfigError):
+        load_model("jfe-mini", device="cpu", vision_trainable_modules=20, **SMALL)
+
+
 # --------------------------------------------------------------------------------------------- jfe-mini
 
 

@@ -1,7 +1,8 @@
 """Frozen vision features cached by image *content*, shared by every model with the same vision tower.
 
-MobileNetV2 is the slowest part of every model here on CPU, and it is frozen, so its output for an image
-never changes. Feature maps are keyed by ``sha1(image content)`` plus the tower's cache key (weights
+MobileNetV2 is the slowest part of every model here on CPU, and it is frozen (or, when its top modules
+are trained, frozen below them), so the frozen part's output for an image never changes. Feature maps
+are keyed by ``sha1(image content)`` plus the tower's cache key (weights
 fingerprint, image size, preprocessing version, storage dtype) and kept
 
 * in memory: one process-wide LRU bounded in bytes (all models share it, the baselines too), and
@@ -237,27 +238,29 @@ def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[
                  batch_size: int = VISION_CHUNK) -> torch.Tensor:
     """Last feature maps ``[n, 1280, h, w]`` (float32, on the tower's device) for ``images``.
 
-    A frozen tower goes through the cache: duplicates in ``images`` are computed once, hits skip decoding
-    entirely, misses are decoded and run through the tower in batches. A trainable tower is never cached
-    (its features change) and keeps the autograd graph. Unreadable images raise :class:`DataError` naming
-    the item and file.
+    The tower's frozen part (all of it, or the trunk below a trained top) goes through the cache: duplicates
+    in ``images`` are computed once, hits skip decoding entirely, misses are decoded and run through the
+    tower in batches. A trained top then runs on the cached maps with autograd; a wholly trainable tower is
+    never cached. Unreadable images raise :class:`DataError` naming the item and file.
     """
     ids = list(ids) if ids is not None else [None] * len(images)
     device = next(tower.parameters()).device
     conf = settings()
-    if not tower.frozen:
-        pil = [load_image(image, item_id=item_id) for image, item_id in zip(images, ids, strict=True)]
-        return tower.features_of(pil) if pil else torch.empty(0, device=device)
-    # a frozen tower computes in float32 even inside a caller's autocast: cached and fresh features must agree
+    # the vision tower computes in float32 even inside a caller's autocast: cached and fresh features must
+    # agree, and bf16 through MobileNetV2 moves embeddings far below the 0.999 parity (docs/models.md)
     with torch.autocast(device.type, enabled=False):
-        return _frozen_feature_maps(tower, images, ids, conf, device, batch_size)
+        if tower.split == 0:
+            pil = [load_image(image, item_id=item_id) for image, item_id in zip(images, ids, strict=True)]
+            return tower.features_of(pil) if pil else torch.empty(0, device=device)
+        maps = _frozen_feature_maps(tower, images, ids, conf, device, batch_size)
+        return tower.trained_part(maps) if len(maps) else maps
 
 
 def _frozen_feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: list[str | None],
                          conf: CacheSettings, device: torch.device, batch_size: int) -> torch.Tensor:
     if not conf.enabled:
         pil = [load_image(image, item_id=item_id) for image, item_id in zip(images, ids, strict=True)]
-        out = [tower.features_of(pil[i:i + batch_size]) for i in range(0, len(pil), batch_size)]
+        out = [tower.frozen_part_of(pil[i:i + batch_size]) for i in range(0, len(pil), batch_size)]
         return torch.cat(out) if out else torch.empty(0, device=device)
 
     key = tower.cache_key(conf.torch_dtype)
@@ -290,7 +293,7 @@ def _frozen_feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: l
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         pil = [load_image(images[i], item_id=ids[i]) for _, i in chunk]
-        computed = tower.features_of(pil).to("cpu", conf.torch_dtype)
+        computed = tower.frozen_part_of(pil).to("cpu", conf.torch_dtype)
         for (sha, _), tensor in zip(chunk, computed, strict=True):
             tensor = tensor.clone()  # detach from the batch's storage, so eviction frees memory
             found[sha] = tensor

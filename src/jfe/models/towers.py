@@ -16,7 +16,7 @@ from jfe.errors import ConfigError, DataError
 from jfe.models.base import Encoder, EncoderConfig
 from jfe.models.feature_cache import feature_maps
 from jfe.models.text import TextTower
-from jfe.models.vision import VisionTower
+from jfe.models.vision import TRUNK_MODULES, VisionTower
 
 
 class TowerConfig(EncoderConfig):
@@ -26,7 +26,12 @@ class TowerConfig(EncoderConfig):
     image_size: int = Field(224, description="input side in pixels (multiple of 32; the feature map is size/32)")
     grid: int = Field(4, description="visual tokens per side, pooled from the feature map (7 = the full map at 224)")
     global_token: bool = Field(True, description="add one global (mean-pooled) visual token after the grid")
-    freeze_vision: bool = Field(True, description="keep MobileNetV2 frozen (and its features cached)")
+    freeze_vision: bool = Field(True, description="keep MobileNetV2 frozen (and its features cached); False "
+                                "trains the whole trunk")
+    vision_trainable_modules: int = Field(
+        0, ge=0, le=TRUNK_MODULES,
+        description=f"with freeze_vision, still train MobileNetV2's top N of its {TRUNK_MODULES} trunk modules "
+                    "in the 'full' phase (the trunk below them stays frozen and cached); 0 = all frozen")
     max_text_tokens: int = Field(64, description="WordPiece tokens kept per text (instruction included)")
     pretrained: bool = Field(True, description="load the pretrained towers (False: random, for tests)")
     seed: int = Field(0, description="seed for the new (glue) weights")
@@ -47,6 +52,18 @@ class TowerConfig(EncoderConfig):
         if not 1 <= self.max_text_tokens <= 500:
             raise ValueError(f"max_text_tokens must be in 1..500, got {self.max_text_tokens}")
         return self
+
+    @model_validator(mode="after")
+    def _vision_modules(self) -> TowerConfig:
+        if not self.freeze_vision and self.vision_trainable_modules not in (0, TRUNK_MODULES):
+            raise ValueError("freeze_vision = false trains the whole vision trunk; to train only its top, keep "
+                             "freeze_vision = true and set vision_trainable_modules")
+        return self
+
+    @property
+    def trained_vision_modules(self) -> int:
+        """How many trunk modules the 'full' phase trains (all of them when freeze_vision is off)."""
+        return TRUNK_MODULES if not self.freeze_vision else self.vision_trainable_modules
 
     @property
     def n_visual(self) -> int:
@@ -70,7 +87,7 @@ class TowerEncoder(Encoder):
     """Base for models on the shared towers: ``self.vision`` (MobileNetV2) and ``self.text`` (MiniLM).
 
     Subclasses list their new weights in :meth:`glue_modules`; ``set_trainable("align")`` trains only those,
-    ``"full"`` everything except a frozen vision tower.
+    ``"full"`` everything except the frozen part of the vision tower (all of it by default).
     """
 
     config: TowerConfig
@@ -79,7 +96,7 @@ class TowerEncoder(Encoder):
         super().__init__(config)
         self.vision = VisionTower(config.image_size, pretrained=config.pretrained)
         self.text = TextTower(config.max_text_tokens, pretrained=config.pretrained)
-        self.vision.requires_grad_(not config.freeze_vision)
+        self.vision.set_trainable_top(config.trained_vision_modules)
 
     def glue_modules(self) -> list[nn.Module | nn.Parameter]:
         raise NotImplementedError
@@ -88,7 +105,7 @@ class TowerEncoder(Encoder):
         if phase not in ("align", "full"):
             raise ConfigError(f"unknown training phase {phase!r} (expected 'align' or 'full')")
         self.requires_grad_(phase == "full")
-        self.vision.requires_grad_(phase == "full" and not self.config.freeze_vision)
+        self.vision.set_trainable_top(self.config.trained_vision_modules if phase == "full" else 0)
         for glue in self.glue_modules():
             glue.requires_grad_(True)
 

@@ -22,6 +22,8 @@ from jfe.errors import AssetError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_DIM = 1280
+# modules of MobileNetV2's trunk (``features``): stem conv, 17 inverted-residual blocks, final 1x1 conv
+TRUNK_MODULES = 19
 # bump when preprocessing changes: it is part of the feature-cache key
 PREPROCESS_VERSION = 1
 
@@ -180,13 +182,16 @@ class VisionTower(nn.Module):
     """MobileNetV2's convolutional trunk: images -> last feature map ``[n, 1280, S/32, S/32]``.
 
     Batch norm always uses its ImageNet running statistics (``train()`` leaves it in eval mode), so the
-    features of a frozen tower are the same in training and evaluation, which lets them be cached. A frozen
-    tower runs a BN-folded, channels-last copy without autograd. ``fingerprint`` identifies the weights for
-    the feature cache; it (and the folded copy) is recomputed after any ``load_state_dict``.
+    features of a frozen tower are the same in training and evaluation, which lets them be cached. The trunk
+    may also be trained in part (:meth:`set_trainable_top`): the modules below :attr:`split` stay frozen,
+    and only their output (the *frozen part*) is cached. The frozen part runs a BN-folded, channels-last copy
+    without autograd. ``fingerprint`` identifies the frozen part's weights for the feature cache; it (and the
+    folded copy) is recomputed after any ``load_state_dict`` and whenever the split moves.
     """
 
-    # Set with object.__setattr__ (not a submodule); declared so torch's __getattr__ typing does not apply.
+    # Set with object.__setattr__ (not submodules); declared so torch's __getattr__ typing does not apply.
     _folded: nn.Module | None
+    _folded_split: int
 
     def __init__(self, image_size: int = 224, pretrained: bool = True) -> None:
         super().__init__()
@@ -194,14 +199,28 @@ class VisionTower(nn.Module):
         self.features = mobilenet_v2(pretrained).features
         self.features.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks it
         self.features.eval()
-        self._fingerprint: str | None = None
+        self.features.requires_grad_(False)  # frozen until set_trainable_top says otherwise
+        self._fingerprint: tuple[int, str] | None = None  # (split, digest of the frozen part)
         # object.__setattr__ keeps the folded copy out of the submodules: never saved, rebuilt when stale
         object.__setattr__(self, "_folded", None)
+        object.__setattr__(self, "_folded_split", -1)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._invalidate())
 
     def _invalidate(self) -> None:
         self._fingerprint = None
         object.__setattr__(self, "_folded", None)
+
+    def set_trainable_top(self, modules: int) -> None:
+        """Train the top ``modules`` of the trunk's :data:`TRUNK_MODULES` (0: frozen; all: the whole trunk).
+
+        The trunk's modules, bottom to top: the stem convolution, 17 inverted-residual blocks, the final 1x1
+        convolution to 1,280 channels. Everything below the trained top stays frozen and cacheable.
+        """
+        if not 0 <= modules <= TRUNK_MODULES:
+            raise ValueError(f"trainable vision modules must be in 0..{TRUNK_MODULES}, got {modules}")
+        self.features.requires_grad_(False)
+        if modules:
+            self.features[TRUNK_MODULES - modules:].requires_grad_(True)
 
     def train(self, mode: bool = True) -> VisionTower:
         # ``features`` stays in eval mode: BN statistics remain ImageNet's (small contrastive batches would
@@ -214,6 +233,14 @@ class VisionTower(nn.Module):
         return not any(p.requires_grad for p in self.features.parameters())
 
     @property
+    def split(self) -> int:
+        """Index of the first trunk module with a trainable weight (:data:`TRUNK_MODULES` when frozen)."""
+        for index, module in enumerate(self.features):
+            if any(p.requires_grad for p in module.parameters()):
+                return index
+        return len(self.features)
+
+    @property
     def grid_size(self) -> int:
         """Side of the last feature map (7 at 224 px)."""
         size = self.image_size
@@ -222,33 +249,60 @@ class VisionTower(nn.Module):
         return size
 
     def fingerprint(self) -> str:
-        """sha1 over the weights (and BN statistics): equal fingerprints give equal features."""
-        if self._fingerprint is None:
+        """sha1 over the frozen part's weights (and BN statistics): equal fingerprints give equal features.
+
+        For a frozen tower that is the whole trunk; a partly trained one names its split as well."""
+        split = self.split
+        if self._fingerprint is None or self._fingerprint[0] != split:
             digest = hashlib.sha1()
-            for name, tensor in sorted(self.features.state_dict().items()):
+            for name, tensor in sorted(self.features[:split].state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:16]
-        return self._fingerprint
+            value = digest.hexdigest()[:16]
+            self._fingerprint = (split, value if split == len(self.features) else f"{value}-b{split}")
+        return self._fingerprint[1]
 
     def cache_key(self, dtype: torch.dtype) -> str:
-        """What (besides the image content) determines a cached feature map."""
+        """What (besides the image content) determines a cached feature map of the frozen part."""
         return f"mnv2-{self.fingerprint()}-s{self.image_size}-p{PREPROCESS_VERSION}-{str(dtype).split('.')[-1]}"
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
-        if not self.frozen:
-            self._invalidate()  # the weights are being trained: fingerprint and folded copy go stale
-            return self.features(pixels)
-        device = next(self.features.parameters()).device
+    def _folded_part(self, split: int, device: torch.device) -> nn.Module:
+        """The BN-folded copy of ``features[:split]`` (rebuilt when the split, device or weights change)."""
         folded = self._folded
-        if folded is None or next(folded.parameters()).device != device:
-            folded = fold_batchnorm(self.features)
+        if folded is None or self._folded_split != split or next(folded.parameters()).device != device:
+            folded = fold_batchnorm(self.features[:split])
             object.__setattr__(self, "_folded", folded)
+            object.__setattr__(self, "_folded_split", split)
+        return folded
+
+    def frozen_part(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``features[:split]`` of normalised pixels, without autograd: what the feature cache stores."""
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        split = self.split
+        if split == 0:
+            return pixels
         with torch.no_grad():
-            return folded(pixels)
+            return self._folded_part(split, pixels.device)(pixels)
+
+    def trained_part(self, maps: torch.Tensor) -> torch.Tensor:
+        """``features[split:]`` of the frozen part's output, with autograd (identity for a frozen tower)."""
+        split = self.split
+        if split == len(self.features):
+            return maps
+        if split == 0:
+            self._invalidate()  # every weight is being trained: fingerprint and folded copy go stale
+        return self.features[split:](maps.contiguous(memory_format=torch.channels_last))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.trained_part(self.frozen_part(pixels))
 
     def features_of(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Preprocess and run a batch of PIL images on the tower's device."""
-        device = next(self.features.parameters()).device
-        return self(preprocess(images, self.image_size).to(device)).contiguous()
+        return self(self._pixels(images)).contiguous()
+
+    def frozen_part_of(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The frozen part's output for a batch of PIL images (the whole trunk's when the tower is frozen)."""
+        return self.frozen_part(self._pixels(images)).contiguous()
+
+    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return preprocess(images, self.image_size).to(next(self.features.parameters()).device)
