@@ -9,7 +9,7 @@ AdamW lr 1e-3, ``--steps`` x ``--batch`` pairs drawn with replacement) on captio
 * ``mini``: MiniBEIR's own task-0 training pairs (emoji and clip-art, ~1,850);
 * ``corpus+mini``: both, the MiniBEIR pairs repeated 5 times so they are not drowned.
 
-It reports R@5 (%) every 1,000 steps on MiniBEIR **test** with the full local pools: text -> image (task 0)
+It reports R@5 (%) every ``--eval-every`` steps on MiniBEIR **test** with the full local pools: text -> image (task 0)
 and image -> text (task 3) for emoji and clip-art, plus the corpus's own val split (its captions against
 its val images) as an in-domain check. Whatever these heads reach is roughly what the frozen features carry
 for unseen emoji and clip-art; jfe-mini trains more (the LM itself) but starts from the same features.
@@ -19,11 +19,17 @@ for unseen emoji and clip-art; jfe-mini trains more (the LM itself) but starts f
 
 Features are cached per image size under ``--cache`` (a 20k-pair run extracts ~30k images: ~5 min at 128 px,
 ~12 min at 224 px on 2 cores).
+
+``--tune-blocks K`` also trains the top ``K`` modules of MobileNetV2's trunk (of 19: the last 1x1 convolution
+is one, each inverted-residual block another; batch norm keeps its ImageNet statistics): the trunk below them
+stays frozen and its output is cached, so this costs a few times the frozen probe, not a CNN fine-tune. It
+asks whether the frozen ImageNet features are what caps cross-modal retrieval.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -42,23 +48,48 @@ from jfe.models.text import TextTower
 from jfe.models.vision import VisionTower
 
 
-class Features:
-    """Frozen image and text features, cached as .npy per name."""
+class Pool(nn.Module):
+    """Mean-pool a feature map (a pooled vector passes through), then standardise it."""
 
-    def __init__(self, image_size: int, cache: Path) -> None:
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.mean((2, 3)) if x.dim() == 4 else x) - self.mean) / self.std
+
+
+class Features:
+    """Frozen image and text features, cached as .npy per name.
+
+    With ``split`` = 19 (all of the trunk) an image feature is the pooled 1,280-d vector; below that it is the
+    float16 feature map entering module ``split`` of the trunk, which the trainable top turns into a vector.
+    """
+
+    def __init__(self, image_size: int, cache: Path, split: int = 19) -> None:
         self.vision, self.text = VisionTower(image_size).eval(), TextTower().eval()
+        self.split = split
         self.cache = cache
         cache.mkdir(parents=True, exist_ok=True)
 
+    def _image_batch(self, batch: list[Image.Image]) -> np.ndarray:
+        from jfe.models.vision import preprocess
+
+        with torch.no_grad():
+            if self.split == len(self.vision.features):
+                return self.vision.features_of(batch).float().mean((2, 3)).numpy()
+            x = preprocess(batch, self.vision.image_size)
+            return self.vision.features[:self.split](x).half().numpy()
+
     def images(self, root: Path, paths: list[str], name: str) -> np.ndarray:
-        path = self.cache / f"{name}_img.npy"
+        suffix = "" if self.split == len(self.vision.features) else f"_split{self.split}"
+        path = self.cache / f"{name}_img{suffix}.npy"
         if path.exists():
             return np.load(path)
         out = []
-        for i in range(0, len(paths), 64):
-            batch = [Image.open(root / p).convert("RGB") for p in paths[i:i + 64]]
-            with torch.no_grad():
-                out.append(self.vision.features_of(batch).float().mean((2, 3)).numpy())
+        for i in range(0, len(paths), 32):
+            out.append(self._image_batch([Image.open(root / p).convert("RGB") for p in paths[i:i + 32]]))
         feats = np.concatenate(out)
         np.save(path, feats)
         return feats
@@ -117,12 +148,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tune-blocks", type=int, default=0,
+                        help="also train the top K modules of MobileNetV2's trunk (0: frozen, max 18)")
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast (worth it with AMX/AVX512-BF16)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="head learning rate (the tuned trunk gets lr/10)")
     parser.add_argument("--cache", type=Path, default=Path("runs/probe_cache"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     started = time.time()
-    feats = Features(args.image_size, args.cache / f"s{args.image_size}")
+    if not 0 <= args.tune_blocks <= 18:
+        parser.error("--tune-blocks must be in 0..18")
+    feats = Features(args.image_size, args.cache / f"s{args.image_size}", split=19 - args.tune_blocks)
     tests = minibeir_tests(feats, args.minibeir)
     parts = []
     if args.train != "mini":
@@ -137,47 +175,66 @@ def main() -> None:
     train_txt = np.concatenate([p[1] for p in parts])
     print(f"{len(train_img)} training pairs, features in {time.time() - started:.0f} s", file=sys.stderr)
 
-    mean, std = train_img.mean(0), train_img.std(0) + 1e-6
-
     def head(dim: int) -> nn.Module:
         return nn.Linear(dim, 256) if args.head == "linear" else \
             nn.Sequential(nn.Linear(dim, 1024), nn.GELU(), nn.Linear(1024, 256))
 
-    image_head, text_head = head(train_img.shape[1]), head(train_txt.shape[1])
+    text_head = head(train_txt.shape[1])
     log_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-    params = [*image_head.parameters(), *text_head.parameters(), log_scale]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-    images = torch.from_numpy((train_img - mean) / std).float()
+    if args.tune_blocks:
+        top = copy.deepcopy(feats.vision.features[feats.split:]).float().train()
+        top.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)  # ImageNet BN statistics
+        top.requires_grad_(True)
+        with torch.no_grad():  # the head's input scale, from a sample of the (untuned) top's output
+            sample = top(torch.from_numpy(train_img[:512]).float()).mean((2, 3)).numpy()
+        mean, std = torch.from_numpy(sample.mean(0)), torch.from_numpy(sample.std(0) + 1e-6)
+        image_proj = head(sample.shape[1])
+        image_head: nn.Module = nn.Sequential(top, Pool(mean, std), image_proj)
+        groups = [{"params": top.parameters(), "lr": args.lr / 10},
+                  {"params": [*image_proj.parameters(), *text_head.parameters(), log_scale]}]
+    else:
+        mean_np, std_np = train_img.mean(0), train_img.std(0) + 1e-6
+        image_head = nn.Sequential(Pool(torch.from_numpy(mean_np), torch.from_numpy(std_np)),
+                                   head(train_img.shape[1]))
+        groups = [{"params": [*image_head.parameters(), *text_head.parameters(), log_scale]}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.05)
+    images = torch.from_numpy(train_img)
     texts = torch.from_numpy(train_txt).float()
 
     def embed_images(x: np.ndarray) -> torch.Tensor:
-        return F.normalize(image_head(torch.from_numpy((x - mean) / std).float()), dim=-1)
+        out = [image_head(torch.from_numpy(x[i:i + 256]).float()) for i in range(0, len(x), 256)]
+        return F.normalize(torch.cat(out), dim=-1)
 
     def embed_texts(x: np.ndarray) -> torch.Tensor:
         return F.normalize(text_head(torch.from_numpy(x).float()), dim=-1)
 
     def evaluate() -> dict[str, float]:
         scores = {}
+        image_head.eval()
         with torch.no_grad():
             for name, task, q, c, dids, positives in tests:
                 qe, ce = (embed_texts(q), embed_images(c)) if task == 0 else (embed_images(q), embed_texts(c))
                 top = (qe @ ce.T).topk(5, dim=1).indices.numpy()
                 hits = [bool({dids[j] for j in row} & pos) for row, pos in zip(top, positives, strict=True)]
                 scores[name] = round(100 * float(np.mean(hits)), 1)
+        image_head.train()
+        if args.tune_blocks:
+            image_head[0].apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)
         return scores
 
     curve = []
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(images), (args.batch,))
-        a = F.normalize(image_head(images[idx]), dim=-1)
-        b = F.normalize(text_head(texts[idx]), dim=-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            a = F.normalize(image_head(images[idx].float()).float(), dim=-1)
+            b = F.normalize(text_head(texts[idx]).float(), dim=-1)
         logits = log_scale.exp().clamp(max=100) * a @ b.T
         target = torch.arange(args.batch)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 1000 == 0 or step == args.steps:
+        if step % args.eval_every == 0 or step == args.steps:
             point = {"step": step, "loss": round(loss.item(), 3), "R@5": evaluate()}
             curve.append(point)
             print(json.dumps(point), flush=True)
