@@ -1,0 +1,118 @@
+"""Why MobileNetV2 stays fp32 under bf16: its speed-up and what it costs jfe-mini's embeddings, in one run.
+
+On ``--items`` real MiniBEIR images (task-0 candidates of the local pools, shuffled with seed 0; the last
+quarter also carry a text, as composed queries do) with the pretrained towers at 224 px, it measures
+
+* MobileNetV2 alone (BN-folded, channels-last, as the package runs it): seconds per batch in fp32 and bf16
+  autocast, and the cosine of the pooled features;
+* jfe-mini's embeddings (``--model``, default the untrained ``jfe-mini``; a trained folder is better) with the
+  language model in bf16 and the tower in fp32 (the package's bf16 path), and with the tower in bf16 too:
+  cosine to fp32 and the share of image queries whose top-10 in a pool of the other items is unchanged.
+
+    python benchmarks/vision_bf16_parity.py --out runs/bench/vision_bf16_parity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jfe.data.items import Item
+from jfe.data.mbeir import read_candidates
+from jfe.models import feature_cache, load_model
+from jfe.models.precision import machine_summary
+from jfe.models.vision import VisionTower, fold_batchnorm, preprocess
+
+
+def _best_of(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _top10_same(vectors: np.ndarray, reference: np.ndarray, queries: int) -> float:
+    ranked = [np.argsort(-(v[:queries] @ v[queries:].T), axis=1)[:, :10] for v in (reference, vectors)]
+    return float(np.mean([set(a) == set(b) for a, b in zip(*ranked, strict=True)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minibeir", type=Path, default=Path("runs/minibeir"))
+    parser.add_argument("--model", default="jfe-mini")
+    parser.add_argument("--items", type=int, default=400)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    from PIL import Image
+
+    pools = sorted((args.minibeir / "cand_pool" / "local").glob("*task0_cand_pool.jsonl"))
+    if not pools:
+        parser.error(f"no task-0 candidate pools under {args.minibeir} (build MiniBEIR: make minibeir)")
+    candidates = [c for p in pools for c in read_candidates(p) if c.img_path]
+    random.Random(0).shuffle(candidates)
+    paths = [str(args.minibeir / c.img_path) for c in candidates[:args.items]]
+    composed = len(paths) * 3 // 4
+    items = [Item(image=p) for p in paths[:composed]] + [Item(image=p, text="the same but in red")
+                                                         for p in paths[composed:]]
+
+    folded = fold_batchnorm(VisionTower(224).features)
+    pixels = preprocess([Image.open(p).convert("RGB") for p in paths[:128]], 224)
+    pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = folded(pixels).float().mean((2, 3))
+        fp32_s = _best_of(lambda: folded(pixels))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = folded(pixels).float().mean((2, 3))
+            bf16_s = _best_of(lambda: folded(pixels))
+    tower = {"images": len(pixels), "fp32_s": round(fp32_s, 3), "bf16_s": round(bf16_s, 3),
+             "speedup": round(fp32_s / bf16_s, 2),
+             "pooled_cosine_min": round(float(torch.nn.functional.cosine_similarity(ref, low).min()), 5)}
+    print(f"MobileNetV2, {len(pixels)} images: fp32 {fp32_s:.2f} s, bf16 {bf16_s:.2f} s "
+          f"({tower['speedup']}x), pooled-feature cosine min {tower['pooled_cosine_min']}")
+
+    model = load_model(args.model, device="cpu")
+    originals = {name: getattr(VisionTower, name) for name in ("frozen_part", "trained_part")}
+
+    def in_bf16(method):  # the tower's own fp32 guard (feature_cache) is overridden from inside
+        def run(self: VisionTower, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return method(self, x).float()
+        return run
+
+    rows = {}
+    with feature_cache.overridden(mode="off"):
+        reference = model.encode(items, batch_size=64, precision="fp32")
+        variants = {"lm bf16, tower fp32 (the package's bf16)": model.encode(items, batch_size=64, precision="bf16")}
+        for name, method in originals.items():
+            setattr(VisionTower, name, in_bf16(method))
+        try:
+            variants["lm bf16, tower bf16"] = model.encode(items, batch_size=64, precision="bf16")
+        finally:
+            for name, method in originals.items():
+                setattr(VisionTower, name, method)
+    queries = len(items) // 4
+    for name, vectors in variants.items():
+        cosine = (reference * vectors).sum(1)
+        rows[name] = {"cosine_min": round(float(cosine.min()), 5), "cosine_median": round(float(np.median(cosine)), 5),
+                      "top10_same": round(_top10_same(vectors, reference, queries), 3)}
+        print(f"{name}: cosine min {rows[name]['cosine_min']}, median {rows[name]['cosine_median']}, "
+              f"same image->image top-10 for {100 * rows[name]['top10_same']:.0f} % of {queries} queries")
+    result = {"machine": machine_summary(), "model": args.model, "items": len(items), "tower": tower,
+              "embeddings": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
