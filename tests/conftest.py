@@ -25,6 +25,7 @@ The ``TINY_*`` constants below describe it for assertions (counts, colours, file
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,15 @@ def build_tiny_mbeir(root: Path) -> Path:
 def tiny_mbeir(tmp_path: Path) -> Path:
     """A valid tiny M-BEIR-layout dataset (3 tasks, 2 splits, 4 images); see the module docstring."""
     return build_tiny_mbeir(tmp_path / "tiny_mbeir")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_pretrained_table(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session-wide, so it is in place before module-scoped fixtures load models: a table filled by the user's
+    ``make demo`` / ``make reproduce`` must never reach a test (the per-test table below then empties it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JFE_PRETRAINED", str(tmp_path_factory.mktemp("pretrained-session")))
+        yield
 
 
 @pytest.fixture(autouse=True)
