@@ -45,7 +45,7 @@ from torch import nn
 from jfe.data.mbeir import read_candidates, read_queries
 from jfe.models.precision import machine_summary
 from jfe.models.text import TextTower
-from jfe.models.vision import VisionTower
+from jfe.models.vision import TRUNK_MODULES, VisionTower
 
 
 class Pool(nn.Module):
@@ -63,27 +63,28 @@ class Pool(nn.Module):
 class Features:
     """Frozen image and text features, cached as .npy per name.
 
-    With ``split`` = 19 (all of the trunk) an image feature is the pooled 1,280-d vector; below that it is the
-    float16 feature map entering module ``split`` of the trunk, which the trainable top turns into a vector.
+    With ``tune_blocks`` = 0 an image feature is the pooled 1,280-d vector; otherwise it is the float16 output of
+    the tower's frozen part (the map entering module ``split``), which the trainable top turns into a vector.
     """
 
-    def __init__(self, image_size: int, cache: Path, split: int = 19) -> None:
+    def __init__(self, image_size: int, cache: Path, tune_blocks: int = 0) -> None:
         self.vision, self.text = VisionTower(image_size).eval(), TextTower().eval()
-        self.split = split
+        self.vision.set_trainable_top(tune_blocks)  # the tower's frozen part is what gets cached
         self.cache = cache
         cache.mkdir(parents=True, exist_ok=True)
 
-    def _image_batch(self, batch: list[Image.Image]) -> np.ndarray:
-        from jfe.models.vision import preprocess
+    @property
+    def split(self) -> int:
+        return self.vision.split
 
-        with torch.no_grad():
-            if self.split == len(self.vision.features):
+    def _image_batch(self, batch: list[Image.Image]) -> np.ndarray:
+        if self.split == TRUNK_MODULES:
+            with torch.no_grad():
                 return self.vision.features_of(batch).float().mean((2, 3)).numpy()
-            x = preprocess(batch, self.vision.image_size)
-            return self.vision.features[:self.split](x).half().numpy()
+        return self.vision.frozen_part_of(batch).half().numpy()
 
     def images(self, root: Path, paths: list[str], name: str) -> np.ndarray:
-        suffix = "" if self.split == len(self.vision.features) else f"_split{self.split}"
+        suffix = "" if self.split == TRUNK_MODULES else f"_split{self.split}"
         path = self.cache / f"{name}_img{suffix}.npy"
         if path.exists():
             return np.load(path)
@@ -158,9 +159,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     started = time.time()
-    if not 0 <= args.tune_blocks <= 18:
-        parser.error("--tune-blocks must be in 0..18")
-    feats = Features(args.image_size, args.cache / f"s{args.image_size}", split=19 - args.tune_blocks)
+    if not 0 <= args.tune_blocks < TRUNK_MODULES:
+        parser.error(f"--tune-blocks must be in 0..{TRUNK_MODULES - 1}")
+    feats = Features(args.image_size, args.cache / f"s{args.image_size}", tune_blocks=args.tune_blocks)
     tests = minibeir_tests(feats, args.minibeir)
     parts = []
     if args.train != "mini":
@@ -182,9 +183,8 @@ def main() -> None:
     text_head = head(train_txt.shape[1])
     log_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
     if args.tune_blocks:
-        top = copy.deepcopy(feats.vision.features[feats.split:]).float().train()
+        top = copy.deepcopy(feats.vision.features[feats.split:]).float().train()  # trainable: set_trainable_top
         top.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)  # ImageNet BN statistics
-        top.requires_grad_(True)
         with torch.no_grad():  # the head's input scale, from a sample of the (untuned) top's output
             sample = top(torch.from_numpy(train_img[:512]).float()).mean((2, 3)).numpy()
         mean, std = torch.from_numpy(sample.mean(0)), torch.from_numpy(sample.std(0) + 1e-6)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +29,8 @@ from jfe.models import feature_cache, load_model
 from jfe.models.precision import machine_summary
 from jfe.models.vision import VisionTower, fold_batchnorm, preprocess
 
-
-def _best_of(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, run from anywhere
+from search_latency import _time  # noqa: E402  (warm-up, then timed repeats)
 
 
 def _top10_same(vectors: np.ndarray, reference: np.ndarray, queries: int) -> float:
@@ -69,10 +62,10 @@ def main() -> None:
     pixels = pixels.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ref = folded(pixels).float().mean((2, 3))
-        fp32_s = _best_of(lambda: folded(pixels))
+        fp32_s = min(_time(lambda: folded(pixels), 3))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = folded(pixels).float().mean((2, 3))
-            bf16_s = _best_of(lambda: folded(pixels))
+            bf16_s = min(_time(lambda: folded(pixels), 3))
     tower = {"images": len(pixels), "fp32_s": round(fp32_s, 3), "bf16_s": round(bf16_s, 3),
              "speedup": round(fp32_s / bf16_s, 2),
              "pooled_cosine_min": round(float(torch.nn.functional.cosine_similarity(ref, low).min()), 5)}
