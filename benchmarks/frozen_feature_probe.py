@@ -43,7 +43,7 @@ from PIL import Image
 from torch import nn
 
 from jfe.data.mbeir import read_candidates, read_queries
-from jfe.models.precision import machine_summary
+from jfe.hardware import machine_summary
 from jfe.models.text import TextTower
 from jfe.models.vision import TRUNK_MODULES, VisionTower
 

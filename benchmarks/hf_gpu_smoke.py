@@ -23,16 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jfe import hardware
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny model builder of the tests
 
 
 def _machine() -> dict:
-    flags: list[str] = []
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().split()
-        flags = sorted({f for f in cpuinfo if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
-    except OSError:
-        pass
+    flags = [f for f in hardware.REPORTED_CPU_FLAGS if f in hardware.cpu_flags()]
     info = {"cpu": platform.processor() or platform.machine(), "cpu_flags": flags, "cores": os.cpu_count(),
             "torch": torch.__version__}
     if torch.cuda.is_available():

@@ -101,7 +101,8 @@ def run(out: dict[str, Any], items: int = 128, batch: int = 64, train_batch: int
         train_warmup: int = 1, threads: int | None = None,
         precisions: tuple[str, ...] = PRECISIONS) -> dict[str, Any]:
     """Measure encode and training throughput in each precision; the results go to ``out["precision"]``."""
-    from jfe.models.precision import bf16_support, machine_summary, resolve_precision
+    from jfe.hardware import bf16_support, machine_summary
+    from jfe.models.precision import resolve_precision
 
     if threads:
         torch.set_num_threads(threads)

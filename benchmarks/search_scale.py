@@ -44,16 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jfe import hardware
 from jfe.index.vector_index import VectorIndex
 
 
 def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = next(line for line in handle if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    return sorted(f for f in hardware.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
 
 
 def rss_mb(field: str = "VmRSS") -> float:

@@ -25,8 +25,8 @@ import torch
 
 from jfe.data.items import Item
 from jfe.data.mbeir import read_candidates
+from jfe.hardware import machine_summary
 from jfe.models import feature_cache, load_model
-from jfe.models.precision import machine_summary
 from jfe.models.vision import VisionTower, fold_batchnorm, preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, run from anywhere

@@ -283,3 +283,18 @@ def test_ray_build_equals_single_process(tiny_mbeir: Path, tmp_path: Path) -> No
     for did in one.ids:
         shard = next(s for s in sharded.shards if did in s)
         np.testing.assert_allclose(shard.vector(did), one.vector(did), atol=1e-6)
+
+
+def test_exact_auto_precision_follows_the_shared_cpu_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index and the models ask one place (jfe.hardware) whether the CPU has native bf16."""
+    from jfe.index import exact
+
+    monkeypatch.delenv("JFE_EXACT_PRECISION", raising=False)
+    monkeypatch.setattr(exact, "cpu_bf16_flags", lambda flags=None: [])
+    assert exact.resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(exact, "cpu_bf16_flags", lambda flags=None: ["amx_bf16"])
+    assert exact.resolve_precision("auto") == "bf16"
+    monkeypatch.setenv("JFE_EXACT_PRECISION", "fp32")
+    assert exact.resolve_precision("auto") == "fp32" and exact.resolve_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        exact.resolve_precision("int4")

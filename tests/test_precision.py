@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from jfe import hardware as H
 from jfe.data import assets
 from jfe.errors import ConfigError
 from jfe.models import precision as P
@@ -20,26 +21,26 @@ CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f a
 
 
 def test_cpu_flags_parse_and_bf16_detection() -> None:
-    flags = P.parse_cpu_flags(CPUINFO)
+    flags = H.parse_cpu_flags(CPUINFO)
     assert {"avx2", "avx512_bf16", "amx_tile"} <= flags
-    assert P.cpu_bf16_flags(flags) == ["avx512_bf16"]
-    assert P.cpu_bf16_flags(P.parse_cpu_flags("flags : fpu avx2 fma\n")) == []
+    assert H.cpu_bf16_flags(flags) == ["avx512_bf16"]
+    assert H.cpu_bf16_flags(H.parse_cpu_flags("flags : fpu avx2 fma\n")) == []
 
 
 def test_resolve_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("JFE_PRECISION", raising=False)  # the suite pins auto to fp32 (conftest)
-    monkeypatch.setattr(P, "cpu_bf16_flags", lambda flags=None: [])
+    monkeypatch.setattr(H, "cpu_bf16_flags", lambda flags=None: [])
     assert P.resolve_precision("auto", "cpu") == "fp32"
     assert P.resolve_precision("bf16", "cpu") == "bf16"  # honoured, emulated (with a warning)
     assert P.resolve_precision("fp32", "cpu") == "fp32"
-    monkeypatch.setattr(P, "cpu_bf16_flags", lambda flags=None: ["amx_bf16"])
+    monkeypatch.setattr(H, "cpu_bf16_flags", lambda flags=None: ["amx_bf16"])
     assert P.resolve_precision("auto", "cpu") == "bf16"
     with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
         P.resolve_precision("fp16", "cpu")
     # the environment replaces auto (only auto), and a wrong value there is named like a wrong argument
     monkeypatch.setenv("JFE_PRECISION", "fp32")
     assert P.resolve_precision("auto", "cpu") == "fp32" and P.resolve_precision("bf16", "cpu") == "bf16"
-    monkeypatch.setattr(P, "cpu_bf16_flags", lambda flags=None: [])
+    monkeypatch.setattr(H, "cpu_bf16_flags", lambda flags=None: [])
     monkeypatch.setenv("JFE_PRECISION", "bf16")
     assert P.resolve_precision("auto", "cpu") == "bf16" and P.resolve_precision("fp32", "cpu") == "fp32"
     monkeypatch.setenv("JFE_PRECISION", "half")

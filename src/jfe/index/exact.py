@@ -7,10 +7,10 @@ into one reused score buffer; ``torch.topk`` takes each chunk's k best (4x cheap
 ``[queries, k]`` running buffer merges them with the tie rule.
 
 Reduced-precision scan (``precision="bf16"``): where the CPU has bf16 matrix instructions (AVX512-BF16 or
-AMX-BF16; :func:`cpu_has_bf16`), the chunk scores are computed in bf16 with torch (from a bf16 copy of the pool
-made once, :class:`Bf16Pool`, where the caller keeps one), and every candidate that *could* beat the running
-k-th best given a proven error bound is rescored in fp32 - so the result equals fp32 exact search (same ids,
-fp32 scores). On CPUs without those instructions bf16 is emulated and slower than
+AMX-BF16; :func:`jfe.hardware.cpu_bf16_flags`), the chunk scores are computed in bf16 with torch (from a
+bf16 copy of the pool made once, :class:`Bf16Pool`, where the caller keeps one), and every candidate that
+*could* beat the running k-th best given a proven error bound is rescored in fp32 - so the result equals fp32
+exact search (same ids, fp32 scores). On CPUs without those instructions bf16 is emulated and slower than
 fp32 (measured: 2.5x slower here), so ``precision="auto"`` picks fp32 there.
 
 Ties: equal scores rank by row (the lower row first), the index's insertion-order rule.
@@ -18,12 +18,13 @@ Ties: equal scores rank by row (the lower row first), the index's insertion-orde
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+from jfe.hardware import cpu_bf16_flags
 
 Precision = Literal["auto", "fp32", "bf16"]
 # Pool rows per chunk: a [256, 32768] fp32 score block is 32 MB, reused across chunks; 16k-64k measured
@@ -37,33 +38,11 @@ BF16_CANDIDATES = 32
 BF16_REL_ERROR = 2 * (3 * 2.0 ** -8 + 2.0 ** -16)
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags.update(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    if flags & {"avx512_bf16", "amx_bf16"}:
-        return True
-    try:  # non-Linux: torch reports the best vector ISA it dispatches to
-        import torch
-
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
-    except Exception:  # noqa: BLE001 - torch missing or too old: no bf16
-        return False
-
-
 def resolve_precision(precision: Precision | str) -> str:
     """``auto`` -> ``bf16`` where the CPU has native bf16, else ``fp32``; the JFE_EXACT_PRECISION env wins."""
     precision = os.environ.get("JFE_EXACT_PRECISION", precision) if precision == "auto" else precision
     if precision == "auto":
-        return "bf16" if cpu_has_bf16() else "fp32"
+        return "bf16" if cpu_bf16_flags() else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"exact search precision must be auto, fp32 or bf16, got {precision!r}")
     return precision
