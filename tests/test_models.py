@@ -310,6 +310,25 @@ def test_vision_trainable_modules_is_checked() -> None:
         load_model("jfe-mini", device="cpu", vision_trainable_modules=20, **SMALL)
 
 
+def test_align_vision_phase_trains_glue_and_vision_top_with_the_lm_frozen() -> None:
+    model = load_model("jfe-mini", device="cpu", vision_trainable_modules=2, **SMALL)
+    model.set_trainable("align+vision")
+
+    def trains(module: torch.nn.Module) -> set[bool]:
+        return {p.requires_grad for p in module.parameters()}
+
+    assert trains(model.projector) == {True} and model.visual_position.requires_grad
+    assert trains(model.text) == {False}
+    assert model.vision.split == 19 - 2 and trains(model.vision.features[-2:]) == {True}
+    assert trains(model.vision.features[:-2]) == {False}
+    model.set_trainable("align")
+    assert model.vision.frozen and trains(model.projector) == {True}
+    with pytest.raises(ConfigError, match="vision_trainable_modules"):
+        load_model("jfe-mini", device="cpu", **SMALL).set_trainable("align+vision")
+    with pytest.raises(ConfigError, match="'align', 'align\\+vision', 'full'"):
+        model.set_trainable("lm-only")
+
+
 # --------------------------------------------------------------------------------------------- jfe-mini
 
 

@@ -30,6 +30,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+PHASES: tuple[str, ...] = ("align", "align+vision", "full")
+
+
+def check_phase(phase: str) -> str:
+    """``phase`` when it is one of :data:`PHASES`, else a ConfigError listing them."""
+    if phase not in PHASES:
+        raise ConfigError(f"unknown training phase {phase!r} (expected one of {', '.join(map(repr, PHASES))})")
+    return phase
+
+
 class EncoderConfig(BaseModel):
     """Base config; each architecture subclasses it. ``arch`` selects the class on load."""
 
@@ -81,11 +91,12 @@ class Encoder(torch.nn.Module):
         """Choose what training updates.
 
         ``"align"``: only the new glue (projector, modality embeddings, projection heads, fusion layers),
-        pretrained towers frozen — LLaVA's feature-alignment step. ``"full"``: everything except towers the
-        config freezes (e.g. a frozen vision tower). Subclasses refine this; the default trains all.
+        pretrained towers frozen — LLaVA's feature-alignment step. ``"align+vision"``: the glue and the
+        trainable top of the vision tower, the LM still frozen (models that have such a top). ``"full"``:
+        everything except towers the config freezes (e.g. a frozen vision tower). Subclasses refine this;
+        the default trains all.
         """
-        if phase not in ("align", "full"):
-            raise ConfigError(f"unknown training phase {phase!r} (expected 'align' or 'full')")
+        check_phase(phase)
         for param in self.parameters():
             param.requires_grad_(True)
 

@@ -43,6 +43,7 @@ from jfe.models.base import (
     WEIGHTS_NAME,
     Encoder,
     EncoderConfig,
+    check_phase,
     default_device,
     l2_normalize,
 )
@@ -431,8 +432,9 @@ class HFEncoder(Encoder):
     # --- training ----------------------------------------------------------------------------
     def set_trainable(self, phase: str) -> None:
         """``align``: LoRA weights if any, else the vision->LM projector. ``full``: LoRA weights if any, else all."""
-        if phase not in ("align", "full"):
-            raise ConfigError(f"unknown training phase {phase!r} (expected 'align' or 'full')")
+        if check_phase(phase) == "align+vision":
+            raise ConfigError("phase 'align+vision' is for the built-in tower models; train an HF model's vision "
+                              "tower with 'full' (or LoRA on its modules)")
         names = [name for name, _ in self.named_parameters()]
         if self._lora_names:
             chosen = set(self._lora_names)

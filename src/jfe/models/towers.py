@@ -13,7 +13,7 @@ from torch import nn
 
 from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError
-from jfe.models.base import Encoder, EncoderConfig
+from jfe.models.base import Encoder, EncoderConfig, check_phase
 from jfe.models.feature_cache import feature_maps
 from jfe.models.text import TextTower
 from jfe.models.vision import TRUNK_MODULES, VisionTower
@@ -87,7 +87,8 @@ class TowerEncoder(Encoder):
     """Base for models on the shared towers: ``self.vision`` (MobileNetV2) and ``self.text`` (MiniLM).
 
     Subclasses list their new weights in :meth:`glue_modules`; ``set_trainable("align")`` trains only those,
-    ``"full"`` everything except the frozen part of the vision tower (all of it by default).
+    ``"align+vision"`` those and the trainable top of the vision tower (``vision_trainable_modules``), the
+    text tower frozen; ``"full"`` everything except the frozen part of the vision tower (all of it by default).
     """
 
     config: TowerConfig
@@ -102,10 +103,14 @@ class TowerEncoder(Encoder):
         raise NotImplementedError
 
     def set_trainable(self, phase: str) -> None:
-        if phase not in ("align", "full"):
-            raise ConfigError(f"unknown training phase {phase!r} (expected 'align' or 'full')")
+        check_phase(phase)
+        top = self.config.trained_vision_modules
+        if phase == "align+vision" and not top:
+            raise ConfigError("phase 'align+vision' trains the top of the vision tower, but this model keeps it "
+                              "all frozen: set vision_trainable_modules (e.g. --set "
+                              "model_overrides.vision_trainable_modules=5) or use phase 'align'")
         self.requires_grad_(phase == "full")
-        self.vision.set_trainable_top(self.config.trained_vision_modules if phase == "full" else 0)
+        self.vision.set_trainable_top(top if phase in ("full", "align+vision") else 0)
         for glue in self.glue_modules():
             glue.requires_grad_(True)
 

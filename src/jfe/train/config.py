@@ -28,7 +28,7 @@ class Phase(BaseModel):
     steps); the last phase may give neither and takes the remaining steps."""
 
     model_config = ConfigDict(extra="forbid")
-    trainable: Literal["align", "full"]
+    trainable: Literal["align", "align+vision", "full"]
     steps: int | None = Field(default=None, ge=0)
     fraction: float | None = Field(default=None, ge=0.0, le=1.0)
     lr: float | None = Field(default=None, gt=0, description="peak learning rate in this phase (default: lr)")
