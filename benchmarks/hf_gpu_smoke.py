@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,9 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ti
 
 
 def _machine() -> dict:
-    flags = [f for f in hardware.REPORTED_CPU_FLAGS if f in hardware.cpu_flags()]
-    info = {"cpu": platform.processor() or platform.machine(), "cpu_flags": flags, "cores": os.cpu_count(),
-            "torch": torch.__version__}
+    info = hardware.machine_summary()  # CPU model, flags, cores, torch: what every published figure names
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["bf16_supported"] = bool(torch.cuda.is_bf16_supported())
