@@ -146,6 +146,26 @@ def test_without_a_corpus_stage1_falls_back_loudly_and_models_register(tmp_path:
     assert entry.trained_with["budget"] == json.loads((plan.out / "curves.json").read_text())["budget"]
 
 
+def test_stage1_on_minibeir_is_a_stated_choice_even_when_a_corpus_is_built(tmp_path: Path) -> None:
+    from jfe.errors import ConfigError
+    from jfe.reproduce import ReproducePlan, stage1_source
+
+    corpus = tmp_path / "corpus"
+    (corpus / "query" / "train").mkdir(parents=True)
+    (corpus / "README.md").write_text("built\n")
+    (corpus / "query" / "train" / "mbeir_icons_task0_train.jsonl").write_text("")
+    plan = ReproducePlan(data=tmp_path / "minibeir", out=tmp_path / "out", configs=tmp_path, corpus=corpus)
+    assert stage1_source(plan)["corpus_used"] and stage1_source(plan)["task_weights"] == {0: 1.0}
+    plan.stage1_data = "minibeir"
+    chosen = stage1_source(plan)
+    # MiniBEIR's data with the stage-1 config's own task weights, and not reported as a fallback
+    assert chosen["data"] == plan.data and chosen["task_weights"] is None and not chosen["corpus_used"]
+    assert "--stage1-data minibeir" in chosen["message"] and "NOT USED" not in chosen["message"]
+    plan.stage1_data = "imagenet"
+    with pytest.raises(ConfigError, match="stage1_data"):
+        stage1_source(plan)
+
+
 @pytest.mark.slow
 @pytest.mark.assets
 def test_reproduce_with_the_real_models_and_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
