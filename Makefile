@@ -85,11 +85,11 @@ ablations: minibeir
 # The comparison at convergence (not part of the demo): learning curves of the four models to a plateau, 3 seeds
 # at that budget, bootstrap CIs. The published run (README) trains every model with configs/reproduce: stage 1
 # the long alignment (600 x 128 caption pairs, heads only) on MiniBEIR's own pairs, stage 2 with the top 5
-# MobileNetV2 modules trained; 600-step curves. STAGE1_DATA=corpus trains stage 1 on $(CORPUS) instead (built
+# MobileNetV2 modules trained; 480-step curves. STAGE1_DATA=corpus trains stage 1 on $(CORPUS) instead (built
 # first). Report under $(RUNS)/reproduce/report, copied into docs/results.
 CORPUS ?= $(PRETRAIN)
 STAGE1_DATA ?= minibeir
-REPRODUCE_ARGS ?= --configs configs/reproduce --stage1-steps 600 --curve-steps 600 --val-every 150
+REPRODUCE_ARGS ?= --configs configs/reproduce --stage1-steps 600 --curve-steps 480 --val-every 120
 reproduce: minibeir $(if $(filter corpus,$(STAGE1_DATA)),pretrain)
 	$(JFE) reproduce --data $(DATA) --corpus $(CORPUS) --stage1-data $(STAGE1_DATA) --out $(RUNS)/reproduce \
 	  --publish docs/results $(REPRODUCE_ARGS)

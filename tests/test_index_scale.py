@@ -296,5 +296,6 @@ def test_exact_auto_precision_follows_the_shared_cpu_detection(monkeypatch: pyte
     assert exact.resolve_precision("auto") == "bf16"
     monkeypatch.setenv("JFE_EXACT_PRECISION", "fp32")
     assert exact.resolve_precision("auto") == "fp32" and exact.resolve_precision("bf16") == "bf16"
-    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+    assert exact.resolve_precision(" BF16 ") == "bf16"  # the encoders' spellings
+    with pytest.raises(ValueError, match="unknown precision 'int4': expected one of auto, fp32, bf16"):
         exact.resolve_precision("int4")

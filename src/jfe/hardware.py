@@ -13,6 +13,14 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, cast
+
+from jfe.errors import ConfigError
+
+# the precisions users name (--precision, `precision` config keys); "auto" resolves per device
+Precision = Literal["auto", "fp32", "bf16"]
+ComputePrecision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 # /proc/cpuinfo flags meaning "this CPU multiplies bf16 natively" (AMX tiles, or AVX512 dot products). Without
 # them PyTorch emulates bf16 through fp32 conversions: the same numbers, but slower than plain fp32.
@@ -20,6 +28,18 @@ BF16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")
 # flags worth naming next to any published figure
 REPORTED_CPU_FLAGS: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
                                        "amx_int8")
+
+
+def check_precision(precision: str) -> Precision:
+    """``precision`` itself when it is one of ``auto``/``fp32``/``bf16`` (case-insensitive), else a ConfigError.
+
+    One check for the encoders, training and the exact index, so every ``--precision`` accepts the same
+    spellings and fails with the same message.
+    """
+    value = str(precision).strip().lower()
+    if value not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    return cast(Precision, value)
 
 
 def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:

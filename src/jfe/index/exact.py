@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from jfe.hardware import cpu_bf16_flags
+from jfe.hardware import ComputePrecision, Precision, check_precision, cpu_bf16_flags
 
-Precision = Literal["auto", "fp32", "bf16"]
 # Pool rows per chunk: a [256, 32768] fp32 score block is 32 MB, reused across chunks; 16k-64k measured
 # alike on the 2-core EPYC (docs/index_eval.md), smaller chunks pay more per-chunk merge overhead.
 CHUNK_ROWS = 32768
@@ -38,14 +37,17 @@ BF16_CANDIDATES = 32
 BF16_REL_ERROR = 2 * (3 * 2.0 ** -8 + 2.0 ** -16)
 
 
-def resolve_precision(precision: Precision | str) -> str:
-    """``auto`` -> ``bf16`` where the CPU has native bf16, else ``fp32``; the JFE_EXACT_PRECISION env wins."""
-    precision = os.environ.get("JFE_EXACT_PRECISION", precision) if precision == "auto" else precision
-    if precision == "auto":
+def resolve_precision(precision: Precision | str) -> ComputePrecision:
+    """``auto`` -> ``bf16`` where the CPU has native bf16, else ``fp32``; the JFE_EXACT_PRECISION env wins.
+
+    The spellings and the error (a ConfigError, a ValueError) are the encoders' (:func:`jfe.hardware.check_precision`).
+    """
+    value = check_precision(precision)
+    if value == "auto":
+        value = check_precision(os.environ.get("JFE_EXACT_PRECISION", "auto") or "auto")
+    if value == "auto":
         return "bf16" if cpu_bf16_flags() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"exact search precision must be auto, fp32 or bf16, got {precision!r}")
-    return precision
+    return value
 
 
 @dataclass(frozen=True)

@@ -22,27 +22,15 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Literal, cast
 
 import torch
 
-from jfe.errors import ConfigError
-from jfe.hardware import bf16_support
+from jfe.hardware import PRECISIONS, ComputePrecision, Precision, bf16_support, check_precision
 
-Precision = Literal["auto", "fp32", "bf16"]
-ComputePrecision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+__all__ = ["PRECISIONS", "ComputePrecision", "Precision", "autocast", "check_precision", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
-
-
-def check_precision(precision: str) -> Precision:
-    """``precision`` itself when it is one of ``auto``/``fp32``/``bf16`` (case-insensitive), else a ConfigError."""
-    value = str(precision).strip().lower()
-    if value not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    return cast(Precision, value)
 
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> ComputePrecision:
