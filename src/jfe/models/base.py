@@ -24,20 +24,11 @@ from tqdm.auto import tqdm
 
 from jfe.data.items import Item, as_item
 from jfe.errors import ConfigError
+from jfe.models.phases import check_phase
 from jfe.paths import atomic_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-PHASES: tuple[str, ...] = ("align", "align+vision", "full")
-
-
-def check_phase(phase: str) -> str:
-    """``phase`` when it is one of :data:`PHASES`, else a ConfigError listing them."""
-    if phase not in PHASES:
-        raise ConfigError(f"unknown training phase {phase!r} (expected one of {', '.join(map(repr, PHASES))})")
-    return phase
 
 
 class EncoderConfig(BaseModel):

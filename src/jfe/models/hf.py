@@ -43,10 +43,10 @@ from jfe.models.base import (
     WEIGHTS_NAME,
     Encoder,
     EncoderConfig,
-    check_phase,
     default_device,
     l2_normalize,
 )
+from jfe.models.phases import check_phase
 from jfe.paths import atomic_dir
 
 BACKBONE_DIR = "backbone"

@@ -13,8 +13,9 @@ from torch import nn
 
 from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError
-from jfe.models.base import Encoder, EncoderConfig, check_phase
+from jfe.models.base import Encoder, EncoderConfig
 from jfe.models.feature_cache import feature_maps
+from jfe.models.phases import check_phase
 from jfe.models.text import TextTower
 from jfe.models.vision import TRUNK_MODULES, VisionTower
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jfe.errors import ConfigError
+from jfe.models.phases import TrainablePhase
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,7 +29,7 @@ class Phase(BaseModel):
     steps); the last phase may give neither and takes the remaining steps."""
 
     model_config = ConfigDict(extra="forbid")
-    trainable: Literal["align", "align+vision", "full"]
+    trainable: TrainablePhase
     steps: int | None = Field(default=None, ge=0)
     fraction: float | None = Field(default=None, ge=0.0, le=1.0)
     lr: float | None = Field(default=None, gt=0, description="peak learning rate in this phase (default: lr)")
