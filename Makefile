@@ -89,7 +89,8 @@ ablations: minibeir
 # first). Report under $(RUNS)/reproduce/report, copied into docs/results.
 CORPUS ?= $(PRETRAIN)
 STAGE1_DATA ?= minibeir
-REPRODUCE_ARGS ?= --configs configs/reproduce --stage1-steps 600 --curve-steps 480 --val-every 120
+REPRODUCE_ARGS ?= --configs configs/reproduce --stage1-steps 600 --curve-steps 480 --val-every 120 \
+  --set val_max_queries=384 --set val_max_pool=200
 reproduce: minibeir $(if $(filter corpus,$(STAGE1_DATA)),pretrain)
 	$(JFE) reproduce --data $(DATA) --corpus $(CORPUS) --stage1-data $(STAGE1_DATA) --out $(RUNS)/reproduce \
 	  --publish docs/results $(REPRODUCE_ARGS)
