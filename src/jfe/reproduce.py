@@ -120,12 +120,17 @@ def stage1_source(plan: ReproducePlan) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ training
+def val_caps(plan: ReproducePlan) -> dict[str, int]:
+    """The curves' validation caps: the plan's, unless ``--set`` gave others (the report names these)."""
+    return {key: int(plan.overrides.get(key, getattr(plan, key))) for key in ("val_max_queries", "val_max_pool")}
+
+
 def _train(plan: ReproducePlan, run: str, stage: str, overrides: dict[str, Any]) -> Path:
     from jfe.train import train
 
     # the plan's validation caps are defaults `--set` may change; the orchestration's own keys (model, data,
     # output_dir, seed, steps, schedule) always win
-    caps = {"val_max_queries": plan.val_max_queries, "val_max_pool": plan.val_max_pool} if stage == "stage2" else {}
+    caps = val_caps(plan) if stage == "stage2" else {}
     merged = {**caps, **plan.overrides, **plan.run_overrides.get(run, {}), **overrides}
     return train(plan.configs / f"{stage}.toml", overrides=merged, resume=True, progress=True)
 
@@ -328,9 +333,10 @@ def _curves_section(plan: ReproducePlan, info: dict[str, Any], curves: dict[str,
                 else " and seed, retrained per seed."),
              f"Stage 2 on `{plan.data}`; learning curves (seed 0) up to {plan.curve_steps} steps at a constant "
              f"lr after warm-up, val R@5 every {plan.val_every} steps on capped val pools "
-             f"({plan.val_max_queries} queries, ≤ {plan.val_max_pool} candidates per pool).",
-             f"Seeds: {', '.join(map(str, plan.seeds))}. Machine: {info['machine']}. Wall time: "
-             f"{info['timings'].get('total', float('nan')):.0f} s.", "",
+             f"({val_caps(plan)['val_max_queries']} queries, ≤ {val_caps(plan)['val_max_pool']} candidates per pool).",
+             f"Seeds: {', '.join(map(str, plan.seeds))}. Machine: {info['machine']}. Wall time of this "
+             f"invocation: {info['timings'].get('total', float('nan')):.0f} s (steps an earlier, interrupted "
+             "invocation finished are skipped, not timed).", "",
              "## Learning curves and the budget", "",
              f"Plateau: the first validated step after which the average val R@5 (smoothed over "
              f"{plan.smoothing} point(s)) never gains more than {100 * plan.threshold:.1f} points.", "",
