@@ -135,6 +135,8 @@ def test_without_a_corpus_stage1_falls_back_loudly_and_models_register(tmp_path:
     assert not source["corpus_used"] and "PRETRAINING CORPUS NOT USED" in source["message"]
     report = run_reproduce(plan)
     assert "PRETRAINING CORPUS NOT USED" in report.read_text()
+    from jfe.hardware import cpu_model_name
+    assert f"Machine: {cpu_model_name()}" in report.read_text() and "CPU flags:" in report.read_text()
     stage1 = json.loads((plan.out / "models" / "jfe-toy" / "seed0" / "stage1" / "train_config.json").read_text())
     assert stage1["data"] == str(data)
     assert json.loads((plan.out / "curves.json").read_text())["budget"] == 2

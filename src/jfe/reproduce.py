@@ -456,17 +456,14 @@ def publish(report: Path, target: Path) -> list[Path]:
 
 
 def _machine() -> str:
+    """The CPU model, cores and the flags every published figure names (jfe.hardware), in one line."""
     import os
-    import platform
 
-    flags = ""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        have = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split())
-        flags = ", ".join(f"{'' if f in have else 'no '}{f}" for f in ("avx2", "avx512f", "amx_tile"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({flags})"
+    from jfe.hardware import REPORTED_CPU_FLAGS, cpu_flags, cpu_model_name
+
+    have = cpu_flags()
+    flags = " ".join(f for f in REPORTED_CPU_FLAGS if f in have) or "none of the reported flags"
+    return f"{cpu_model_name()}, {os.cpu_count()} cores (CPU flags: {flags})"
 
 
 def _register(plan: ReproducePlan, models: dict[str, str], finals: dict[str, Path], info: dict[str, Any]) -> None:
