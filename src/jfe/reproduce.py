@@ -56,8 +56,8 @@ class ReproducePlan:
     # (the stage-1 config's task weights), for every model alike
     stage1_data: str = "corpus"
     models: dict[str, str] = field(default_factory=dict)  # run name -> model name; default: the demo's four
-    # `make reproduce` passes 400-step curves (53 min on a 2-core AMX Xeon, README); stage 1 is trained
-    # once per model and shared by the seeds, so 180 steps cost what 3 x 60 per-seed steps did
+    # `make reproduce` passes its published settings (Makefile REPRODUCE_ARGS, README); stage 1 is trained
+    # once per model and shared by the seeds, so its steps are paid once per model, not per seed
     stage1_steps: int = 180
     shared_stage1: bool = True  # False: every seed retrains stage 1 with its own seed
     curve_steps: int = 200
@@ -326,14 +326,14 @@ def _modification_table(mods: list[dict[str, Any]], runs: dict[str, list[Any]]) 
 
 def _curves_section(plan: ReproducePlan, info: dict[str, Any], curves: dict[str, Any]) -> list[str]:
     """The report's head: how stage 1 and 2 ran, each model's plateau and the budget chosen from them."""
-    budget = info["budget"]
+    budget, caps = info["budget"], val_caps(plan)
     lines = ["# JFE reproduce: the comparison at convergence", "",
              f"Stage 1: {info['stage1']['message'].rstrip('.')}. {plan.stage1_steps} steps for every model"
              + (", trained once (seed 0) and shared by every seed: seeds vary stage 2 only." if plan.shared_stage1
                 else " and seed, retrained per seed."),
              f"Stage 2 on `{plan.data}`; learning curves (seed 0) up to {plan.curve_steps} steps at a constant "
              f"lr after warm-up, val R@5 every {plan.val_every} steps on capped val pools "
-             f"({val_caps(plan)['val_max_queries']} queries, ≤ {val_caps(plan)['val_max_pool']} candidates per pool).",
+             f"({caps['val_max_queries']} queries, ≤ {caps['val_max_pool']} candidates per pool).",
              f"Seeds: {', '.join(map(str, plan.seeds))}. Machine: {info['machine']}. Wall time of this "
              f"invocation: {info['timings'].get('total', float('nan')):.0f} s (steps an earlier, interrupted "
              "invocation finished are skipped, not timed).", "",
