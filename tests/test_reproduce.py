@@ -196,3 +196,15 @@ def test_reproduce_with_the_real_models_and_recipe(tmp_path: Path, monkeypatch: 
     recipe = load_config(CONFIGS / "stage2.toml")  # the demo preset extends jfe-mini's own stage 2
     assert entry.trained_with["stage2"]["lr"] == recipe.lr  # the recipe's config travels along
     assert entry.trained_with["stage2"]["temperature"] == recipe.temperature
+
+
+def test_timings_keep_each_steps_longest_time_and_this_invocations_total(tmp_path: Path) -> None:
+    from jfe.reproduce import _keep_longest
+
+    path = tmp_path / "timings.json"
+    _keep_longest(path, {"curve/a": 50.0})  # an interrupted first invocation: its finished step is kept
+    merged = _keep_longest(path, {"curve/a": 0.1, "seed1/a": 30.0, "total": 31.0})  # the rerun skips curve/a
+    assert merged == {"curve/a": 50.0, "seed1/a": 30.0, "total": 31.0}
+    merged = _keep_longest(path, {"curve/a": 0.0, "seed1/a": 0.0, "eval": 9.0, "total": 9.5})
+    assert merged == {"curve/a": 50.0, "seed1/a": 30.0, "eval": 9.0, "total": 9.5}
+    assert json.loads(path.read_text()) == merged

@@ -335,8 +335,8 @@ def _curves_section(plan: ReproducePlan, info: dict[str, Any], curves: dict[str,
              f"lr after warm-up, val R@5 every {plan.val_every} steps on capped val pools "
              f"({caps['val_max_queries']} queries, ≤ {caps['val_max_pool']} candidates per pool).",
              f"Seeds: {', '.join(map(str, plan.seeds))}. Machine: {info['machine']}. Wall time of this "
-             f"invocation: {info['timings'].get('total', float('nan')):.0f} s (steps an earlier, interrupted "
-             "invocation finished are skipped, not timed).", "",
+             f"invocation: {info['timings'].get('total', float('nan')):.0f} s (it reuses what earlier invocations "
+             "finished; each step's own cost, the longest any invocation took, is in timings.json).", "",
              "## Learning curves and the budget", "",
              f"Plateau: the first validated step after which the average val R@5 (smoothed over "
              f"{plan.smoothing} point(s)) never gains more than {100 * plan.threshold:.1f} points.", "",
@@ -488,9 +488,11 @@ def _register(plan: ReproducePlan, models: dict[str, str], finals: dict[str, Pat
 
 def _keep_longest(path: Path, timings: dict[str, float]) -> dict[str, float]:
     """Per step, the longest time any invocation took: a cached rerun skips finished work in ~0 s, and
-    the report should show what the work cost, not the rerun."""
+    the report should show what the work cost, not the rerun. Steps only earlier invocations ran are kept;
+    "total" is this invocation's wall time, never a maximum."""
     previous = json.loads(path.read_text()) if path.exists() else {}
-    merged = {k: max(float(previous.get(k, 0.0)), v) for k, v in timings.items()}
+    merged = {**previous, **{k: v if k == "total" else max(float(previous.get(k, 0.0)), v)
+                             for k, v in timings.items()}}
     with atomic_write(path) as handle:
         handle.write(json.dumps(merged, indent=2) + "\n")
     return merged
@@ -519,6 +521,7 @@ def run_reproduce(plan: ReproducePlan) -> Path:
         curves[run] = curve.to_json()
         plateaus[run] = plateau(curve.steps, curve.values["average"], plan.threshold, plan.smoothing)
         timings[f"curve/{run}"] = round(time.time() - t0, 1)
+        _keep_longest(plan.out / "timings.json", timings)  # each step as it ends: an interrupted run keeps them
     # at least one validated step of stage 2: a plateau at step 0 (stage 2 does not help) still trains
     budget = max(plan.val_every, common_budget(list(plateaus.values()), next(iter(curves.values()))["steps"]))
     _log(f"plateaus: {', '.join(f'{r} {p.step}' for r, p in plateaus.items())} -> budget {budget} steps")
@@ -530,6 +533,7 @@ def run_reproduce(plan: ReproducePlan) -> Path:
             t0 = time.time()
             checkpoints[(run, seed)] = train_seed(plan, run, model, seed, budget, source)
             timings[f"seed{seed}/{run}"] = round(time.time() - t0, 1)
+            _keep_longest(plan.out / "timings.json", timings)
     ordered = {key: checkpoints[key] for seed in plan.seeds for key in [(r, seed) for r in models]}
     t0 = time.time()
     evals = evaluate_all(plan, ordered)
