@@ -79,8 +79,9 @@ def test_reproduce_writes_curves_budget_seeds_and_margins(reproduced: tuple) -> 
             assert cfg["model"] == str(plan.out / "models" / run / "seed0" / "stage1" / "final")
             assert not (plan.out / "models" / run / f"seed{seed}" / "stage1").exists()
         assert json.loads((plan.out / "models" / run / "seed0" / "budget.json").read_text())["budget"] == budget
-        # the curve's checkpoints are pruned once the budget's model is out
-        assert not (plan.out / "models" / run / "seed0" / "curve" / "checkpoints").exists()
+        # once the budget's model is out only the curve's newest checkpoint stays, with its trainer state
+        kept = sorted((plan.out / "models" / run / "seed0" / "curve" / "checkpoints").glob("step-*"))
+        assert [p.name for p in kept] == ["step-0000008"] and (kept[0] / "trainer_state.pt").exists()
         assert (plan.out / "models" / run / "seed0" / "curve" / "final" / "config.json").exists()
     curve_cfg = json.loads((plan.out / "models" / "jfe-toy" / "seed0" / "curve" / "train_config.json").read_text())
     assert curve_cfg["val_max_queries"] == 16 and curve_cfg["val_every"] == 2 and curve_cfg["schedule"] == "constant"
@@ -116,6 +117,32 @@ def test_rerun_is_cached_and_publish_rewrites_links(reproduced: tuple, tmp_path:
             "reproduce_local_seeds.md"} <= files
     text = (tmp_path / "docs" / "reproduce_report.md").read_text()
     assert "](reproduce_learning_curves.png)" in text and "](reproduce_local_seeds.md)" in text
+
+
+def test_a_longer_curve_continues_and_seeds_at_another_budget_are_refused(reproduced: tuple,
+                                                                         tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from jfe.errors import ConfigError
+    from jfe.reproduce import run_reproduce
+
+    plan, _ = reproduced
+    out = tmp_path / "out"
+    shutil.copytree(plan.out, out)
+    seed1 = out / "models" / "two-tower-toy" / "seed1" / "stage2"
+    config = json.loads((seed1 / "train_config.json").read_text())
+    (seed1 / "train_config.json").write_text(json.dumps({**config, "steps": 999}))
+    with pytest.raises(ConfigError, match=f"delete them to retrain at .*{seed1}"):
+        run_reproduce(replace(plan, out=out))
+    curve = out / "models" / "jfe-toy" / "seed0" / "curve"
+    before = [json.loads(line) for line in (curve / "metrics.jsonl").read_text().splitlines()]
+    run_reproduce(replace(plan, out=out, curve_steps=12, seeds=(0,)))
+    after = [json.loads(line) for line in (curve / "metrics.jsonl").read_text().splitlines()]
+    assert after[:len(before)] == before  # continued from step 8, not retrained from 0
+    summary = json.loads((out / "curves.json").read_text())
+    assert summary["curves"]["jfe-toy"]["steps"] == [0, 2, 4, 6, 8, 10, 12]
+    budget = json.loads((out / "models" / "jfe-toy" / "seed0" / "budget.json").read_text())["budget"]
+    assert budget == summary["budget"]
 
 
 def test_without_a_corpus_stage1_falls_back_loudly_and_models_register(tmp_path: Path,

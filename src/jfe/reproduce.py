@@ -74,7 +74,7 @@ class ReproducePlan:
     overrides: dict[str, Any] = field(default_factory=dict)  # training-config keys for every stage and model
     run_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> extra keys (both stages)
     register: bool = True
-    prune: bool = True  # drop the curve's intermediate checkpoints once the budget's model is extracted
+    prune: bool = True  # drop the curve's older checkpoints once the budget's model is extracted
 
 
 def _log(message: str) -> None:
@@ -168,10 +168,11 @@ def extract_budget_model(plan: ReproducePlan, run: str, curve_dir: Path, budget:
     marker = final.parent / "budget.json"
     if (final / "config.json").exists():
         done = json.loads(marker.read_text()) if marker.exists() else {}
-        if done.get("budget") != budget:
-            raise ConfigError(f"{final} holds the model at step {done.get('budget')}, but the budget is now "
-                              f"{budget}; delete {plan.out / 'models'} seed folders to redo the seeds")
-        return final
+        if done.get("budget") == budget:
+            return final
+        # a copy of a curve checkpoint, nothing trained: taken again at the new budget (a longer curve)
+        _log(f"{run} seed 0: the budget moved from {done.get('budget')} to {budget}; re-extracting")
+        shutil.rmtree(final)
     source = curve_dir / "final" if budget >= plan.curve_steps else \
         curve_dir / "checkpoints" / f"step-{budget:07d}" / "model"
     if not (source / "config.json").exists():
@@ -181,9 +182,21 @@ def extract_budget_model(plan: ReproducePlan, run: str, curve_dir: Path, budget:
     load_model(source, device="cpu").save_pretrained(final)
     with atomic_write(marker) as handle:
         handle.write(json.dumps({"budget": budget, "from": str(source)}) + "\n")
-    if plan.prune:  # the finished curve run needs no checkpoint (its final/ and train_done.json mark it done)
-        shutil.rmtree(curve_dir / "checkpoints", ignore_errors=True)
+    if plan.prune:  # only the newest checkpoint (with its trainer state): a longer --curve-steps continues it
+        for ckpt in sorted((curve_dir / "checkpoints").glob("step-*"))[:-1]:
+            shutil.rmtree(ckpt, ignore_errors=True)
     return final
+
+
+def _seed_budgets(plan: ReproducePlan, models: dict[str, str]) -> dict[Path, int]:
+    """The stage-2 folder of every finished seed (not 0) and the steps it was trained for."""
+    found = {}
+    for run in models:
+        for seed in [s for s in plan.seeds if s != 0]:
+            folder = plan.out / "models" / run / f"seed{seed}" / "stage2"
+            if (folder / "final" / "config.json").exists():
+                found[folder] = int(json.loads((folder / "train_config.json").read_text())["steps"])
+    return found
 
 
 def train_seed(plan: ReproducePlan, run: str, model: str, seed: int, budget: int, source: dict[str, Any]) -> Path:
@@ -525,6 +538,10 @@ def run_reproduce(plan: ReproducePlan) -> Path:
     # at least one validated step of stage 2: a plateau at step 0 (stage 2 does not help) still trains
     budget = max(plan.val_every, common_budget(list(plateaus.values()), next(iter(curves.values()))["steps"]))
     _log(f"plateaus: {', '.join(f'{r} {p.step}' for r, p in plateaus.items())} -> budget {budget} steps")
+    stale = [folder for folder, steps in _seed_budgets(plan, models).items() if steps != budget]
+    if stale:  # trained seeds are never deleted for the user: hours of work, and the old report needs them
+        raise ConfigError(f"the budget is now {budget} stage-2 steps, but these seeds were trained to another "
+                          f"budget; delete them to retrain at {budget}: " + ", ".join(map(str, stale)))
     checkpoints: dict[tuple[str, int], Path] = {}
     for run in models:
         checkpoints[(run, 0)] = extract_budget_model(plan, run, curve_dirs[run], budget)
