@@ -129,6 +129,25 @@ def test_mobilenet_features_are_sensible() -> None:
     assert fold_batchnorm(tower.features) is not tower.features
 
 
+def test_preprocess_reduces_very_large_images_first_and_leaves_the_rest_exact() -> None:
+    from jfe.models.vision import REDUCING_GAP, preprocess
+
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).resize((2400, 1800))
+
+    def direct(image: Image.Image, size: int) -> torch.Tensor:  # pad on white, one bicubic resize
+        side = max(image.size)
+        canvas = Image.new("RGB", (side, side), (255, 255, 255))
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        return preprocess([canvas.resize((size, size), Image.Resampling.BICUBIC)], size)
+
+    exact = photo.resize((2 * REDUCING_GAP * 64 - 1, 300))  # just under the reduction threshold at size 64
+    assert torch.equal(preprocess([exact], 64), direct(exact, 64))
+    fast, slow = preprocess([photo], 64), direct(photo, 64)  # 2400 px: box-reduced 12x (to 200 px) before the resize
+    assert not torch.equal(fast, slow)
+    assert (fast - slow).abs().mean() < 0.02 and (fast - slow).abs().max() < 0.2  # normalised units
+
+
 # --------------------------------------------------------------------------------------------- every model
 
 

@@ -8,6 +8,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -360,6 +361,54 @@ def test_load_image_rgba_on_white(tmp_path: Path) -> None:
     palette.info["transparency"] = 0
     assert to_rgb(palette).getpixel((0, 0)) == (255, 255, 255)
     assert load_image(_png(tmp_path / "grey.png", mode="L", colour=128)).getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_load_image_scales_16_bit_and_float_images_instead_of_clipping(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    path = tmp_path / "scan16.png"
+    Image.fromarray(ramp).save(path)  # PIL opens it as I;16: a plain convert("RGB") is 99 % white
+    grey = np.asarray(load_image(path))[..., 0].astype(int)
+    assert grey.min() == 0 and grey.max() == 255 and 120 < grey.mean() < 136
+    assert np.abs(grey.ravel() - np.round(ramp.ravel() / 257)).max() <= 1
+    unit = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F")
+    assert load_image(unit).getpixel((0, 0)) == (128, 128, 128)
+
+
+def _jpeg_with_orientation(path: Path, size: tuple[int, int], orientation: int) -> Path:
+    image = Image.new("RGB", size, (255, 255, 255))
+    image.paste((200, 0, 0), (0, 0, size[0] // 4, size[1]))  # a red band on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, quality=95, exif=exif)
+    return path
+
+
+def test_load_image_applies_the_exif_orientation(tmp_path: Path) -> None:
+    # orientation 6: the camera stored the photo turned; viewers rotate it 90 degrees clockwise
+    path = _jpeg_with_orientation(tmp_path / "phone.jpg", (40, 20), 6)
+    upright = load_image(path)
+    assert upright.size == (20, 40)
+    assert upright.getpixel((10, 2))[1] < 60 and upright.getpixel((10, 37))[1] > 200  # the band is on top now
+    with Image.open(path) as opened:  # the same photo handed over as a PIL image comes out the same
+        assert load_image(opened).tobytes() == upright.tobytes()
+    assert load_image(path.read_bytes()).tobytes() == upright.tobytes()
+
+
+def test_load_image_decodes_a_large_jpeg_at_reduced_scale_only_when_asked(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize((1600, 1200))
+    big = tmp_path / "big.jpg"
+    photo.save(big, quality=90)
+    assert load_image(big).size == (1600, 1200)
+    reduced = load_image(big, min_side=224)
+    assert reduced.size == (400, 300)  # 1/4: the smallest decoder scale that keeps both sides >= 224
+    assert load_image(big.read_bytes(), min_side=224).size == (400, 300)
+    small = tmp_path / "small.jpg"
+    photo.resize((300, 240)).save(small, quality=90)  # under 2x min_side: decoded exactly
+    assert load_image(small, min_side=224).tobytes() == load_image(small).tobytes()
+    png = tmp_path / "big.png"
+    photo.save(png)  # not a JPEG: no decoder scaling
+    assert load_image(png, min_side=224).size == (1600, 1200)
 
 
 # ---------------------------------------------------------------------------------------------- items

@@ -6,7 +6,8 @@ import io
 import os
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from jfe.errors import DataError
 
@@ -14,9 +15,25 @@ from jfe.errors import DataError
 MAX_PIXELS = 40_000_000
 
 
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """8-bit grey from a 16/32-bit integer or float image, scaled rather than clipped: PIL's own
+    ``convert("RGB")`` clips at 255, which turns a 16-bit scan or microscope image almost all white."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "F":  # float images come as [0, 1] or as 8-bit-range values
+        scale = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
+    else:  # 16-bit (I;16*, and 16-bit PNGs that PIL opens as I); wider integers by their own range
+        peak = float(values.max()) if values.size else 0.0
+        scale = 65535.0 if peak <= 65535 else peak
+    grey = np.clip(np.nan_to_num(values / scale * 255.0), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(grey, mode="L")
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """RGB with transparent areas composited onto a white background (emoji have alpha)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    """RGB with transparent areas composited onto a white background (emoji have alpha); 16-bit and
+    float images are scaled to 8 bits."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _high_depth_to_l(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, background)
         canvas.paste(rgba, mask=rgba.getchannel("A"))
@@ -24,9 +41,22 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: phone photos are often stored sideways with an EXIF
+    orientation tag, which viewers (and other retrieval stacks) apply."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block must not make a readable image unreadable
+        return image
+
+
 def load_image(source: str | os.PathLike | bytes | Image.Image, *, item_id: str | None = None,
-               max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open an image from a path, raw bytes or a PIL image and return it as RGB.
+               max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """Open an image from a path, raw bytes or a PIL image and return it upright (EXIF orientation) as RGB.
+
+    ``min_side``: the smallest size the caller needs on each side. A JPEG far larger than that is decoded
+    at a reduced scale (1/2, 1/4 or 1/8, never below ``min_side``): a 12-megapixel photo then decodes
+    several times faster and takes a fraction of the memory, while anything smaller is decoded exactly.
 
     Raises :class:`DataError` naming the item and the file when the image is missing, unreadable,
     or larger than ``max_pixels``.
@@ -35,7 +65,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, *, item_id: str 
         if source.width * source.height > max_pixels:
             raise DataError(f"image has {source.width}x{source.height} pixels, over the limit of "
                             f"{max_pixels}", record_id=item_id)
-        return to_rgb(source)
+        return to_rgb(upright(source))
     where = None if isinstance(source, bytes) else str(source)
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source).open("rb")  # noqa: SIM115
@@ -49,8 +79,10 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, *, item_id: str 
                 if probe.width * probe.height > max_pixels:
                     raise DataError(f"image has {probe.width}x{probe.height} pixels, over the limit of "
                                     f"{max_pixels}", path=where, record_id=item_id)
+                if min_side is not None and probe.format == "JPEG":
+                    probe.draft("RGB", (min_side, min_side))  # the decoder's own downscaling, >= min_side
                 probe.load()
-                return to_rgb(probe)
+                return to_rgb(upright(probe))
         except DataError:
             raise
         except Image.DecompressionBombError as exc:

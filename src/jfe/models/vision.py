@@ -25,7 +25,11 @@ FEATURE_DIM = 1280
 # modules of MobileNetV2's trunk (``features``): stem conv, 17 inverted-residual blocks, final 1x1 conv
 TRUNK_MODULES = 19
 # bump when preprocessing changes: it is part of the feature-cache key
-PREPROCESS_VERSION = 1
+# 2: EXIF orientation applied, large images reduced before the bicubic resize, 16-bit images scaled
+PREPROCESS_VERSION = 2
+# images larger than REDUCING_GAP x 2 x the input size are box-reduced to >= REDUCING_GAP x the input size
+# first; PIL's documentation calls a gap of 3 indistinguishable from a direct resize in most cases
+REDUCING_GAP = 3
 
 # (expansion t, output channels c, repeats n, first stride s): torchvision's inverted_residual_setting
 _SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -125,6 +129,10 @@ def preprocess(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
         if image.mode != "RGB":
             image = image.convert("RGB")
         w, h = image.size
+        factor = max(w, h) // (REDUCING_GAP * image_size)
+        if factor >= 2:  # a box reduction first, as PIL's reducing_gap does: a 4000-px PNG resizes ~10x faster
+            image = image.reduce(factor)
+            w, h = image.size
         if w != h:
             side = max(w, h)
             canvas = Image.new("RGB", (side, side), (255, 255, 255))
