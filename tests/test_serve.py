@@ -205,6 +205,32 @@ def test_corrupt_image_is_422(client: TestClient) -> None:
     assert "image" in error_of(response)["message"]
 
 
+class _SizedToy(ToyEncoder):
+    """A toy that, like jfe-mini, reads images at a fixed side."""
+
+    @property
+    def image_input_size(self) -> int | None:
+        return 224
+
+
+def test_uploads_decode_large_jpegs_like_indexed_files(tmp_path: Path, index: VectorIndex) -> None:
+    from jfe.data.images import load_image
+    from jfe.serve.inputs import open_image
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).resize((1600, 1200))
+    path = tmp_path / "photo.jpg"
+    photo.save(path, quality=90)
+    sized = create_app(_SizedToy(), index, ServeSettings())
+    assert sized.state.settings.image_min_side == 224  # taken from the model
+    assert create_app(ToyEncoder(), index, ServeSettings()).state.settings.image_min_side is None
+    uploaded = open_image(path.read_bytes(), sized.state.settings, "image")
+    assert uploaded.size == (400, 300)  # reduced at decode, as the model's own loader reads the file
+    assert uploaded.tobytes() == load_image(path, min_side=224).tobytes()
+    with TestClient(sized) as c:
+        assert c.post("/search", files={"image": ("p.jpg", path.read_bytes(), "image/jpeg")}).status_code == 200
+
+
 def test_image_bytes_limit_is_413(model, index) -> None:  # noqa: ANN001
     raw = png_bytes(size=(64, 64))
     with make_client(model, index, max_image_bytes=len(raw) - 1) as c:

@@ -67,6 +67,12 @@ class Encoder(torch.nn.Module):
         return self.config.embed_dim
 
     @property
+    def image_input_size(self) -> int | None:
+        """The side in pixels this model's vision reads (None: it has no fixed one). Image loaders use it to
+        decode large photos at a reduced scale that is still at least this size."""
+        return None
+
+    @property
     def device(self) -> torch.device:
         try:
             return next(self.parameters()).device

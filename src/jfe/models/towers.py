@@ -100,6 +100,10 @@ class TowerEncoder(Encoder):
         self.text = TextTower(config.max_text_tokens, pretrained=config.pretrained)
         self.vision.set_trainable_top(config.trained_vision_modules)
 
+    @property
+    def image_input_size(self) -> int | None:
+        return self.config.image_size
+
     def glue_modules(self) -> list[nn.Module | nn.Parameter]:
         raise NotImplementedError
 

@@ -72,6 +72,8 @@ def _add_middleware(app: FastAPI, settings: ServeSettings) -> None:
 def create_app(model: Any, index: Any, settings: ServeSettings | None = None) -> FastAPI:
     """Build the service around an encoder (``encode``/``dim``) and a :class:`~jfe.index.VectorIndex`."""
     settings = settings or ServeSettings()
+    if settings.image_min_side is None:  # uploads decode like indexed files, so one photo embeds the same
+        settings = settings.model_copy(update={"image_min_side": getattr(model, "image_input_size", None)})
     if int(model.dim) != int(index.dim):
         raise ConfigError(f"the model embeds in {model.dim} dimensions but the index holds {index.dim}: "
                           "serve the model the index was built with")

@@ -135,7 +135,7 @@ def open_image(raw: bytes, settings: ServeSettings, what: str) -> Image.Image:
         raise ApiError(413, f"{what}: image has {width}x{height} pixels, over the limit of {settings.max_pixels}",
                        "image_too_large")
     try:
-        return load_image(raw, item_id=what, max_pixels=settings.max_pixels)
+        return load_image(raw, item_id=what, max_pixels=settings.max_pixels, min_side=settings.image_min_side)
     except DataError as exc:
         raise ApiError(422, f"{what}: {exc.message}", "invalid_image") from None
 

@@ -31,6 +31,8 @@ class ServeSettings(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first request of a batch waits for company")
     image_formats: tuple[str, ...] = Field(("PNG", "JPEG", "GIF", "WEBP", "BMP"),
                                            description="accepted image formats (PIL names)")
+    image_min_side: int | None = Field(None, ge=1, description="decode large JPEGs at a reduced scale of at "
+                                       "least this side (default: the model's image input size), as files are")
 
 
 # --------------------------------------------------------------------------------------- embeddings
