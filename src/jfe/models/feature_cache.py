@@ -234,6 +234,12 @@ def _memory_put(entry_key: tuple[str, str], tensor: torch.Tensor, budget: int) -
 VISION_CHUNK = 8
 
 
+def _decode(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str | None]) -> list[Image.Image]:
+    """Decoded RGB images, large JPEGs at a reduced scale no smaller than the tower's input."""
+    return [load_image(image, item_id=item_id, min_side=tower.image_size)
+            for image, item_id in zip(images, ids, strict=True)]
+
+
 def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str | None] | None = None,
                  batch_size: int = VISION_CHUNK) -> torch.Tensor:
     """Last feature maps ``[n, 1280, h, w]`` (float32, on the tower's device) for ``images``.
@@ -250,7 +256,7 @@ def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[
     # agree, and bf16 through MobileNetV2 moves embeddings far below the 0.999 parity (docs/models.md)
     with torch.autocast(device.type, enabled=False):
         if tower.split == 0:
-            pil = [load_image(image, item_id=item_id, min_side=tower.image_size) for image, item_id in zip(images, ids, strict=True)]
+            pil = _decode(tower, images, ids)
             return tower.features_of(pil) if pil else torch.empty(0, device=device)
         maps = _frozen_feature_maps(tower, images, ids, conf, device, batch_size)
         return tower.trained_part(maps) if len(maps) else maps
@@ -259,7 +265,7 @@ def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[
 def _frozen_feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: list[str | None],
                          conf: CacheSettings, device: torch.device, batch_size: int) -> torch.Tensor:
     if not conf.enabled:
-        pil = [load_image(image, item_id=item_id, min_side=tower.image_size) for image, item_id in zip(images, ids, strict=True)]
+        pil = _decode(tower, images, ids)
         out = [tower.frozen_part_of(pil[i:i + batch_size]) for i in range(0, len(pil), batch_size)]
         return torch.cat(out) if out else torch.empty(0, device=device)
 
@@ -292,7 +298,7 @@ def _frozen_feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: l
     _store.stats.misses += len(todo)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        pil = [load_image(images[i], item_id=ids[i], min_side=tower.image_size) for _, i in chunk]
+        pil = _decode(tower, [images[i] for _, i in chunk], [ids[i] for _, i in chunk])
         computed = tower.frozen_part_of(pil).to("cpu", conf.torch_dtype)
         for (sha, _), tensor in zip(chunk, computed, strict=True):
             tensor = tensor.clone()  # detach from the batch's storage, so eviction frees memory
