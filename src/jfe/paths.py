@@ -10,6 +10,16 @@ from pathlib import Path
 from typing import IO
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once: os.umask can only be read by setting it, which must not race with other threads later
+_UMASK = _process_umask()
+
+
 def cache_dir() -> Path:
     """The cache root: ``$JFE_CACHE`` if set, else ``~/.cache/jfe``. Created on demand."""
     root = Path(os.environ.get("JFE_CACHE") or Path.home() / ".cache" / "jfe").expanduser()
@@ -27,6 +37,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (or the one it replaces), so an
+        # index or a report stays readable by the service or the group that read the old one
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
@@ -44,6 +57,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a plain mkdir would not
     import shutil
 
     try:
