@@ -7,7 +7,8 @@ quarter also carry a text, as composed queries do) with the pretrained towers at
   autocast, and the cosine of the pooled features;
 * jfe-mini's embeddings (``--model``, default the untrained ``jfe-mini``; a trained folder is better) with the
   language model in bf16 and the tower in fp32 (the package's bf16 path), and with the tower in bf16 too:
-  cosine to fp32 and the share of image queries whose top-10 in a pool of the other items is unchanged.
+  cosine to fp32 and the share of image queries whose top-10 in a pool of the other items is unchanged,
+  with bf16's score noise and the fp32 gap between ranks 10 and 11 of the queries whose top-10 changed.
 
     python benchmarks/vision_bf16_parity.py --out runs/bench/vision_bf16_parity.json
 """
@@ -36,6 +37,19 @@ from search_latency import _time  # noqa: E402  (warm-up, then timed repeats)
 def _top10_same(vectors: np.ndarray, reference: np.ndarray, queries: int) -> float:
     ranked = [np.argsort(-(v[:queries] @ v[queries:].T), axis=1)[:, :10] for v in (reference, vectors)]
     return float(np.mean([set(a) == set(b) for a, b in zip(*ranked, strict=True)]))
+
+
+def _near_ties(vectors: np.ndarray, reference: np.ndarray, queries: int) -> dict[str, object]:
+    """Is a lost top-10 a near-tie? bf16's score noise against the fp32 gap between ranks 10 and 11."""
+    ref_scores, scores = (v[:queries] @ v[queries:].T for v in (reference, vectors))
+    noise = np.abs(ref_scores - scores)
+    order = np.argsort(-ref_scores, axis=1)
+    tenth, eleventh = (np.take_along_axis(ref_scores, order[:, r:r + 1], 1)[:, 0] for r in (9, 10))
+    gaps = tenth - eleventh
+    changed = [set(a[:10]) != set(b) for a, b in zip(order, np.argsort(-scores, axis=1)[:, :10], strict=True)]
+    return {"score_noise_median": float(np.median(noise)), "score_noise_p99": float(np.quantile(noise, 0.99)),
+            "score_noise_max": float(noise.max()), "rank10_11_gap_median": float(np.median(gaps)),
+            "rank10_11_gap_of_changed": sorted(round(float(g), 6) for g, c in zip(gaps, changed, strict=True) if c)}
 
 
 def main() -> None:
@@ -96,9 +110,14 @@ def main() -> None:
     for name, vectors in variants.items():
         cosine = (reference * vectors).sum(1)
         rows[name] = {"cosine_min": round(float(cosine.min()), 5), "cosine_median": round(float(np.median(cosine)), 5),
-                      "top10_same": round(_top10_same(vectors, reference, queries), 3)}
+                      "top10_same": round(_top10_same(vectors, reference, queries), 3),
+                      "near_ties": _near_ties(vectors, reference, queries)}
         print(f"{name}: cosine min {rows[name]['cosine_min']}, median {rows[name]['cosine_median']}, "
               f"same image->image top-10 for {100 * rows[name]['top10_same']:.0f} % of {queries} queries")
+        ties = rows[name]["near_ties"]
+        print(f"  score noise median {ties['score_noise_median']:.1e}, p99 {ties['score_noise_p99']:.1e}; fp32 gap "
+              f"between ranks 10 and 11: median {ties['rank10_11_gap_median']:.1e}, of the changed queries "
+              f"{ties['rank10_11_gap_of_changed']}")
     result = {"machine": machine_summary(), "model": args.model, "items": len(items), "tower": tower,
               "embeddings": rows}
     if args.out:
