@@ -372,6 +372,8 @@ def test_load_image_scales_16_bit_and_float_images_instead_of_clipping(tmp_path:
     assert np.abs(grey.ravel() - np.round(ramp.ravel() / 257)).max() <= 1
     unit = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F")
     assert load_image(unit).getpixel((0, 0)) == (128, 128, 128)
+    eight_bit_in_32 = Image.fromarray(np.full((4, 4), 200, dtype=np.int32), mode="I")  # e.g. from a TIFF
+    assert load_image(eight_bit_in_32).getpixel((0, 0)) == (200, 200, 200)
 
 
 def _jpeg_with_orientation(path: Path, size: tuple[int, int], orientation: int) -> Path:

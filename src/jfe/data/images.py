@@ -21,9 +21,11 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
     values = np.asarray(image).astype(np.float64)
     if image.mode == "F":  # float images come as [0, 1] or as 8-bit-range values
         scale = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
-    else:  # 16-bit (I;16*, and 16-bit PNGs that PIL opens as I); wider integers by their own range
+    elif image.mode.startswith("I;16"):
+        scale = 65535.0
+    else:  # "I" is a 32-bit container: 16-bit PNGs open as it, some TIFFs hold 8-bit values in it
         peak = float(values.max()) if values.size else 0.0
-        scale = 65535.0 if peak <= 65535 else peak
+        scale = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
     grey = np.clip(np.nan_to_num(values / scale * 255.0), 0, 255).round().astype(np.uint8)
     return Image.fromarray(grey, mode="L")
 
@@ -45,6 +47,8 @@ def upright(image: Image.Image) -> Image.Image:
     """The image as it is meant to be seen: phone photos are often stored sideways with an EXIF
     orientation tag, which viewers (and other retrieval stacks) apply."""
     try:
+        if image.getexif().get(0x0112, 1) in (0, 1):  # no turn needed: skip exif_transpose's copy
+            return image
         return ImageOps.exif_transpose(image)
     except Exception:  # a malformed EXIF block must not make a readable image unreadable
         return image
