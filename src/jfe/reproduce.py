@@ -398,7 +398,8 @@ def _pool_section(plan: ReproducePlan, pool: str, runs: dict[str, list[Path]], r
     seed_md = write_seed_report(results, report / pool, title=f"JFE reproduce, {pool} pool, across seeds")
     _, ours, baselines = _resolve_roles({n: rs[0] for n, rs in results.items()}, None, None)
     lines = [f"## {pool.capitalize()} pool ({plan.split} split)", "",
-             f"Per-category R@5 mean ± sd over {len(plan.seeds)} seeds: [{pool}/seeds.md]({pool}/seeds.md).", ""]
+             (f"Per-category R@5 mean ± sd over {len(plan.seeds)} seeds" if len(plan.seeds) > 1 else
+              f"Per-category R@5 of seed {plan.seeds[0]} alone (no sd)") + f": [{pool}/seeds.md]({pool}/seeds.md).", ""]
     lines += seed_category_table(results)
     if not ours or not baselines:
         return lines + ["", "(no one-tower run or no late-fusion baselines: no margins)", ""], None
