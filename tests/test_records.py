@@ -408,6 +408,11 @@ def test_load_image_decodes_a_large_jpeg_at_reduced_scale_only_when_asked(tmp_pa
     small = tmp_path / "small.jpg"
     photo.resize((300, 240)).save(small, quality=90)  # under 2x min_side: decoded exactly
     assert load_image(small, min_side=224).tobytes() == load_image(small).tobytes()
+    mpo = tmp_path / "phone.jpg"
+    photo.save(mpo, format="MPO", save_all=True, append_images=[photo.resize((160, 120))])  # as phones write
+    with Image.open(mpo) as opened:
+        assert opened.format == "MPO"
+    assert load_image(mpo, min_side=224).size == (400, 300)
     png = tmp_path / "big.png"
     photo.save(png)  # not a JPEG: no decoder scaling
     assert load_image(png, min_side=224).size == (1600, 1200)

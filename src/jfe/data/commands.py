@@ -164,11 +164,12 @@ def data_pool_from_folder(
     dataset_id: int = typer.Option(1, "--dataset-id", min=0, help="The N of the ids N:1, N:2, ..."),
     captions: bool = typer.Option(True, "--captions/--no-captions",
                                   help="Use a sidecar NAME.txt as the image's caption (image,text record)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
 ) -> None:
     """Write an M-BEIR candidate pool of every readable image under FOLDER (its data root), for `jfe index build`."""
     from jfe.data.folder import pool_from_folder
 
-    pool = pool_from_folder(folder, out, dataset_id=dataset_id, captions=captions)
+    pool = pool_from_folder(folder, out, dataset_id=dataset_id, captions=captions, progress=progress)
     err = _console(stderr=True)
     for relative, why in pool.skipped:
         err.print(f"skipped {folder / relative}: {why}", markup=False)

@@ -64,8 +64,10 @@ def _caption(image: Path) -> str | None:
 
 
 def pool_from_folder(folder: str | os.PathLike, out: str | os.PathLike, dataset_id: int = 1,
-                     captions: bool = True) -> FolderPool:
+                     captions: bool = True, progress: bool = False) -> FolderPool:
     """Write a candidate pool of every readable image under ``folder`` to ``out`` (see the module docstring)."""
+    from tqdm.auto import tqdm
+
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise DataError("not a folder", path=str(folder))
@@ -73,7 +75,7 @@ def pool_from_folder(folder: str | os.PathLike, out: str | os.PathLike, dataset_
         raise DataError(f"dataset_id must be >= 0, got {dataset_id}")
     candidates: list[Candidate] = []
     skipped: list[tuple[str, str]] = []
-    for image in _image_files(folder):
+    for image in tqdm(_image_files(folder), desc="images", unit="img", disable=not progress):
         relative = image.relative_to(folder).as_posix()
         reason = _unreadable(image)
         if reason is not None:

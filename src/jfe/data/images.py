@@ -83,7 +83,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, *, item_id: str 
                 if probe.width * probe.height > max_pixels:
                     raise DataError(f"image has {probe.width}x{probe.height} pixels, over the limit of "
                                     f"{max_pixels}", path=where, record_id=item_id)
-                if min_side is not None and probe.format == "JPEG":
+                if min_side is not None and probe.format in ("JPEG", "MPO"):  # MPO: phone photos
                     probe.draft("RGB", (min_side, min_side))  # the decoder's own downscaling, >= min_side
                 probe.load()
                 return to_rgb(upright(probe))
