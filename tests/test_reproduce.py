@@ -235,3 +235,17 @@ def test_timings_keep_each_steps_longest_time_and_this_invocations_total(tmp_pat
     merged = _keep_longest(path, {"curve/a": 0.0, "seed1/a": 0.0, "eval": 9.0, "total": 9.5})
     assert merged == {"curve/a": 50.0, "seed1/a": 30.0, "eval": 9.0, "total": 9.5}
     assert json.loads(path.read_text()) == merged
+
+
+def test_model_choices_swap_one_run_and_name_bad_pairs() -> None:
+    from jfe.demo import MODELS
+    from jfe.errors import ConfigError
+    from jfe.reproduce import model_choices
+
+    assert model_choices(None) == {} and model_choices([]) == {}  # the plan then uses the demo's four
+    chosen = model_choices(["jfe-mini = jfe-mini"])
+    assert chosen == {**MODELS, "jfe-mini": "jfe-mini"} and list(chosen) == list(MODELS)
+    with pytest.raises(ConfigError, match="unknown run 'clip'.*jfe-mini, two-tower"):
+        model_choices(["clip=jfe-mini"])
+    with pytest.raises(ConfigError, match="RUN=MODEL"):
+        model_choices(["jfe-mini"])

@@ -81,6 +81,23 @@ def _log(message: str) -> None:
     typer.secho(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", fg=typer.colors.CYAN, err=True)
 
 
+def model_choices(pairs: list[str] | None) -> dict[str, str]:
+    """The four runs and their models, the demo's unless ``RUN=MODEL`` pairs replace some ({} = the demo's)."""
+    from jfe.demo import MODELS
+
+    if not pairs:
+        return {}
+    chosen = dict(MODELS)
+    for pair in pairs:
+        run, sep, name = (part.strip() for part in pair.partition("="))
+        if not sep or not name:
+            raise ConfigError(f"--model takes RUN=MODEL, not {pair!r}")
+        if run not in MODELS:
+            raise ConfigError(f"unknown run {run!r} in --model: expected one of {', '.join(MODELS)}")
+        chosen[run] = name
+    return chosen
+
+
 def _models(plan: ReproducePlan) -> dict[str, str]:
     from jfe.demo import MODELS
 
@@ -594,11 +611,15 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option(None, "--set", help="Training-config override for every stage and model."),
         publish_to: Path | None = typer.Option(None, "--publish", help="Copy the report here (e.g. docs/results)."),
         no_register: bool = typer.Option(False, "--no-register", help="Do not register the trained models."),
+        model: list[str] = typer.Option(None, "--model", help="RUN=MODEL: train this model for one of the four "
+                                        "runs (jfe-mini, two-tower, late-fusion-sf, late-fusion-ff), e.g. "
+                                        "jfe-mini=jfe-mini for the 4x4 grid; repeatable."),
     ) -> None:
         """Learning curves of the four models to a plateau, 3 seeds at that budget, bootstrap CIs: the report."""
         from jfe.train.config import parse_overrides
 
         plan = ReproducePlan(data=data, out=out, configs=configs, corpus=corpus, stage1_steps=stage1_steps,
+                             models=model_choices(model),
                              stage1_data=stage1_data,
                              shared_stage1=not stage1_per_seed, curve_steps=curve_steps, val_every=val_every,
                              seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), threshold=threshold,
