@@ -49,6 +49,11 @@ def test_pool_from_folder_errors_name_the_folder_and_leave_no_file(tmp_path: Pat
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "bad.png").write_bytes(b"nope")
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    Image.new("1", (8000, 6000)).save(huge / "scan.png")  # 48 MP: over load_image's limit, so not pooled
+    with pytest.raises(DataError, match=r"no readable image .*\(1 unreadable\)"):
+        pool_from_folder(huge, tmp_path / "pool.jsonl")
     with pytest.raises(DataError, match=r"no readable image .*\(1 unreadable\)"):
         pool_from_folder(empty, tmp_path / "pool.jsonl")
     assert not (tmp_path / "pool.jsonl").exists()

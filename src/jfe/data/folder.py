@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from jfe.data.images import MAX_PIXELS
 from jfe.data.mbeir import write_candidates
 from jfe.data.records import Candidate
 from jfe.errors import DataError
@@ -42,11 +43,15 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _unreadable(path: Path) -> str | None:
-    """Why the image cannot be used, from its header (nothing decoded), or None."""
+    """Why the image cannot be used, from its header (nothing decoded), or None: the loader's own limits, so
+    nothing in the pool is refused later by ``load_image`` for its size. A file corrupt past its header is only
+    found when it is decoded (``jfe index build`` then names it)."""
     try:
         with Image.open(path) as probe:
             if probe.width < 1 or probe.height < 1:
                 return "empty image"
+            if probe.width * probe.height > MAX_PIXELS:
+                return f"{probe.width}x{probe.height} pixels, over the loader's limit of {MAX_PIXELS}"
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
