@@ -376,6 +376,28 @@ def test_jfe_mini_sequence_layout(image_files: dict[str, Path]) -> None:
     assert float(plain[0] @ instructed[0]) < 1 - 1e-4
 
 
+def test_jfe_mini_attention_pooling_starts_as_the_mean_and_learns(models: dict[str, Encoder],
+                                                                   image_files: dict[str, Path]) -> None:
+    """Untrained, attention pooling is mean pooling (same vectors); it pads like it, trains in the glue
+    phase, and once its queries move it weighs tokens unevenly (other vectors), surviving save/load."""
+    model = load_model("jfe-mini-attnpool", device="cpu", **SMALL)
+    assert model.config.pooling == "attention"
+    items = _mixed_items(image_files)
+    np.testing.assert_allclose(model.encode(items), models["jfe-mini"].encode(items), atol=1e-5)
+    model.set_trainable("align")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} >= {"pool.query", "pool.key.weight"}
+    model.train()
+    model.embed(items[:3]).sum().backward()
+    assert model.pool is not None and model.pool.query.grad is not None and model.pool.query.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.pool.query.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    moved = model.encode(items)
+    assert (moved * models["jfe-mini"].encode(items)).sum(1).min() < 1 - 1e-4
+    np.testing.assert_allclose(moved, np.stack([model.encode([i])[0] for i in items]), atol=1e-5)  # padding-free
+    with pytest.raises(ConfigError, match="pool_heads"):
+        load_model("jfe-mini", device="cpu", pooling="attention", pool_heads=5, **SMALL)
+
+
 def test_max_text_tokens_truncates(models: dict[str, Encoder]) -> None:
     model = load_model("jfe-mini", device="cpu", max_text_tokens=4, **SMALL)
     a, b = model.encode(["one two three four five six", "one two three four seven eight"])

@@ -9,9 +9,10 @@ becomes ONE sequence read by every BERT layer from the first (early fusion)::
 
 Visual tokens are ``projector(feature) + grid position embedding + modality embedding`` fed through
 ``inputs_embeds`` (BERT then adds its 1-D positions and LayerNorm like for words); text tokens use BERT's
-word embeddings. Sequences are right-padded and masked, and pooling (mean over real tokens, or CLS) ignores
-padding, so a batch gives the vectors of one-by-one encoding. With mean pooling, a text-only input gives
-exactly all-MiniLM-L6-v2's sentence embedding before any training.
+word embeddings. Sequences are right-padded and masked, and pooling (mean over real tokens, CLS, or a learned
+attention pooling that starts as the mean) ignores padding, so a batch gives the vectors of one-by-one
+encoding. With mean (or untrained attention) pooling, a text-only input gives exactly all-MiniLM-L6-v2's
+sentence embedding before any training.
 
 The parts shared with the baselines (:class:`TowerConfig`, :class:`TowerEncoder`) live in :mod:`jfe.models.towers`.
 """
@@ -42,11 +43,50 @@ class Projector(nn.Sequential):
             super().__init__(nn.Linear(din, dout), nn.GELU(), nn.Linear(dout, dout))
 
 
+class AttentionPool(nn.Module):
+    """Learned-query attention pooling over the fused sequence that starts out as exactly mean pooling.
+
+    Each of ``heads`` heads weighs its own slice of the hidden width: ``pooled_h = sum_i softmax_i(q_h . k_ih) x_ih``
+    with ``k = W_k x``. The queries start at zero, so the weights start uniform over the real tokens (padding gets
+    none) and the output is :func:`mean_pool`'s: training starts from the sentence embedding MiniLM was trained to
+    give, then learns which tokens to stress (e.g. the global visual token of an image-only input, which a
+    mean over 17 visual tokens dilutes).
+    """
+
+    def __init__(self, dim: int, heads: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(heads, dim // heads))
+        self.key = nn.Linear(dim, dim)
+        nn.init.normal_(self.key.weight, std=dim ** -0.5, generator=generator)
+        nn.init.zeros_(self.key.bias)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, length, dim = hidden.shape
+        head_dim = dim // self.heads
+        keys = self.key(hidden).view(n, length, self.heads, head_dim)
+        scores = torch.einsum("nlhd,hd->nhl", keys, self.query.to(keys.dtype)) * head_dim ** -0.5
+        scores = scores.float().masked_fill(~mask.bool().unsqueeze(1), float("-inf"))
+        weights = scores.softmax(-1).to(hidden.dtype)
+        values = hidden.view(n, length, self.heads, head_dim)
+        return torch.einsum("nhl,nlhd->nhd", weights, values).reshape(n, dim)
+
+
 class JFEMiniConfig(TowerConfig):
     arch: str = "jfe-mini"
     embed_dim: int = HIDDEN
-    pooling: Literal["mean", "cls"] = Field("mean", description="mean over real tokens, or the [CLS] state")
+    pooling: Literal["mean", "cls", "attention"] = Field(
+        "mean", description="mean over real tokens, the [CLS] state, or learned attention pooling (starts as the "
+                            "mean; trained with the glue)")
+    pool_heads: int = Field(8, description="heads of the attention pooling (must divide 384)")
     projector: Literal["mlp", "linear"] = "mlp"
+
+    @field_validator("pool_heads")
+    @classmethod
+    def _pool_heads(cls, value: int) -> int:
+        if value < 1 or HIDDEN % value:
+            raise ValueError(f"pool_heads must divide MiniLM's width {HIDDEN}, got {value}")
+        return value
 
     @field_validator("embed_dim")
     @classmethod
@@ -75,9 +115,11 @@ class JFEMini(TowerEncoder):
         # where a visual token sits in the grid (the global token has its own slot) and that it is visual
         self.visual_position = nn.Parameter(torch.randn(config.n_visual, HIDDEN, generator=gen) * 0.02)
         self.visual_modality = nn.Parameter(torch.randn(HIDDEN, generator=gen) * 0.02)
+        self.pool = AttentionPool(HIDDEN, config.pool_heads, gen) if config.pooling == "attention" else None
 
     def glue_modules(self) -> list[nn.Module | nn.Parameter]:
-        return [self.projector, self.visual_position, self.visual_modality]
+        glue: list[nn.Module | nn.Parameter] = [self.projector, self.visual_position, self.visual_modality]
+        return glue + ([self.pool] if self.pool is not None else [])
 
     def visual_tokens(self, items: Sequence[Item]) -> torch.Tensor:
         """``[n, K, 384]`` input embeddings of the items' visual tokens."""
@@ -114,5 +156,8 @@ class JFEMini(TowerEncoder):
             embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), visual.reshape(-1, HIDDEN))
         states = self.text.bert(inputs_embeds=embeds, attention_mask=mask,
                                 token_type_ids=torch.zeros_like(ids)).last_hidden_state
-        pooled = states[:, 0] if cfg.pooling == "cls" else mean_pool(states, mask)
+        if self.pool is not None:
+            pooled = self.pool(states, mask)
+        else:
+            pooled = states[:, 0] if cfg.pooling == "cls" else mean_pool(states, mask)
         return l2_normalize(pooled)

@@ -64,6 +64,8 @@ register_model("jfe-mini", "jfe-mini", "one tower: MobileNetV2 4x4+global visual
 register_model("jfe-mini-7x7", "jfe-mini", "jfe-mini with the full 7x7 feature map + global token (50 visual tokens)",
                grid=7)
 register_model("jfe-mini-2x2", "jfe-mini", "jfe-mini with 2x2 + global visual tokens (fastest)", grid=2)
+register_model("jfe-mini-attnpool", "jfe-mini", "jfe-mini with learned attention pooling (starts as the mean)",
+               pooling="attention")
 register_model("jfe-mini-cls", "jfe-mini", "jfe-mini pooled at the [CLS] token instead of the mean", pooling="cls")
 register_model("two-tower-mini", "two-tower-mini", "CLIP-style two towers (MobileNetV2 pool / MiniLM mean) with "
                "projection heads; image+text = normalised sum")
