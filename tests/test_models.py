@@ -377,7 +377,8 @@ def test_jfe_mini_sequence_layout(image_files: dict[str, Path]) -> None:
 
 
 def test_jfe_mini_attention_pooling_starts_as_the_mean_and_learns(models: dict[str, Encoder],
-                                                                   image_files: dict[str, Path]) -> None:
+                                                                   image_files: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
     """Untrained, attention pooling is mean pooling (same vectors); it pads like it, trains in the glue
     phase, and once its queries move it weighs tokens unevenly (other vectors), surviving save/load."""
     model = load_model("jfe-mini-attnpool", device="cpu", **SMALL)
@@ -394,6 +395,9 @@ def test_jfe_mini_attention_pooling_starts_as_the_mean_and_learns(models: dict[s
     moved = model.encode(items)
     assert (moved * models["jfe-mini"].encode(items)).sum(1).min() < 1 - 1e-4
     np.testing.assert_allclose(moved, np.stack([model.encode([i])[0] for i in items]), atol=1e-5)  # padding-free
+    loaded = load_model(model.save_pretrained(tmp_path / "attnpool"), device="cpu")
+    assert loaded.config.pooling == "attention"
+    np.testing.assert_allclose(loaded.encode(items), moved, atol=1e-6)
     with pytest.raises(ConfigError, match="pool_heads"):
         load_model("jfe-mini", device="cpu", pooling="attention", pool_heads=5, **SMALL)
 
