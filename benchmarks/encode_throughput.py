@@ -112,6 +112,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from jfe.hardware import tune_allocator
+
+    tune_allocator()  # as the jfe command does; JFE_MALLOC_TUNE=0 measures glibc's default
 
     if args.worker:
         print(json.dumps(worker(args)))

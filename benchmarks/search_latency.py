@@ -117,6 +117,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    from jfe.hardware import tune_allocator
+
+    tune_allocator()  # as the jfe command does; JFE_MALLOC_TUNE=0 measures glibc's default
     if args.threads:
         import faiss
 

@@ -277,6 +277,9 @@ def main() -> None:
                         help="skip the fp32-vs-bf16 encode and training throughput (precision_throughput.py)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    from jfe.hardware import tune_allocator
+
+    tune_allocator()  # as the jfe command does; JFE_MALLOC_TUNE=0 measures glibc's default
     import faiss
 
     env = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),

@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    from jfe.hardware import tune_allocator
+
+    tune_allocator()  # as the jfe command does; JFE_MALLOC_TUNE=0 measures glibc's default
 
     from jfe.serve.server import free_port
 

@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute precision of the forward pass (see benchmarks/precision_throughput.py)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    from jfe.hardware import tune_allocator
+
+    tune_allocator()  # as the jfe command does; JFE_MALLOC_TUNE=0 measures glibc's default
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     needs_registry = [m for m in models if m not in ("toy", "toy-hash") and not (Path(m) / "config.json").exists()]

@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=400)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    from jfe.hardware import tune_allocator
+
+    tune_allocator()  # as the jfe command does; JFE_MALLOC_TUNE=0 measures glibc's default
     from PIL import Image
 
     pools = sorted((args.minibeir / "cand_pool" / "local").glob("*task0_cand_pool.jsonl"))

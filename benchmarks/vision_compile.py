@@ -1,8 +1,8 @@
 """Would torch.compile speed up the frozen MobileNetV2 (the cold encode's bottleneck)? Eager vs inductor.
 
 The BN-folded, channels-last trunk as the package runs it, ``--images`` random 224-px images in the feature
-cache's chunks of 8, fp32: best of 3 for eager and for ``torch.compile`` with inductor's weight freezing, the
-first compiled call's time, and the largest output difference.
+cache's CPU chunks (6 at 224 px), fp32: best of 3 for eager and for ``torch.compile`` with inductor's weight
+freezing, the first compiled call's time, and the largest output difference.
 
     python benchmarks/vision_compile.py --out runs/bench/vision_compile.json
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from jfe.hardware import machine_summary
-from jfe.models.feature_cache import VISION_CHUNK
+from jfe.models.feature_cache import vision_chunk
 from jfe.models.vision import VisionTower
 
 
@@ -44,8 +44,9 @@ def main() -> None:
     torch.manual_seed(0)
     tower = VisionTower(224, pretrained=True).eval()
     eager = tower._folded_part(tower.split, torch.device("cpu"))
-    batches = [torch.randn(VISION_CHUNK, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-               for _ in range(max(1, args.images // VISION_CHUNK))]
+    chunk = vision_chunk(224)
+    batches = [torch.randn(chunk, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+               for _ in range(max(1, args.images // chunk))]
     eager_s, reference = _best_of(eager, batches)
     inductor_config.freezing = True  # constant-fold and prepack the (frozen) weights
     compiled = torch.compile(eager)
@@ -55,7 +56,7 @@ def main() -> None:
     first_call_s = time.perf_counter() - started
     compiled_s, outputs = _best_of(compiled, batches)
     diff = max(float((a - b).abs().max()) for a, b in zip(reference, outputs, strict=True))
-    result = {"machine": machine_summary(), "images": len(batches) * VISION_CHUNK, "eager_s": round(eager_s, 3),
+    result = {"machine": machine_summary(), "images": len(batches) * chunk, "eager_s": round(eager_s, 3),
               "compiled_s": round(compiled_s, 3), "speedup": round(eager_s / compiled_s, 2),
               "first_compiled_call_s": round(first_call_s, 1), "max_abs_diff": diff}
     print(json.dumps(result, indent=2))

@@ -426,6 +426,25 @@ def test_cache_hits_by_content_and_is_shared(models: dict[str, Encoder], image_f
     assert feature_cache.stats().misses == 2
 
 
+def test_vision_chunks_stay_under_glibcs_mmap_threshold_and_do_not_change_features() -> None:
+    from jfe.models.vision import VisionTower
+
+    for size in (64, 96, 128, 224, 384, 1024):
+        chunk = feature_cache.vision_chunk(size)
+        largest = chunk * 96 * ((size + 1) // 2) ** 2 * 4  # bytes: 96 channels at half the side, fp32
+        assert chunk >= 1 and (largest <= 30 << 20 or chunk == 1), (size, chunk)
+    assert feature_cache.vision_chunk(224) == 6 and feature_cache.vision_chunk(128) == 20
+    assert feature_cache.vision_chunk(224, "cuda") == 64
+    tower = VisionTower(64, pretrained=False)
+    images = [Image.new("RGB", (64, 64), (20 * i, 255 - 20 * i, 7 * i)) for i in range(7)]
+    with feature_cache.disabled():
+        whole = feature_cache.feature_maps(tower, images, batch_size=7)
+        chunked = feature_cache.feature_maps(tower, images)  # vision_chunk(64) = 32: one call, so force 3
+        in_threes = feature_cache.feature_maps(tower, images, batch_size=3)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(in_threes, whole, rtol=1e-4, atol=1e-5)
+
+
 def test_cache_key_follows_vision_config(image_files: dict[str, Path]) -> None:
     from jfe.models.vision import VisionTower
 

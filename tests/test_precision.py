@@ -6,6 +6,11 @@ the same as on a bf16 CPU, so the parity test is meaningful on every machine.
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -103,3 +108,40 @@ def test_bf16_keeps_the_top10_of_fp32_on_real_jfe_mini() -> None:
     top_bf16 = np.argsort(-(bf16_q @ bf16_pool.T), axis=1)[:, :10]
     same = np.mean([set(a) == set(b) for a, b in zip(top_fp32, top_bf16, strict=True)])
     assert same >= 0.99, same
+
+
+_MALLINFO_PROBE = """
+import ctypes, sys
+import torch
+from jfe.hardware import allocator_tuned, tune_allocator
+libc = ctypes.CDLL("libc.so.6")
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+def mmapped_while_alive():  # bytes glibc serves from mmap() while a 40 MB tensor lives
+    tensor = torch.empty(40 << 20, dtype=torch.uint8)
+    mapped = libc.mallinfo2().hblkhd
+    del tensor
+    return mapped
+before = mmapped_while_alive()
+tuned = tune_allocator()
+print(before, int(tuned), int(allocator_tuned()), mmapped_while_alive())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc tuning is glibc's")
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_tune_allocator_keeps_large_batches_out_of_fresh_mmaps(switch: str) -> None:
+    env = {**os.environ, "JFE_MALLOC_TUNE": switch}
+    result = subprocess.run([sys.executable, "-c", _MALLINFO_PROBE], env=env, capture_output=True, text=True,
+                            check=True, timeout=120)
+    before, tuned, reported, after = (int(v) for v in result.stdout.split())
+    assert before >= 40 << 20  # glibc's default: a 40 MB block is a fresh mapping, page-faulted in on use
+    if switch == "1":
+        assert tuned == reported == 1
+        assert after < 40 << 20  # now it comes from (and returns to) the heap
+    else:
+        assert tuned == reported == 0
+        assert after >= 40 << 20

@@ -20,6 +20,7 @@ _LAZY = {
     "search": ("jfe.api", "search"),
     "train": ("jfe.api", "train"),
     "evaluate": ("jfe.api", "evaluate"),
+    "tune_allocator": ("jfe.hardware", "tune_allocator"),
 }
 
 

@@ -229,9 +229,24 @@ def _memory_put(entry_key: tuple[str, str], tensor: torch.Tensor, budget: int) -
     _evict(budget)
 
 
-# MobileNetV2 runs fastest on CPU in small batches (activations stay in cache): on the 2-core sandbox
-# 64 images took 1.27 s as one batch, 0.83 s in batches of 16, 0.72 s in batches of 8
-VISION_CHUNK = 8
+# MobileNetV2 runs fastest on CPU in small batches: activations stay in cache and, below glibc's mmap threshold
+# (at most 32 MB unless jfe.hardware.tune_allocator raised it), freed activation memory is reused instead of
+# page-faulted in again for each batch. Its largest activation is 96 channels at half the input side: 4.8 MB
+# per 224-px image. benchmarks/allocator.py, 2-core EPYC, 64 images at 224 px, glibc's default: 0.32 s in
+# chunks of 4, 0.47 s of 8, 0.68 s as one batch.
+_CPU_ACTIVATION_BUDGET = 30 << 20
+_LARGEST_ACTIVATION_CHANNELS = 96
+VISION_CHUNK = 8  # a CUDA device takes whole batches; see vision_chunk
+
+
+def vision_chunk(image_size: int, device_type: str = "cpu") -> int:
+    """Images per MobileNetV2 call: on CPU as many as keep its largest activation under 30 MB (6 at 224 px,
+    20 at 128 px); elsewhere 64."""
+    if device_type != "cpu":
+        return 64
+    half = (image_size + 1) // 2
+    per_image = _LARGEST_ACTIVATION_CHANNELS * half * half * 4
+    return max(1, min(32, _CPU_ACTIVATION_BUDGET // per_image))
 
 
 def _decode(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str | None]) -> list[Image.Image]:
@@ -241,7 +256,7 @@ def _decode(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str |
 
 
 def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str | None] | None = None,
-                 batch_size: int = VISION_CHUNK) -> torch.Tensor:
+                 batch_size: int | None = None) -> torch.Tensor:
     """Last feature maps ``[n, 1280, h, w]`` (float32, on the tower's device) for ``images``.
 
     The tower's frozen part (all of it, or the trunk below a trained top) goes through the cache: duplicates
@@ -251,6 +266,7 @@ def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[
     """
     ids = list(ids) if ids is not None else [None] * len(images)
     device = next(tower.parameters()).device
+    batch_size = batch_size or vision_chunk(tower.image_size, device.type)
     conf = settings()
     # the vision tower computes in float32 even inside a caller's autocast: cached and fresh features must
     # agree, and bf16 through MobileNetV2 moves embeddings far below the 0.999 parity (docs/models.md)

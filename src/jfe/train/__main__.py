@@ -12,6 +12,9 @@ from jfe.train.commands import register
 
 
 def main() -> None:
+    from jfe.hardware import tune_allocator
+
+    tune_allocator()  # as the jfe command does (JFE_MALLOC_TUNE=0: off)
     app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
     register(app)
     try:
