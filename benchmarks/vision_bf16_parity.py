@@ -8,7 +8,10 @@ quarter also carry a text, as composed queries do) with the pretrained towers at
 * jfe-mini's embeddings (``--model``, default the untrained ``jfe-mini``; a trained folder is better) with the
   language model in bf16 and the tower in fp32 (the package's bf16 path), and with the tower in bf16 too:
   cosine to fp32 and the share of image queries whose top-10 in a pool of the other items is unchanged,
-  with bf16's score noise and the fp32 gap between ranks 10 and 11 of the queries whose top-10 changed.
+  with bf16's score noise and the fp32 gap between ranks 10 and 11 of the queries whose top-10 changed;
+* with ``--probe-parts``, where in the language model that noise comes from: the package's bf16 again with one
+  part kept in fp32 at a time (the projector, the feed-forward layers, self-attention, the last layer, the
+  last two layers).
 
     python benchmarks/vision_bf16_parity.py --out runs/bench/vision_bf16_parity.json
 """
@@ -16,9 +19,11 @@ quarter also carry a text, as composed queries do) with the pretrained towers at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +57,43 @@ def _near_ties(vectors: np.ndarray, reference: np.ndarray, queries: int) -> dict
             "rank10_11_gap_of_changed": sorted(round(float(g), 6) for g, c in zip(gaps, changed, strict=True) if c)}
 
 
+@contextlib.contextmanager
+def _in_fp32(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Run ``modules`` with autocast off (their float inputs cast to fp32) inside a bf16 encode."""
+    originals = [module.forward for module in modules]
+
+    def fp32_forward(forward):  # noqa: ANN001, ANN202
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            with torch.autocast("cpu", enabled=False):
+                args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+                return forward(*args, **kwargs)
+        return run
+
+    for module, forward in zip(modules, originals, strict=True):
+        module.forward = fp32_forward(forward)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, originals, strict=True):
+            module.forward = forward  # type: ignore[method-assign]
+
+
+def _parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+    """jfe-mini's language-model parts that ``--probe-parts`` keeps in fp32, one at a time."""
+    layers = list(model.text.bert.encoder.layer)  # type: ignore[union-attr]
+    return {"projector": [model.projector],  # type: ignore[list-item]
+            "feed-forward": [m for layer in layers for m in (layer.intermediate, layer.output)],
+            "self-attention": [layer.attention.self for layer in layers],
+            "last layer": layers[-1:], "last two layers": layers[-2:]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minibeir", type=Path, default=Path("runs/minibeir"))
     parser.add_argument("--model", default="jfe-mini")
     parser.add_argument("--items", type=int, default=400)
+    parser.add_argument("--probe-parts", action="store_true",
+                        help="also encode with one language-model part at a time in fp32 (jfe-mini only)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from jfe.hardware import tune_allocator
@@ -109,6 +146,13 @@ def main() -> None:
         finally:
             for name, method in originals.items():
                 setattr(VisionTower, name, method)
+        if args.probe_parts:
+            if not hasattr(model, "projector") or not hasattr(model, "text"):
+                parser.error("--probe-parts needs a jfe-mini model")
+            for part, modules in _parts(model).items():
+                with _in_fp32(modules):
+                    variants[f"package's bf16 with the {part} in fp32"] = model.encode(items, batch_size=64,
+                                                                                      precision="bf16")
     queries = len(items) // 4
     for name, vectors in variants.items():
         cosine = (reference * vectors).sum(1)
