@@ -131,7 +131,12 @@ print(before, int(tuned), int(allocator_tuned()), mmapped_while_alive())
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc tuning is glibc's")
+def _glibc_version() -> tuple[int, ...]:
+    name, version = platform.libc_ver()
+    return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" and version else ()
+
+
+@pytest.mark.skipif(_glibc_version() < (2, 33), reason="needs glibc >= 2.33 (malloc tuning, mallinfo2)")
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_tune_allocator_keeps_large_batches_out_of_fresh_mmaps(switch: str) -> None:
     env = {**os.environ, "JFE_MALLOC_TUNE": switch}
