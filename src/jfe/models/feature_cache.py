@@ -232,11 +232,10 @@ def _memory_put(entry_key: tuple[str, str], tensor: torch.Tensor, budget: int) -
 # MobileNetV2 runs fastest on CPU in small batches: activations stay in cache and, below glibc's mmap threshold
 # (at most 32 MB unless jfe.hardware.tune_allocator raised it), freed activation memory is reused instead of
 # page-faulted in again for each batch. Its largest activation is 96 channels at half the input side: 4.8 MB
-# per 224-px image. benchmarks/allocator.py, 2-core EPYC, 64 images at 224 px, glibc's default: 0.32 s in
-# chunks of 4, 0.47 s of 8, 0.68 s as one batch.
+# per 224-px image. benchmarks/allocator.py, 2-core EPYC, 64 images at 224 px, glibc's default: 0.31-0.34 s in
+# chunks of 6, 0.39-0.42 s of 8, 0.68-0.72 s as one batch.
 _CPU_ACTIVATION_BUDGET = 30 << 20
 _LARGEST_ACTIVATION_CHANNELS = 96
-VISION_CHUNK = 8  # a CUDA device takes whole batches; see vision_chunk
 
 
 def vision_chunk(image_size: int, device_type: str = "cpu") -> int:
