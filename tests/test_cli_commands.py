@@ -189,3 +189,24 @@ def test_serve_loads_a_sharded_index_memory_mapped(tiny_mbeir: Path, tmp_path: P
             hits = client.post("/search", json={"text": "A blue circle", "k": 8}).json()["results"]
         answers.append([(h["did"], round(h["score"], 6)) for h in hits])
     assert answers[0] == answers[1] and len(answers[0]) == 8
+
+
+# ------------------------------------------------------------------------------------------ env
+def test_env_reports_the_machine_and_what_auto_precision_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jfe.hardware import cpu_bf16_flags
+
+    def info() -> dict:
+        result = runner.invoke(app, ["env", "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    monkeypatch.delenv("JFE_PRECISION", raising=False)
+    native = info()
+    assert native["precision_auto"]["cpu"] == ("bf16" if cpu_bf16_flags() else "fp32")
+    assert native["bf16_native_cpu"] == bool(cpu_bf16_flags()) and native["JFE_PRECISION"] is None
+    assert set(native["cpu_flags"]) | set(native["cpu_flags_absent"]) >= {"avx2", "avx512_bf16", "amx_bf16"}
+    for pinned in ("fp32", "bf16"):
+        monkeypatch.setenv("JFE_PRECISION", pinned)
+        assert info()["precision_auto"]["cpu"] == pinned
+    text = runner.invoke(app, ["env"]).stdout
+    assert re.search(r"^precision_auto\s+cpu: bf16$", text, re.MULTILINE), text

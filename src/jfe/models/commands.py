@@ -1,4 +1,4 @@
-"""``jfe models list`` and ``jfe encode``. Torch and the towers are imported inside the commands."""
+"""``jfe models list``, ``jfe encode`` and ``jfe env``. Torch and the towers are imported inside the commands."""
 
 from __future__ import annotations
 
@@ -14,9 +14,43 @@ models_app = typer.Typer(help="Built-in and saved encoders.", no_args_is_help=Tr
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``models`` (group) and ``encode`` to the ``jfe`` app."""
+    """Add ``models`` (group), ``encode`` and ``env`` to the ``jfe`` app."""
     app.add_typer(models_app, name="models")
     app.command("encode")(encode)
+    app.command("env")(env)
+
+
+def environment() -> dict[str, object]:
+    """The machine facts that decide JFE's speed, and what ``precision="auto"`` resolves to on each device."""
+    import os
+
+    import torch
+
+    import jfe
+    from jfe.hardware import bf16_support, machine_summary
+    from jfe.models.precision import resolve_precision
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {"jfe": jfe.__version__, **machine_summary(),
+            "precision_auto": {device: resolve_precision("auto", device) for device in devices},
+            "bf16": {device: bf16_support(device).detail for device in devices},
+            "JFE_PRECISION": os.environ.get("JFE_PRECISION"), "JFE_MALLOC_TUNE": os.environ.get("JFE_MALLOC_TUNE")}
+
+
+def env(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines.")) -> None:
+    """Show this machine as JFE sees it: CPU, its bf16 flags, what --precision auto picks, threads, malloc tuning.
+
+    Paste it into a bug report, and next to any speed figure you publish."""
+    info = environment()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = " ".join(str(v) for v in value) or "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        typer.echo(f"{key:<22} {value}")
 
 
 @models_app.command("list")
