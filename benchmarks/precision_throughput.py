@@ -3,8 +3,8 @@
 * encode: ``--items`` image+text items (224-px PNGs decoded from disk, a text of 6-16 words each) through
   ``model.encode(batch_size=64, precision=...)``, "cold" (vision feature cache off: MobileNetV2 runs for every
   image) and "warm" (features cached, as in training and repeated evaluation); items/s, plus the bf16/fp32
-  cosine of the same vectors. One more cold row runs MobileNetV2 in bf16 as well: not a mode of the package
-  (it costs top-10 parity), the bound on what bf16 could give a cold encode on this CPU.
+  cosine of the same vectors. One more cold row runs MobileNetV2 in bf16 as well (``vision="follow"``, off by
+  default: it moves near-tie rankings): the most bf16 can give a cold encode on this CPU.
 * train: the trainer's own step (BatchSampler -> ContrastiveObjective under the precision's autocast ->
   backward -> AdamW) on the synthetic M-BEIR set, stage-1 recipe, batch ``--train-batch``; pairs/s.
 
@@ -20,12 +20,10 @@ slower than fp32: there ``precision="auto"`` picks fp32 and only the explicit bf
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +33,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, run from anywhere
 
 PRECISIONS = ("fp32", "bf16")
-
-
-@contextlib.contextmanager
-def _tower_in_bf16() -> Iterator[None]:
-    """MobileNetV2 under bf16 autocast too: not a mode of the package (it costs top-10 parity, docs/models.md),
-    measured as the bound on what bf16 could give a cold encode on this CPU."""
-    from jfe.models.vision import VisionTower
-
-    frozen_part = VisionTower.frozen_part
-
-    def in_bf16(self: VisionTower, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(pixels.device.type, dtype=torch.bfloat16):
-            return frozen_part(self, pixels).float()
-
-    VisionTower.frozen_part = in_bf16  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        VisionTower.frozen_part = frozen_part  # type: ignore[method-assign]
 
 
 def _encode_rows(items: int, batch: int, precisions: tuple[str, ...],
@@ -73,7 +52,8 @@ def _encode_rows(items: int, batch: int, precisions: tuple[str, ...],
         data = [Item(image=p, text=t) for p, t in zip(images, _texts(items, seed=0), strict=True)]
         for precision, cache, tower_bf16 in cases:
             settings = {"mode": "off"} if cache == "cold" else {"mode": "memory"}
-            with feature_cache.overridden(**settings), (_tower_in_bf16() if tower_bf16 else contextlib.nullcontext()):
+            model.set_precision(precision, vision="follow" if tower_bf16 else "fp32")
+            with feature_cache.overridden(**settings):
                 model.encode(data[:batch], batch_size=batch, precision=precision)  # warm-up (and cache fill)
                 if cache == "warm":
                     model.encode(data, batch_size=batch, precision=precision)
@@ -81,7 +61,7 @@ def _encode_rows(items: int, batch: int, precisions: tuple[str, ...],
                 vecs = model.encode(data, batch_size=batch, precision=precision)
                 seconds = time.perf_counter() - start
             vectors[(precision, cache, tower_bf16)] = vecs
-            what = "encode jfe-mini image+text" + (" [bound: MobileNetV2 in bf16 too]" if tower_bf16 else "")
+            what = "encode jfe-mini image+text" + (" [vision follow: MobileNetV2 in bf16 too]" if tower_bf16 else "")
             rows.append({"what": what, "precision": precision, "cache": cache,
                          "batch": batch, "items": items, "seconds": round(seconds, 3),
                          "items_per_s": round(items / seconds, 1)})
@@ -149,8 +129,8 @@ def run(out: dict[str, Any], items: int = 128, batch: int = 64, train_batch: int
         "wall_seconds": round(time.perf_counter() - started, 1),
         "notes": "untrained glue weights (speed does not depend on them); bf16 = torch.autocast(bfloat16) around "
                  "the forward, weights fp32, loss fp32; the frozen MobileNetV2 stays fp32 in both (bf16 there "
-                 "cost top-10 agreement, see docs/models.md); the [bound] row runs it in bf16 too, to show "
-                 "what bf16 could give a cold encode at most on this CPU",
+                 "cost top-10 agreement, see docs/models.md); the [vision follow] row runs it in bf16 too "
+                 "(JFE_VISION_PRECISION=follow), the most bf16 gives a cold encode on this CPU",
     }
     return out
 
@@ -175,7 +155,7 @@ def _print(result: dict[str, Any]) -> None:
         print(f"bf16 vs fp32 cosine: min {result['parity']['min_cosine_bf16_vs_fp32']:.6f}")
         if "min_cosine_bf16_tower_too_vs_fp32" in result["parity"]:
             bound = result["parity"]["min_cosine_bf16_tower_too_vs_fp32"]
-            print(f"  [bound] with MobileNetV2 in bf16 too: min {bound:.6f}")
+            print(f"  [vision follow] with MobileNetV2 in bf16 too: min {bound:.6f}")
 
 
 def main(argv: list[str] | None = None) -> int:

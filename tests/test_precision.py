@@ -150,3 +150,36 @@ def test_tune_allocator_keeps_large_batches_out_of_fresh_mmaps(switch: str) -> N
     else:
         assert tuned == reported == 0
         assert after >= 40 << 20
+
+
+@pytest.mark.assets
+@needs_towers
+def test_vision_follow_runs_the_tower_in_bf16_under_a_cache_key_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jfe.eval.protocol import model_fingerprint
+    from jfe.models import feature_cache
+
+    monkeypatch.delenv("JFE_VISION_PRECISION", raising=False)
+    model = load_model("jfe-mini", device="cpu", pretrained=False, grid=2, image_size=96)
+    images = [_image(i) for i in range(6)]
+    with feature_cache.overridden(mode="memory"):
+        feature_cache.clear()
+        fp32 = model.set_precision("fp32").encode(images)
+        package = model.set_precision("bf16").encode(images)  # the tower stays fp32: its features are reused
+        assert (feature_cache.stats().misses, feature_cache.stats().hits) == (6, 6)
+        fingerprint = model_fingerprint(model)
+        follow = model.set_precision("bf16", vision="follow").encode(images)
+        assert feature_cache.stats().misses == 12  # bf16 features never stand in for fp32 ones, or back
+        again = model.encode(images, precision="fp32")  # an fp32 encode ignores the setting
+    np.testing.assert_allclose(again, fp32, atol=1e-6)
+    assert model_fingerprint(model) != fingerprint  # evaluation caches keep them apart too
+    cos_package, cos_follow = (fp32 * package).sum(1).min(), (fp32 * follow).sum(1).min()
+    assert 0.9 < cos_follow < cos_package, (cos_follow, cos_package)  # bf16 in the tower moves vectors more
+    model.vision_precision = None  # the environment decides
+    assert not model.vision_follows("bf16")
+    monkeypatch.setenv("JFE_VISION_PRECISION", "follow")
+    assert model.vision_follows("bf16") and not model.vision_follows("fp32")
+    monkeypatch.setenv("JFE_VISION_PRECISION", "half")
+    with pytest.raises(ConfigError, match="JFE_VISION_PRECISION"):
+        model.vision_follows("bf16")
+    with pytest.raises(ConfigError, match="vision precision"):
+        model.set_precision("bf16", vision="bf8")

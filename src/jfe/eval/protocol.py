@@ -194,8 +194,9 @@ def model_fingerprint(model: Encoder) -> str:
     config: object = getattr(model, "config", None)
     dumped = config.model_dump() if hasattr(config, "model_dump") else repr(config)
     precision = resolve_precision(getattr(model, "precision", "fp32"), model.device)  # bf16 vectors differ slightly
-    digest.update(json.dumps([model.arch, dumped] + ([precision] if precision != "fp32" else []), sort_keys=True,
-                             default=str).encode())
+    follows = getattr(model, "vision_follows", None)
+    tags = ([precision] if precision != "fp32" else []) + (["vision-bf16"] if follows and follows(precision) else [])
+    digest.update(json.dumps([model.arch, dumped] + tags, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())

@@ -155,6 +155,8 @@ def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, 
     vectors = np.asarray(vectors, dtype=np.float32)
     info = pool_meta(model_name or model_name_of(model), model.arch, data_root, pool_files, factory)
     info["precision"] = compute_precision(model, precision)
+    if model.vision_follows(info["precision"]):
+        info["vision_precision"] = "bf16"  # the tower followed the bf16 encode (JFE_VISION_PRECISION=follow)
     info.update(meta or {})
     return index_vectors([c.did for c in candidates], vectors, [c.to_json() for c in candidates], factory=factory,
                          search_params=search_params, seed=seed, recall_queries=recall_queries, meta=info)

@@ -101,13 +101,28 @@ class Encoder(torch.nn.Module):
     #: compute precision of :meth:`encode` when the call gives none (``"auto"``/``"fp32"``/``"bf16"``, see
     #: :mod:`jfe.models.precision`): "auto" = bf16 autocast where the hardware has native bf16, else fp32
     precision: str = "auto"
+    #: where a vision tower computes when an encode runs in bf16: "fp32" or "follow" (bf16 too); None reads
+    #: ``JFE_VISION_PRECISION`` (default "fp32"); see :mod:`jfe.models.precision`
+    vision_precision: str | None = None
 
-    def set_precision(self, precision: str) -> Encoder:
-        """Make ``precision`` the default of :meth:`encode` (checked now, resolved per call and device)."""
-        from jfe.models.precision import check_precision
+    def set_precision(self, precision: str, vision: str | None = None) -> Encoder:
+        """Make ``precision`` the default of :meth:`encode` (checked now, resolved per call and device).
+
+        ``vision="follow"`` lets the vision tower run in bf16 too when the encode does (faster cold encodes;
+        near-tie rankings move, docs/models.md); ``"fp32"`` keeps it in fp32; None leaves the setting as is.
+        """
+        from jfe.models.precision import check_precision, resolve_vision_precision
 
         self.precision = check_precision(precision)
+        if vision is not None:
+            self.vision_precision = resolve_vision_precision(vision)
         return self
+
+    def vision_follows(self, compute: str) -> bool:
+        """Whether an encode computing in ``compute`` runs the vision tower in bf16 as well."""
+        from jfe.models.precision import resolve_vision_precision
+
+        return compute == "bf16" and resolve_vision_precision(self.vision_precision) == "follow"
 
     @torch.no_grad()
     def encode(self, items: Sequence[Any], instruction: str | None = None, batch_size: int = 32,
@@ -117,6 +132,7 @@ class Encoder(torch.nn.Module):
         ``instruction`` is prefixed to every item's text (the query side of retrieval). ``precision``
         (default: :attr:`precision`) is the compute precision; vectors come back float32 and unit-norm either way.
         """
+        from jfe.models import feature_cache
         from jfe.models.precision import autocast, resolve_precision
 
         compute = resolve_precision(precision or self.precision, self.device)
@@ -131,9 +147,10 @@ class Encoder(torch.nn.Module):
         order = sorted(range(len(coerced)), key=lambda i: _length_key(coerced[i]))
         try:
             starts = range(0, len(coerced), batch_size)
+            follow = self.vision_follows(compute)
             for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(coerced) == 0):
                 rows = order[start:start + batch_size]
-                with autocast(compute, self.device):
+                with autocast(compute, self.device), feature_cache.tower_follows_autocast(follow):
                     vectors = self.embed([coerced[i] for i in rows])
                 if compute != "fp32":  # bf16 rounding leaves norms a little off 1: renormalise in fp32
                     vectors = l2_normalize(vectors.float())

@@ -18,6 +18,7 @@ dtype every time (computed or cached alike), so a vector never depends on whethe
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import os
 import threading
@@ -248,6 +249,22 @@ def vision_chunk(image_size: int, device_type: str = "cpu") -> int:
     return max(1, min(32, _CPU_ACTIVATION_BUDGET // per_image))
 
 
+# Set (by Encoder.encode) when the caller chose vision_precision="follow": MobileNetV2 then runs under the
+# caller's bf16 autocast instead of in fp32. Off by default: it moves the ranking of near-ties (docs/models.md).
+_tower_follows_autocast: contextvars.ContextVar[bool] = contextvars.ContextVar("tower_follows_autocast",
+                                                                              default=False)
+
+
+@contextlib.contextmanager
+def tower_follows_autocast(enabled: bool = True) -> Iterator[None]:
+    """Within this block, :func:`feature_maps` runs the tower in the surrounding autocast's precision."""
+    token = _tower_follows_autocast.set(enabled)
+    try:
+        yield
+    finally:
+        _tower_follows_autocast.reset(token)
+
+
 def _decode(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str | None]) -> list[Image.Image]:
     """Decoded RGB images, large JPEGs at a reduced scale no smaller than the tower's input."""
     return [load_image(image, item_id=item_id, min_side=tower.image_size)
@@ -267,24 +284,44 @@ def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[
     device = next(tower.parameters()).device
     batch_size = batch_size or vision_chunk(tower.image_size, device.type)
     conf = settings()
-    # the vision tower computes in float32 even inside a caller's autocast: cached and fresh features must
-    # agree, and bf16 through MobileNetV2 moves embeddings far below the 0.999 parity (docs/models.md)
+    # The vision tower computes in float32 even inside a caller's autocast (bf16 through MobileNetV2 moves
+    # embeddings below the 0.999 parity, docs/models.md), unless the caller asked it to follow: then its
+    # features are cached under a key of their own, so fp32 and bf16 features never mix.
+    follow = (_tower_follows_autocast.get() and torch.is_autocast_enabled(device.type)
+              and torch.get_autocast_dtype(device.type) == torch.bfloat16)
+    compute = "bf16" if follow else "fp32"
     with torch.autocast(device.type, enabled=False):
         if tower.split == 0:
             pil = _decode(tower, images, ids)
-            return tower.features_of(pil) if pil else torch.empty(0, device=device)
-        maps = _frozen_feature_maps(tower, images, ids, conf, device, batch_size)
-        return tower.trained_part(maps) if len(maps) else maps
+            if not pil:
+                return torch.empty(0, device=device)
+            with _tower_autocast(device, compute):
+                return tower.features_of(pil).float()
+        maps = _frozen_feature_maps(tower, images, ids, conf, device, batch_size, compute)
+        if not len(maps):
+            return maps
+        with _tower_autocast(device, compute):
+            return tower.trained_part(maps).float()
+
+
+def _tower_autocast(device: torch.device, compute: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast around the tower itself when it follows a bf16 encode; otherwise nothing (fp32)."""
+    if compute == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _frozen_feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: list[str | None],
-                         conf: CacheSettings, device: torch.device, batch_size: int) -> torch.Tensor:
+                         conf: CacheSettings, device: torch.device, batch_size: int,
+                         compute: str = "fp32") -> torch.Tensor:
     if not conf.enabled:
         pil = _decode(tower, images, ids)
-        out = [tower.frozen_part_of(pil[i:i + batch_size]) for i in range(0, len(pil), batch_size)]
+        with _tower_autocast(device, compute):
+            out = [tower.frozen_part_of(pil[i:i + batch_size]).float() for i in range(0, len(pil), batch_size)]
         return torch.cat(out) if out else torch.empty(0, device=device)
 
-    key = tower.cache_key(conf.torch_dtype)
+    # fp32 keys stay as they were (existing disk caches remain valid); bf16-computed features get their own
+    key = tower.cache_key(conf.torch_dtype) + ("" if compute == "fp32" else f"-c{compute}")
     budget = int(conf.memory_mb * 2**20)
     disk_root = conf.disk_root() if conf.mode == "disk" else None
     digests = [content_digest(image, item_id) for image, item_id in zip(images, ids, strict=True)]
@@ -314,7 +351,9 @@ def _frozen_feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: l
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         pil = _decode(tower, [images[i] for _, i in chunk], [ids[i] for _, i in chunk])
-        computed = tower.frozen_part_of(pil).to("cpu", conf.torch_dtype)
+        with _tower_autocast(device, compute):
+            computed = tower.frozen_part_of(pil)
+        computed = computed.to("cpu", conf.torch_dtype)
         for (sha, _), tensor in zip(chunk, computed, strict=True):
             tensor = tensor.clone()  # detach from the batch's storage, so eviction frees memory
             found[sha] = tensor
