@@ -208,5 +208,9 @@ def test_env_reports_the_machine_and_what_auto_precision_picks(monkeypatch: pyte
     for pinned in ("fp32", "bf16"):
         monkeypatch.setenv("JFE_PRECISION", pinned)
         assert info()["precision_auto"]["cpu"] == pinned
+    monkeypatch.delenv("JFE_VISION_PRECISION", raising=False)
+    assert info()["vision_precision"] == "fp32"
+    monkeypatch.setenv("JFE_VISION_PRECISION", "follow")
+    assert info()["vision_precision"] == "follow"
     text = runner.invoke(app, ["env"]).stdout
     assert re.search(r"^precision_auto\s+cpu: bf16$", text, re.MULTILINE), text
