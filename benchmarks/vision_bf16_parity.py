@@ -127,25 +127,13 @@ def main() -> None:
           f"({tower['speedup']}x), pooled-feature cosine min {tower['pooled_cosine_min']}")
 
     model = load_model(args.model, device="cpu")
-    originals = {name: getattr(VisionTower, name) for name in ("frozen_part", "trained_part")}
-
-    def in_bf16(method):  # the tower's own fp32 guard (feature_cache) is overridden from inside
-        def run(self: VisionTower, x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return method(self, x).float()
-        return run
-
     rows = {}
     with feature_cache.overridden(mode="off"):
-        reference = model.encode(items, batch_size=64, precision="fp32")
+        reference = model.set_precision("fp32", vision="fp32").encode(items, batch_size=64)
         variants = {"lm bf16, tower fp32 (the package's bf16)": model.encode(items, batch_size=64, precision="bf16")}
-        for name, method in originals.items():
-            setattr(VisionTower, name, in_bf16(method))
-        try:
-            variants["lm bf16, tower bf16"] = model.encode(items, batch_size=64, precision="bf16")
-        finally:
-            for name, method in originals.items():
-                setattr(VisionTower, name, method)
+        model.set_precision("fp32", vision="follow")  # the tower follows the bf16 encode (JFE_VISION_PRECISION)
+        variants["lm bf16, tower bf16"] = model.encode(items, batch_size=64, precision="bf16")
+        model.set_precision("fp32", vision="fp32")
         if args.probe_parts:
             if not hasattr(model, "projector") or not hasattr(model, "text"):
                 parser.error("--probe-parts needs a jfe-mini model")

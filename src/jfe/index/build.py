@@ -154,9 +154,7 @@ def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, 
                            precision=precision)
     vectors = np.asarray(vectors, dtype=np.float32)
     info = pool_meta(model_name or model_name_of(model), model.arch, data_root, pool_files, factory)
-    info["precision"] = compute_precision(model, precision)
-    if model.vision_follows(info["precision"]):
-        info["vision_precision"] = "bf16"  # the tower followed the bf16 encode (JFE_VISION_PRECISION=follow)
+    info.update(precision_meta(model, precision))
     info.update(meta or {})
     return index_vectors([c.did for c in candidates], vectors, [c.to_json() for c in candidates], factory=factory,
                          search_params=search_params, seed=seed, recall_queries=recall_queries, meta=info)
@@ -168,11 +166,14 @@ def pool_meta(model_name: str, arch: str | None, data_root: Path, pool_files: Se
             "pool_files": [str(Path(p).resolve()) for p in pool_files], "factory": factory}
 
 
-def compute_precision(model: Encoder, precision: str) -> str:
-    """The precision ``model`` really computes in for ``precision`` on its device (``fp32`` or ``bf16``)."""
+def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
+    """``meta.json``'s record of how the vectors were computed: the precision ``model`` really computes in for
+    ``precision`` on its device (``fp32`` or ``bf16``), and ``vision_precision: bf16`` where the vision tower
+    followed a bf16 encode (``JFE_VISION_PRECISION=follow``)."""
     from jfe.models.precision import resolve_precision
 
-    return resolve_precision(precision, getattr(model, "device", "cpu"))
+    resolved = resolve_precision(precision, getattr(model, "device", "cpu"))
+    return {"precision": resolved, **({"vision_precision": "bf16"} if model.vision_follows(resolved) else {})}
 
 
 def _check_factory(factory: str) -> None:

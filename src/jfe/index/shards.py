@@ -183,7 +183,7 @@ def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: 
                   ray_address: str | None, seed: int = 0, precision: str = "auto") -> ShardedIndex:
     """Encode the pools (locally or with Ray), cut them into ``shards`` contiguous shards, write atomically."""
     from jfe.data.items import candidate_item
-    from jfe.index.build import compute_precision, index_vectors, pool_meta, read_pools
+    from jfe.index.build import index_vectors, pool_meta, precision_meta, read_pools
 
     data_root = Path(data_root).resolve()
     candidates = read_pools(pool_files)
@@ -192,20 +192,17 @@ def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: 
     if ray_address:
         vectors = encode_with_ray(model, candidates, data_root, address=ray_address, workers=shards,
                                   batch_size=batch_size, precision=precision)
-        arch, resolved, vision_bf16 = None, precision, False  # resolved on each worker's own hardware
+        arch, precision_info = None, {"precision": precision}  # resolved on each worker's own hardware
     else:
         from jfe.models.registry import load_model
 
         encoder = load_model(model)
-        arch, resolved = encoder.arch, compute_precision(encoder, precision)
-        vision_bf16 = encoder.vision_follows(resolved)
+        arch, precision_info = encoder.arch, precision_meta(encoder, precision)
         vectors = np.asarray(encoder.encode([candidate_item(c, data_root) for c in candidates], batch_size=batch_size,
                                             progress=progress, desc="embed candidates", precision=precision),
                              dtype=np.float32)
     meta = pool_meta(model, arch, data_root, pool_files, factory)
-    meta["precision"] = resolved
-    if vision_bf16:
-        meta["vision_precision"] = "bf16"
+    meta.update(precision_info)
     meta["encoded_with"] = f"ray ({ray_address})" if ray_address else "one process"
     parts = []
     for start, stop in split_rows(len(candidates), shards):
