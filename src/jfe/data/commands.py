@@ -165,11 +165,13 @@ def data_pool_from_folder(
     captions: bool = typer.Option(True, "--captions/--no-captions",
                                   help="Use a sidecar NAME.txt as the image's caption (image,text record)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that is not a pool."),
 ) -> None:
     """Write an M-BEIR candidate pool of every readable image under FOLDER (its data root), for `jfe index build`."""
     from jfe.data.folder import pool_from_folder
 
-    pool = pool_from_folder(folder, out, dataset_id=dataset_id, captions=captions, progress=progress)
+    pool = pool_from_folder(folder, out, dataset_id=dataset_id, captions=captions, progress=progress,
+                            overwrite=overwrite)
     err = _console(stderr=True)
     for relative, why in pool.skipped:
         err.print(f"skipped {folder / relative}: {why}", markup=False)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from jfe.data.images import MAX_PIXELS
-from jfe.data.mbeir import write_candidates
+from jfe.data.images import MAX_PIXELS, bomb_message
+from jfe.data.mbeir import iter_candidates, write_candidates
 from jfe.data.records import Candidate
-from jfe.errors import DataError
+from jfe.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -52,7 +52,9 @@ def _unreadable(path: Path) -> str | None:
                 return "empty image"
             if probe.width * probe.height > MAX_PIXELS:
                 return f"{probe.width}x{probe.height} pixels, over the loader's limit of {MAX_PIXELS}"
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        return bomb_message(exc, MAX_PIXELS)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -68,14 +70,31 @@ def _caption(image: Path) -> str | None:
     return " ".join(text.split()) or None
 
 
+def _check_out_file(out: Path, overwrite: bool) -> None:
+    """``out`` must be a file path; an existing file is replaced only when it is a candidate pool (or when
+    ``overwrite``), so a mistyped ``--out`` never clobbers a file JFE did not write."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the path of the pool file to write, "
+                          f"e.g. {out / 'pool.jsonl'}")
+    if not out.exists() or overwrite or out.stat().st_size == 0:
+        return
+    try:
+        first = next(iter_candidates(out), None)
+    except DataError:
+        first = None
+    if first is None:
+        raise ConfigError(f"--out {out} exists and is not a candidate pool; choose another path or pass --overwrite")
+
+
 def pool_from_folder(folder: str | os.PathLike, out: str | os.PathLike, dataset_id: int = 1,
-                     captions: bool = True, progress: bool = False) -> FolderPool:
+                     captions: bool = True, progress: bool = False, overwrite: bool = False) -> FolderPool:
     """Write a candidate pool of every readable image under ``folder`` to ``out`` (see the module docstring)."""
     from tqdm.auto import tqdm
 
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise DataError("not a folder", path=str(folder))
+    _check_out_file(out, overwrite)
     if dataset_id < 0:
         raise DataError(f"dataset_id must be >= 0, got {dataset_id}")
     candidates: list[Candidate] = []

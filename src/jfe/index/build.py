@@ -14,7 +14,7 @@ from jfe.data.mbeir import iter_candidates
 from jfe.data.records import Candidate
 from jfe.errors import ConfigError, DataError
 from jfe.index.exact import exact_topk
-from jfe.index.vector_index import VectorIndex
+from jfe.index.vector_index import INDEX_KIND, VectorIndex
 from jfe.models.base import Encoder
 
 
@@ -177,8 +177,24 @@ def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
 
 
 def _check_factory(factory: str) -> None:
-    """Fail before any encoding when faiss rejects ``factory`` (probed at a dimension every PQ/OPQ m divides)."""
+    """Fail before any encoding when faiss rejects ``factory`` (probed at a dimension every PQ/OPQ m divides).
+
+    Two kinds faiss accepts here but fails on later are refused by name: an ``IDMap`` prefix (JFE maps ids
+    itself, so faiss's ``add`` fails after all the encoding) and a zero size (``HNSW0``, ``PQ0``, ``IVF0``:
+    faiss asserts, and ``HNSW0`` aborts the whole process)."""
+    import re
+
     import faiss
+
+    parts = [part.strip() for part in factory.split(",")]
+    if any(part.upper().startswith("IDMAP") for part in parts):
+        rest = ",".join(p for p in parts if not p.upper().startswith("IDMAP"))
+        raise ConfigError(f"invalid faiss factory string {factory!r}: drop the IDMap prefix (JFE maps string ids "
+                          f"to faiss ids itself), e.g. {rest!r}")
+    zero = next((part for part in parts if re.search(r"(?<![0-9.])0+(?![0-9.])", part)), None)
+    if zero is not None:
+        raise ConfigError(f"invalid faiss factory string {factory!r}: {zero!r} has a size of 0 (HNSW needs M >= 2, "
+                          f"IVF at least one list, PQ at least one sub-quantiser)")
 
     for dim in (384, 768, 1024, 512, 256):
         try:
@@ -191,16 +207,20 @@ def _check_factory(factory: str) -> None:
 
 def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",
                 search_params: dict[str, float] | None = None, batch_size: int = 64, progress: bool = True,
-                shards: int = 1, ray_address: str | None = None, seed: int = 0, precision: str = "auto") -> Any:
+                shards: int = 1, ray_address: str | None = None, seed: int = 0, precision: str = "auto",
+                overwrite: bool = False) -> Any:
     """What ``jfe index build`` does: encode the pools, index them, write ``out`` atomically.
 
     ``shards > 1`` or ``ray_address`` writes a sharded index folder (:mod:`jfe.index.shards`); with
     ``ray_address`` the encoding runs as Ray Data tasks across the cluster's workers (the ``ray`` extra).
     The folder is built under a temporary name next to ``out`` and renamed into place, so a failed or
-    killed build leaves any previous index at ``out`` untouched.
+    killed build leaves any previous index at ``out`` untouched. A folder at ``out`` that is not an index is
+    refused before any work unless ``overwrite``.
     """
     from jfe.models.precision import check_precision
+    from jfe.paths import check_out_dir
 
+    check_out_dir(out, INDEX_KIND, overwrite=overwrite)
     _check_factory(factory)
     precision = check_precision(precision)
     if ray_address is None and shards <= 1:
@@ -209,10 +229,10 @@ def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Pa
         index = build_index(load_model(model), pool_files, data_root, factory=factory, batch_size=batch_size,
                             progress=progress, model_name=model, search_params=search_params, seed=seed,
                             precision=precision)
-        index.save(out)
+        index.save(out, overwrite=overwrite)
         return index
     from jfe.index.shards import build_sharded
 
     return build_sharded(out, model, pool_files, data_root, factory=factory, search_params=search_params,
                          batch_size=batch_size, progress=progress, shards=max(shards, 2 if ray_address else 1),
-                         ray_address=ray_address, seed=seed, precision=precision)
+                         ray_address=ray_address, seed=seed, precision=precision, overwrite=overwrite)

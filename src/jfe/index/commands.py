@@ -40,7 +40,8 @@ def index_build(
     model: str = typer.Option(..., "--model", help="Model name (e.g. jfe-mini) or saved model folder."),
     pool: list[str] = typer.Option(..., "--pool", help="Candidate pool jsonl file(s): comma-separated or repeated."),
     data_root: Path = typer.Option(..., "--data-root", help="Dataset root that image paths are relative to."),
-    out: Path = typer.Option(..., "--out", help="Index folder to write (replaced atomically)."),
+    out: Path = typer.Option(..., "--out", help="Index folder to write (an index there is replaced atomically; "
+                                                "any other non-empty folder is refused)."),
     factory: str = typer.Option("Flat", "--factory", help="faiss index_factory string: Flat (exact), IVF1024,Flat, "
                                                           "HNSW32, IVF4096,PQ32 ..."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Candidates per encoder batch."),
@@ -53,6 +54,8 @@ def index_build(
                                                 "`ray` extra) and write shards."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     precision: PrecisionOption = DEFAULT_PRECISION,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder that is not an "
+                                                              "index, and everything in it."),
 ) -> None:
     """Embed candidate pools (no instruction) and write a searchable index folder."""
     import time
@@ -65,6 +68,7 @@ def index_build(
     if nprobe is not None:
         params = {**(params or {}), "nprobe": nprobe}
     index = write_index(out, model, files, data_root, factory=factory, search_params=params, batch_size=batch_size,
-                        progress=progress, shards=shards, ray_address=ray, precision=precision)
+                        progress=progress, shards=shards, ray_address=ray, precision=precision,
+                        overwrite=overwrite)
     _console(stderr=True).print(f"indexed {len(index)} candidates (dim {index.dim}, {factory}) into {out} "
                                 f"in {time.perf_counter() - started:.1f}s", markup=False)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from jfe.errors import ConfigError, DataError
-from jfe.index.vector_index import META_FILE, VectorIndex
-from jfe.paths import atomic_dir
+from jfe.index.vector_index import INDEX_KIND, META_FILE, VectorIndex
+from jfe.paths import atomic_dir, read_json_object, recover_dir
 
 SHARDS_FILE = "shards.json"
 SHARDS_FORMAT = 1
@@ -76,10 +76,11 @@ class ShardedIndex:
             out_scores[row, :len(order)] = scores[order]
         return out_ids, out_scores
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write all shards + ``shards.json`` under a temporary folder, renamed into place at the end."""
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write all shards + ``shards.json`` under a temporary folder, swapped into place at the end; a folder
+        there that is not an index is refused unless ``overwrite``."""
         directory = Path(directory)
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, INDEX_KIND, overwrite=overwrite) as tmp:
             write_shards_into(tmp, self.shards, self.meta, self.factory)
         return directory
 
@@ -94,16 +95,21 @@ class ShardedIndex:
             if not (shard_dir / META_FILE).is_file():
                 raise DataError(f"shard {name!r} listed in {SHARDS_FILE} is missing", path=str(shard_dir))
             shards.append(VectorIndex.load(shard_dir, mmap=mmap))
-        return cls(shards, meta=info.get("meta"), factory=str(info.get("factory", "Flat")))
+        index = cls(shards, meta=info.get("meta") if isinstance(info.get("meta"), dict) else None,
+                    factory=str(info.get("factory", "Flat")))
+        # a shard missing from the list would load a partial index without a word: the manifest's size says
+        if "size" in info and info["size"] != len(index):
+            raise DataError(f"{SHARDS_FILE} says the index holds {info['size']} vectors but its listed shards hold "
+                            f"{len(index)}: a shard is missing from the list or damaged", path=str(directory))
+        return index
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / SHARDS_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"malformed shard manifest ({exc.msg})", path=str(path)) from None
-    if info.get("format") != SHARDS_FORMAT or not isinstance(info.get("shards"), list):
+    info = read_json_object(path, "shard manifest")
+    if info.get("format") != SHARDS_FORMAT or not isinstance(info.get("shards"), list) \
+            or not all(isinstance(name, str) and "/" not in name and name not in ("", ".", "..")
+                       for name in info["shards"]):
         raise DataError(f"unsupported shard manifest (format {info.get('format')!r})", path=str(path))
     return info
 
@@ -122,6 +128,7 @@ def write_shards_into(folder: Path, shards: Sequence[VectorIndex], meta: dict, f
 def load_index(directory: str | os.PathLike, *, mmap: bool = False) -> VectorIndex | ShardedIndex:
     """A :class:`ShardedIndex` where ``shards.json`` exists, else a plain :class:`VectorIndex`."""
     directory = Path(directory)
+    recover_dir(directory)
     if (directory / SHARDS_FILE).is_file():
         return ShardedIndex.load(directory, mmap=mmap)
     return VectorIndex.load(directory, mmap=mmap)
@@ -180,7 +187,8 @@ def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, a
 
 def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str,
                   search_params: dict[str, float] | None, batch_size: int, progress: bool, shards: int,
-                  ray_address: str | None, seed: int = 0, precision: str = "auto") -> ShardedIndex:
+                  ray_address: str | None, seed: int = 0, precision: str = "auto",
+                  overwrite: bool = False) -> ShardedIndex:
     """Encode the pools (locally or with Ray), cut them into ``shards`` contiguous shards, write atomically."""
     from jfe.data.items import candidate_item
     from jfe.index.build import index_vectors, pool_meta, precision_meta, read_pools
@@ -210,5 +218,5 @@ def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: 
         parts.append(index_vectors([c.did for c in part], vectors[start:stop], [c.to_json() for c in part],
                                    factory=factory, search_params=search_params, seed=seed, meta=dict(meta)))
     index = ShardedIndex(parts, meta=meta, factory=factory)
-    index.save(out)
+    index.save(out, overwrite=overwrite)
     return index

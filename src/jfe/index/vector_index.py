@@ -34,12 +34,14 @@ import numpy as np
 
 from jfe.errors import ConfigError, DataError
 from jfe.index.exact import Bf16Pool, exact_topk, resolve_precision
-from jfe.paths import atomic_dir
+from jfe.paths import ArtefactKind, atomic_dir, read_json_object, recover_dir
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.jsonl"
 META_FILE = "meta.json"
+# what `--out` may replace: a folder holding an index (single or sharded: shards.json), or an empty one
+INDEX_KIND = ArtefactKind("JFE index", (META_FILE, "shards.json"))
 # Queries per faiss call: bounds the [batch, k] result buffers for very large query sets.
 SEARCH_BATCH = 4096
 # Exact (Flat) search of this many queries or more goes through exact_topk (blocked BLAS + running top-k):
@@ -261,11 +263,12 @@ class VectorIndex:
         return scores, labels
 
     # ------------------------------------------------------------------------------------- persistence
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index folder atomically (temporary folder, then rename over any old one)."""
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the index folder atomically (temporary folder, then swapped with any old index); a folder
+        there that is not an index is refused unless ``overwrite``."""
         faiss = _faiss()
         directory = Path(directory)
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, INDEX_KIND, overwrite=overwrite) as tmp:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             with (tmp / ITEMS_FILE).open("w", encoding="utf-8") as handle:
                 for n in sorted(self._int_to_did):
@@ -285,43 +288,64 @@ class VectorIndex:
         """
         faiss = _faiss()
         directory = Path(directory)
+        recover_dir(directory)
         meta_path = directory / META_FILE
         if not meta_path.is_file():
             raise DataError(f"not a JFE index folder (no {META_FILE})", path=str(directory))
-        try:
-            info = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"malformed index metadata ({exc.msg})", path=str(meta_path)) from None
+        info = read_json_object(meta_path, "index metadata")
         if info.get("format") != FORMAT_VERSION:
             raise DataError(f"unsupported index format {info.get('format')!r} (expected {FORMAT_VERSION})",
                             path=str(meta_path))
         index = cls.__new__(cls)
-        index.dim, index.factory = int(info["dim"]), str(info["factory"])
-        index.meta = dict(info.get("meta") or {})
-        index._next_id = int(info["next_id"])
+        try:
+            index.dim, index.factory = int(info["dim"]), str(info["factory"])
+            index._next_id = int(info["next_id"])
+            index.meta = dict(info.get("meta") or {})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"index metadata lacks or mangles a field ({exc})", path=str(meta_path)) from None
         index._did_to_int, index._int_to_did, index._records = {}, {}, {}
         index._mmap, index._bf16 = mmap, None
+        if not (directory / INDEX_FILE).is_file():
+            raise DataError(f"the index has no {INDEX_FILE}", path=str(directory))
         try:
             flags = faiss.IO_FLAG_MMAP if mmap else 0
             index._index = faiss.read_index(str(directory / INDEX_FILE), flags)
         except RuntimeError as exc:
             raise DataError(f"cannot read faiss index ({str(exc).strip().splitlines()[-1]})",
                             path=str(directory / INDEX_FILE)) from None
-        items_path = directory / ITEMS_FILE
-        with items_path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                try:
-                    n, did, record = json.loads(line)
-                except (json.JSONDecodeError, ValueError, TypeError):
-                    raise DataError("malformed index item line", path=str(items_path), line=line_no) from None
-                index._did_to_int[did] = int(n)
-                index._int_to_did[int(n)] = did
-                if record is not None:
-                    index._records[did] = record
+        index._read_items(directory / ITEMS_FILE)
         index._params = {}
-        for name, value in (info.get("search_params") or {}).items():
+        params = info.get("search_params") or {}
+        if not isinstance(params, dict):
+            raise DataError("search_params must be a JSON object", path=str(meta_path))
+        for name, value in params.items():
             index.set_search_param(name, value)
         if index._index.ntotal != len(index._did_to_int) or index._index.d != index.dim:
             raise DataError(f"index holds {index._index.ntotal} vectors of dim {index._index.d} but "
                             f"{len(index._did_to_int)} ids of dim {index.dim}", path=str(directory))
+        if "size" in info and info["size"] != len(index._did_to_int):
+            raise DataError(f"{META_FILE} says {info['size']} vectors but the index holds "
+                            f"{len(index._did_to_int)}", path=str(meta_path))
         return index
+
+    def _read_items(self, items_path: Path) -> None:
+        """``items.jsonl``: one ``[int id, did, record]`` per line; every fault names the file and line."""
+        try:
+            handle = items_path.open("rb")
+        except FileNotFoundError:
+            raise DataError(f"the index has no {ITEMS_FILE}", path=str(items_path.parent)) from None
+        except OSError as exc:
+            raise DataError(f"cannot read the index items ({exc.strerror})", path=str(items_path)) from None
+        with handle:
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    n, did, record = json.loads(raw.decode("utf-8"))
+                    n = int(n)
+                    if not isinstance(did, str) or not (record is None or isinstance(record, dict)):
+                        raise TypeError
+                except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError, RecursionError):
+                    raise DataError("malformed index item line", path=str(items_path), line=line_no) from None
+                self._did_to_int[did] = n
+                self._int_to_did[n] = did
+                if record is not None:
+                    self._records[did] = record

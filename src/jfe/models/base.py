@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 from jfe.data.items import Item, as_item
 from jfe.errors import ConfigError
 from jfe.models.phases import check_phase
-from jfe.paths import atomic_dir
+from jfe.paths import ArtefactKind, atomic_dir, fix_modes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# a folder holding a config.json is a saved model: save_pretrained replaces only such folders (or empty ones)
+MODEL_KIND = ArtefactKind("saved model", (CONFIG_NAME,))
 
 
 class EncoderConfig(BaseModel):
@@ -160,15 +162,17 @@ class Encoder(torch.nn.Module):
         return out
 
     # --- persistence -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` atomically (a crash leaves no half folder)."""
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` atomically (a crash leaves no half folder). An
+        existing folder that is not a saved model is refused unless ``overwrite``."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, MODEL_KIND, overwrite=overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(), indent=2) + "\n")
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"arch": self.arch})
+            fix_modes(tmp, [WEIGHTS_NAME])  # safetensors writes 0600; config.json next to it is 0644
             self._save_extra(tmp)
         return directory
 

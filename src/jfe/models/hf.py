@@ -40,6 +40,7 @@ from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError
 from jfe.models.base import (
     CONFIG_NAME,
+    MODEL_KIND,
     WEIGHTS_NAME,
     Encoder,
     EncoderConfig,
@@ -47,7 +48,7 @@ from jfe.models.base import (
     l2_normalize,
 )
 from jfe.models.phases import check_phase
-from jfe.paths import atomic_dir
+from jfe.paths import atomic_dir, fix_modes
 
 BACKBONE_DIR = "backbone"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -605,18 +606,19 @@ class HFEncoder(Encoder):
             out[key] = tensor
         return out, full
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``config.json``, ``model.safetensors`` (delta or full), ``backbone/`` and, with LoRA, the PEFT
-        adapter files, atomically."""
+        adapter files, atomically. An existing folder that is not a saved model is refused unless ``overwrite``."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         state, full = self._checkpoint_state()
         config = self.config.model_copy(update={"weights": "full" if full else "delta"})
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, MODEL_KIND, overwrite=overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(config.model_dump(), indent=2) + "\n")
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"arch": self.arch, "weights": config.weights})
             self._save_extra(tmp)
+            fix_modes(tmp, [WEIGHTS_NAME, "adapter_model.safetensors"])
         self.config = config
         return directory
 
