@@ -32,7 +32,7 @@ from jfe.eval.metrics import recall_at_ks
 from jfe.eval.protocol import pool_index, rank
 from jfe.models.base import Encoder, load_weights
 from jfe.models.precision import resolve_precision
-from jfe.paths import atomic_dir, atomic_write
+from jfe.paths import atomic_dir, atomic_write, clean_stale_temporaries
 from jfe.train.config import TrainConfig, load_config
 from jfe.train.data import BatchSampler, TrainingData, load_val_groups
 from jfe.train.distributed import DistContext, init_distributed
@@ -51,7 +51,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states, in types ``torch.load(weights_only=True)`` reads (numpy's as a tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    numpy_state = {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -59,7 +63,12 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["cached_gaussian"]))
+    else:  # checkpoints of older versions kept numpy's own tuple
+        np.random.set_state(saved)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -132,10 +141,46 @@ def _add_new_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module, we
     return len(new)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The run's checkpoint folders that hold a trainer state, oldest first."""
     folder = output_dir / CHECKPOINTS
-    found = sorted(p for p in folder.glob("step-*") if (p / STATE_NAME).exists()) if folder.exists() else []
+    return sorted(p for p in folder.glob("step-*") if (p / STATE_NAME).exists()) if folder.exists() else []
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoints(output_dir)
     return found[-1] if found else None
+
+
+# Older checkpoints pickled numpy's RNG state as an array: these numpy types rebuild arrays and run no code.
+_SAFE_NUMPY = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Int64DType]
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` read with ``weights_only=True`` (tensors, numbers, strings and containers only:
+    a crafted file cannot run code), and the model weights beside it checked readable. A damaged or foreign
+    file is a ConfigError naming it."""
+    from safetensors import safe_open
+
+    path = folder / STATE_NAME
+    try:
+        with torch.serialization.safe_globals([*_SAFE_NUMPY, np._core.multiarray._reconstruct]):  # type: ignore[attr-defined]
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle refusing a global, ...: all mean "not a usable state"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: cannot read the trainer state ({reason[:200]})") from None
+    needed = ("step", "phase_index", "optimizer", "loss", "sampler", "rng", "world_size")
+    if not isinstance(state, dict) or any(key not in state for key in needed):
+        raise ConfigError(f"{path}: not a JFE trainer state (it lacks {', '.join(needed)})")
+    weights = folder / "model" / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = list(handle.keys())
+            for key in names:  # reading every tensor finds a file truncated past its header
+                handle.get_tensor(key)
+    except Exception as exc:
+        raise ConfigError(f"{weights}: cannot read the checkpoint's weights ({str(exc)[:200]})") from None
+    return state
 
 
 class _Metrics:
@@ -248,8 +293,21 @@ class Trainer:
                 shutil.rmtree(stale, ignore_errors=True)
         self.ctx.barrier()
 
-    def _load_checkpoint(self, folder: Path) -> None:
-        state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
+    def _newest_intact_state(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that reads whole, with its state; a damaged newer one is skipped with a
+        warning naming the file (a kill cannot tear one, but a full disk or a copy can)."""
+        import warnings
+
+        for folder in reversed(checkpoints(self.out)):
+            try:
+                return folder, read_trainer_state(folder)
+            except ConfigError as exc:
+                warnings.warn(f"skipping a damaged checkpoint: {exc}; trying the one before it", stacklevel=2)
+        warnings.warn(f"no intact checkpoint under {self.out / CHECKPOINTS}: training starts again from step 0",
+                      stacklevel=2)
+        return None
+
+    def _load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
         if state["world_size"] != self.ctx.world_size:
             raise ConfigError(f"{folder} was written by {state['world_size']} processes; resume with as many "
                               f"(now {self.ctx.world_size})")
@@ -325,11 +383,13 @@ class Trainer:
     def _start(self, resume: bool, latest: Path | None) -> None:
         """Build everything, restore the newest checkpoint when resuming, and record the config."""
         self._setup()
-        if resume and latest is not None:
-            if self.ctx.is_main:  # half-written checkpoints of a killed run (atomic_dir's temporary folders)
-                for junk in (self.out / CHECKPOINTS).glob(".step-*"):
-                    shutil.rmtree(junk, ignore_errors=True)
-            self._load_checkpoint(latest)
+        if self.ctx.is_main and (self.out / CHECKPOINTS).is_dir():
+            # half-written checkpoints of a killed run (atomic_dir's temporaries, named by their dead writer)
+            for junk in (self.out / CHECKPOINTS).glob(".step-*.tmp"):
+                clean_stale_temporaries(junk.with_name(junk.name.split(".")[1]))
+        found = self._newest_intact_state() if resume and latest is not None else None
+        if found is not None:
+            self._load_checkpoint(*found)
             self.metrics.truncate_after(self.step)
         else:
             self.metrics.truncate_after(-1)  # a fresh start (or a crash before the first checkpoint)
