@@ -61,7 +61,7 @@ def _set_state(app: FastAPI, model: Any, index: Any, settings: ServeSettings) ->
 
 
 def _add_middleware(app: FastAPI, settings: ServeSettings) -> None:
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, api_key=settings.api_key)
     if settings.cors_origins:  # added last, so it answers preflights before the body limit sees them
         from fastapi.middleware.cors import CORSMiddleware
 

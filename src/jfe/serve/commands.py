@@ -64,6 +64,9 @@ def serve_command(
                              batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),
                              max_pixels=max_pixels)
     app = create_app(encoder, vector_index, settings)
+    if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host} without an API key: anyone who can reach this port can search "
+                   f"and embed; pass --api-key (or set JFE_API_KEY)", err=True)
     typer.echo(f"serving {len(vector_index)} candidates with {model} on http://{host}:{port}/ "
                f"(docs: /docs; auth: {'on' if settings.api_key else 'off'})")
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -6,6 +6,8 @@ other failure (validation, unknown route, JFE's own errors) answer in the same s
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -13,6 +15,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jfe.errors import JFEError
+
+log = logging.getLogger("jfe.serve")
 
 
 class ApiError(Exception):
@@ -56,8 +60,16 @@ async def _jfe_error(_: Request, exc: JFEError) -> JSONResponse:
     return error_response(422, str(exc), "invalid_input")
 
 
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # a bug, not the client's fault: still the JSON shape (clients parse it), logged with its traceback
+    log.error("unhandled error in a request", exc_info=exc)
+    return error_response(500, "internal server error", "server_error")
+
+
 def add_error_handlers(app: FastAPI) -> None:
-    """Render :class:`ApiError`, request validation, HTTP and JFE errors as the JSON error body."""
+    """Render :class:`ApiError`, request validation, HTTP and JFE errors, and any other failure (500), as the
+    JSON error body."""
+    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

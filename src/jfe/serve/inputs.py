@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import json
+import secrets
 from typing import Any, Literal, cast
 
 from fastapi import Request
@@ -29,7 +30,15 @@ from jfe.data.items import Item
 from jfe.errors import DataError
 from jfe.models.tokens import supports_matryoshka
 from jfe.serve.errors import ApiError, error_response, validation_message
-from jfe.serve.schemas import EmbeddingInput, EmbeddingsRequest, ImagePart, SearchRequest, ServeSettings, TextPart
+from jfe.serve.schemas import (
+    MAX_JSON_DEPTH,
+    EmbeddingInput,
+    EmbeddingsRequest,
+    ImagePart,
+    SearchRequest,
+    ServeSettings,
+    TextPart,
+)
 
 # Bodies larger than this are parsed on a worker thread, so big images never stall the event loop.
 _INLINE_BODY = 64 * 1024
@@ -37,23 +46,55 @@ JSON_CONTENT_TYPES = ("application/json", "")  # no content type at all is read 
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
-# ------------------------------------------------------------------------------------------ body limit
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413 before any handler parses them.
+# ------------------------------------------------------------------------------------------ guard
+# Paths anyone may fetch; every other path needs the key when the server has one.
+PUBLIC_PATHS = frozenset({"/", "/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+AUTH_MESSAGE = "missing or wrong API key (send X-API-Key: KEY or Authorization: Bearer KEY)"
 
-    Checks ``Content-Length`` first, then counts streamed (chunked) bodies, buffering at most the limit.
+
+def key_matches(given: str | None, api_key: str | None) -> bool:
+    """Whether ``given`` is the server's key (always, when the server has none); constant-time."""
+    if not api_key:
+        return True
+    if not given:
+        return False
+    return secrets.compare_digest(given.encode("utf-8", "replace"), api_key.encode("utf-8"))
+
+
+def key_from_headers(headers: dict[bytes, bytes]) -> str | None:
+    """The key a client sent: ``X-API-Key``, else an ``Authorization: Bearer`` token."""
+    header = headers.get(b"x-api-key")
+    if header is not None:
+        return header.decode("latin-1")
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith("/static/")
+
+
+class BodyLimitMiddleware:
+    """Before any body is read: refuse a request without the API key (401, where the server has one) and a
+    declared ``Content-Length`` over ``max_bytes`` (413); then count streamed (chunked) bodies, buffering at
+    most the limit. So an unauthenticated or oversized request costs no memory.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, api_key: str | None = None) -> None:
+        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and not is_public(scope.get("path", "")) and \
+                not key_matches(key_from_headers(headers), self.api_key):
+            await error_response(401, AUTH_MESSAGE, "authentication_error",
+                                 {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
         too_big = error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes",
                                  "request_too_large")
-        headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await too_big(scope, receive, send)
@@ -175,11 +216,41 @@ async def _json_body(request: Request, model: type[BaseModel]) -> Any:
     return _parse_json(body, model)
 
 
+def check_json_value(obj: Any) -> None:
+    """Refuse (400) JSON nested deeper than :data:`MAX_JSON_DEPTH` and strings that are not valid Unicode
+    (a lone surrogate such as ``"\\ud800"`` parses, but no tokenizer can encode it). Iterative: a deep
+    body cannot exhaust the stack here."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ApiError(400, f"invalid Unicode in a string of the request (a lone surrogate at "
+                                    f"position {exc.start})") from None
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep")
+        children = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+        for key, child in children:
+            if key is not None:
+                stack.append((key, depth + 1))
+            stack.append((child, depth + 1))
+
+
 def _parse_json(body: bytes, model: type[BaseModel]) -> Any:
+    if not body.strip():
+        raise ApiError(400, "request body is empty: send a JSON object")
     try:
-        obj = json.loads(body or b"null")
+        obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON ({exc})") from None
+    except RecursionError:  # the C parser gives up on very deep nesting before check_json_value could
+        raise ApiError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    check_json_value(obj)
     if not isinstance(obj, dict):
         raise ApiError(422, "request body must be a JSON object")
     try:
@@ -196,16 +267,34 @@ def _form_str(form: Any, name: str) -> str | None:
 
 
 def check_text(text: str | None, settings: ServeSettings, what: str) -> str | None:
-    """``text`` within the length limit; ``None`` for no text or only whitespace."""
+    """``text`` within the length limit and valid Unicode; ``None`` for no text or only whitespace."""
     if text is None or not text.strip():
         return None
     if len(text) > settings.max_text_chars:
         raise ApiError(422, f"{what}: text is {len(text)} characters, over the limit of {settings.max_text_chars}")
+    check_json_value(text)
     return text
 
 
-def _instruction(text: str | None) -> str | None:
-    return text if text and text.strip() else None  # a blank instruction is no instruction
+def _instruction(text: str | None, settings: ServeSettings) -> str | None:
+    """The instruction, held to the text limit (it is encoded with every input); blank means none."""
+    return check_text(text, settings, "instruction")
+
+
+async def _form(request: Request) -> Any:
+    """A multipart / urlencoded form with at most one file and eight fields; a second image is 422 like two
+    image parts in JSON, and a form the parser refuses is 422 naming why."""
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        form = await request.form(max_files=2, max_fields=8)
+    except (MultiPartException, HTTPException) as exc:
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+        raise ApiError(422, f"malformed form ({detail})") from None
+    if len(form.getlist("image")) > 1 or sum(isinstance(v, UploadFile) for _, v in form.multi_items()) > 1:
+        raise ApiError(422, "at most one image per request")
+    return form
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -219,11 +308,13 @@ class ParsedSearch(BaseModel):
 
 
 async def _search_form(request: Request, settings: ServeSettings) -> tuple[SearchRequest, Image.Image | None]:
-    form = await request.form(max_files=1, max_fields=8)
+    form = await _form(request)
     raw_k = _form_str(form, "k")
     fields: dict[str, Any] = {"text": _form_str(form, "text"), "instruction": _form_str(form, "instruction")}
-    if raw_k not in (None, ""):  # an empty k field means the default
-        fields["k"] = raw_k
+    if raw_k not in (None, ""):  # an empty k field means the default; a form sends every value as text
+        if not raw_k.strip().isdigit():
+            raise ApiError(422, f"k: an integer is required, got {raw_k[:20]!r}")
+        fields["k"] = int(raw_k)
     upload = form.get("image")
     if isinstance(upload, str) and upload:  # a data URL sent as a text field
         fields["image"] = upload
@@ -244,13 +335,13 @@ async def parse_search(request: Request, settings: ServeSettings) -> ParsedSearc
         req, image = await _json_body(request, SearchRequest), None
     else:
         raise _unsupported(ctype)
+    text = check_text(req.text, settings, "text")  # the cheap checks first: refuse before decoding
+    instruction = _instruction(req.instruction, settings)
     if image is None and req.image:
         image = await run_in_threadpool(image_from_url, req.image, settings, "image")
-    text = check_text(req.text, settings, "text")
     if text is None and image is None:
         raise ApiError(400, "empty query: give a text, an image, or both")
-    return ParsedSearch(request=req, item=Item(text=text, image=image, id="query"),
-                        instruction=_instruction(req.instruction))
+    return ParsedSearch(request=req, item=Item(text=text, image=image, id="query"), instruction=instruction)
 
 
 # ------------------------------------------------------------------------------------------ embeddings
@@ -293,7 +384,7 @@ def _decode_ids(ids: list[int], tokenizer: Any, what: str, model_name: str) -> s
         raise ApiError(400, f"{what}: token-id input is not supported: model {model_name!r} has no tokenizer "
                             "(send text instead)")
     vocab = len(tokenizer)
-    bad = [t for t in ids if t >= vocab]
+    bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise ApiError(400, f"{what}: token id {bad[0]} is outside the vocabulary of model {model_name!r} "
                             f"({vocab} ids)")
@@ -350,7 +441,7 @@ def embedding_items(req: EmbeddingsRequest, settings: ServeSettings, tokenizer: 
 
 async def _embeddings_form(request: Request, settings: ServeSettings) -> ParsedEmbeddings:
     """Multipart: one item from the ``input`` (or ``text``) field and an ``image`` file or data URL."""
-    form = await request.form(max_files=1, max_fields=8)
+    form = await _form(request)
     text = check_text(_form_str(form, "input") or _form_str(form, "text"), settings, "input")
     upload = form.get("image")
     image = None
@@ -364,7 +455,7 @@ async def _embeddings_form(request: Request, settings: ServeSettings) -> ParsedE
     if fmt not in ("float", "base64"):
         raise ApiError(422, "encoding_format must be 'float' or 'base64'")
     return ParsedEmbeddings(items=[Item(text=text, image=image, id="input #0")], id_counts=[None],
-                            instruction=_instruction(_form_str(form, "instruction")),
+                            instruction=_instruction(_form_str(form, "instruction"), settings),
                             encoding_format=cast(Literal["float", "base64"], fmt), model=_form_str(form, "model"))
 
 
@@ -382,7 +473,8 @@ async def parse_embeddings(request: Request, settings: ServeSettings, model: Any
         raise _unsupported(ctype)
     req: EmbeddingsRequest = await _json_body(request, EmbeddingsRequest)
     dimensions = check_dimensions(req.dimensions, model, model_name)
+    instruction = _instruction(req.instruction, settings)
     # decodes images and token ids: off the loop
     items, id_counts = await run_in_threadpool(embedding_items, req, settings, tokenizer, model_name)
-    return ParsedEmbeddings(items=items, id_counts=id_counts, instruction=_instruction(req.instruction),
+    return ParsedEmbeddings(items=items, id_counts=id_counts, instruction=instruction,
                             encoding_format=req.encoding_format, model=req.model, dimensions=dimensions)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import logging
 import mimetypes
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from jfe.data.items import Item
 from jfe.errors import DataError
 from jfe.index.hits import Hit, hits_from
 from jfe.serve.errors import ApiError
-from jfe.serve.inputs import parse_embeddings, parse_search
+from jfe.serve.inputs import AUTH_MESSAGE, key_matches, parse_embeddings, parse_search
 from jfe.serve.schemas import (
     EmbeddingData,
     EmbeddingsResponse,
@@ -52,13 +51,10 @@ header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False,
 def require_key(request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
                 header_key: str | None = Depends(header_scheme)) -> None:
     """Refuse (401) a request without the server's API key, when the server has one."""
-    api_key = request.app.state.settings.api_key
-    if not api_key:
-        return
     given = header_key if header_key is not None else (bearer.credentials.strip() if bearer else None)
-    if not given or not secrets.compare_digest(given.encode(), api_key.encode()):
-        raise ApiError(401, "missing or wrong API key (send X-API-Key: KEY or Authorization: Bearer KEY)",
-                       "authentication_error", {"WWW-Authenticate": "Bearer"})
+    # BodyLimitMiddleware has refused a wrong key before reading the body; this keeps routes safe on their own
+    if not key_matches(given, request.app.state.settings.api_key):
+        raise ApiError(401, AUTH_MESSAGE, "authentication_error", {"WWW-Authenticate": "Bearer"})
 
 
 AUTH = [Depends(require_key)]

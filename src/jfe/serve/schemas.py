@@ -11,6 +11,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 K_MAX = 100
+# short fields (model names, user tags) never need more; texts and instructions have the settings' limit
+SHORT_FIELD_CHARS = 256
+# JSON bodies nest at most this deep (content parts sit at depth 4): deeper is refused before validation
+MAX_JSON_DEPTH = 16
 
 
 class ServeSettings(BaseModel):
@@ -25,7 +29,7 @@ class ServeSettings(BaseModel):
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")
     max_inputs: int = Field(256, ge=1, description="most inputs in one embeddings request")
-    max_text_chars: int = Field(8192, ge=1, description="longest text of one input")
+    max_text_chars: int = Field(8192, ge=1, description="longest text of one input, and of an instruction")
     batching: bool = Field(True, description="micro-batch concurrent requests into one encode call")
     max_batch: int = Field(32, ge=1, description="most items in one micro-batch")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first request of a batch waits for company")
@@ -53,8 +57,9 @@ class ImagePart(BaseModel):
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-# OpenAI's token-array input: ids of the served model's tokenizer (strict, so true/false or "1" are not ids).
-TokenIds = list[Annotated[int, Field(strict=True, ge=0)]]
+# OpenAI's token-array input: ids of the served model's tokenizer (strict, so true/false or "1" are not ids);
+# the range is checked against the vocabulary when decoding (400 naming the id, as for an id too large).
+TokenIds = list[Annotated[int, Field(strict=True)]]
 EmbeddingInput = str | TokenIds | list[ContentPart]
 
 
@@ -63,14 +68,15 @@ class EmbeddingsRequest(BaseModel):
     lists or lists of content parts (one item each). Token ids need a model with a tokenizer."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="echoed back in the response; the served model is used")
+    model: str | None = Field(None, max_length=SHORT_FIELD_CHARS,
+                              description="echoed back in the response; the served model is used")
     input: str | TokenIds | list[EmbeddingInput]
     instruction: str | None = Field(None, description="retrieval instruction prefixed to every input's text")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description=(
         "Matryoshka truncation to the first `dimensions` components, renormalised; only for models trained "
         "for it (others accept only their own dim, else 400)"))
-    user: str | None = None
+    user: str | None = Field(None, max_length=SHORT_FIELD_CHARS)
 
 
 class EmbeddingData(BaseModel):
@@ -102,7 +108,7 @@ class SearchRequest(BaseModel):
     text: str | None = None
     image: str | None = Field(None, description="data:image/...;base64,... data URL")
     instruction: str | None = None
-    k: int = Field(10, ge=1, le=K_MAX)
+    k: int = Field(10, ge=1, le=K_MAX, strict=True)  # strict: true/false or "3" are not a k
 
 
 class SearchHit(BaseModel):
