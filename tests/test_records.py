@@ -46,6 +46,7 @@ from jfe.data.records import (
     Query,
     dataset_id_of,
     modality_of,
+    record_problems,
 )
 from jfe.errors import DataError
 
@@ -122,10 +123,19 @@ texts = st.one_of(st.none(), st.text(max_size=40))
 def test_query_round_trip_property(qid: str, txt: str | None, img: str | None, src: str | None, modality: str,
                                    pos: list[str], neg: list[str], task: int | None) -> None:
     query = Query(qid, txt, img, modality, src, pos, neg, task)
+    other = Query(qid + "0", txt, img, modality, src, pos, neg, task)  # qids are unique within a file
+    problems = record_problems(txt, img, modality, is_query=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "q.jsonl"
-        write_queries(path, [query, query])
-        assert read_queries(path) == [query, query]
+        write_queries(path, [query, other])
+        if not problems:
+            assert read_queries(path) == [query, other]
+            return
+        # the strict reader refuses, at the first line, what validate reports as the first problem
+        with pytest.raises(DataError) as info:
+            read_queries(path)
+        assert info.value.line == 1 and info.value.record_id == qid
+        assert problems[0][1] in info.value.message
 
 
 @settings(max_examples=60, deadline=None)
@@ -134,10 +144,17 @@ def test_query_round_trip_property(qid: str, txt: str | None, img: str | None, s
 def test_candidate_round_trip_property(did: str, txt: str | None, img: str | None, src: str | None,
                                        modality: str) -> None:
     cand = Candidate(did, txt, img, modality, src)
+    problems = record_problems(txt, img, modality, is_query=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pool.jsonl"
         write_candidates(path, [cand])
-        assert read_candidates(path) == [cand]
+        if not problems:
+            assert read_candidates(path) == [cand]
+            return
+        with pytest.raises(DataError) as info:
+            read_candidates(path)
+        assert info.value.line == 1 and info.value.record_id == did
+        assert problems[0][1] in info.value.message
 
 
 def test_writers_are_atomic(tmp_path: Path) -> None:
@@ -195,7 +212,7 @@ def test_query_reader_errors_name_file_and_line(tmp_path: Path, bad: str, match:
 
 def test_reader_reports_bad_utf8_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / "q.jsonl"
-    path.write_bytes((GOOD_Q + "\n").encode() * 2 + b'{"qid": "\xff"}\n')
+    path.write_bytes((GOOD_Q + "\n" + GOOD_Q.replace('"1:1"', '"1:3"') + "\n").encode() + b'{"qid": "\xff"}\n')
     with pytest.raises(DataError, match="UTF-8") as info:
         read_queries(path)
     assert info.value.line == 3

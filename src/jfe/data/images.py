@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -10,6 +11,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from jfe.errors import DataError
+
+# path -> (mtime_ns, size, sha1): avoids re-reading a file whose content hash is already known
+_path_digests: dict[str, tuple[int, int, str]] = {}
 
 # 40 megapixels: far above any retrieval input, far below what would exhaust memory when decoded.
 MAX_PIXELS = 40_000_000
@@ -54,6 +58,15 @@ def upright(image: Image.Image) -> Image.Image:
         return image
 
 
+def bomb_message(exc: Exception, max_pixels: int) -> str:
+    """PIL refuses images over twice its own bomb threshold before JFE can look: say JFE's limit, not PIL's."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return f"image has {size}, over the limit of {max_pixels:,} pixels"
+
+
 def load_image(source: str | os.PathLike | bytes | Image.Image, *, item_id: str | None = None,
                max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Image.Image:
     """Open an image from a path, raw bytes or a PIL image and return it upright (EXIF orientation) as RGB.
@@ -90,7 +103,40 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, *, item_id: str 
         except DataError:
             raise
         except Image.DecompressionBombError as exc:
-            raise DataError(f"image too large ({exc})", path=where, record_id=item_id) from None
+            raise DataError(bomb_message(exc, max_pixels), path=where, record_id=item_id) from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise DataError(f"corrupt or unsupported image ({type(exc).__name__}: {exc})", path=where,
                             record_id=item_id) from None
+
+
+def content_digest(image: str | os.PathLike | bytes | Image.Image, item_id: str | None = None) -> str:
+    """sha1 of an image's content: the file's bytes, the raw bytes, or a PIL image's mode, size and pixels.
+
+    What every cache keyed by an image uses (the feature cache, the evaluator's embedding cache), so swapping
+    two files never serves the other's vector. A file is re-read only when its mtime or size changed.
+    """
+    if isinstance(image, Image.Image):
+        digest = hashlib.sha1(f"pil:{image.mode}:{image.size}:".encode())
+        digest.update(image.tobytes())
+        return digest.hexdigest()
+    if isinstance(image, bytes):
+        return hashlib.sha1(image).hexdigest()
+    path = os.fspath(image)
+    try:
+        stat = os.stat(path)
+        known = _path_digests.get(path)
+        if known is not None and known[:2] == (stat.st_mtime_ns, stat.st_size):
+            return known[2]
+        with open(path, "rb") as handle:
+            sha = hashlib.sha1(handle.read()).hexdigest()
+    except FileNotFoundError:
+        raise DataError("image file not found", path=path, record_id=item_id) from None
+    except OSError as exc:
+        raise DataError(f"cannot open image ({exc.strerror})", path=path, record_id=item_id) from None
+    _path_digests[path] = (stat.st_mtime_ns, stat.st_size, sha)
+    return sha
+
+
+def forget_digests() -> None:
+    """Drop the remembered file digests (tests that rewrite files within one mtime tick)."""
+    _path_digests.clear()

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from jfe.data.records import MODALITIES, Candidate, InstructionSet, Qrel, Query
+from jfe.data.records import MODALITIES, Candidate, InstructionSet, Qrel, Query, record_problems
 from jfe.errors import DataError
 from jfe.paths import atomic_write
 
@@ -68,7 +68,18 @@ def _modality(obj: dict, key: str, path: PathLike, line: int, record_id: str) ->
     return value
 
 
-def parse_query(obj: dict, path: PathLike = "<memory>", line: int = 0) -> Query:
+def _refuse_problems(text: str | None, img_path: str | None, modality: str, is_query: bool, path: PathLike,
+                     line: int, record_id: str) -> None:
+    problems = record_problems(text, img_path, modality, is_query=is_query)
+    if problems:
+        raise DataError(problems[0][1] + " (see `jfe data validate`)", path=str(path), line=line,
+                        record_id=record_id)
+
+
+def parse_query(obj: dict, path: PathLike = "<memory>", line: int = 0, *, strict: bool = True) -> Query:
+    """One query line. ``strict`` (every reader but the validator's) also refuses what ``jfe data validate``
+    calls an error in a record's content: an image path outside the root, an empty record, a declared
+    modality the fields do not make (an empty ``query_txt`` would otherwise be ranked by its instruction)."""
     qid = obj.get("qid")
     if not isinstance(qid, str) or not qid:
         raise DataError("missing or non-string 'qid'", path=str(path), line=line)
@@ -83,7 +94,7 @@ def parse_query(obj: dict, path: PathLike = "<memory>", line: int = 0) -> Query:
         except (TypeError, ValueError):
             raise DataError(f"task_id {task_id!r} is not an integer", path=str(path), line=line,
                             record_id=qid) from None
-    return Query(
+    query = Query(
         qid=qid,
         query_txt=_opt_str(obj, "query_txt", path, line, qid),
         query_img_path=_opt_str(obj, "query_img_path", path, line, qid),
@@ -93,25 +104,40 @@ def parse_query(obj: dict, path: PathLike = "<memory>", line: int = 0) -> Query:
         neg_cand_list=[str(x) for x in neg],
         task_id=task_id,
     )
+    if strict:
+        _refuse_problems(query.query_txt, query.query_img_path, query.query_modality, True, path, line, qid)
+    return query
 
 
-def parse_candidate(obj: dict, path: PathLike = "<memory>", line: int = 0) -> Candidate:
+def parse_candidate(obj: dict, path: PathLike = "<memory>", line: int = 0, *, strict: bool = True) -> Candidate:
+    """One pool line; ``strict`` as for :func:`parse_query` (a candidate declared ``image`` with only a text
+    is refused instead of indexed)."""
     did = obj.get("did")
     if not isinstance(did, str) or not did:
         raise DataError("missing or non-string 'did'", path=str(path), line=line)
-    return Candidate(
+    candidate = Candidate(
         did=did,
         txt=_opt_str(obj, "txt", path, line, did),
         img_path=_opt_str(obj, "img_path", path, line, did),
         modality=_modality(obj, "modality", path, line, did),
         src_content=_opt_str(obj, "src_content", path, line, did),
     )
+    if strict:
+        _refuse_problems(candidate.txt, candidate.img_path, candidate.modality, False, path, line, did)
+    return candidate
 
 
 def iter_queries(path: PathLike) -> Iterator[Query]:
-    """Stream the queries of one jsonl file."""
+    """Stream the queries of one jsonl file; a qid seen twice in it is a DataError naming both lines (it would
+    be counted twice by the evaluator and listed twice in a TREC run)."""
+    first_line: dict[str, int] = {}
     for line_no, obj in iter_json_lines(path):
-        yield parse_query(obj, path, line_no)
+        query = parse_query(obj, path, line_no)
+        if query.qid in first_line:
+            raise DataError(f"duplicate qid (first at line {first_line[query.qid]})", path=str(path), line=line_no,
+                            record_id=query.qid)
+        first_line[query.qid] = line_no
+        yield query
 
 
 def iter_candidates(path: PathLike) -> Iterator[Candidate]:

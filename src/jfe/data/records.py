@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 Modality = Literal["text", "image", "image,text"]
@@ -73,6 +75,41 @@ def modality_of(text: str | None, img_path: str | None) -> str | None:
     if has_text:
         return "text"
     return None
+
+
+def image_path_problem(rel: str | None) -> str | None:
+    """Why ``rel`` cannot be an M-BEIR ``img_path`` (None when it can): paths are relative to the dataset root
+    and stay inside it, so a record can never make JFE open ``/etc/passwd`` or ``../../secret.png``."""
+    if not rel:
+        return None
+    posix = rel.replace("\\", "/")
+    if posix.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", posix):
+        return f"image path {rel!r} is absolute; image paths are relative to the dataset root"
+    if ".." in PurePosixPath(posix).parts:
+        return f"image path {rel!r} leaves the dataset root ('..')"
+    if "\x00" in rel:
+        return f"image path {rel!r} holds a NUL byte"
+    return None
+
+
+def record_problems(text: str | None, img_path: str | None, modality: str, *, is_query: bool
+                    ) -> list[tuple[str, str]]:
+    """``(kind, message)`` for what is wrong with a record's content, the one rule both the strict readers
+    (which refuse the first) and ``jfe data validate`` (which reports them all) apply: an image path outside
+    the root, no content at all, or a declared modality the fields present do not make."""
+    problems = []
+    path_problem = image_path_problem(img_path)
+    if path_problem is not None:
+        problems.append(("unsafe-path", path_problem))
+    implied = modality_of(text, img_path)
+    modality_key = "query_modality" if is_query else "modality"
+    if implied is None:
+        fields = "query_txt nor query_img_path" if is_query else "txt nor img_path"
+        problems.append(("empty-record", f"{'query' if is_query else 'candidate'} has neither {fields}"))
+    elif implied != modality:
+        problems.append(("modality-mismatch", f"{modality_key} is {modality!r} but the fields present make it "
+                                              f"{implied!r}"))
+    return problems
 
 
 def dataset_id_of(record_id: str) -> str:

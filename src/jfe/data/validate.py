@@ -32,7 +32,7 @@ from jfe.data.records import (
     Query,
     dataset_id_of,
     hashed_id,
-    modality_of,
+    record_problems,
 )
 from jfe.errors import DataError
 
@@ -52,6 +52,7 @@ KINDS: dict[str, str] = {
     "dangling-id": "a candidate id in a query that no pool holds",
     "no-positive": "a query without positive candidates",
     "missing-image": "an image path that does not exist under the dataset root",
+    "unsafe-path": "an image path that is absolute or leaves the dataset root ('..'); never opened",
     "qrels-format": "a qrels line that is not 'qid 0 did relevance [task_id]'",
     "qrels-mismatch": "qrels that disagree with the queries' positive lists",
     "instructions-format": "a bad row in the instructions TSV",
@@ -153,7 +154,8 @@ def _checked_records(path: Path, root: Path, sink: _Sink, seen: set[str], kind: 
                      f"(expected one of {', '.join(MODALITIES)})")
             continue
         try:
-            record = parse_query(obj, path, line_no) if is_query else parse_candidate(obj, path, line_no)
+            record = parse_query(obj, path, line_no, strict=False) if is_query else \
+                parse_candidate(obj, path, line_no, strict=False)
         except DataError as exc:
             sink.add(path, line_no, rid, "schema", exc.message)
             continue
@@ -162,14 +164,10 @@ def _checked_records(path: Path, root: Path, sink: _Sink, seen: set[str], kind: 
             hashed_id(rid, QUERY_ID_BOUND if is_query else CANDIDATE_ID_BOUND)
         except ValueError as exc:
             sink.add(path, line_no, rid, "uniir-id", str(exc))
-        implied = modality_of(text, image)
-        if implied is None:
-            fields = "query_txt nor query_img_path" if is_query else "txt nor img_path"
-            sink.add(path, line_no, rid, "empty-record", f"{kind} has neither {fields}")
-        elif implied != modality:
-            sink.add(path, line_no, rid, "modality-mismatch",
-                     f"{modality_key} is {modality!r} but the fields present make it {implied!r}")
-        if not _image_ok(root, image, check_images):
+        problems = record_problems(text, image, modality, is_query=is_query)
+        for problem_kind, message in problems:
+            sink.add(path, line_no, rid, problem_kind, message)
+        if all(k != "unsafe-path" for k, _ in problems) and not _image_ok(root, image, check_images):
             sink.add(path, line_no, rid, "missing-image", f"image {image!r} not found under {root}")
         yield line_no, record
 

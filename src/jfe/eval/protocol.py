@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jfe.data.images import content_digest
 from jfe.data.instructions import TEXT_MODES, TextMode, instruction_key, instruction_set_for, pick_instruction
 from jfe.data.items import Item, candidate_item, query_item
 from jfe.data.mbeir import MBEIRLayout, iter_candidates, read_instructions, read_qrels, read_queries
@@ -204,7 +205,13 @@ def model_fingerprint(model: Encoder) -> str:
 
 
 def _item_key(text: str | None, image: str | None) -> str:
+    """The cache key of an item: its text and its image's *content* digest (not its path: a file replaced
+    under the same name must not be served its old vector)."""
     return hashlib.sha1(json.dumps([text, image], ensure_ascii=False).encode()).hexdigest()
+
+
+def _image_digest(root: Path, rel: str | None, record_id: str) -> str | None:
+    return content_digest(root / rel, item_id=record_id) if rel else None
 
 
 class EmbeddingCache:
@@ -332,7 +339,7 @@ def _query_items(qf: _QueryFile, inputs: _Inputs, instructions: str, instruction
             instruction = pick_instruction(q.qid, instruction_set_for(inputs.instruction_sets, key), instruction_mode)
         heldout = q.src.get("query_txt_heldout") if instructions == "heldout" else None
         item = query_item(q, inputs.root, instruction, text_mode, heldout if isinstance(heldout, str) else None)
-        keys.append(_item_key(item.text, q.query_img_path))
+        keys.append(_item_key(item.text, _image_digest(inputs.root, q.query_img_path, q.qid)))
         items.append(item)
     return keys, items
 
@@ -346,7 +353,8 @@ def _embed(model: Encoder, inputs: _Inputs, cache: EmbeddingCache, batch_size: i
     cand_ids = sorted(candidates, key=lambda d: d)  # sorted: stable cache order regardless of pool order
     cand_row = {did: i for i, did in enumerate(cand_ids)}
     cand_items = [candidate_item(candidates[d], inputs.root, text_mode) for d in cand_ids]
-    cand_keys = [_item_key(item.text, candidates[d].img_path) for d, item in zip(cand_ids, cand_items, strict=True)]
+    cand_keys = [_item_key(item.text, _image_digest(inputs.root, candidates[d].img_path, d))
+                 for d, item in zip(cand_ids, cand_items, strict=True)]
     cand_vecs = cache.embed(model, cand_keys, cand_items, batch_size, progress, "embed candidates")
     query_vecs: list[np.ndarray] = []
     for qf in inputs.files:

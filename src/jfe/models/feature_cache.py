@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -32,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jfe.data.images import load_image
+from jfe.data.images import content_digest, forget_digests, load_image
 from jfe.data.items import ImageLike
-from jfe.errors import ConfigError, DataError
+from jfe.errors import ConfigError
 from jfe.models.vision import VisionTower
 from jfe.paths import cache_dir
 
@@ -101,8 +100,6 @@ class _Store:
 
 _settings: CacheSettings | None = None
 _store = _Store()
-# path -> (mtime_ns, size, sha1): avoids re-reading a file whose content hash is already known
-_path_digests: dict[str, tuple[int, int, str]] = {}
 
 
 def settings() -> CacheSettings:
@@ -149,7 +146,7 @@ def clear(memory: bool = True, disk: bool = False) -> None:
             _store.entries.clear()
             _store.nbytes = 0
             _store.stats = CacheStats()
-            _path_digests.clear()
+            forget_digests()
     if disk:
         import shutil
 
@@ -167,30 +164,6 @@ def _evict(budget: int) -> None:
             _, tensor = _store.entries.popitem(last=False)
             _store.nbytes -= tensor.numel() * tensor.element_size()
             _store.stats.evictions += 1
-
-
-def content_digest(image: ImageLike, item_id: str | None = None) -> str:
-    """sha1 of an image's content: the file's bytes, the raw bytes, or a PIL image's mode, size and pixels."""
-    if isinstance(image, Image.Image):
-        digest = hashlib.sha1(f"pil:{image.mode}:{image.size}:".encode())
-        digest.update(image.tobytes())
-        return digest.hexdigest()
-    if isinstance(image, bytes):
-        return hashlib.sha1(image).hexdigest()
-    path = os.fspath(image)
-    try:
-        stat = os.stat(path)
-        known = _path_digests.get(path)
-        if known is not None and known[:2] == (stat.st_mtime_ns, stat.st_size):
-            return known[2]
-        with open(path, "rb") as handle:
-            sha = hashlib.sha1(handle.read()).hexdigest()
-    except FileNotFoundError:
-        raise DataError("image file not found", path=path, record_id=item_id) from None
-    except OSError as exc:
-        raise DataError(f"cannot open image ({exc.strerror})", path=path, record_id=item_id) from None
-    _path_digests[path] = (stat.st_mtime_ns, stat.st_size, sha)
-    return sha
 
 
 def _disk_path(root: Path, key: str, sha: str) -> Path:
