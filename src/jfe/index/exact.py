@@ -228,3 +228,15 @@ def _scan_bf16(queries: np.ndarray, pool: np.ndarray, top: _TopK, chunk_rows: in
             # tie-inclusive (the merge applies the row rule), never an excluded column
             tq, tc = np.nonzero((exact >= kth[:, None]) & (exact > -np.inf))
             top.merge(unsure[tq], tc + start, exact[tq, tc])
+
+
+def rescore(queries: np.ndarray, pool: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Scores ``[m, c]`` of each query against its shortlisted pool ``rows`` (``-1``: none, scored ``-inf``),
+    computed the same way whatever the batch: float64 products summed per pair by one einsum loop, rounded to
+    float32. BLAS kernels differ between a single query (gemv) and a batch (gemm) in the last bit, so equal
+    vectors could score one ulp apart and swap places; rescored, they tie exactly and the tie rule decides."""
+    valid = rows >= 0
+    vectors = np.asarray(pool[np.where(valid, rows, 0).ravel()], dtype=np.float64).reshape(*rows.shape, -1)
+    scores = np.einsum("mcd,md->mc", vectors, np.asarray(queries, dtype=np.float64)).astype(np.float32)
+    scores[~valid] = -np.inf
+    return scores

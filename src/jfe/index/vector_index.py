@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from jfe.errors import ConfigError, DataError
-from jfe.index.exact import Bf16Pool, exact_topk, resolve_precision
+from jfe.index.exact import Bf16Pool, exact_topk, rescore, resolve_precision
 from jfe.paths import ArtefactKind, atomic_dir, read_json_object, recover_dir
 
 FORMAT_VERSION = 1
@@ -48,6 +48,9 @@ SEARCH_BATCH = 4096
 # measured several times faster than faiss-cpu's IndexFlatIP for batches here (docs/index_eval.md); single
 # queries stay on faiss.
 NUMPY_MIN_BATCH = 16
+# Exact search fetches this many more than k and rescores them deterministically (exact.rescore), so
+# candidates tied with the k-th one make it into the list in insertion order, in a batch as for one query.
+TIE_SLACK = 16
 
 
 def _faiss():  # noqa: ANN202 - imported lazily so that `jfe --help` stays fast
@@ -223,8 +226,11 @@ class VectorIndex:
                 [e if isinstance(e, (set, frozenset)) else set(e) for e in exclude[start:stop]]
             # Excluded ids can take at most len(excl) of the top slots, so fetching that many more is exact.
             extra = max((sum(1 for d in e if d in self._did_to_int) for e in excl), default=0)
-            fetch = min(len(self), k + extra)
+            exact = self.factory == "Flat"
+            fetch = min(len(self), k + extra + (TIE_SLACK if exact else 0))
             scores, labels = self._top(queries[start:stop], fetch)
+            if exact:
+                scores = self._rescored(queries[start:stop], labels, scores)
             for row in range(stop - start):
                 lab, sc = labels[row], scores[row]
                 valid = lab >= 0
@@ -242,15 +248,29 @@ class VectorIndex:
                 out_ids.append(ids_row)
         return out_ids, out_scores
 
-    def _top(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``fetch`` (scores, int ids) per query, unordered among equal scores."""
+    def _flat_storage(self) -> tuple[np.ndarray, np.ndarray]:
+        """A Flat index's stored vectors (a view, no copy) and the int id of each row."""
         faiss = _faiss()
-        if self.factory != "Flat" or len(queries) < NUMPY_MIN_BATCH:
-            return self._index.search(queries, fetch)
         inner = faiss.downcast_index(self._index.index)
         n = inner.ntotal
-        pool = faiss.rev_swig_ptr(inner.get_xb(), n * self.dim).reshape(n, self.dim)  # a view, no copy
-        id_map = faiss.vector_to_array(self._index.id_map)
+        pool = faiss.rev_swig_ptr(inner.get_xb(), n * self.dim).reshape(n, self.dim)
+        return pool, faiss.vector_to_array(self._index.id_map)
+
+    def _rescored(self, queries: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """``scores`` of the fetched ``labels`` recomputed batch-independently (:func:`exact.rescore`)."""
+        pool, id_map = self._flat_storage()
+        # ids are handed out in increasing order and removal keeps the order, so id_map is sorted
+        rows = np.searchsorted(id_map, np.maximum(labels, 0))
+        rows = np.minimum(rows, max(len(id_map) - 1, 0))
+        if len(id_map) == 0 or not np.array_equal(id_map[rows][labels >= 0], labels[labels >= 0]):
+            return scores  # not the layout this relies on: keep faiss's scores
+        return rescore(queries, pool, np.where(labels >= 0, rows, -1))
+
+    def _top(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``fetch`` (scores, int ids) per query, unordered among equal scores."""
+        if self.factory != "Flat" or len(queries) < NUMPY_MIN_BATCH:
+            return self._index.search(queries, fetch)
+        pool, id_map = self._flat_storage()
         prepared = None
         if resolve_precision("auto") == "bf16":
             # a bf16 copy (+50 % RAM) saves the per-search conversion, about as slow as the bf16 scan itself;
