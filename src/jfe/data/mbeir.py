@@ -7,6 +7,7 @@ a Python list of dicts. Every parse error names the file and the line. Writers a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -176,8 +177,12 @@ def iter_qrels(path: PathLike) -> Iterator[Qrel]:
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path=str(path))
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # decoded per line, so a bad byte is reported with its line number
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"invalid UTF-8 at byte {exc.start}", path=str(path), line=line_no) from None
             parts = line.split()
             if not parts:
                 continue
@@ -257,7 +262,12 @@ def read_instructions(path: PathLike) -> dict[tuple[str, str, str], InstructionS
     if not path.exists():
         raise DataError("instructions file not found", path=str(path))
     out: dict[tuple[str, str, str], InstructionSet] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise DataError(f"invalid UTF-8 at byte {exc.start}", path=str(path), line=line) from None
+    with io.StringIO(text, newline="") as handle:
         # QUOTE_NONE: the writer does not quote, so a prompt that starts with '"' must stay literal.
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
