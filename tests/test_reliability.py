@@ -301,6 +301,9 @@ def test_11_serve_warns_on_a_public_address_without_a_key(tiny_mbeir: Path, tmp_
     with mock.patch("uvicorn.run") as run:
         code, output = jfe("serve", "--index", str(tmp_path / "idx"), "--host", "0.0.0.0")
         assert code == 0 and run.called and "without an API key" in output
+        # idle connections outlive common clients' own keep-alive expiry (httpx: 5 s = uvicorn's default,
+        # which raced: a reused connection was closed under the client, "connection reset")
+        assert run.call_args.kwargs["timeout_keep_alive"] == 75
         code, output = jfe("serve", "--index", str(tmp_path / "idx"), "--host", "0.0.0.0", "--api-key", "k")
         assert code == 0 and "without an API key" not in output
         code, output = jfe("serve", "--index", str(tmp_path / "idx"))

@@ -9,6 +9,7 @@ import typer
 
 from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
 from jfe.errors import ConfigError
+from jfe.serve.server import KEEP_ALIVE_S
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +35,9 @@ def serve_command(
     mmap: bool = typer.Option(False, "--mmap/--no-mmap", help="memory-map the index files instead of reading "
                                                              "them into RAM (large indexes; read-only)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
+    keep_alive: int = typer.Option(KEEP_ALIVE_S, "--keep-alive", min=1,
+                                   help="seconds an idle keep-alive connection is held (longer than clients' own "
+                                        "expiry, so a reused connection is never closed under the client)"),
 ) -> None:
     """Serve search, embeddings and the web page over HTTP."""
     import uvicorn
@@ -69,4 +73,4 @@ def serve_command(
                    f"and embed; pass --api-key (or set JFE_API_KEY)", err=True)
     typer.echo(f"serving {len(vector_index)} candidates with {model} on http://{host}:{port}/ "
                f"(docs: /docs; auth: {'on' if settings.api_key else 'off'})")
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=keep_alive)
