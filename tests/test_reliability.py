@@ -79,13 +79,15 @@ def build_args(root: Path, out: Path, *extra: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ 1. data loss
 def test_1_index_build_never_removes_a_folder_it_did_not_write(tiny_mbeir: Path, tmp_path: Path) -> None:
     before = snapshot(tiny_mbeir)
-    one_line_error(*jfe(*build_args(tiny_mbeir, tiny_mbeir)), "holds no JFE index", "--overwrite")
+    one_line_error(*jfe(*build_args(tiny_mbeir, tiny_mbeir)), "is not a JFE index", "--overwrite")
     assert snapshot(tiny_mbeir) == before  # the dataset pointed at as --out is whole
 
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "todo.txt").write_text("keep me")
-    one_line_error(*jfe(*build_args(tiny_mbeir, foreign)), "holds no JFE index")
+    one_line_error(*jfe(*build_args(tiny_mbeir, foreign)), "is not a JFE index")
+    for builder in ("build-minibeir", "build-pretrain"):  # every command that writes a folder
+        one_line_error(*jfe("data", builder, "--out", str(foreign), "--no-progress"), "--overwrite")
     assert (foreign / "todo.txt").read_text() == "keep me"
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -105,7 +107,7 @@ def test_1_index_build_never_removes_a_folder_it_did_not_write(tiny_mbeir: Path,
 
 def test_1_saving_a_model_or_a_pool_refuses_foreign_targets(tmp_path: Path, tiny_mbeir: Path) -> None:
     model = ToyEncoder()
-    with pytest.raises(ConfigError, match="holds no saved model"):
+    with pytest.raises(ConfigError, match="is not a saved model"):
         model.save_pretrained(tiny_mbeir)
     assert (tiny_mbeir / "images").is_dir()
     folder = model.save_pretrained(tmp_path / "m")
@@ -568,7 +570,7 @@ def test_check_out_dir_refuses_symlinks_and_accepts_empty(tmp_path: Path) -> Non
     empty.mkdir()
     check_out_dir(empty, kind)
     check_out_dir(tmp_path / "absent", kind)
-    with pytest.raises(ConfigError, match="holds no thing"):
+    with pytest.raises(ConfigError, match="is not a thing"):
         check_out_dir(target, kind)
     (target / "thing.json").write_text("{}")
     check_out_dir(target, kind)

@@ -165,7 +165,7 @@ def check_out_dir(path: str | os.PathLike, kind: ArtefactKind, *, overwrite: boo
                           f"{kind.what}")
     if overwrite or kind.holds(path) or not any(path.iterdir()):
         return
-    raise ConfigError(f"{option} {path} is a folder that holds no {kind.what} (none of "
+    raise ConfigError(f"{option} {path} exists and is not a {kind.what} (it holds none of "
                       f"{', '.join(kind.markers)}); JFE replaces only what it wrote, so choose a new or empty "
                       f"folder, or pass --overwrite to replace it and everything in it")
 

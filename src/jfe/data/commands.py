@@ -130,11 +130,14 @@ def data_build_minibeir(
     max_bases: int = typer.Option(None, "--max-bases", help="Cap the number of base items (quick builds)."),
     image_size: int = typer.Option(128, "--image-size", help="Side of the rendered images in pixels."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder that is not a "
+                                                              "MiniBEIR build, and everything in it."),
 ) -> None:
     """Build the MiniBEIR benchmark from the fetched assets, then print its summary."""
     from jfe.data.minibeir import build_minibeir
 
-    summary = build_minibeir(out, seed=seed, max_bases=max_bases, image_size=image_size, progress=progress)
+    summary = build_minibeir(out, seed=seed, max_bases=max_bases, image_size=image_size, progress=progress,
+                             overwrite=overwrite)
     typer.echo(summary.to_markdown())
 
 
@@ -147,12 +150,14 @@ def data_build_pretrain(
     seed: int = typer.Option(0, "--seed", help="Seed of the val split and of the --max-pairs choice."),
     image_size: int = typer.Option(128, "--image-size", help="Side of the rendered images in pixels."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder that is not a "
+                                                              "corpus build, and everything in it."),
 ) -> None:
     """Build the stage-1 pretraining corpus from the fetched pretrain assets, then print its counts."""
     from jfe.data.pretrain import build_pretrain
 
     summary = build_pretrain(out, minibeir=minibeir, max_pairs=max_pairs, seed=seed, image_size=image_size,
-                             progress=progress)
+                             progress=progress, overwrite=overwrite)
     typer.echo(summary.to_markdown())
     typer.echo(f"{summary.total_images} images, {summary.total_pairs} image-text pairs in {summary.seconds:.0f} s")
 

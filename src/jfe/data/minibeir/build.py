@@ -22,7 +22,7 @@ from jfe.data.minibeir.sources import ClipArt, Emoji, SourceInfo, load_clipart, 
 from jfe.data.minibeir.tasks import Cand, ClipArtTasks, EmojiTasks, QSpec, SplitFn, TaskData
 from jfe.data.records import QUERY_ID_BOUND, TASK_CATEGORY, TASKS, Candidate, InstructionSet, Qrel, Query
 from jfe.errors import ConfigError
-from jfe.paths import atomic_dir, atomic_write
+from jfe.paths import ArtefactKind, atomic_dir, atomic_write, check_out_dir
 
 SPLITS = ("train", "val", "test")
 # Outside M-BEIR's 0-9 (its ten datasets), so MiniBEIR ids, instructions and results never clash with them.
@@ -148,10 +148,8 @@ def _log(progress: bool, message: str) -> None:
         print(f"[minibeir] {message}", file=sys.stderr, flush=True)
 
 
-def _check_out(out: Path) -> None:
-    """Refuse to replace a folder that is not an earlier MiniBEIR build (the build swaps the whole folder)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
-        raise ConfigError(f"{out} exists and is not a MiniBEIR build; choose an empty or new folder")
+# the build swaps the whole folder: it replaces only an earlier build (its marker) or an empty folder
+MINIBEIR_KIND = ArtefactKind("MiniBEIR build", (MARKER,))
 
 
 class _Writer:
@@ -384,8 +382,10 @@ def _write_docs(tmp: Path, summary: MiniBEIRSummary) -> None:
 
 
 def build_minibeir(out: Path, *, seed: int = 0, max_bases: int | None = None, image_size: int = 128,
-                   progress: bool = True, config: BuildConfig | None = None) -> MiniBEIRSummary:
-    """Build MiniBEIR into ``out`` (replaced atomically; an existing non-MiniBEIR folder is refused).
+                   progress: bool = True, config: BuildConfig | None = None, overwrite: bool = False
+                   ) -> MiniBEIRSummary:
+    """Build MiniBEIR into ``out`` (replaced atomically; an existing non-MiniBEIR folder is refused unless
+    ``overwrite``).
 
     ``max_bases`` caps the number of base groups per source (an emoji with its variants, a sequence family,
     one clip-art drawing), for small but real builds in tests. ``config`` overrides the other knobs.
@@ -393,14 +393,14 @@ def build_minibeir(out: Path, *, seed: int = 0, max_bases: int | None = None, im
     start = time.perf_counter()
     out = Path(out)
     cfg = config or BuildConfig(seed=seed, max_bases=max_bases, image_size=image_size)
-    _check_out(out)
+    check_out_dir(out, MINIBEIR_KIND, overwrite=overwrite)
 
     def split_of(base: str) -> str:
         return split_of_base(base, cfg.seed, cfg.split_fractions)
 
     datasets, images, sources = _build_tasks(cfg, split_of, progress)
     tally = _Tally()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, MINIBEIR_KIND, overwrite=overwrite) as tmp:
         for name, tasks in datasets.items():
             _write_dataset(tmp, name, tasks, split_of, tally)
         for split in SPLITS:

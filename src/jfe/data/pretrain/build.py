@@ -36,7 +36,7 @@ from jfe.data.pretrain.leakage import LeakageReference, dhash, minibeir_config
 from jfe.data.pretrain.sources import Item, SourceReport, read_icon_set, read_tuxpaint
 from jfe.data.records import QUERY_ID_BOUND, Candidate, InstructionSet, Qrel, Query
 from jfe.errors import ConfigError, DataError
-from jfe.paths import atomic_dir, atomic_write
+from jfe.paths import ArtefactKind, atomic_dir, atomic_write, check_out_dir
 
 DATASET = "pretrain"
 # Outside M-BEIR's 0-9 and MiniBEIR's 90-91. Query ids and candidate ids are separate namespaces (as in the real
@@ -164,9 +164,8 @@ def fetched_sources() -> tuple[list[Path], Path | None]:
     return icon_sets, tux if assets.is_fetched("tuxpaint_stamps") else None
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
-        raise ConfigError(f"{out} exists and is not a pretraining-corpus build; choose an empty or new folder")
+# the build swaps the whole folder: it replaces only an earlier build (its marker) or an empty folder
+PRETRAIN_KIND = ArtefactKind("pretraining-corpus build", (MARKER,))
 
 
 @dataclass
@@ -323,8 +322,9 @@ def _write_docs(tmp: Path, summary: PretrainSummary, warnings: list[str]) -> Non
 def build_pretrain(out: str | Path, *, minibeir: str | Path, icon_sets: list[Path] | None = None,
                    tuxpaint: Path | None = None, clipart: bool = True, max_pairs: int | None = None,
                    seed: int = 0, image_size: int = 128, workers: int | None = None, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> PretrainSummary:
-    """Build the corpus into ``out`` (replaced atomically) from the given sources, never leaking ``minibeir``.
+                   log: Callable[[str], None] | None = None, overwrite: bool = False) -> PretrainSummary:
+    """Build the corpus into ``out`` (replaced atomically; a foreign folder refused unless ``overwrite``) from
+    the given sources, never leaking ``minibeir``.
 
     ``icon_sets`` are ``@iconify-json`` ``package`` folders and ``tuxpaint`` a stamps folder; both default to
     the fetched assets (``jfe assets fetch --pretrain``). ``max_pairs`` caps the image-text pairs (a seeded
@@ -335,7 +335,7 @@ def build_pretrain(out: str | Path, *, minibeir: str | Path, icon_sets: list[Pat
     messages = _Messages(progress, log)
     if max_pairs is not None and max_pairs < 1:
         raise ConfigError(f"max_pairs must be positive, got {max_pairs}")
-    _check_out(out)
+    check_out_dir(out, PRETRAIN_KIND, overwrite=overwrite)
     if icon_sets is None and tuxpaint is None:
         icon_sets, tuxpaint = fetched_sources()
     reference = LeakageReference.from_minibeir(minibeir)
@@ -343,7 +343,7 @@ def build_pretrain(out: str | Path, *, minibeir: str | Path, icon_sets: list[Pat
     items, reports = _read_sources(list(icon_sets or []), tuxpaint, clipart, Path(minibeir), messages)
     dropped: dict[str, Counter] = defaultdict(Counter)
     candidates = _rank_candidates(items, reference, seed, max_pairs, dropped)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, PRETRAIN_KIND, overwrite=overwrite) as tmp:
         messages.say(f"rendering {len(candidates)} images from {len(reports)} sources")
         rels = [f"images/{i.key}.png" for i in candidates]
         results = _render_all(tmp, candidates, rels, image_size, workers, progress)
