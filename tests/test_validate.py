@@ -304,5 +304,6 @@ def test_cli_build_minibeir_forwards_options(tmp_path: Path, monkeypatch: pytest
     result = runner.invoke(app, ["data", "build-minibeir", "--out", str(tmp_path / "mb"), "--seed", "3",
                                  "--max-bases", "10", "--image-size", "64", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert calls == [(tmp_path / "mb", {"seed": 3, "max_bases": 10, "image_size": 64, "progress": False})]
+    assert calls == [(tmp_path / "mb", {"seed": 3, "max_bases": 10, "image_size": 64, "progress": False,
+                                          "overwrite": False})]
     assert "| 0 | 3 |" in result.output
