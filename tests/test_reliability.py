@@ -574,3 +574,18 @@ def test_check_out_dir_refuses_symlinks_and_accepts_empty(tmp_path: Path) -> Non
         check_out_dir(target, kind)
     (target / "thing.json").write_text("{}")
     check_out_dir(target, kind)
+
+
+def test_9_output_paths_that_cannot_be_written_are_one_line(tiny_mbeir: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    with mock.patch("jfe.models.toy.ToyEncoder.embed", side_effect=AssertionError("encoded")):
+        one_line_error(*jfe("eval", "--model", "toy", "--data", str(tiny_mbeir), "--out", str(a_file),
+                            "--no-progress"), "is a file")
+        one_line_error(*jfe("encode", "--model", "toy", "--text", "hi", "--out", str(a_file / "v.npy")),
+                       "is a file, not a folder")
+    assert a_file.read_text() == "x"
+    # whatever the file system refuses later (a full disk, a read-only mount) is one line too, not a traceback
+    full = OSError(28, "No space left on device", str(tmp_path / "idx"))
+    with mock.patch("jfe.index.build.write_index", side_effect=full):
+        one_line_error(*jfe(*build_args(tiny_mbeir, tmp_path / "idx")), "No space left on device", "idx")

@@ -43,3 +43,7 @@ def main() -> None:
     except JFEError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except OSError as exc:  # the file system said no (full disk, no permission, a file where a folder goes)
+        where = f": {exc.filename}" if exc.filename else ""
+        typer.secho(f"error: {exc.strerror or exc}{where}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

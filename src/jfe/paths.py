@@ -170,6 +170,20 @@ def check_out_dir(path: str | os.PathLike, kind: ArtefactKind, *, overwrite: boo
                       f"folder, or pass --overwrite to replace it and everything in it")
 
 
+def check_writable_path(path: str | os.PathLike, *, folder: bool, option: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder is wanted (or the
+    reverse), or a parent path that runs through a file. Creating what is missing is left to the writer."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{option} {path} is a {'file' if folder else 'folder'}; give "
+                          f"{'a folder' if folder else 'a file path'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+            break
+
+
 def _old_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 

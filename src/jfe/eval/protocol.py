@@ -42,7 +42,7 @@ from jfe.data.records import CATEGORIES, FUSION_CATEGORIES, TASK_CATEGORY, TASKS
 from jfe.errors import ConfigError, DataError
 from jfe.eval.metrics import DEFAULT_KS, first_hit_rank, headline_k, recall_at_ks
 from jfe.eval.runfiles import write_trec_run, write_tsv
-from jfe.paths import atomic_write
+from jfe.paths import atomic_write, check_writable_path
 
 if TYPE_CHECKING:
     from jfe.index.vector_index import VectorIndex
@@ -479,6 +479,8 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
     ks = _checked_ks(pool, instructions, text_mode, ks)
     root = Path(data_root).resolve()
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_writable_path(out, folder=True)  # before hours of embedding, not after
     timings: dict[str, float] = {}
     notes = [EXCLUSION_NOTE, "Recall@k is M-BEIR's hit rate: 1 if any positive is in the top k."]
     t0 = time.perf_counter()

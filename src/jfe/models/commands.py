@@ -134,6 +134,9 @@ def encode(
         raise ConfigError("nothing to encode: give --text, --image or --items")
     if out.suffix != ".npy":
         raise ConfigError(f"--out must end in .npy, got {out}")
+    from jfe.paths import check_writable_path
+
+    check_writable_path(out, folder=False)
 
     import numpy as np
 
