@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jfe.index import build_index
+from jfe.indexing import build_index
 from jfe.models.toy import ToyEncoder
 from jfe.serve.app import create_app
 from jfe.serve.sample import build_sample_dataset

@@ -102,7 +102,7 @@ def test_api_search_loads_sharded_folders_like_the_cli(tiny_mbeir: Path, tmp_pat
 
 def test_api_search_without_a_model_name_is_a_config_error(tiny_mbeir: Path) -> None:
     import jfe
-    from jfe.index import build_index
+    from jfe.indexing import build_index
 
     index = build_index(ToyEncoder(), sorted((tiny_mbeir / "cand_pool" / "global").glob("*.jsonl")), tiny_mbeir,
                         progress=False)
@@ -151,7 +151,7 @@ def test_precision_is_one_shared_option() -> None:
 # ------------------------------------------------------------------------------------------ service
 def test_apps_built_side_by_side_keep_their_own_state(tiny_mbeir: Path) -> None:
     """The routes are shared; what they serve comes from each app's state."""
-    from jfe.index import build_index
+    from jfe.indexing import build_index
     from jfe.serve.app import create_app
     from jfe.serve.schemas import ServeSettings
 

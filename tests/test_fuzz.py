@@ -17,7 +17,7 @@ from jfe.data.items import read_items
 from jfe.data.mbeir import iter_candidates, iter_queries, read_instructions, read_qrels
 from jfe.data.validate import KINDS, validate_dataset
 from jfe.errors import DataError
-from jfe.index import build_index
+from jfe.indexing import build_index
 from jfe.serve.app import create_app
 from jfe.serve.schemas import ServeSettings
 

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from jfe.errors import ConfigError, DataError
-from jfe.index import VectorIndex, build_index
+from jfe.index import VectorIndex
+from jfe.indexing import build_index
 from jfe.models.toy import ToyEncoder
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 
 from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError
-from jfe.models.base import Encoder
 from jfe.models.hf import HFEncoder, last_token_index
+from jfe.models.registry import load_model
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>"]
@@ -244,7 +244,7 @@ def test_save_load_lora_as_peft_adapter(tmp_path: Path, tiny_dir: Path) -> None:
     with safe_open(str(saved / "model.safetensors"), "pt") as handle:
         assert set(handle.keys()) == set()  # a LoRA-only run: nothing else changed, nothing else is saved
     assert json.loads((saved / "config.json").read_text())["weights"] == "delta"
-    for loader in (HFEncoder.from_pretrained, Encoder.from_pretrained, HFEncoder.from_path):
+    for loader in (HFEncoder.from_pretrained, load_model, HFEncoder.from_path):
         loaded = loader(saved, device="cpu")
         assert isinstance(loaded, HFEncoder)
         assert not any(p.requires_grad for p in loaded.parameters())  # an inference model again
@@ -339,7 +339,7 @@ def test_save_load_full_is_self_contained(tmp_path: Path, tiny_dir: Path) -> Non
     saved = model.save_pretrained(tmp_path / "full")
     assert json.loads((saved / "config.json").read_text())["weights"] == "full"
     shutil.rmtree(base)  # the checkpoint must not need the base folder any more
-    loaded = Encoder.from_pretrained(saved, device="cpu")
+    loaded = load_model(saved, device="cpu")
     np.testing.assert_allclose(loaded.encode(items), expected, atol=1e-6)
     # Saving over an existing checkpoint replaces it whole.
     loaded.save_pretrained(saved)
@@ -433,5 +433,5 @@ def test_generic_adapter_with_a_processor(tmp_path: Path) -> None:
     assert trainable and all("multi_modal_projector" in n for n in trainable)
     _perturb([p for p in left.parameters() if p.requires_grad], seed=3)
     saved = left.save_pretrained(tmp_path / "saved")
-    np.testing.assert_allclose(Encoder.from_pretrained(saved, device="cpu").encode(items), left.encode(items),
+    np.testing.assert_allclose(load_model(saved, device="cpu").encode(items), left.encode(items),
                                atol=1e-6)

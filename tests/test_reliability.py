@@ -27,9 +27,10 @@ from jfe.data.mbeir import read_queries, write_candidates, write_queries
 from jfe.data.records import Candidate
 from jfe.data.validate import validate_dataset
 from jfe.errors import ConfigError, DataError
-from jfe.index import VectorIndex, build_index
+from jfe.index import VectorIndex
 from jfe.index.build import index_vectors
 from jfe.index.shards import SHARDS_FILE, load_index
+from jfe.indexing import build_index
 from jfe.models.toy import ToyEncoder
 from jfe.paths import atomic_dir
 from jfe.serve.app import create_app
@@ -587,5 +588,5 @@ def test_9_output_paths_that_cannot_be_written_are_one_line(tiny_mbeir: Path, tm
     assert a_file.read_text() == "x"
     # whatever the file system refuses later (a full disk, a read-only mount) is one line too, not a traceback
     full = OSError(28, "No space left on device", str(tmp_path / "idx"))
-    with mock.patch("jfe.index.build.write_index", side_effect=full):
+    with mock.patch("jfe.indexing.write_index", side_effect=full):
         one_line_error(*jfe(*build_args(tiny_mbeir, tmp_path / "idx")), "No space left on device", "idx")

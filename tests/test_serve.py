@@ -14,7 +14,8 @@ from PIL import Image
 
 from jfe.data.items import Item
 from jfe.errors import ConfigError
-from jfe.index import VectorIndex, build_index
+from jfe.index import VectorIndex
+from jfe.indexing import build_index
 from jfe.models.toy import ToyConfig, ToyEncoder
 from jfe.serve.app import create_app
 from jfe.serve.schemas import ServeSettings

@@ -13,7 +13,7 @@ import pytest
 
 from jfe.data.items import Item
 from jfe.errors import DataError
-from jfe.index import build_index
+from jfe.indexing import build_index
 from jfe.models.toy import ToyEncoder
 from jfe.serve.app import create_app
 from jfe.serve.batching import EncodeBatcher

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from jfe.data.items import Item
-from jfe.index import VectorIndex, build_index
+from jfe.index import VectorIndex
+from jfe.indexing import build_index
 from jfe.models.toy import ToyEncoder
 from jfe.serve.server import BackgroundServer, free_port
 

@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from jfe.errors import ConfigError
-from jfe.models.base import Encoder
+from jfe.models.registry import load_model
 from jfe.train import train
 from jfe.train.commands import register
 from jfe.train.synthetic import write_synthetic_mbeir
@@ -42,7 +42,7 @@ def test_two_stages_lower_loss_and_raise_recall(root: Path, tmp_path: Path) -> N
     stage2_rows = _rows(tmp_path / "s2")
     assert {"val/R@5/task7", "val/R@5/task1"} <= set(stage2_rows[-1])  # stage 2 validates every task
     assert "val/R@5/task7" not in _rows(tmp_path / "s1")[-1]  # stage 1 only its own pairs
-    model = Encoder.from_pretrained(stage2, device="cpu")
+    model = load_model(stage2, device="cpu")
     vecs = model.encode(["red_3 green_0 blue_0", "red_0 green_0 blue_3"])
     assert vecs.shape == (2, model.dim)
 

@@ -474,7 +474,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
     ``query_txt_heldout`` as its text) or ``"none"``. ``max_queries`` caps queries per file (smoke runs).
     ``text_mode``: ``"jfe"`` or ``"uniir"`` (UniIR's exact text formatting, see :mod:`jfe.data.instructions`).
     """
-    from jfe.index.build import model_name_of
+    from jfe.models.registry import model_name_of
 
     ks = _checked_ks(pool, instructions, text_mode, ks)
     root = Path(data_root).resolve()

@@ -1,21 +1,11 @@
-"""Vector index (faiss, inner product) with string ids and candidate records; building it from pools.
+"""Vector indexes (faiss, inner product) with string ids and candidate records: store, search, shard.
 
-``VectorIndex`` is cheap to import; ``build_index`` (which needs torch through the encoder) loads lazily.
+Nothing here encodes: embedding candidate pools with a model and writing an index is :mod:`jfe.indexing`.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from jfe.index.shards import ShardedIndex, load_index
 from jfe.index.vector_index import VectorIndex
 
-__all__ = ["ShardedIndex", "VectorIndex", "build_index", "load_index", "read_pools", "write_index"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("build_index", "read_pools", "write_index"):
-        from jfe.index import build
-
-        return getattr(build, name)
-    raise AttributeError(f"module 'jfe.index' has no attribute {name!r}")
+__all__ = ["ShardedIndex", "VectorIndex", "load_index"]

@@ -1,55 +1,17 @@
-"""Build a :class:`VectorIndex` from M-BEIR candidate pool files with an encoder."""
+"""Fill a :class:`VectorIndex` from vectors: factory checks, default search parameters, measured recall.
+
+Nothing here encodes: embedding candidate pools with a model is :mod:`jfe.indexing`, the layer above."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jfe.data.items import candidate_item
-from jfe.data.mbeir import iter_candidates
-from jfe.data.records import Candidate
-from jfe.errors import ConfigError, DataError
+from jfe.errors import ConfigError
 from jfe.index.exact import exact_topk, rescore
-from jfe.index.vector_index import INDEX_KIND, VectorIndex
-from jfe.models.base import Encoder
-
-
-def read_pools(pool_files: Sequence[str | os.PathLike]) -> list[Candidate]:
-    """All candidates of the given pool files, each did once (the global pool repeats the local ones).
-
-    The whole input is parsed before anything is embedded, so a bad line fails fast with its file and
-    line number. A did that appears twice with different content is an error (it would make the index
-    depend on file order).
-    """
-    seen: dict[str, Candidate] = {}
-    where: dict[str, str] = {}
-    for path in pool_files:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError("candidate pool file not found", path=str(path))
-        for cand in iter_candidates(path):
-            old = seen.get(cand.did)
-            if old is None:
-                seen[cand.did] = cand
-                where[cand.did] = str(path)
-            elif old.to_json() != cand.to_json():
-                raise DataError(f"did appears with different content in {where[cand.did]}", path=str(path),
-                                record_id=cand.did)
-    return list(seen.values())
-
-
-def model_name_of(model: Encoder) -> str:
-    """The best available name to reload ``model`` with (``load_model`` accepts it), else its arch."""
-    for attr in ("name_or_path", "source", "name"):
-        value = getattr(model, attr, None)
-        if isinstance(value, (str, os.PathLike)) and str(value):
-            return str(value)
-    return model.arch or type(model).__name__
-
+from jfe.index.vector_index import VectorIndex
 
 # Search-time parameters applied when the user gives none: faiss's own defaults (efSearch 16, nprobe 1) give
 # poor recall on 384-d embeddings. These are safer starting points, not guarantees (HNSW32 at efSearch 128
@@ -140,52 +102,7 @@ def index_vectors(ids: Sequence[str], vectors: np.ndarray, records: Sequence[dic
     return index
 
 
-def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",
-                batch_size: int = 64, progress: bool = True, model_name: str | None = None,
-                meta: dict[str, Any] | None = None, search_params: dict[str, float] | None = None,
-                seed: int = 0, recall_queries: int = RECALL_QUERIES, precision: str = "auto") -> VectorIndex:
-    """Embed every candidate of ``pool_files`` (no instruction) and index it with its M-BEIR record.
-
-    ``precision`` (auto | fp32 | bf16) is the encoder's compute precision; the one it resolved to is kept in
-    ``meta.json``, since queries should be encoded the same way.
-
-    Image paths in the records stay relative to ``data_root`` (stored absolute in ``index.meta``), as
-    M-BEIR keeps them. ``model_name`` is what ``jfe search`` reloads the model by (default: guessed from
-    the model). Nothing is written here; call :meth:`VectorIndex.save` (atomic) or use :func:`write_index`.
-    """
-    _check_factory(factory)
-    data_root = Path(data_root).resolve()
-    candidates = read_pools(pool_files)
-    if not candidates:
-        raise DataError("no candidates in the pool file(s): " + ", ".join(str(p) for p in pool_files))
-    items = [candidate_item(c, data_root) for c in candidates]
-    vectors = model.encode(items, batch_size=batch_size, progress=progress, desc="embed candidates",
-                           precision=precision)
-    vectors = np.asarray(vectors, dtype=np.float32)
-    info = pool_meta(model_name or model_name_of(model), model.arch, data_root, pool_files, factory)
-    info.update(precision_meta(model, precision))
-    info.update(meta or {})
-    return index_vectors([c.did for c in candidates], vectors, [c.to_json() for c in candidates], factory=factory,
-                         search_params=search_params, seed=seed, recall_queries=recall_queries, meta=info)
-
-
-def pool_meta(model_name: str, arch: str | None, data_root: Path, pool_files: Sequence[Path],
-              factory: str) -> dict[str, Any]:
-    return {"model": model_name, "arch": arch, "data_root": str(data_root),
-            "pool_files": [str(Path(p).resolve()) for p in pool_files], "factory": factory}
-
-
-def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
-    """``meta.json``'s record of how the vectors were computed: the precision ``model`` really computes in for
-    ``precision`` on its device (``fp32`` or ``bf16``), and ``vision_precision: bf16`` where the vision tower
-    followed a bf16 encode (``JFE_VISION_PRECISION=follow``)."""
-    from jfe.models.precision import resolve_precision
-
-    resolved = resolve_precision(precision, getattr(model, "device", "cpu"))
-    return {"precision": resolved, **({"vision_precision": "bf16"} if model.vision_follows(resolved) else {})}
-
-
-def _check_factory(factory: str) -> None:
+def check_factory(factory: str) -> None:
     """Fail before any encoding when faiss rejects ``factory`` (probed at a dimension every PQ/OPQ m divides).
 
     Two kinds faiss accepts here but fails on later are refused by name: an ``IDMap`` prefix (JFE maps ids
@@ -212,36 +129,3 @@ def _check_factory(factory: str) -> None:
         except RuntimeError as exc:
             last = str(exc).strip().splitlines()[-1]
     raise ConfigError(f"invalid faiss factory string {factory!r}: {last}")
-
-
-def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",
-                search_params: dict[str, float] | None = None, batch_size: int = 64, progress: bool = True,
-                shards: int = 1, ray_address: str | None = None, seed: int = 0, precision: str = "auto",
-                overwrite: bool = False) -> Any:
-    """What ``jfe index build`` does: encode the pools, index them, write ``out`` atomically.
-
-    ``shards > 1`` or ``ray_address`` writes a sharded index folder (:mod:`jfe.index.shards`); with
-    ``ray_address`` the encoding runs as Ray Data tasks across the cluster's workers (the ``ray`` extra).
-    The folder is built under a temporary name next to ``out`` and renamed into place, so a failed or
-    killed build leaves any previous index at ``out`` untouched. A folder at ``out`` that is not an index is
-    refused before any work unless ``overwrite``.
-    """
-    from jfe.models.precision import check_precision
-    from jfe.paths import check_out_dir
-
-    check_out_dir(out, INDEX_KIND, overwrite=overwrite)
-    _check_factory(factory)
-    precision = check_precision(precision)
-    if ray_address is None and shards <= 1:
-        from jfe.models.registry import load_model
-
-        index = build_index(load_model(model), pool_files, data_root, factory=factory, batch_size=batch_size,
-                            progress=progress, model_name=model, search_params=search_params, seed=seed,
-                            precision=precision)
-        index.save(out, overwrite=overwrite)
-        return index
-    from jfe.index.shards import build_sharded
-
-    return build_sharded(out, model, pool_files, data_root, factory=factory, search_params=search_params,
-                         batch_size=batch_size, progress=progress, shards=max(shards, 2 if ray_address else 1),
-                         ray_address=ray_address, seed=seed, precision=precision, overwrite=overwrite)

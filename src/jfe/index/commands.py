@@ -60,7 +60,8 @@ def index_build(
     """Embed candidate pools (no instruction) and write a searchable index folder."""
     import time
 
-    from jfe.index.build import parse_search_params, write_index
+    from jfe.index.build import parse_search_params
+    from jfe.indexing import write_index
 
     files = _split_files(pool)
     started = time.perf_counter()

@@ -6,7 +6,7 @@ L2-normalised vector each, through the same call for queries and candidates:
 * ``embed(items) -> torch.Tensor [n, d]`` — differentiable; what training calls.
 * ``encode(items, instruction=None, batch_size=..., progress=...) -> np.ndarray float32 [n, d]`` —
   inference: no grad, batched, optional progress bar.
-* ``save_pretrained(dir)`` / ``from_pretrained(dir)`` — ``config.json`` + ``model.safetensors``.
+* ``save_pretrained(dir)`` — ``config.json`` + ``model.safetensors``; ``jfe.models.load_model(dir)`` loads it.
 """
 
 from __future__ import annotations
@@ -178,16 +178,6 @@ class Encoder(torch.nn.Module):
 
     def _save_extra(self, directory: Path) -> None:
         """Hook for files besides config and weights (e.g. a tokenizer)."""
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> Encoder:
-        """A folder written by :meth:`save_pretrained` (``jfe.models.registry.load_model`` does the work)."""
-        from jfe.models.registry import load_model
-
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists():
-            raise ConfigError(f"{directory} is not a saved JFE model (no {CONFIG_NAME})")
-        return load_model(directory, device=device)
 
     def _may_be_missing(self, key: str) -> bool:
         """Keys allowed to be absent from a checkpoint (e.g. non-persistent buffers)."""

@@ -213,3 +213,12 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
                           f"not 'hf:<path>', not a saved model folder")
     model.eval()
     return model.to(device or default_device())
+
+
+def model_name_of(model: Encoder) -> str:
+    """The best available name to reload ``model`` with (``load_model`` accepts it), else its arch."""
+    for attr in ("name_or_path", "source", "name"):
+        value = getattr(model, attr, None)
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            return str(value)
+    return model.arch or type(model).__name__

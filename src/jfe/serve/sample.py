@@ -64,7 +64,7 @@ def build_sample_dataset(root: str | os.PathLike) -> Path:
 
 def build_sample_index(root: str | os.PathLike, model: Any | None = None) -> Any:
     """Build the sample dataset under ``root`` if absent and index it (default model: the toy encoder)."""
-    from jfe.index import build_index
+    from jfe.indexing import build_index
 
     root = Path(root)
     if not (root / "cand_pool" / "local" / POOL_NAME).is_file():

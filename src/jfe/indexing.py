@@ -1,0 +1,202 @@
+"""Embed M-BEIR candidate pools with a model and write a searchable index: what ``jfe index build`` does.
+
+This layer sits above :mod:`jfe.index` (which stores and searches vectors only) and :mod:`jfe.models`: it reads
+the pools (:func:`read_pools`), embeds every candidate without instruction (in this process, or with Ray Data
+across workers: :func:`encode_with_ray`), and fills a single or a sharded index (:func:`build_index`,
+:func:`write_index`). ``meta.json`` records the model, the pools, the data root and the precision the vectors
+were computed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jfe.data.items import candidate_item
+from jfe.data.mbeir import iter_candidates
+from jfe.data.records import Candidate
+from jfe.errors import ConfigError, DataError
+from jfe.index.build import RECALL_QUERIES, check_factory, index_vectors
+from jfe.index.shards import ShardedIndex, split_rows
+from jfe.index.vector_index import INDEX_KIND, VectorIndex
+from jfe.models.base import Encoder
+from jfe.models.precision import resolve_precision
+from jfe.models.registry import load_model, model_name_of
+
+
+def read_pools(pool_files: Sequence[str | os.PathLike]) -> list[Candidate]:
+    """All candidates of the given pool files, each did once (the global pool repeats the local ones).
+
+    The whole input is parsed before anything is embedded, so a bad line fails fast with its file and
+    line number. A did that appears twice with different content is an error (it would make the index
+    depend on file order).
+    """
+    seen: dict[str, Candidate] = {}
+    where: dict[str, str] = {}
+    for path in pool_files:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError("candidate pool file not found", path=str(path))
+        for cand in iter_candidates(path):
+            old = seen.get(cand.did)
+            if old is None:
+                seen[cand.did] = cand
+                where[cand.did] = str(path)
+            elif old.to_json() != cand.to_json():
+                raise DataError(f"did appears with different content in {where[cand.did]}", path=str(path),
+                                record_id=cand.did)
+    return list(seen.values())
+
+
+def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",
+                batch_size: int = 64, progress: bool = True, model_name: str | None = None,
+                meta: dict[str, Any] | None = None, search_params: dict[str, float] | None = None,
+                seed: int = 0, recall_queries: int = RECALL_QUERIES, precision: str = "auto") -> VectorIndex:
+    """Embed every candidate of ``pool_files`` (no instruction) and index it with its M-BEIR record.
+
+    ``precision`` (auto | fp32 | bf16) is the encoder's compute precision; the one it resolved to is kept in
+    ``meta.json``, since queries should be encoded the same way.
+
+    Image paths in the records stay relative to ``data_root`` (stored absolute in ``index.meta``), as
+    M-BEIR keeps them. ``model_name`` is what ``jfe search`` reloads the model by (default: guessed from
+    the model). Nothing is written here; call :meth:`VectorIndex.save` (atomic) or use :func:`write_index`.
+    """
+    check_factory(factory)
+    data_root = Path(data_root).resolve()
+    candidates = read_pools(pool_files)
+    if not candidates:
+        raise DataError("no candidates in the pool file(s): " + ", ".join(str(p) for p in pool_files))
+    items = [candidate_item(c, data_root) for c in candidates]
+    vectors = model.encode(items, batch_size=batch_size, progress=progress, desc="embed candidates",
+                           precision=precision)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    info = pool_meta(model_name or model_name_of(model), model.arch, data_root, pool_files, factory)
+    info.update(precision_meta(model, precision))
+    info.update(meta or {})
+    return index_vectors([c.did for c in candidates], vectors, [c.to_json() for c in candidates], factory=factory,
+                         search_params=search_params, seed=seed, recall_queries=recall_queries, meta=info)
+
+
+def pool_meta(model_name: str, arch: str | None, data_root: Path, pool_files: Sequence[Path],
+              factory: str) -> dict[str, Any]:
+    return {"model": model_name, "arch": arch, "data_root": str(data_root),
+            "pool_files": [str(Path(p).resolve()) for p in pool_files], "factory": factory}
+
+
+def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
+    """``meta.json``'s record of how the vectors were computed: the precision ``model`` really computes in for
+    ``precision`` on its device (``fp32`` or ``bf16``), and ``vision_precision: bf16`` where the vision tower
+    followed a bf16 encode (``JFE_VISION_PRECISION=follow``)."""
+    resolved = resolve_precision(precision, getattr(model, "device", "cpu"))
+    return {"precision": resolved, **({"vision_precision": "bf16"} if model.vision_follows(resolved) else {})}
+
+
+def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",
+                search_params: dict[str, float] | None = None, batch_size: int = 64, progress: bool = True,
+                shards: int = 1, ray_address: str | None = None, seed: int = 0, precision: str = "auto",
+                overwrite: bool = False) -> Any:
+    """What ``jfe index build`` does: encode the pools, index them, write ``out`` atomically.
+
+    ``shards > 1`` or ``ray_address`` writes a sharded index folder (:mod:`jfe.index.shards`); with
+    ``ray_address`` the encoding runs as Ray Data tasks across the cluster's workers (the ``ray`` extra).
+    The folder is built under a temporary name next to ``out`` and renamed into place, so a failed or
+    killed build leaves any previous index at ``out`` untouched. A folder at ``out`` that is not an index is
+    refused before any work unless ``overwrite``.
+    """
+    from jfe.models.precision import check_precision
+    from jfe.paths import check_out_dir
+
+    check_out_dir(out, INDEX_KIND, overwrite=overwrite)
+    check_factory(factory)
+    precision = check_precision(precision)
+    if ray_address is None and shards <= 1:
+        index = build_index(load_model(model), pool_files, data_root, factory=factory, batch_size=batch_size,
+                            progress=progress, model_name=model, search_params=search_params, seed=seed,
+                            precision=precision)
+        index.save(out, overwrite=overwrite)
+        return index
+    return build_sharded(out, model, pool_files, data_root, factory=factory, search_params=search_params,
+                         batch_size=batch_size, progress=progress, shards=max(shards, 2 if ray_address else 1),
+                         ray_address=ray_address, seed=seed, precision=precision, overwrite=overwrite)
+
+
+def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str,
+                  search_params: dict[str, float] | None, batch_size: int, progress: bool, shards: int,
+                  ray_address: str | None, seed: int = 0, precision: str = "auto",
+                  overwrite: bool = False) -> ShardedIndex:
+    """Encode the pools (locally or with Ray), cut them into ``shards`` contiguous shards, write atomically."""
+    data_root = Path(data_root).resolve()
+    candidates = read_pools(pool_files)
+    if not candidates:
+        raise DataError("no candidates in the pool file(s): " + ", ".join(str(p) for p in pool_files))
+    if ray_address:
+        vectors = encode_with_ray(model, candidates, data_root, address=ray_address, workers=shards,
+                                  batch_size=batch_size, precision=precision)
+        arch, precision_info = None, {"precision": precision}  # resolved on each worker's own hardware
+    else:
+        encoder = load_model(model)
+        arch, precision_info = encoder.arch, precision_meta(encoder, precision)
+        vectors = np.asarray(encoder.encode([candidate_item(c, data_root) for c in candidates], batch_size=batch_size,
+                                            progress=progress, desc="embed candidates", precision=precision),
+                             dtype=np.float32)
+    meta = pool_meta(model, arch, data_root, pool_files, factory)
+    meta.update(precision_info)
+    meta["encoded_with"] = f"ray ({ray_address})" if ray_address else "one process"
+    parts = []
+    for start, stop in split_rows(len(candidates), shards):
+        part = candidates[start:stop]
+        parts.append(index_vectors([c.did for c in part], vectors[start:stop], [c.to_json() for c in part],
+                                   factory=factory, search_params=search_params, seed=seed, meta=dict(meta)))
+    index = ShardedIndex(parts, meta=meta, factory=factory)
+    index.save(out, overwrite=overwrite)
+    return index
+
+
+def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, address: str, workers: int,
+                    batch_size: int, precision: str = "auto") -> np.ndarray:
+    """Encode ``candidates`` (pool order) with Ray Data across ``workers`` actors; returns [n, dim] float32."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ConfigError('--ray needs the optional Ray extra: pip install "jfe[ray]" (ray[data]>=2.9)') from None
+
+    class _Encode:
+        def __init__(self) -> None:
+            from jfe.models.registry import load_model
+
+            self.encoder = load_model(model).set_precision(precision)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            from jfe.data.items import candidate_item
+            from jfe.data.records import Candidate
+
+            items = [candidate_item(Candidate(**json.loads(r)), Path(root))
+                     for r, root in zip(batch["record"], batch["root"], strict=True)]
+            vectors = np.asarray(self.encoder.encode(items, batch_size=batch_size, progress=False), dtype=np.float32)
+            return {"row": batch["row"], "vector": vectors}
+
+    started_here = False
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+        started_here = True
+    try:
+        rows = [{"row": i, "record": json.dumps(c.to_json()), "root": str(data_root)}
+                for i, c in enumerate(candidates)]
+        dataset = ray.data.from_items(rows, override_num_blocks=max(workers, 1) * 2)
+        encoded = dataset.map_batches(_Encode, batch_size=batch_size, concurrency=workers, batch_format="numpy")
+        out: np.ndarray | None = None
+        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            if out is None:
+                out = np.empty((len(candidates), batch["vector"].shape[1]), dtype=np.float32)
+            out[batch["row"]] = batch["vector"]
+        assert out is not None
+        return out
+    finally:
+        if started_here:
+            ray.shutdown()
