@@ -220,11 +220,41 @@ def test_save_load_gives_identical_vectors(image_files: dict[str, Path], tmp_pat
     items = _mixed_items(image_files)
     before = model.encode(items)
     saved = model.save_pretrained(tmp_path / name)
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
+    # text/ is MiniLM's config and tokenizer: with them the folder needs nothing from the asset cache
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors", "text"]
     loaded = load_model(saved, device="cpu")
     assert type(loaded) is type(model) and loaded.config == model.config
     np.testing.assert_allclose(loaded.encode(items), before, atol=1e-6)
     np.testing.assert_allclose(load_model(saved, device="cpu").encode(items), before, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["jfe-mini", "two-tower-mini"])
+def test_a_saved_model_loads_with_an_empty_asset_cache(image_files: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """model.safetensors holds every weight and text/ MiniLM's config and tokenizer: a saved folder copied to
+    a machine without `jfe assets fetch` loads and encodes the same vectors."""
+    from jfe.models import text as text_module
+
+    model = load_model(name, device="cpu", seed=5, pretrained=False, **SMALL)
+    items = _mixed_items(image_files)
+    before = model.encode(items)
+    saved = model.save_pretrained(tmp_path / name)
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    monkeypatch.setenv("JFE_CACHE", str(empty))
+    for cached in (text_module.load_tokenizer, text_module._pristine_text_model):
+        cached.cache_clear()  # nothing read before may help
+    feature_cache.clear()
+
+    def no_assets(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the asset cache was read")
+
+    monkeypatch.setattr(assets, "minilm_dir", no_assets)
+    monkeypatch.setattr(assets, "mobilenet_v2_weights", no_assets)
+    loaded = load_model(saved, device="cpu")
+    np.testing.assert_allclose(loaded.encode(items), before, atol=1e-6)
+    assert list(empty.iterdir()) in ([], [empty / "features"])  # nothing fetched into it
+    text_module.load_tokenizer.cache_clear()  # later tests read the asset's tokenizer again
 
 
 @pytest.mark.parametrize("name", MODELS)

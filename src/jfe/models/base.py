@@ -179,6 +179,17 @@ class Encoder(torch.nn.Module):
     def _save_extra(self, directory: Path) -> None:
         """Hook for files besides config and weights (e.g. a tokenizer)."""
 
+    @classmethod
+    def checkpoint_overrides(cls, directory: Path) -> dict[str, Any]:
+        """Config values to build this class with when :meth:`load_checkpoint` will then fill it from
+        ``directory`` (e.g. skip reading pretrained weights the checkpoint overwrites anyway)."""
+        return {}
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Fill this (already built) model from a folder :meth:`save_pretrained` wrote, in place: the one hook
+        ``load_model`` and the trainer's resume both use (parameters keep their identity for the optimiser)."""
+        load_weights(self, directory, device=self.device)
+
     def _may_be_missing(self, key: str) -> bool:
         """Keys allowed to be absent from a checkpoint (e.g. non-persistent buffers)."""
         return False

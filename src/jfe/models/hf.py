@@ -395,15 +395,12 @@ class HFEncoder(Encoder):
     def _may_be_missing(self, key: str) -> bool:
         # A delta model.safetensors omits the base weights (they come from model_path). LoRA weights are
         # never silently skipped: a loader that reads only model.safetensors must fail on them, because they
-        # now live in the adapter files (see load_saved_weights).
+        # now live in the adapter files (see load_checkpoint).
         return key not in self._lora_names
 
-    def load_saved_weights(self, directory: str | os.PathLike) -> None:
-        """Load a folder written by :meth:`save_pretrained` into this (already built) model, in place.
-
-        The trainer's resume uses this: the adapter files and ``model.safetensors`` together, so the
-        parameters the optimiser holds keep their identity.
-        """
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Load a folder written by :meth:`save_pretrained` into this (already built) model, in place: the
+        adapter files and ``model.safetensors`` together (the trainer's resume keeps its parameters)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)

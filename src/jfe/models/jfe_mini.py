@@ -28,7 +28,7 @@ from torch import nn
 
 from jfe.data.items import Item
 from jfe.models.base import l2_normalize
-from jfe.models.text import HIDDEN, mean_pool, tokenize
+from jfe.models.text import HIDDEN, mean_pool
 from jfe.models.towers import TowerConfig, TowerEncoder, check_items
 from jfe.models.vision import FEATURE_DIM, grid_tokens
 
@@ -132,7 +132,7 @@ class JFEMini(TowerEncoder):
         cls, sep, pad = self.text.special_ids
         with_image = [item for item, m in zip(items, modalities, strict=True) if "image" in m]
         texts = [item.required_text for item, m in zip(items, modalities, strict=True) if "text" in m]
-        text_ids = iter(tokenize(texts, cfg.max_text_tokens))
+        text_ids = iter(self.text.tokenize(texts, cfg.max_text_tokens))
         rows, visual_rows = [], []
         for m in modalities:
             n_vis = cfg.n_visual if "image" in m else 0

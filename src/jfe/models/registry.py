@@ -24,7 +24,7 @@ import torch
 from pydantic import ValidationError
 
 from jfe.errors import ConfigError
-from jfe.models.base import CONFIG_NAME, Encoder, default_device, load_weights
+from jfe.models.base import CONFIG_NAME, Encoder, default_device
 
 HF_PREFIX = "hf:"
 HF_ARCH = "hf-mllm"
@@ -167,8 +167,13 @@ def _load_saved(directory: Path, overrides: dict[str, Any]) -> Encoder:
         from jfe.models.hf import HFEncoder
 
         return HFEncoder.from_pretrained(directory, **overrides)
-    model = _build(arch, {**config, **overrides}, str(directory))
-    load_weights(model, directory)
+    klass = _arch_class(arch, str(directory))
+    build_only = {k: v for k, v in klass.checkpoint_overrides(directory).items() if k not in overrides}
+    model = _build(arch, {**config, **build_only, **overrides}, str(directory))
+    model.load_checkpoint(directory)
+    # how the model was built is not what it is: its config stays the saved one (saved again unchanged)
+    model.config = model.config.model_copy(update={k: config.get(k, type(model.config).model_fields[k].default)
+                                                  for k in build_only})
     return model
 
 

@@ -92,23 +92,43 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class TextTower(nn.Module):
-    """MiniLM over ``[CLS] text [SEP]``: per-token states and the mean-pooled sentence vector."""
+    """MiniLM over ``[CLS] text [SEP]``: per-token states and the mean-pooled sentence vector.
 
-    def __init__(self, max_tokens: int = 64, pretrained: bool = True) -> None:
+    ``path``: a folder with MiniLM's config and tokenizer (a saved model's ``text/``); default the fetched
+    asset. With ``pretrained=False`` only the config and the tokenizer are read from it, so a saved model that
+    ships them loads without the asset cache.
+    """
+
+    def __init__(self, max_tokens: int = 64, pretrained: bool = True, path: str | Path | None = None) -> None:
         super().__init__()
         self.max_tokens = max_tokens
-        self.bert = load_text_model(pretrained)
+        self.path = str(path) if path is not None else None
+        self.bert = load_text_model(pretrained, self.path)
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a transformers fast tokenizer
+        return load_tokenizer(getattr(self, "path", None))
 
     @property
     def special_ids(self) -> tuple[int, int, int]:
         """``(cls, sep, pad)`` token ids."""
-        tok = load_tokenizer()
+        tok = self.tokenizer
         return tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+
+    def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+        """WordPiece ids without special tokens, truncated to ``max_tokens`` (default: the tower's)."""
+        return tokenize(texts, self.max_tokens if max_tokens is None else max_tokens, self.path)
+
+    def save_assets(self, directory: Path) -> None:
+        """MiniLM's config and tokenizer files into ``directory``: all a saved model needs besides its weights."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.bert.config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
 
     def batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ``(input_ids, attention_mask)`` for ``[CLS] text [SEP]`` sequences."""
         cls, sep, pad = self.special_ids
-        rows = [[cls, *ids, sep] for ids in tokenize(texts, self.max_tokens)]
+        rows = [[cls, *ids, sep] for ids in self.tokenize(texts)]
         width = max(len(r) for r in rows)
         embeddings = self.bert.get_input_embeddings()
         assert isinstance(embeddings, nn.Embedding), "BERT's input embeddings are a lookup table"

@@ -2,7 +2,8 @@
 
 The HTTP layer needs both for OpenAI ``/v1/embeddings`` parity (token-array inputs, real token counts,
 ``dimensions``) without knowing each architecture: HF models hold ``model.tokenizer``; the tower models
-(jfe-mini and the baselines) hold a :class:`~jfe.models.text.TextTower` whose tokenizer is the shared MiniLM one.
+(jfe-mini and the baselines) hold a :class:`~jfe.models.text.TextTower` whose tokenizer is MiniLM's (the
+asset's, or a saved model's ``text/``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ def tokenizer_of(model: Any) -> Any | None:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         return tokenizer
-    from jfe.models.text import TextTower, load_tokenizer
+    from jfe.models.text import TextTower
 
-    if isinstance(getattr(model, "text", None), TextTower):
-        return load_tokenizer()
-    return None
+    text = getattr(model, "text", None)
+    return text.tokenizer if isinstance(text, TextTower) else None
 
 
 def supports_matryoshka(model: Any) -> bool:

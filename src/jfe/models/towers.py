@@ -6,6 +6,8 @@ the frozen-vision feature cache and the ``align``/``full`` trainable switch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -18,6 +20,8 @@ from jfe.models.feature_cache import feature_maps
 from jfe.models.phases import check_phase
 from jfe.models.text import TextTower
 from jfe.models.vision import TRUNK_MODULES, VisionTower
+
+TEXT_ASSETS_DIR = "text"
 
 
 class TowerConfig(EncoderConfig):
@@ -34,7 +38,10 @@ class TowerConfig(EncoderConfig):
         description=f"with freeze_vision, still train MobileNetV2's top N of its {TRUNK_MODULES} trunk modules "
                     "in the 'full' phase (the trunk below them stays frozen and cached); 0 = all frozen")
     max_text_tokens: int = Field(64, description="WordPiece tokens kept per text (instruction included)")
-    pretrained: bool = Field(True, description="load the pretrained towers (False: random, for tests)")
+    pretrained: bool = Field(True, description="load the pretrained towers (False: random, for tests, or "
+                             "overwritten by a checkpoint)")
+    text_dir: str | None = Field(None, exclude=True, description="MiniLM config + tokenizer folder (a saved "
+                                 "model's text/; default the asset); never saved")
     seed: int = Field(0, description="seed for the new (glue) weights")
 
     @field_validator("image_size")
@@ -97,12 +104,24 @@ class TowerEncoder(Encoder):
     def __init__(self, config: TowerConfig) -> None:
         super().__init__(config)
         self.vision = VisionTower(config.image_size, pretrained=config.pretrained)
-        self.text = TextTower(config.max_text_tokens, pretrained=config.pretrained)
+        self.text = TextTower(config.max_text_tokens, pretrained=config.pretrained, path=config.text_dir)
         self.vision.set_trainable_top(config.trained_vision_modules)
 
     @property
     def image_input_size(self) -> int | None:
         return self.config.image_size
+
+    @classmethod
+    def checkpoint_overrides(cls, directory: Path) -> dict[str, Any]:
+        """A checkpoint holds every weight of both towers: build them unpretrained (nothing read from the asset
+        cache) and, where the folder keeps MiniLM's config and tokenizer in ``text/``, read those from there."""
+        text = directory / TEXT_ASSETS_DIR
+        return {"pretrained": False, **({"text_dir": str(text)} if (text / "tokenizer.json").is_file() else {})}
+
+    def _save_extra(self, directory: Path) -> None:
+        """``text/``: MiniLM's config and tokenizer, so the folder loads with nothing from the asset cache
+        (``model.safetensors`` holds every weight, MobileNetV2's and MiniLM's included)."""
+        self.text.save_assets(directory / TEXT_ASSETS_DIR)
 
     def glue_modules(self) -> list[nn.Module | nn.Parameter]:
         raise NotImplementedError

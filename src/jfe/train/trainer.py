@@ -30,7 +30,7 @@ import torch
 from jfe.errors import ConfigError
 from jfe.eval.metrics import recall_at_ks
 from jfe.eval.protocol import pool_index, rank
-from jfe.models.base import Encoder, load_weights
+from jfe.models.base import Encoder
 from jfe.models.precision import resolve_precision
 from jfe.paths import atomic_dir, atomic_write, clean_stale_temporaries
 from jfe.train.config import TrainConfig, load_config
@@ -314,12 +314,7 @@ class Trainer:
         # replay the phase switches so the parameter set (and optimiser groups) match the checkpoint
         for index in range(1, state["phase_index"] + 1):
             self._enter_phase(index)
-        # HF: model.safetensors + PEFT adapter files, checked there (getattr: an Encoder does not declare it)
-        load_saved_weights = getattr(self.model, "load_saved_weights", None)
-        if load_saved_weights is not None:
-            load_saved_weights(folder / "model")
-        else:
-            load_weights(self.model, folder / "model", device=self.ctx.device)
+        self.model.load_checkpoint(folder / "model")  # HF: model.safetensors + PEFT adapter files
         self.optimizer.load_state_dict(state["optimizer"])
         self.loss.load_state_dict(state["loss"])
         self.sampler.load_state_dict(state["sampler"])
