@@ -21,6 +21,8 @@ SCORES = {
     "two-tower": {"single-modal": (0.50, 0.80), "cross-modal": (0.40, 0.75), "conditional": (0.10, 0.20)},
 }
 TASK_OF = {"single-modal": 1, "cross-modal": 0, "conditional": 7}
+ROLES = {"jfe-mini": "one-tower", "late-fusion-sf": "late-fusion", "late-fusion-ff": "late-fusion",
+         "two-tower": "two-tower"}
 
 
 def _result(name: str) -> EvalResult:
@@ -33,7 +35,8 @@ def _result(name: str) -> EvalResult:
     r1, r5 = SCORES[name]["conditional"]
     mods = [{"task": 7, "modification": "direction", "queries": 5, "non_additive": True, "R@1": r1 / 2, "R@5": r5},
             {"task": 7, "modification": "skin_tone", "queries": 5, "non_additive": False, "R@1": r1, "R@5": r5}]
-    return EvalResult(run_name=name, model=name, data_root="/d", split="test", pool="local",
+    return EvalResult(run_name=name, model=name, fusion_role=ROLES[name], data_root="/d", split="test",
+                      pool="local",
                       instructions="default", ks=[1, 5], rows=rows, categories=cats,
                       average={"R@1": sum(v[0] for v in SCORES[name].values()) / 3,
                                "R@5": sum(v[1] for v in SCORES[name].values()) / 3},
@@ -42,9 +45,20 @@ def _result(name: str) -> EvalResult:
                       n_queries=30, notes=["a note"])
 
 
-def test_roles() -> None:
-    assert [role_of(n) for n in SCORES] == ["one-tower", "late-fusion", "late-fusion", "two-tower"]
-    assert role_of("run7", arch="late-fusion-ff-mini") == "late-fusion" and role_of("x") == "other"
+def test_roles_are_declared_not_guessed_from_names() -> None:
+    assert [role_of(_result(n)) for n in SCORES] == ["one-tower", "late-fusion", "late-fusion", "two-tower"]
+    bare = _result("two-tower")
+    bare.fusion_role = ""  # a results.json of an older version: the arch it records declares the role
+    bare.arch = "late-fusion-ff-mini"
+    assert role_of(bare) == "late-fusion"
+    bare.arch, bare.run_name = "", "jfe-mini-looks-like-one-tower"
+    assert role_of(bare) == "other"  # a name says nothing
+    from jfe.models.registry import fusion_role_of, list_models
+
+    declared = {info.name: info.fusion_role for info in list_models()}
+    assert declared["jfe-mini"] == "one-tower" and declared["two-tower-mini"] == "two-tower"
+    assert declared["late-fusion-sf-mini"] == declared["late-fusion-ff-mini"] == "late-fusion"
+    assert fusion_role_of("hf:/models/any") == "one-tower" and fusion_role_of("toy") == "other"
 
 
 def test_margin_summary_hand_computed() -> None:

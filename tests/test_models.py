@@ -556,6 +556,8 @@ def test_cli_models_list_and_encode(image_files: dict[str, Path], tmp_path: Path
     listed = runner.invoke(app, ["models", "list", "--json"])
     assert listed.exit_code == 0, listed.output
     assert set(MODELS) <= {row["name"] for row in json.loads(listed.output)}
+    roles = {row["name"]: row["fusion_role"] for row in json.loads(listed.output)}
+    assert roles["jfe-mini"] == "one-tower" and roles["late-fusion-sf-mini"] == "late-fusion"
 
     saved = load_model("jfe-mini", device="cpu", **SMALL).save_pretrained(tmp_path / "m")
     out = tmp_path / "vectors.npy"

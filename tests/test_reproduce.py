@@ -15,6 +15,9 @@ from jfe.train.synthetic import write_synthetic_mbeir
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 RUNS = {"jfe-toy": "toy-hash", "two-tower-toy": "toy-hash", "late-fusion-sf-toy": "toy-hash",
         "late-fusion-ff-toy": "toy-hash"}
+# every run is the toy encoder, so the study declares which role each plays in the comparison
+ROLES = {"jfe-toy": "one-tower", "two-tower-toy": "two-tower", "late-fusion-sf-toy": "late-fusion",
+         "late-fusion-ff-toy": "late-fusion"}
 
 
 def _dataset(root: Path, seed: int) -> Path:
@@ -47,7 +50,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     corpus = write_synthetic_mbeir(base / "corpus", seed=1)
     (corpus / "README.md").write_text("a toy pretraining corpus\n")
     plan = ReproducePlan(data=data, out=base / "out", configs=_configs(base / "configs"), corpus=corpus,
-                         models=RUNS, stage1_steps=3, curve_steps=8, val_every=2, val_max_queries=16,
+                         models=RUNS, roles=ROLES, stage1_steps=3, curve_steps=8, val_every=2, val_max_queries=16,
                          val_max_pool=40, seeds=(0, 1, 2), n_boot=200, register=False,
                          # four different toy encoders (hash buckets, init) and lrs, so the runs differ
                          run_overrides={run: {"model_overrides": {"seed": i, "vocab_buckets": 64 * (i + 1)},
@@ -155,7 +158,7 @@ def test_without_a_corpus_stage1_falls_back_loudly_and_models_register(tmp_path:
     (data / "README.md").write_text("synthetic\n")
     plan = ReproducePlan(data=data, out=tmp_path / "out", configs=_configs(tmp_path / "configs"),
                          corpus=tmp_path / "no-corpus",
-                         models={"jfe-toy": "toy-hash", "late-fusion-sf-toy": "toy-hash"},
+                         models={"jfe-toy": "toy-hash", "late-fusion-sf-toy": "toy-hash"}, roles=ROLES,
                          stage1_steps=2, curve_steps=4, val_every=2, val_max_queries=8, val_max_pool=20, seeds=(0,),
                          n_boot=100, threshold=1.0)  # everything is flat: the budget is the first step
     source = stage1_source(plan)

@@ -56,6 +56,8 @@ class ReproducePlan:
     # (the stage-1 config's task weights), for every model alike
     stage1_data: str = "corpus"
     models: dict[str, str] = field(default_factory=dict)  # run name -> model name; default: the demo's four
+    # run name -> fusion role in the comparison; default: what each run's model declares (Encoder.fusion_role)
+    roles: dict[str, str] = field(default_factory=dict)
     # `make reproduce` passes its published settings (Makefile REPRODUCE_ARGS, README); stage 1 is trained
     # once per model and shared by the seeds, so its steps are paid once per model, not per seed
     stage1_steps: int = 180
@@ -245,7 +247,7 @@ def evaluate_all(plan: ReproducePlan, checkpoints: dict[tuple[str, int], Path]) 
             _log(f"{run} seed {seed}: evaluating ({plan.split} split, {pool} pool)")
             evaluate(model, plan.data, split=plan.split, pool=pool, out_dir=folder, run_name=run,
                      cache_dir=plan.out / "eval" / "embeddings" / f"seed{seed}" / run, progress=False,
-                     max_queries=plan.eval_max_queries)
+                     max_queries=plan.eval_max_queries, fusion_role=plan.roles.get(run))
     return out
 
 

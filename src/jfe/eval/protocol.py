@@ -82,6 +82,7 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     arch: str = ""
+    fusion_role: str = ""  # the model's declared role (Encoder.fusion_role) or the study's for this run
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -465,7 +466,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
              ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, run_name: str | None = None,
              model_name: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
              instruction_mode: str = "hash", max_queries: int | None = None,
-             text_mode: TextMode = "jfe") -> EvalResult:
+             text_mode: TextMode = "jfe", fusion_role: str | None = None) -> EvalResult:
     """Run the M-BEIR protocol (module docstring) and, with ``out_dir``, write ``run.trec``, ``results.tsv``,
     ``categories.tsv``, ``per_query.jsonl`` and ``results.json`` there.
 
@@ -473,6 +474,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
     (``instructions/heldout_instructions.tsv`` and, where a query's ``query_src_content`` has it,
     ``query_txt_heldout`` as its text) or ``"none"``. ``max_queries`` caps queries per file (smoke runs).
     ``text_mode``: ``"jfe"`` or ``"uniir"`` (UniIR's exact text formatting, see :mod:`jfe.data.instructions`).
+    ``fusion_role`` is recorded for reports (default: the model's declared ``fusion_role``).
     """
     from jfe.models.registry import model_name_of
 
@@ -507,7 +509,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
         data_root=str(root), split=split, pool=pool, instructions=instructions, ks=list(ks),
         rows=_merge_rows(scored.rows, ks), categories={}, average={}, n_queries=len(scored.per_query),
         n_candidates=len({d for idx in indexes.values() for d in idx.ids}), timings={}, notes=notes,
-        arch=getattr(model, "arch", ""))
+        arch=getattr(model, "arch", ""), fusion_role=fusion_role or str(getattr(model, "fusion_role", "other")))
     _summarise(result, scored, ks)
     result.timings = {k: round(v, 3) for k, v in timings.items()}
     if out is not None:

@@ -30,17 +30,14 @@ REPORT_FILE = "report.md"
 CHART_FILE = "categories_r5.png"
 
 
-def role_of(name: str, arch: str = "") -> str:
-    """``"late-fusion"``, ``"two-tower"``, ``"one-tower"`` or ``"other"`` from a run name or model arch."""
-    for text in (name.lower(), arch.lower()):
-        if any(t in text for t in ("late-fusion", "late_fusion", "-sf", "-ff", "_sf", "_ff", "score-fusion",
-                                   "feature-fusion")) or text in ("sf", "ff"):
-            return "late-fusion"
-        if "two-tower" in text or "two_tower" in text or "clip" in text:
-            return "two-tower"
-        if "jfe" in text or "one-tower" in text or "one_tower" in text:
-            return "one-tower"
-    return "other"
+def role_of(result: EvalResult) -> str:
+    """A run's fusion role as declared: recorded in its results (the model's ``Encoder.fusion_role``, or the
+    study's role for the run), else the declared role of the arch it records; never guessed from a name."""
+    if result.fusion_role:
+        return result.fusion_role
+    from jfe.models.registry import fusion_role_of
+
+    return fusion_role_of(result.arch) if result.arch else "other"
 
 
 def _load(results: Mapping[str, EvalResult | str | os.PathLike]) -> dict[str, EvalResult]:
@@ -56,7 +53,7 @@ def _resolve_roles(runs: Mapping[str, EvalResult], ours: str | None, baselines: 
                    ) -> tuple[dict[str, str], str | None, list[str]]:
     """Each run's role, then ``ours`` (default: ``jfe-mini``, else the first one-tower run) and the baselines
     (default: the late-fusion runs)."""
-    roles = {n: role_of(n, r.arch) for n, r in runs.items()}
+    roles = {n: role_of(r) for n, r in runs.items()}
     if ours is None:
         ones = [n for n in runs if roles[n] == "one-tower"]
         ours = next((n for n in ones if n == "jfe-mini"), ones[0] if ones else None)
@@ -164,7 +161,7 @@ def _bar_chart(bars: dict[str, tuple[str, np.ndarray]], categories: list[str], t
 
 def _chart(runs: dict[str, EvalResult], path: Path, metric: str = "R@5") -> None:
     categories = _present_categories(runs.values())
-    bars = {name: (f"{name} ({role_of(name, r.arch)})",
+    bars = {name: (f"{name} ({role_of(r)})",
                    np.array([100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories]))
             for name, r in runs.items()}
     first = next(iter(runs.values()))
@@ -339,7 +336,7 @@ def _report_footer(runs: dict[str, EvalResult]) -> list[str]:
 def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir: str | os.PathLike, *,
                  ours: str | None = None, baselines: Sequence[str] | None = None, title: str | None = None) -> Path:
     """Write ``report.md`` and ``categories_r5.png`` comparing runs (name -> EvalResult or result folder);
-    returns the Markdown path. ``ours`` / ``baselines`` override the roles guessed from the names."""
+    returns the Markdown path. ``ours`` / ``baselines`` override the roles the runs declare (:func:`role_of`)."""
     runs = _load(results)
     roles, ours, baselines = _resolve_roles(runs, ours, baselines)
     out = Path(out_dir)
@@ -386,7 +383,7 @@ def seed_category_table(groups: Mapping[str, Sequence[EvalResult]], *, average: 
 
 def _seed_chart(groups: dict[str, list[EvalResult]], categories: list[str], path: Path,
                 metric: str = "R@5") -> None:
-    bars = {name: (f"{name} ({role_of(name, rs[0].arch)})",
+    bars = {name: (f"{name} ({role_of(rs[0])})",
                    np.array([[100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories] for r in rs]))
             for name, rs in groups.items()}
     first = next(iter(groups.values()))

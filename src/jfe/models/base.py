@@ -27,6 +27,7 @@ from jfe.errors import ConfigError
 from jfe.models.phases import check_phase
 from jfe.paths import ArtefactKind, atomic_dir, fix_modes
 
+FUSION_ROLES = ("one-tower", "two-tower", "late-fusion", "other")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # a folder holding a config.json is a saved model: save_pretrained replaces only such folders (or empty ones)
@@ -54,6 +55,10 @@ class Encoder(torch.nn.Module):
     # True only for models trained so that a renormalised prefix of an embedding is an embedding (Matryoshka);
     # the service then honours OpenAI's ``dimensions`` below the model's dim. None of the shipped models is.
     matryoshka: ClassVar[bool] = False
+    # Where this architecture fuses modalities (reports compare by it; declared, never guessed from a name):
+    # "one-tower" (one encoder reads image and text tokens together), "two-tower" (separate towers, one vector
+    # each, summed), "late-fusion" (separate towers merged by a learned head) or "other".
+    fusion_role: ClassVar[str] = "other"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -48,6 +48,7 @@ class TwoTowerMini(TowerEncoder):
     """CLIP-style two-tower model; image+text inputs are the normalised sum of both embeddings."""
 
     arch = "two-tower-mini"
+    fusion_role = "two-tower"
     config_class = TwoTowerConfig
 
     def __init__(self, config: TwoTowerConfig | None = None) -> None:
@@ -98,6 +99,7 @@ class ScoreFusionMini(TwoTowerMini):
     """
 
     arch = "late-fusion-sf-mini"
+    fusion_role = "late-fusion"
     config_class = ScoreFusionConfig
 
     def __init__(self, config: ScoreFusionConfig | None = None) -> None:
@@ -123,6 +125,7 @@ class FeatureFusionMini(TowerEncoder):
     """UniIR FF: a small transformer fuses the two towers' *output* tokens (late fusion of features)."""
 
     arch = "late-fusion-ff-mini"
+    fusion_role = "late-fusion"
     config_class = FeatureFusionConfig
     config: FeatureFusionConfig
 

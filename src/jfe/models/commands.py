@@ -63,14 +63,16 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
     infos = list_models()
     rows = {row["name"]: row for row in table({i.name: i.arch for i in infos})}
     if as_json:
-        typer.echo(json.dumps([{"name": i.name, "arch": i.arch, "embed_dim": i.embed_dim, "config": i.config,
-                                "description": i.description, **rows[i.name]} for i in infos], indent=2))
+        typer.echo(json.dumps([{"name": i.name, "arch": i.arch, "fusion_role": i.fusion_role, "embed_dim": i.embed_dim,
+                                "config": i.config, "description": i.description, **rows[i.name]} for i in infos],
+                              indent=2))
         return
     width = max(len(i.name) for i in infos)
     for info in infos:
         row = rows[info.name]
         trained = f"trained: {row['tag']} ({row['folder']})" if row["trained"] else "UNTRAINED (random glue)"
-        typer.echo(f"{info.name:<{width}}  {info.arch:<20} {trained}\n{'':<{width}}  {info.description}")
+        typer.echo(f"{info.name:<{width}}  {info.arch:<20} {info.fusion_role:<12} {trained}\n{'':<{width}}  "
+                   f"{info.description}")
     typer.echo("also: hf:<path to a transformers MLLM folder>, or a folder written by save_pretrained; "
                "register trained weights with `jfe models register NAME FOLDER`")
 

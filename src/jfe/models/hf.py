@@ -181,6 +181,7 @@ class HFEncoder(Encoder):
     """
 
     arch = "hf-mllm"
+    fusion_role = "one-tower"
     config_class = HFConfig
     # The config is always an HFConfig (the constructor takes one); declared so its fields type-check.
     config: HFConfig

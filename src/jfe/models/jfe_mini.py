@@ -100,6 +100,7 @@ class JFEMini(TowerEncoder):
     """The one-tower joint fusion encoder (see the module docstring)."""
 
     arch = "jfe-mini"
+    fusion_role = "one-tower"
     config_class = JFEMiniConfig
     config: JFEMiniConfig
 

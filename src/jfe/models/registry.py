@@ -46,6 +46,11 @@ class ModelInfo:
     def embed_dim(self) -> int:
         return int(self.config.get("embed_dim", 384))
 
+    @property
+    def fusion_role(self) -> str:
+        """Where the model fuses modalities, as its architecture declares (``Encoder.fusion_role``)."""
+        return _arch_class(self.arch, f"model {self.name!r}").fusion_role
+
 
 _MODELS: dict[str, ModelInfo] = {}
 
@@ -227,3 +232,18 @@ def model_name_of(model: Encoder) -> str:
         if isinstance(value, (str, os.PathLike)) and str(value):
             return str(value)
     return model.arch or type(model).__name__
+
+
+def fusion_role_of(spec: str | os.PathLike) -> str:
+    """The declared fusion role of a registered name, an arch, ``hf:<path>`` or a saved folder; ``"other"``
+    when none of these (reports then treat the run as neither ours nor a baseline)."""
+    spec = os.fspath(spec)
+    if spec.startswith(HF_PREFIX):
+        return _arch_class(HF_ARCH, spec).fusion_role
+    if spec in _MODELS:
+        return _MODELS[spec].fusion_role
+    arch = _saved_arch(Path(spec)) if (Path(spec) / CONFIG_NAME).is_file() else spec
+    try:
+        return _arch_class(arch, spec).fusion_role if arch else "other"
+    except ConfigError:
+        return "other"
