@@ -75,7 +75,7 @@ demo: minibeir
 SEEDS ?= 1 2
 demo-seeds: demo
 	for s in $(SEEDS); do $(JFE) demo --data $(DATA) --out $(RUNS)/demo-seed$$s --seed $$s || exit 1; done
-	for p in local global; do $(JFE) report --seeds --out $(RUNS)/demo-seeds/$$p \
+	for p in local global; do $(JFE) seeds-report --out $(RUNS)/demo-seeds/$$p \
 	  $(foreach m,jfe-mini two-tower late-fusion-sf late-fusion-ff,$(RUNS)/demo/eval/$$p/$(m) \
 	  $(foreach s,$(SEEDS),$(RUNS)/demo-seed$(s)/eval/$$p/$(m))) || exit 1; done
 

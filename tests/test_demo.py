@@ -28,8 +28,8 @@ def small_minibeir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_demo_trains_evaluates_reports_and_reruns_from_cache(small_minibeir: Path, tmp_path: Path) -> None:
-    from jfe.demo import DemoPlan, run_demo
     from jfe.eval.protocol import EvalResult
+    from jfe_study.demo import DemoPlan, run_demo
 
     runs = {"jfe-mini": ("jfe-mini", ("stage1", "stage2")), "two-tower": ("two-tower-mini", ("stage1", "stage2"))}
     plan = DemoPlan(data=small_minibeir, out=tmp_path / "demo", configs=CONFIGS, runs=runs, stage1_steps=2,

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from jfe.errors import ConfigError
 from jfe.eval.protocol import EvalResult
-from jfe.eval.report import margin_summary, role_of, write_report, write_seed_report
+from jfe.eval.report import margin_summary, role_of, write_report
+from jfe_study.seeds import write_seed_report
 
 # category -> (R@1, R@5) per run; fusion categories are mixed-modal, multi-modal, conditional
 SCORES = {
@@ -157,7 +158,7 @@ def test_seed_report_hand_computed(tmp_path: Path) -> None:
         write_seed_report({"jfe-mini": [_result("jfe-mini")], "late-fusion-sf": []}, tmp_path / "bad")
 
 
-def test_cli_report_seeds(tmp_path: Path) -> None:
+def test_cli_seeds_report(tmp_path: Path) -> None:
     from jfe.cli import app
 
     dirs = []
@@ -168,8 +169,8 @@ def test_cli_report_seeds(tmp_path: Path) -> None:
             make(name).save(folder / "results.json")
             dirs.append(str(folder))
     plain = CliRunner().invoke(app, ["report", *dirs, "--out", str(tmp_path / "r")])
-    assert plain.exit_code != 0 and "--seeds" in str(plain.exception)
-    result = CliRunner().invoke(app, ["report", *dirs, "--out", str(tmp_path / "r"), "--seeds"])
+    assert plain.exit_code != 0 and "seeds-report" in str(plain.exception)  # repeats are the study's report
+    result = CliRunner().invoke(app, ["seeds-report", *dirs, "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert "held in **1 of 2** seeds" in (tmp_path / "r" / "seeds.md").read_text()
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jfe.eval.bootstrap import fusion_margin_ci, modification_margin_ci, read_per_query, stratified_bootstrap
-from jfe.eval.curves import common_budget, plateau, read_curve, smooth
+from jfe_study.bootstrap import fusion_margin_ci, modification_margin_ci, read_per_query, stratified_bootstrap
+from jfe_study.curves import common_budget, plateau, read_curve, smooth
 
 Z95 = 1.959964
 

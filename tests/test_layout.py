@@ -147,3 +147,24 @@ def test_no_layer_imports_from_a_layer_above() -> None:
             elif other != package and other not in ALLOWED[package]:
                 bad.append(f"{module} -> {target}")
     assert bad == []
+
+
+def test_the_library_never_imports_the_study() -> None:
+    """``jfe_study`` (demo, reproduce, curves, bootstrap, seeds report) sits apart, as open_clip_train does:
+    it reaches the ``jfe`` command through an entry point, never through an import from ``jfe``."""
+    graph = import_graph()
+    assert any(m.startswith("jfe_study") for m in graph)  # the study is there to be kept apart
+    bad = [f"{m} -> {t}" for m, ts in graph.items() if m == "jfe" or m.startswith("jfe.")
+           for t in ts if t.startswith("jfe_study")]
+    assert bad == []
+    # nor by name at run time (importlib): the entry point is the only way in
+    assert not [p for p in (SRC / "jfe").rglob("*.py") if "import_module(\"jfe_study" in p.read_text()]
+
+
+def test_the_study_commands_reach_jfe_through_the_entry_point() -> None:
+    from typer.main import get_command
+
+    from jfe.cli import app
+
+    names = set(get_command(app).commands)  # type: ignore[attr-defined]
+    assert {"demo", "reproduce", "seeds-report", "report", "eval"} <= names

@@ -41,7 +41,7 @@ def _configs(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    from jfe.reproduce import ReproducePlan, run_reproduce
+    from jfe_study.reproduce import ReproducePlan, run_reproduce
 
     base = tmp_path_factory.mktemp("reproduce")
     data = _dataset(base / "minibeir", seed=0)
@@ -108,7 +108,7 @@ def test_reproduce_writes_curves_budget_seeds_and_margins(reproduced: tuple) -> 
 
 
 def test_rerun_is_cached_and_publish_rewrites_links(reproduced: tuple, tmp_path: Path) -> None:
-    from jfe.reproduce import publish, run_reproduce
+    from jfe_study.reproduce import publish, run_reproduce
 
     plan, report = reproduced
     weights = plan.out / "models" / "jfe-toy" / "seed1" / "stage2" / "final" / "model.safetensors"
@@ -127,7 +127,7 @@ def test_a_longer_curve_continues_and_seeds_at_another_budget_are_refused(reprod
     from dataclasses import replace
 
     from jfe.errors import ConfigError
-    from jfe.reproduce import run_reproduce
+    from jfe_study.reproduce import run_reproduce
 
     plan, _ = reproduced
     out = tmp_path / "out"
@@ -151,7 +151,7 @@ def test_a_longer_curve_continues_and_seeds_at_another_budget_are_refused(reprod
 def test_without_a_corpus_stage1_falls_back_loudly_and_models_register(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from jfe.models import pretrained, registry
-    from jfe.reproduce import ReproducePlan, run_reproduce, stage1_source
+    from jfe_study.reproduce import ReproducePlan, run_reproduce, stage1_source
 
     monkeypatch.setitem(registry._MODELS, "toy-hash", registry.ModelInfo("toy-hash", "toy-hash", "toy"))
     data = _dataset(tmp_path / "minibeir", seed=0)
@@ -180,7 +180,7 @@ def test_without_a_corpus_stage1_falls_back_loudly_and_models_register(tmp_path:
 
 def test_stage1_on_minibeir_is_a_stated_choice_even_when_a_corpus_is_built(tmp_path: Path) -> None:
     from jfe.errors import ConfigError
-    from jfe.reproduce import ReproducePlan, stage1_source
+    from jfe_study.reproduce import ReproducePlan, stage1_source
 
     corpus = tmp_path / "corpus"
     (corpus / "query" / "train").mkdir(parents=True)
@@ -206,7 +206,7 @@ def test_reproduce_with_the_real_models_and_recipe(tmp_path: Path, monkeypatch: 
     from jfe.data import assets
     from jfe.data.minibeir import build_minibeir
     from jfe.models import pretrained
-    from jfe.reproduce import ReproducePlan, run_reproduce
+    from jfe_study.reproduce import ReproducePlan, run_reproduce
 
     missing = [n for n, source in assets.SOURCES.items() if source.required and not assets.is_fetched(n)]
     if missing:
@@ -229,7 +229,7 @@ def test_reproduce_with_the_real_models_and_recipe(tmp_path: Path, monkeypatch: 
 
 
 def test_timings_keep_each_steps_longest_time_and_this_invocations_total(tmp_path: Path) -> None:
-    from jfe.reproduce import _keep_longest
+    from jfe_study.reproduce import _keep_longest
 
     path = tmp_path / "timings.json"
     _keep_longest(path, {"curve/a": 50.0})  # an interrupted first invocation: its finished step is kept
@@ -241,9 +241,9 @@ def test_timings_keep_each_steps_longest_time_and_this_invocations_total(tmp_pat
 
 
 def test_model_choices_swap_one_run_and_name_bad_pairs() -> None:
-    from jfe.demo import MODELS
     from jfe.errors import ConfigError
-    from jfe.reproduce import model_choices
+    from jfe_study.demo import MODELS
+    from jfe_study.reproduce import model_choices
 
     assert model_choices(None) == {} and model_choices([]) == {}  # the plan then uses the demo's four
     chosen = model_choices(["jfe-mini = jfe-mini"])

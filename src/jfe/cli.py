@@ -25,12 +25,23 @@ COMMAND_MODULES = (
     "jfe.api_commands",  # jfe search: over jfe.api, so above every layer
     "jfe.eval.commands",
     "jfe.serve.commands",
-    "jfe.demo",
-    "jfe.reproduce",
 )
+# Commands of other installed packages (the paper study's `jfe demo`, `jfe reproduce`, `jfe seeds-report`,
+# in src/jfe_study): declared as entry points, so the library never imports them.
+PLUGIN_GROUP = "jfe.commands"
 
 for _module_name in COMMAND_MODULES:
     importlib.import_module(_module_name).register(app)
+
+
+def _register_plugins() -> None:
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()(app)
+
+
+_register_plugins()
 
 
 def main() -> None:

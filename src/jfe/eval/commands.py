@@ -80,33 +80,31 @@ def eval_command(
         console.print(f"wrote {out}/results.json, results.tsv, categories.tsv, run.trec", markup=False)
 
 
+def run_labels(names: str | None, loaded: list) -> list[str]:  # noqa: ANN001 - EvalResults, imported lazily
+    """``--names`` split on commas, else each result's own run name; one label per result folder."""
+    labels = [n.strip() for n in names.split(",")] if names else [r.run_name for r in loaded]
+    if len(labels) != len(loaded):
+        raise ConfigError(f"--names gives {len(labels)} names for {len(loaded)} result folders")
+    return labels
+
+
 def report_command(
     results: list[Path] = typer.Argument(..., help="Evaluation output folders (each with results.json)."),
     out: Path = typer.Option(..., "--out", help="Folder for report.md and categories_r5.png."),
     names: str = typer.Option(None, "--names", help="Comma-separated run names, one per folder (default: each "
                                                     "result's run name)."),
-    ours: str = typer.Option(None, "--ours", help="The one-tower run (default: guessed from the names)."),
+    ours: str = typer.Option(None, "--ours", help="The one-tower run (default: the run whose model declares "
+                                                  "the one-tower role)."),
     title: str = typer.Option(None, "--title", help="Report title."),
-    seeds: bool = typer.Option(False, "--seeds", help="Folders with the same run name are repeats (seeds, given "
-                                                      "in the same seed order for every run): report mean ± sd "
-                                                      "and the fusion margin per seed (seeds.md)."),
 ) -> None:
     """Compare evaluation results: Markdown tables (per task, category, modification) and a bar chart."""
     from jfe.eval.protocol import EvalResult
-    from jfe.eval.report import write_report, write_seed_report
+    from jfe.eval.report import write_report
 
     loaded = [EvalResult.load(p) for p in results]
-    labels = [n.strip() for n in names.split(",")] if names else [r.run_name for r in loaded]
-    if len(labels) != len(loaded):
-        raise ConfigError(f"--names gives {len(labels)} names for {len(loaded)} result folders")
-    if seeds:
-        groups: dict[str, list[EvalResult]] = {}
-        for label, result in zip(labels, loaded, strict=True):
-            groups.setdefault(label, []).append(result)
-        path = write_seed_report(groups, out, ours=ours, title=title)
-        typer.echo(f"wrote {path} and {path.parent / 'categories_r5_seeds.png'}")
-        return
+    labels = run_labels(names, loaded)
     if len(set(labels)) != len(labels):
-        raise ConfigError(f"run names must be unique, got {labels} (pass --names, or --seeds to average repeats)")
+        raise ConfigError(f"run names must be unique, got {labels} (pass --names; repeats of one run across "
+                          f"seeds are `jfe seeds-report`)")
     path = write_report(dict(zip(labels, loaded, strict=True)), out, ours=ours, title=title)
     typer.echo(f"wrote {path} and {path.parent / 'categories_r5.png'}")

@@ -49,7 +49,7 @@ def _load(results: Mapping[str, EvalResult | str | os.PathLike]) -> dict[str, Ev
     return loaded
 
 
-def _resolve_roles(runs: Mapping[str, EvalResult], ours: str | None, baselines: Sequence[str] | None
+def resolve_roles(runs: Mapping[str, EvalResult], ours: str | None, baselines: Sequence[str] | None
                    ) -> tuple[dict[str, str], str | None, list[str]]:
     """Each run's role, then ``ours`` (default: ``jfe-mini``, else the first one-tower run) and the baselines
     (default: the late-fusion runs)."""
@@ -64,7 +64,7 @@ def _resolve_roles(runs: Mapping[str, EvalResult], ours: str | None, baselines: 
     return roles, ours, list(baselines)
 
 
-def _present_categories(results: Iterable[EvalResult]) -> list[str]:
+def present_categories(results: Iterable[EvalResult]) -> list[str]:
     """The paper's categories that any of ``results`` scored, in the paper's order."""
     present = {c for r in results for c in r.categories}
     return [c for c in CATEGORIES if c in present]
@@ -128,7 +128,7 @@ def margin_summary(runs: dict[str, EvalResult], ours: str, baselines: Sequence[s
     return out
 
 
-def _bar_chart(bars: dict[str, tuple[str, np.ndarray]], categories: list[str], title: str, path: Path,
+def bar_chart(bars: dict[str, tuple[str, np.ndarray]], categories: list[str], title: str, path: Path,
                metric: str = "R@5") -> None:
     """Grouped bars per category: ``bars`` = name -> (legend label, values ``[n_categories]`` or, for
     repeats, ``[n_repeats, n_categories]``: the bar is their mean and every repeat a dot)."""
@@ -160,12 +160,12 @@ def _bar_chart(bars: dict[str, tuple[str, np.ndarray]], categories: list[str], t
 
 
 def _chart(runs: dict[str, EvalResult], path: Path, metric: str = "R@5") -> None:
-    categories = _present_categories(runs.values())
+    categories = present_categories(runs.values())
     bars = {name: (f"{name} ({role_of(r)})",
                    np.array([100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories]))
             for name, r in runs.items()}
     first = next(iter(runs.values()))
-    _bar_chart(bars, categories, f"{metric} per category ({first.pool} pool, {first.split} split)", path, metric)
+    bar_chart(bars, categories, f"{metric} per category ({first.pool} pool, {first.split} split)", path, metric)
 
 
 HEADLINE_NOTE = ("M-BEIR's per-dataset headline Recall, R@10 for Fashion200K and FashionIQ and R@5 for every other "
@@ -178,19 +178,19 @@ def headline_metric(results: Iterable[EvalResult]) -> str:
     return headline_label(r.get("headline_k", DEFAULT_HEADLINE_K) for res in results for r in res.rows)
 
 
-def _write_lines(path: Path, lines: list[str]) -> Path:
+def write_lines(path: Path, lines: list[str]) -> Path:
     """A Markdown file from its lines (newline-terminated); returns ``path``."""
     with atomic_write(path) as handle:
         handle.write("\n".join(lines) + "\n")
     return path
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     with atomic_write(path) as handle:
         handle.write(json.dumps(obj, indent=2) + "\n")
 
 
-def _signed_or_dash(value: float | None) -> str:
+def signed_or_dash(value: float | None) -> str:
     return _signed(value) if value is not None else "–"
 
 
@@ -199,7 +199,7 @@ def backticked(names: Iterable[str]) -> str:
     return ", ".join(f"`{n}`" for n in names)
 
 
-def _fusion_flag(category: str) -> str:
+def fusion_flag(category: str) -> str:
     return "yes" if category in FUSION_CATEGORIES else "no"
 
 
@@ -224,10 +224,10 @@ def _category_section(runs: dict[str, EvalResult], metrics: Sequence[str]) -> li
     """Per category (and the average) for every run, then the chart; ``metrics[1]`` is the headline."""
     names = list(runs)
     rows = []
-    for category in _present_categories(runs.values()):
+    for category in present_categories(runs.values()):
         tasks = sorted({t for r in runs.values() for t in r.categories.get(category, {}).get("tasks", [])})
         values = {n: {m: runs[n].categories.get(category, {}).get(m) for m in metrics} for n in names}
-        rows.append(([category, _fusion_flag(category), ",".join(map(str, tasks))], values))
+        rows.append(([category, fusion_flag(category), ",".join(map(str, tasks))], values))
     avg = {n: {m: runs[n].average.get(m) for m in metrics} for n in names}
     rows.append((["**average**", "", ""], avg))
     return (["", "## Per category", ""] + _table(["category", "fusion", "tasks"], names, metrics, rows)
@@ -308,8 +308,8 @@ def _margin_section(runs: dict[str, EvalResult], ours: str | None, baselines: Se
               "| metric | " + " | ".join(CATEGORIES) + " | fusion mean | non-fusion mean | gap |",
               "|---|" + "---:|" * (len(CATEGORIES) + 3)]
     for metric, entry in summary["metrics"].items():
-        cells = [_signed_or_dash(entry["per_category"].get(c)) for c in CATEGORIES]
-        cells += [_signed_or_dash(entry[k]) for k in ("fusion", "non_fusion", "gap")]
+        cells = [signed_or_dash(entry["per_category"].get(c)) for c in CATEGORIES]
+        cells += [signed_or_dash(entry[k]) for k in ("fusion", "non_fusion", "gap")]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     hl = metrics[1]
     gap = summary["metrics"][hl]["gap"]
@@ -338,7 +338,7 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     """Write ``report.md`` and ``categories_r5.png`` comparing runs (name -> EvalResult or result folder);
     returns the Markdown path. ``ours`` / ``baselines`` override the roles the runs declare (:func:`role_of`)."""
     runs = _load(results)
-    roles, ours, baselines = _resolve_roles(runs, ours, baselines)
+    roles, ours, baselines = resolve_roles(runs, ours, baselines)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hl = headline_metric(runs.values())
@@ -350,124 +350,7 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     margin_lines, summary = _margin_section(runs, ours, baselines, metrics)
     lines += margin_lines + _report_footer(runs)
     _chart(runs, out / CHART_FILE, hl)
-    path = _write_lines(out / REPORT_FILE, lines)
+    path = write_lines(out / REPORT_FILE, lines)
     if summary is not None:
-        _write_json(out / "margins.json", summary)
-    return path
-
-
-SEEDS_REPORT_FILE = "seeds.md"
-SEEDS_CHART_FILE = "categories_r5_seeds.png"
-
-
-def mean_sd(values: Sequence[float]) -> str:
-    """``"m ± sd"`` in % (sample sd; just the mean for a single value)."""
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * float(np.mean(values)):.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
-
-
-def seed_category_table(groups: Mapping[str, Sequence[EvalResult]], *, average: bool = False) -> list[str]:
-    """Markdown table of R@5 per category, mean ± sd over each run's repeats; ``average`` adds the runs'
-    overall average as a last row."""
-    names = list(groups)
-    lines = ["| category | fusion | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-    for category in _present_categories(r for rs in groups.values() for r in rs):
-        cells = [mean_sd([r.categories.get(category, {}).get("R@5", np.nan) for r in groups[n]]) for n in names]
-        lines.append(f"| {category} | {_fusion_flag(category)} | " + " | ".join(cells) + " |")
-    if average:
-        lines.append("| **average** | | " + " | ".join(mean_sd([r.average.get("R@5", np.nan) for r in groups[n]])
-                                                      for n in names) + " |")
-    return lines
-
-
-def _seed_chart(groups: dict[str, list[EvalResult]], categories: list[str], path: Path,
-                metric: str = "R@5") -> None:
-    bars = {name: (f"{name} ({role_of(rs[0])})",
-                   np.array([[100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories] for r in rs]))
-            for name, rs in groups.items()}
-    first = next(iter(groups.values()))
-    _bar_chart(bars, categories, f"{metric} per category, mean of {len(first)} seeds, dots = seeds "
-                                 f"({first[0].pool} pool)", path, metric)
-
-
-def _load_repeats(groups: Mapping[str, Sequence[EvalResult | str | os.PathLike]]) -> dict[str, list[EvalResult]]:
-    """Every run's repeats loaded; all runs must have the same (non-zero) number of them."""
-    loaded = {name: [r if isinstance(r, EvalResult) else EvalResult.load(r) for r in repeats]
-              for name, repeats in groups.items()}
-    if not loaded:
-        raise ConfigError("no evaluation results to report")
-    counts = {name: len(rs) for name, rs in loaded.items()}
-    if len(set(counts.values())) != 1 or 0 in counts.values():
-        raise ConfigError(f"every run needs the same number of repeats (seeds), got {counts}")
-    return loaded
-
-
-def _seed_pattern(seed_runs: dict[str, EvalResult], ours: str, baselines: Sequence[str],
-                  categories: list[str]) -> dict[str, Any]:
-    """One seed's R@5 fusion margins and the categories where ours is at least every other run."""
-    margins = margin_summary(seed_runs, ours, baselines, metrics=("R@5",))["metrics"]["R@5"]
-    others = [n for n in seed_runs if n != ours]
-    led = [c for c in categories if all(
-        seed_runs[ours].categories.get(c, {}).get("R@5", -1.0) >= seed_runs[o].categories.get(c, {}).get(
-            "R@5", -1.0) for o in others)]
-    return {"fusion": margins["fusion"], "non_fusion": margins["non_fusion"], "gap": margins["gap"],
-            "per_category": margins["per_category"], "categories_led": led,
-            "leads_everywhere": len(led) == len(categories)}
-
-
-def _seed_pattern_section(loaded: dict[str, list[EvalResult]], ours: str, baselines: Sequence[str],
-                          categories: list[str], summary: dict[str, Any]) -> list[str]:
-    """The paper's pattern seed by seed (R@5); fills ``summary["per_seed"]`` and ``summary["pattern_held"]``."""
-    n_seeds = summary["seeds"]
-    lines = ["", "## The paper's pattern, seed by seed (R@5)", "",
-             f"Margin = `{ours}` minus the best of {backticked(baselines)}, averaged over "
-             f"the fusion categories ({', '.join(FUSION_CATEGORIES)}) and over the others; "
-             f"'leads everywhere' = `{ours}` ≥ every other run in every category.", "",
-             "| seed | fusion margin | non-fusion margin | gap | leads everywhere | categories led |",
-             "|---:|---:|---:|---:|---|---:|"]
-    for i in range(n_seeds):
-        entry = _seed_pattern({n: rs[i] for n, rs in loaded.items()}, ours, baselines, categories)
-        summary["per_seed"].append(entry)
-        cells = [_signed_or_dash(entry[k]) for k in ("fusion", "non_fusion", "gap")]
-        lines.append(f"| {i} | " + " | ".join(cells) + f" | {'yes' if entry['leads_everywhere'] else 'no'} | "
-                     f"{len(entry['categories_led'])}/{len(categories)} |")
-    gaps = [e["gap"] for e in summary["per_seed"] if e["gap"] is not None]
-    held = sum(1 for e in summary["per_seed"] if e["leads_everywhere"] and (e["gap"] or 0) > 0)
-    summary["pattern_held"] = held
-    lines += ["", f"Gap (fusion minus non-fusion margin) over seeds: {mean_sd(gaps) if gaps else '–'} points; "
-                  f"the full pattern (leads everywhere **and** gap > 0) held in **{held} of {n_seeds}** seeds."]
-    return lines
-
-
-def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLike]], out_dir: str | os.PathLike,
-                      *, ours: str | None = None, baselines: Sequence[str] | None = None,
-                      title: str | None = None) -> Path:
-    """Repeated runs (e.g. seeds) of each model: ``seeds.md`` (per-category mean ± sd, the fusion margin per
-    seed and how often the paper's pattern holds), ``seeds.json`` and a chart with every seed as a dot.
-
-    ``groups``: run name -> its repeats; repeat *i* of every run is taken as one seed, so all runs need the
-    same number of repeats (the margins compare runs within a seed).
-    """
-    loaded = _load_repeats(groups)
-    names = list(loaded)
-    n_seeds = len(loaded[names[0]])
-    _, ours, baselines = _resolve_roles({n: rs[0] for n, rs in loaded.items()}, ours, baselines)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    first = loaded[names[0]][0]
-    categories = _present_categories(r for rs in loaded.values() for r in rs)
-    lines = [f"# {title or 'JFE evaluation across seeds'}", "",
-             f"{n_seeds} repeats per run; split `{first.split}`, `{first.pool}` pool(s). Recall in %, "
-             "mean ± sample standard deviation over the repeats.", "",
-             "## Per category (R@5)", ""]
-    lines += seed_category_table(loaded, average=True)
-    lines += ["", f"![R@5 per category across seeds]({SEEDS_CHART_FILE})"]
-    summary: dict[str, Any] = {"ours": ours, "baselines": list(baselines), "runs": names, "seeds": n_seeds,
-                               "per_seed": []}
-    if ours and baselines:
-        lines += _seed_pattern_section(loaded, ours, baselines, categories, summary)
-    _seed_chart(loaded, categories, out / SEEDS_CHART_FILE)
-    path = _write_lines(out / SEEDS_REPORT_FILE, lines)
-    _write_json(out / "seeds.json", summary)
+        write_json(out / "margins.json", summary)
     return path

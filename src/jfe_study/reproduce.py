@@ -9,7 +9,7 @@ For every model of the comparison (jfe-mini and the three baselines, same recipe
    after warm-up, validated every ``val_every`` steps on capped val pools (val R@5 per task, hence per
    category) with a checkpoint at each validation. Because the schedule does not depend on the run's
    length, the checkpoint at step *B* is the model a budget of *B* steps gives.
-3. **Budget**: each model's plateau (:func:`jfe.eval.curves.plateau`: the step after which its average val
+3. **Budget**: each model's plateau (:func:`jfe_study.curves.plateau`: the step after which its average val
    R@5 never gains more than ``threshold``); the common budget is the latest of them.
 4. **Seeds**: seed 0 is the curve run's checkpoint at the budget; the other seeds train stage 2 (to the
    budget) again from the same stage-1 model (``shared_stage1``, the default, as the paper's seeds vary the
@@ -85,7 +85,7 @@ def _log(message: str) -> None:
 
 def model_choices(pairs: list[str] | None) -> dict[str, str]:
     """The four runs and their models, the demo's unless ``RUN=MODEL`` pairs replace some ({} = the demo's)."""
-    from jfe.demo import MODELS
+    from jfe_study.demo import MODELS
 
     if not pairs:
         return {}
@@ -101,7 +101,7 @@ def model_choices(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _models(plan: ReproducePlan) -> dict[str, str]:
-    from jfe.demo import MODELS
+    from jfe_study.demo import MODELS
 
     return plan.models or dict(MODELS)
 
@@ -341,7 +341,7 @@ def verdict(margins: dict[str, Any]) -> str:
 
 
 def _modification_table(mods: list[dict[str, Any]], runs: dict[str, list[Any]]) -> list[str]:
-    from jfe.eval.report import mean_sd
+    from jfe_study.seeds import mean_sd
 
     lines = ["| task | modification | queries | " + " | ".join(runs) + " | margin [95 % CI] |",
              "|---:|---|---:|" + "---:|" * len(runs) + "---:|"]
@@ -409,13 +409,14 @@ def _pool_section(plan: ReproducePlan, pool: str, runs: dict[str, list[Path]], r
                   ) -> tuple[list[str], dict[str, Any] | None]:
     """One pool: its seed report, the bootstrap margins (chart and tables), per modification type and the
     verdict; the pool's summary is None when there is no one-tower run or no late-fusion baseline."""
-    from jfe.eval.bootstrap import fusion_margin_ci, modification_margin_ci, read_per_query
     from jfe.eval.protocol import EvalResult
-    from jfe.eval.report import _resolve_roles, margin_summary, seed_category_table, write_seed_report
+    from jfe.eval.report import margin_summary, resolve_roles
+    from jfe_study.bootstrap import fusion_margin_ci, modification_margin_ci, read_per_query
+    from jfe_study.seeds import seed_category_table, write_seed_report
 
     results = {run: [EvalResult.load(f) for f in folders] for run, folders in runs.items()}
     seed_md = write_seed_report(results, report / pool, title=f"JFE reproduce, {pool} pool, across seeds")
-    _, ours, baselines = _resolve_roles({n: rs[0] for n, rs in results.items()}, None, None)
+    _, ours, baselines = resolve_roles({n: rs[0] for n, rs in results.items()}, None, None)
     lines = [f"## {pool.capitalize()} pool ({plan.split} split)", "",
              (f"Per-category R@5 mean ± sd over {len(plan.seeds)} seeds" if len(plan.seeds) > 1 else
               f"Per-category R@5 of seed {plan.seeds[0]} alone (no sd)") + f": [{pool}/seeds.md]({pool}/seeds.md).", ""]
@@ -532,8 +533,8 @@ def _keep_longest(path: Path, timings: dict[str, float]) -> dict[str, float]:
 
 
 def run_reproduce(plan: ReproducePlan) -> Path:
-    from jfe.demo import ensure_minibeir
-    from jfe.eval.curves import common_budget, plateau, read_curve
+    from jfe_study.curves import common_budget, plateau, read_curve
+    from jfe_study.demo import ensure_minibeir
 
     if plan.val_every < 1 or plan.curve_steps < plan.val_every:
         raise ConfigError("need 1 <= val_every <= curve_steps")
