@@ -214,3 +214,72 @@ def test_env_reports_the_machine_and_what_auto_precision_picks(monkeypatch: pyte
     assert info()["vision_precision"] == "follow"
     text = runner.invoke(app, ["env"]).stdout
     assert re.search(r"^precision_auto\s+cpu: bf16$", text, re.MULTILINE), text
+
+
+class _PrecisionSpy(ToyEncoder):
+    """The toy encoder, recording the precision every encode call asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str | None] = []
+
+    def encode(self, items, instruction=None, batch_size=32, progress=False, desc="encode",  # noqa: ANN001
+               precision=None):  # noqa: ANN001, ANN201
+        self.asked.append(precision)
+        return super().encode(items, instruction=instruction, batch_size=batch_size, progress=progress,
+                              desc=desc, precision=precision)
+
+
+def test_queries_are_encoded_as_the_index_was_unless_told_otherwise(tiny_mbeir: Path) -> None:
+    from jfe.api import search
+    from jfe.indexing import build_index, query_precision
+
+    spy = _PrecisionSpy()
+    pool = tiny_mbeir / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl"
+    index = build_index(spy, [pool], tiny_mbeir, progress=False, precision="fp32")
+    assert index.meta["precision"] == "fp32"
+    index.meta["precision"] = "bf16"  # as if built on a CPU with native bf16
+    search(index, "a red square", model=spy, k=2)
+    assert spy.asked[-1] == "bf16"  # auto follows the index
+    with pytest.warns(UserWarning, match="computed in bf16"):
+        search(index, "a red square", model=spy, k=2, precision="fp32")
+    assert spy.asked[-1] == "fp32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert query_precision({"precision": "bf16", "vision_precision": "bf16"}) == ("bf16", "follow")
+        assert query_precision({}) == ("auto", None)
+        assert query_precision({"precision": "fp32"}, "fp32") == ("fp32", None)
+
+
+def test_search_excludes_the_ids_it_is_told_to(tiny_mbeir: Path, tmp_path: Path) -> None:
+    from jfe.api import search
+
+    out = tmp_path / "idx"
+    pool = tiny_mbeir / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl"
+    assert runner.invoke(app, ["index", "build", "--model", "toy", "--pool", str(pool), "--data-root",
+                               str(tiny_mbeir), "--out", str(out), "--no-progress"]).exit_code == 0
+    query = {"image": tiny_mbeir / "images/tiny/red_square.png", "text": "make it blue"}
+    first = search(out, query, k=3)
+    assert first[0]["did"] == "1:1"  # the toy finds the reference image itself first
+    excluded = search(out, query, k=3, exclude=["1:1"])
+    assert "1:1" not in [h["did"] for h in excluded]
+    assert [h["did"] for h in excluded][:2] == [h["did"] for h in first[1:]]  # the rest keep their order
+    shown = runner.invoke(app, ["search", "--index", str(out), "--image", str(query["image"]), "--text",
+                                "make it blue", "-k", "3", "--exclude", "1:1", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert [h["did"] for h in json.loads(shown.output)["hits"]] == [h["did"] for h in excluded]
+
+
+def test_serve_encodes_queries_in_the_index_precision(tiny_mbeir: Path, tmp_path: Path) -> None:
+    from unittest import mock
+
+    out = tmp_path / "idx"
+    pool = tiny_mbeir / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl"
+    assert runner.invoke(app, ["index", "build", "--model", "toy", "--pool", str(pool), "--data-root",
+                               str(tiny_mbeir), "--out", str(out), "--no-progress"]).exit_code == 0
+    meta = json.loads((out / "meta.json").read_text())
+    meta["meta"]["precision"] = "bf16"
+    (out / "meta.json").write_text(json.dumps(meta))
+    with mock.patch("uvicorn.run"), mock.patch("jfe.serve.app.create_app") as create:
+        assert runner.invoke(app, ["serve", "--index", str(out)]).exit_code == 0
+    assert create.call_args.args[0].precision == "bf16"

@@ -611,3 +611,15 @@ def test_embed_under_bf16_autocast(models: dict[str, Encoder], image_files: dict
         mixed = models[name].embed(items).float().numpy()
     assert np.all(np.isfinite(mixed))
     assert np.all(np.sum(mixed * reference, axis=1) > 0.95)
+
+
+def test_a_subclass_without_an_arch_of_its_own_does_not_replace_its_parent() -> None:
+    from jfe.models.base import Encoder
+    from jfe.models.toy import ToyEncoder
+
+    class Double(ToyEncoder):  # a test double, as tests and users write them
+        def __init__(self) -> None:
+            super().__init__()
+
+    assert Encoder._registry["toy-hash"] is ToyEncoder and Double.arch == "toy-hash"
+    assert type(load_model("toy")) is ToyEncoder

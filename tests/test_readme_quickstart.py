@@ -58,3 +58,4 @@ def test_readme_quickstart_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     assert hits[0]["record"]["img_path"].endswith(".png")
     assert hits[0]["did"] in printed.getvalue()
+    assert "red_heart" not in {h["did"] for h in hits}  # the query's own reference image is excluded

@@ -7,7 +7,7 @@ model name (``"jfe-mini"``, ``"hf:/path"``), a saved model folder, or an already
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +39,25 @@ def encode(items: Sequence[Any], model: ModelLike = "jfe-mini", instruction: str
 
 
 def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None = None, k: int = 10,
-           instruction: str | None = None) -> list[dict[str, Any]]:
+           instruction: str | None = None, exclude: Collection[str] | None = None,
+           precision: str | None = None) -> list[dict[str, Any]]:
     """Search an index (a saved folder, plain or sharded, or a loaded index) with one query item; returns
     ranked hits ``{"did", "score", "rank", "record"}`` (``record``: the candidate's stored record, ``{}`` when
-    the index holds none). The model defaults to the one the index was built with."""
+    the index holds none). The model defaults to the one the index was built with, the precision to the one
+    its vectors were computed in. ``exclude``: ids never to return (e.g. the query's own reference image in
+    composed search: "this, but green" should not find "this")."""
     from jfe.index.hits import hits_from
     from jfe.index.shards import load_index
+    from jfe.indexing import query_precision
 
     saved = isinstance(index, str | os.PathLike)
     vector_index: Any = load_index(index) if saved else index  # anything with search/record/meta
     name = model if model is not None else vector_index.meta.get("model")
     if not name:
         raise ConfigError(f"the index{f' at {index}' if saved else ''} does not name its model; pass model=")
-    vector = _model(name).encode([query], instruction=instruction)
-    ids, scores = vector_index.search(vector, k)
+    compute, _ = query_precision(getattr(vector_index, "meta", {}), precision)
+    vector = _model(name).encode([query], instruction=instruction, precision=compute)
+    ids, scores = vector_index.search(vector, k, exclude=[set(exclude)] if exclude else None)
     # one hit shape for the API, `jfe search` and POST /search: jfe.index.hits
     return [{"did": hit.did, "score": hit.score, "rank": hit.rank, "record": hit.record}
             for hit in hits_from(vector_index, ids[0], scores[0].tolist())]

@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
 from jfe.errors import ConfigError, DataError
 
 
@@ -29,7 +30,10 @@ def search_command(
     image: Path = typer.Option(None, "--image", help="Query image file."),
     instruction: str = typer.Option(None, "--instruction", help="Task instruction prefixed to the query text."),
     k: int = typer.Option(10, "-k", "--top-k", min=1, help="How many results."),
+    exclude: list[str] = typer.Option(None, "--exclude", help="A candidate id never to return (repeatable), e.g. "
+                                                             "the query image's own id in composed search."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    precision: PrecisionOption = DEFAULT_PRECISION,
 ) -> None:
     """Search an index with a text, an image, or both; print a ranked table (or JSON)."""
     from jfe.api import search
@@ -45,7 +49,8 @@ def search_command(
     if not name:
         raise ConfigError(f"the index at {index} does not name its model; pass --model")
     query = Item(text=text or None, image=image, id="query")
-    hits = [_shown(hit) for hit in search(vector_index, query, model=str(name), k=k, instruction=instruction)]
+    hits = [_shown(hit) for hit in search(vector_index, query, model=str(name), k=k, instruction=instruction,
+                                          exclude=exclude or None, precision=precision)]
     if as_json:
         typer.echo(json.dumps({"index": str(index), "model": str(name), "k": k, "hits": hits}, ensure_ascii=False))
         return

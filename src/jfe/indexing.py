@@ -200,3 +200,26 @@ def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, a
     finally:
         if started_here:
             ray.shutdown()
+
+
+def query_precision(meta: dict[str, Any], precision: str | None = "auto") -> tuple[str, str | None]:
+    """``(precision, vision)`` to encode queries against an index with: ``"auto"`` (or None) follows what the
+    index's ``meta.json`` records (the precision its vectors were computed in, and ``vision: "follow"`` where
+    its images went through the vision tower in bf16), so ``jfe search``, ``jfe.search`` and ``jfe serve``
+    encode queries as the pool was. An explicit precision other than the index's is used, with a warning."""
+    import warnings
+
+    from jfe.models.precision import check_precision
+
+    requested = check_precision(precision or "auto")
+    built = meta.get("precision") if meta.get("precision") in ("fp32", "bf16") else None
+    if requested == "auto":
+        chosen = built or "auto"
+    else:
+        chosen = requested
+        if built is not None and requested != built:
+            warnings.warn(f"queries will be encoded in {requested}, but the index's vectors were computed in "
+                          f"{built} (meta.json): rankings may differ slightly; --precision auto follows the index",
+                          stacklevel=2)
+    vision = "follow" if chosen == "bf16" and meta.get("vision_precision") == "bf16" else None
+    return chosen, vision

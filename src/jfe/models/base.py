@@ -62,7 +62,9 @@ class Encoder(torch.nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.arch:
+        # only a class that declares an arch of its own is that arch: a subclass that merely inherits one (a test
+        # double, a user's tweak) must not replace the class every load of that arch builds
+        if "arch" in cls.__dict__ and cls.arch:
             Encoder._registry[cls.arch] = cls
 
     def __init__(self, config: EncoderConfig) -> None:

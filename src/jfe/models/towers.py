@@ -42,6 +42,8 @@ class TowerConfig(EncoderConfig):
                              "overwritten by a checkpoint)")
     text_dir: str | None = Field(None, exclude=True, description="MiniLM config + tokenizer folder (a saved "
                                  "model's text/; default the asset); never saved")
+    from_checkpoint: bool = Field(False, exclude=True, description="built to be filled from a checkpoint at once "
+                                  "(load_model of a saved folder); never saved")
     seed: int = Field(0, description="seed for the new (glue) weights")
 
     @field_validator("image_size")
@@ -104,7 +106,14 @@ class TowerEncoder(Encoder):
     def __init__(self, config: TowerConfig) -> None:
         super().__init__(config)
         self.vision = VisionTower(config.image_size, pretrained=config.pretrained)
-        self.text = TextTower(config.max_text_tokens, pretrained=config.pretrained, path=config.text_dir)
+        if config.from_checkpoint and not config.pretrained:
+            # every weight comes from the checkpoint: draw MiniLM's throw-away init without moving the global RNG,
+            # as the pretrained build (a copy) never did, so training that starts from a saved model goes on
+            # exactly as before (dropout masks, sampling)
+            with torch.random.fork_rng(devices=[]):
+                self.text = TextTower(config.max_text_tokens, pretrained=False, path=config.text_dir)
+        else:
+            self.text = TextTower(config.max_text_tokens, pretrained=config.pretrained, path=config.text_dir)
         self.vision.set_trainable_top(config.trained_vision_modules)
 
     @property
@@ -116,7 +125,8 @@ class TowerEncoder(Encoder):
         """A checkpoint holds every weight of both towers: build them unpretrained (nothing read from the asset
         cache) and, where the folder keeps MiniLM's config and tokenizer in ``text/``, read those from there."""
         text = directory / TEXT_ASSETS_DIR
-        return {"pretrained": False, **({"text_dir": str(text)} if (text / "tokenizer.json").is_file() else {})}
+        return {"pretrained": False, "from_checkpoint": True,
+                **({"text_dir": str(text)} if (text / "tokenizer.json").is_file() else {})}
 
     def _save_extra(self, directory: Path) -> None:
         """``text/``: MiniLM's config and tokenizer, so the folder loads with nothing from the asset cache

@@ -61,8 +61,10 @@ def serve_command(
     model = model or vector_index.meta.get("model")
     if not model:
         raise ConfigError(f"the index at {index} does not name its model; pass --model")
+    from jfe.indexing import query_precision
+
     encoder = load_model(str(model))
-    encoder.set_precision(precision)
+    encoder.set_precision(*query_precision(vector_index.meta, precision))  # auto: as the index's vectors were
     settings = ServeSettings(model_name=str(model), api_key=api_key or os.environ.get("JFE_API_KEY") or None,
                              cors_origins=list(cors_origin), max_batch=max_batch, max_wait_ms=max_wait_ms,
                              batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),
