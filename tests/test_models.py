@@ -623,3 +623,22 @@ def test_a_subclass_without_an_arch_of_its_own_does_not_replace_its_parent() -> 
 
     assert Encoder._registry["toy-hash"] is ToyEncoder and Double.arch == "toy-hash"
     assert type(load_model("toy")) is ToyEncoder
+
+
+def test_models_list_describes_trained_weights_by_their_saved_config(tmp_path: Path) -> None:
+    """`make demo` registers a 2x2 model under `jfe-mini`, whose name's description says 4x4: the list says
+    what the weights are, from their config.json."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from jfe.cli import app
+
+    saved = load_model("jfe-mini-2x2", device="cpu", pretrained=False).save_pretrained(tmp_path / "m")
+    runner = CliRunner()
+    assert runner.invoke(app, ["models", "register", "jfe-mini", str(saved), "--tag", "demo"]).exit_code == 0
+    listed = runner.invoke(app, ["models", "list"])
+    line = next(row for row in listed.output.splitlines() if row.startswith("jfe-mini "))
+    assert "trained: demo" in line and "its weights are grid=2" in line
+    rows = {row["name"]: row for row in json.loads(runner.invoke(app, ["models", "list", "--json"]).output)}
+    assert rows["jfe-mini"]["differs"] == {"grid": 2} and rows["jfe-mini-2x2"]["differs"] == {}

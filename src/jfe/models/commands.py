@@ -54,6 +54,23 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON instead o
         typer.echo(f"{key:<22} {value}")
 
 
+def _saved_differences(registered: dict, folder: str | None) -> dict:
+    """The settings in which a trained folder's own config.json differs from what the registered name says
+    (e.g. a 2x2 grid registered under a name whose description says 4x4); {} when untrained or alike."""
+    if not folder:
+        return {}
+    try:
+        saved = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    from jfe.models.registry import default_config
+
+    expected = {**default_config(saved.get("arch", "")), **registered}
+    return {k: v for k, v in saved.items() if k in expected and expected[k] != v and k not in ("seed",)}
+
+
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the registered model names and whether each has trained weights (and from where)."""
@@ -62,6 +79,8 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
 
     infos = list_models()
     rows = {row["name"]: row for row in table({i.name: i.arch for i in infos})}
+    for info in infos:  # what the trained weights really are comes from their saved config, not from the name
+        rows[info.name]["differs"] = _saved_differences(info.config, rows[info.name]["folder"])
     if as_json:
         typer.echo(json.dumps([{"name": i.name, "arch": i.arch, "fusion_role": i.fusion_role, "embed_dim": i.embed_dim,
                                 "config": i.config, "description": i.description, **rows[i.name]} for i in infos],
@@ -71,6 +90,8 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
     for info in infos:
         row = rows[info.name]
         trained = f"trained: {row['tag']} ({row['folder']})" if row["trained"] else "UNTRAINED (random glue)"
+        if row["differs"]:
+            trained += "; its weights are " + ", ".join(f"{k}={v}" for k, v in row["differs"].items())
         typer.echo(f"{info.name:<{width}}  {info.arch:<20} {info.fusion_role:<12} {trained}\n{'':<{width}}  "
                    f"{info.description}")
     typer.echo("also: hf:<path to a transformers MLLM folder>, or a folder written by save_pretrained; "

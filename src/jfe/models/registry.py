@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from pydantic_core import PydanticUndefined
 
 from jfe.errors import ConfigError
 from jfe.models.base import CONFIG_NAME, Encoder, default_device
@@ -247,3 +248,13 @@ def fusion_role_of(spec: str | os.PathLike) -> str:
         return _arch_class(arch, spec).fusion_role if arch else "other"
     except ConfigError:
         return "other"
+
+
+def default_config(arch: str) -> dict[str, Any]:
+    """The config an arch gets when nothing overrides it (``{}`` for an unknown arch)."""
+    try:
+        klass = _arch_class(arch, arch)
+    except ConfigError:
+        return {}
+    return {name: f.default for name, f in klass.config_class.model_fields.items()
+            if not f.exclude and f.default is not PydanticUndefined}
