@@ -110,16 +110,24 @@ def list_pretrained() -> dict[str, PretrainedEntry]:
     return found
 
 
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
 def verified_folder(entry: PretrainedEntry) -> Path:
     """The entry's model folder, after checking its weights against the recorded sha256."""
     weights = entry.folder / WEIGHTS_NAME
     if not weights.is_file():
         raise ConfigError(f"pretrained {entry.name!r}: {weights} is missing; re-register it with "
                           f"`jfe models register {entry.name} FOLDER`")
-    actual = sha256_of(weights)
+    stat = weights.stat()
+    key = (str(weights.resolve()), stat.st_mtime_ns, stat.st_size)
+    # verified once per process while the file is unchanged: a 100 MB hash on every load_model call cost more
+    # than building the model (the file is read again by the load itself)
+    actual = _VERIFIED.get(key) or sha256_of(weights)
     if actual != entry.sha256:
         raise ConfigError(f"pretrained {entry.name!r}: {weights} has sha256 {actual[:12]}..., the table records "
                           f"{entry.sha256[:12]}...: the file changed or is damaged; re-register it")
+    _VERIFIED[key] = actual
     return entry.folder
 
 
