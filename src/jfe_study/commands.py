@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from jfe.eval.commands import NamesOption, OursOption, TitleOption
+
 
 def register(app: typer.Typer) -> None:
     """Add the study's commands to the ``jfe`` app."""
@@ -21,11 +23,9 @@ def seeds_report_command(
     results: list[Path] = typer.Argument(..., help="Evaluation output folders; folders with the same run name are "
                                                    "repeats (seeds), in the same seed order for every run."),
     out: Path = typer.Option(..., "--out", help="Folder for seeds.md, seeds.json and the chart."),
-    names: str = typer.Option(None, "--names", help="Comma-separated run names, one per folder (default: each "
-                                                    "result's run name)."),
-    ours: str = typer.Option(None, "--ours", help="The one-tower run (default: the run whose model declares "
-                                                  "the one-tower role)."),
-    title: str = typer.Option(None, "--title", help="Report title."),
+    names: NamesOption = None,
+    ours: OursOption = None,
+    title: TitleOption = None,
 ) -> None:
     """Report repeated runs (seeds): per-category mean ± sd and the fusion margin per seed (seeds.md)."""
     from jfe.eval.commands import run_labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -88,14 +89,20 @@ def run_labels(names: str | None, loaded: list) -> list[str]:  # noqa: ANN001 - 
     return labels
 
 
+# the options every comparison report takes (jfe report here, jfe seeds-report in the study)
+NamesOption = Annotated[str | None, typer.Option("--names", help="Comma-separated run names, one per folder "
+                                                                 "(default: each result's run name).")]
+OursOption = Annotated[str | None, typer.Option("--ours", help="The one-tower run (default: the run whose model "
+                                                               "declares the one-tower role).")]
+TitleOption = Annotated[str | None, typer.Option("--title", help="Report title.")]
+
+
 def report_command(
     results: list[Path] = typer.Argument(..., help="Evaluation output folders (each with results.json)."),
     out: Path = typer.Option(..., "--out", help="Folder for report.md and categories_r5.png."),
-    names: str = typer.Option(None, "--names", help="Comma-separated run names, one per folder (default: each "
-                                                    "result's run name)."),
-    ours: str = typer.Option(None, "--ours", help="The one-tower run (default: the run whose model declares "
-                                                  "the one-tower role)."),
-    title: str = typer.Option(None, "--title", help="Report title."),
+    names: NamesOption = None,
+    ours: OursOption = None,
+    title: TitleOption = None,
 ) -> None:
     """Compare evaluation results: Markdown tables (per task, category, modification) and a bar chart."""
     from jfe.eval.protocol import EvalResult
