@@ -590,3 +590,10 @@ def test_9_output_paths_that_cannot_be_written_are_one_line(tiny_mbeir: Path, tm
     full = OSError(28, "No space left on device", str(tmp_path / "idx"))
     with mock.patch("jfe.indexing.write_index", side_effect=full):
         one_line_error(*jfe(*build_args(tiny_mbeir, tmp_path / "idx")), "No space left on device", "idx")
+
+
+def test_eval_says_when_it_runs_without_the_instructions_validate_requires(tiny_mbeir: Path, tmp_path: Path) -> None:
+    (tiny_mbeir / "instructions" / "query_instructions.tsv").unlink()
+    assert any(p.kind == "layout" for p in validate_dataset(tiny_mbeir))  # validate refuses such a folder
+    code, output = jfe("eval", "--model", "toy", "--data", str(tiny_mbeir), "--no-progress")
+    assert code == 0 and "note: No instructions file" in output  # eval runs, and says so out loud

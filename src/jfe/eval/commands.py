@@ -74,6 +74,10 @@ def eval_command(
     table.add_row("[b]average[/b]", "", "", str(result.n_queries), *(f"{100 * result.average[m]:.1f}" for m in metrics))
     console = _console()
     console.print(table)
+    from jfe.eval.protocol import STANDARD_NOTES
+
+    for note in (n for n in result.notes if n not in STANDARD_NOTES):  # e.g. no instructions file was found
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     if result.missing_positives.get("count"):
         console.print(f"{result.missing_positives['count']} queries have no positive in their pool (counted as "
                       "misses)", markup=False)

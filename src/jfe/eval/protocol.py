@@ -54,9 +54,12 @@ TSV_FILE = "results.tsv"
 CATEGORY_TSV_FILE = "categories.tsv"
 PER_QUERY_FILE = "per_query.jsonl"
 HELDOUT_INSTRUCTIONS = "heldout_instructions.tsv"
+HIT_RATE_NOTE = "Recall@k is M-BEIR's hit rate: 1 if any positive is in the top k."
 EXCLUSION_NOTE = ("Each query's exclude_dids (e.g. the reference image of a composed query) are removed from its own "
                   "ranking before scoring (CIRR's convention).")
 _STEM = re.compile(r"^mbeir_(?P<dataset>.+?)_task(?P<task>\d+)(?:_(?:train|val|test|dev))?$")
+# every result carries these; anything else in EvalResult.notes is about this run (and jfe eval prints it)
+STANDARD_NOTES = (EXCLUSION_NOTE, HIT_RATE_NOTE)
 
 
 # ------------------------------------------------------------------------------------------------ result
@@ -484,7 +487,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
     if out is not None:
         check_writable_path(out, folder=True)  # before hours of embedding, not after
     timings: dict[str, float] = {}
-    notes = [EXCLUSION_NOTE, "Recall@k is M-BEIR's hit rate: 1 if any positive is in the top k."]
+    notes = list(STANDARD_NOTES)
     t0 = time.perf_counter()
     inputs = _read(root, split, pool, instructions, max_queries, notes)
     timings["read"] = time.perf_counter() - t0
