@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from jfe.index.build import RECALL_QUERIES, check_factory, index_vectors
 from jfe.index.shards import ShardedIndex, split_rows
 from jfe.index.vector_index import INDEX_KIND, VectorIndex
 from jfe.models.base import Encoder
-from jfe.models.precision import resolve_precision
+from jfe.models.precision import check_precision, resolve_precision
 from jfe.models.registry import load_model, model_name_of
+from jfe.paths import check_out_dir
 
 
 def read_pools(pool_files: Sequence[str | os.PathLike]) -> list[Candidate]:
@@ -108,9 +110,6 @@ def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Pa
     killed build leaves any previous index at ``out`` untouched. A folder at ``out`` that is not an index is
     refused before any work unless ``overwrite``.
     """
-    from jfe.models.precision import check_precision
-    from jfe.paths import check_out_dir
-
     check_out_dir(out, INDEX_KIND, overwrite=overwrite)
     check_factory(factory)
     precision = check_precision(precision)
@@ -207,10 +206,6 @@ def query_precision(meta: dict[str, Any], precision: str | None = "auto") -> tup
     index's ``meta.json`` records (the precision its vectors were computed in, and ``vision: "follow"`` where
     its images went through the vision tower in bf16), so ``jfe search``, ``jfe.search`` and ``jfe serve``
     encode queries as the pool was. An explicit precision other than the index's is used, with a warning."""
-    import warnings
-
-    from jfe.models.precision import check_precision
-
     requested = check_precision(precision or "auto")
     built = meta.get("precision") if meta.get("precision") in ("fp32", "bf16") else None
     if requested == "auto":

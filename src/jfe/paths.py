@@ -8,8 +8,9 @@ Guarantees (docs/reliability.md):
   ``renameat2(RENAME_EXCHANGE)``: the path always holds the old folder or the new one. Elsewhere it is two
   renames (old aside, new in); a kill between them leaves the old folder at ``.NAME.old``, which the next
   :func:`recover_dir` (every JFE loader and writer calls it) renames back.
-* Temporaries carry their writer's pid (``.NAME.pid123.x8k2.tmp``): a later write to the same path removes
-  those whose process is gone, and nothing else.
+* Temporaries carry their writer's pid (``.NAME.pid123.x8k2.tmp``): a later :func:`atomic_dir` of the same
+  path removes those whose process is gone, and nothing else (file writes do not scan their folder: a
+  dataset build writes thousands of files into one).
 * :func:`check_out_dir` refuses to write over a folder that is not a JFE artefact of the same kind (unless the
   user says ``overwrite``), so ``--out`` pointed at a dataset never wipes it.
 """
@@ -258,9 +259,10 @@ def atomic_dir(path: str | os.PathLike, kind: ArtefactKind | None = None, *,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(path)
     if kind is not None:
-        check_out_dir(path, kind, overwrite=overwrite)
+        check_out_dir(path, kind, overwrite=overwrite)  # recovers an interrupted swap first
+    else:
+        recover_dir(path)
     clean_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a plain mkdir would not

@@ -158,8 +158,9 @@ _SAFE_NUMPY = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Int64DType
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     """``trainer_state.pt`` read with ``weights_only=True`` (tensors, numbers, strings and containers only:
-    a crafted file cannot run code), and the model weights beside it checked readable. A damaged or foreign
-    file is a ConfigError naming it."""
+    a crafted file cannot run code), and the model weights beside it checked whole (safetensors' header must
+    cover the file, so a truncated one fails to open; the load reads the tensors once, later). A damaged or
+    foreign file is a ConfigError naming it."""
     from safetensors import safe_open
 
     path = folder / STATE_NAME
@@ -174,10 +175,8 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a JFE trainer state (it lacks {', '.join(needed)})")
     weights = folder / "model" / "model.safetensors"
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            names = list(handle.keys())
-            for key in names:  # reading every tensor finds a file truncated past its header
-                handle.get_tensor(key)
+        with safe_open(str(weights), framework="pt"):
+            pass
     except Exception as exc:
         raise ConfigError(f"{weights}: cannot read the checkpoint's weights ({str(exc)[:200]})") from None
     return state
@@ -380,8 +379,8 @@ class Trainer:
         self._setup()
         if self.ctx.is_main and (self.out / CHECKPOINTS).is_dir():
             # half-written checkpoints of a killed run (atomic_dir's temporaries, named by their dead writer)
-            for junk in (self.out / CHECKPOINTS).glob(".step-*.tmp"):
-                clean_stale_temporaries(junk.with_name(junk.name.split(".")[1]))
+            for name in {junk.name.split(".")[1] for junk in (self.out / CHECKPOINTS).glob(".step-*.tmp")}:
+                clean_stale_temporaries(self.out / CHECKPOINTS / name)
         found = self._newest_intact_state() if resume and latest is not None else None
         if found is not None:
             self._load_checkpoint(*found)
