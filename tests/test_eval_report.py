@@ -62,6 +62,15 @@ def test_roles_are_declared_not_guessed_from_names() -> None:
     assert fusion_role_of("hf:/models/any") == "one-tower" and fusion_role_of("toy") == "other"
 
 
+def test_a_declared_role_must_be_a_known_one(tiny_mbeir) -> None:  # noqa: ANN001
+    from jfe.eval import evaluate
+    from jfe.models.toy import ToyEncoder
+
+    with pytest.raises(ConfigError, match="fusion_role must be one of one-tower"):
+        evaluate(ToyEncoder(), tiny_mbeir, fusion_role="one_tower", progress=False)
+    assert evaluate(ToyEncoder(), tiny_mbeir, fusion_role="one-tower", progress=False).fusion_role == "one-tower"
+
+
 def test_margin_summary_hand_computed() -> None:
     runs = {n: _result(n) for n in SCORES}
     summary = margin_summary(runs, "jfe-mini", ["late-fusion-sf", "late-fusion-ff"])

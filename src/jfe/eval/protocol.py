@@ -482,6 +482,11 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
     from jfe.models.registry import model_name_of
 
     ks = _checked_ks(pool, instructions, text_mode, ks)
+    if fusion_role is not None:
+        from jfe.models.base import FUSION_ROLES
+
+        if fusion_role not in FUSION_ROLES:
+            raise ConfigError(f"fusion_role must be one of {', '.join(FUSION_ROLES)}, got {fusion_role!r}")
     root = Path(data_root).resolve()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
