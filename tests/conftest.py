@@ -33,11 +33,14 @@ from PIL import Image, ImageDraw
 
 from jfe.data.mbeir import write_candidates, write_instructions, write_qrels, write_queries
 from jfe.data.records import Candidate, InstructionSet, Qrel, Query
+from jfe.models import pretrained as pretrained_module
 
 # The suite compares code paths number for number (batch vs one by one, 2 processes vs 1, CLI vs API): pin
 # `precision="auto"` to fp32 so that a CPU with native bf16 gives the same numbers as one without. The bf16
 # paths are tested where a test asks for bf16 explicitly (tests/test_precision.py); subprocesses inherit it.
 os.environ["JFE_PRECISION"] = "fp32"
+
+SHIPPED_ROOT = pretrained_module.PACKAGE_ROOT  # before any fixture hides it
 
 TINY_COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 TINY_SHAPES = ("square", "circle")
@@ -121,9 +124,11 @@ def tiny_mbeir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _no_user_pretrained_table(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Session-wide, so it is in place before module-scoped fixtures load models: a table filled by the user's
-    ``make demo`` / ``make reproduce`` must never reach a test (the per-test table below then empties it)."""
+    ``make demo`` / ``make reproduce``, and the package's shipped weights, must never reach a test unasked (the
+    per-test table below then empties it)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JFE_PRETRAINED", str(tmp_path_factory.mktemp("pretrained-session")))
+        patch.setattr(pretrained_module, "PACKAGE_ROOT", tmp_path_factory.mktemp("no-shipped-weights-session"))
         yield
 
 
@@ -132,3 +137,12 @@ def _empty_pretrained_table(tmp_path_factory: pytest.TempPathFactory, monkeypatc
     """Every test starts with an empty pretrained table: weights a user registered (``make demo``) must not
     change what ``load_model("jfe-mini")`` means inside the tests."""
     monkeypatch.setenv("JFE_PRETRAINED", str(tmp_path_factory.mktemp("pretrained")))
+    # the package's shipped weights too: a test asks for them by name (the `shipped_weights` fixture)
+    monkeypatch.setattr(pretrained_module, "PACKAGE_ROOT", tmp_path_factory.mktemp("no-shipped-weights"))
+
+
+@pytest.fixture
+def shipped_weights(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The package's shipped weights, visible again (what a user gets right after install)."""
+    monkeypatch.setattr(pretrained_module, "PACKAGE_ROOT", SHIPPED_ROOT)
+    return SHIPPED_ROOT

@@ -110,7 +110,9 @@ def test_cli_list_register_unregister(toy_name: str, tmp_path: Path) -> None:
     assert rows[toy_name]["folder"] == str(pretrained.pretrained_root() / toy_name)
     assert rows["jfe-mini"]["trained"] is False
     listing = runner.invoke(app, ["models", "list"]).output
-    assert f"trained: demo ({pretrained.pretrained_root() / toy_name})" in listing
+    sha = rows[toy_name]["sha256"]
+    assert sha == pretrained.sha256_of(pretrained.pretrained_root() / toy_name / "model.safetensors")
+    assert f"trained: demo ({pretrained.pretrained_root() / toy_name}, sha256 {sha[:12]})" in listing
     bad = runner.invoke(app, ["models", "register", "nope", str(_trained_folder(tmp_path, 3))])
     assert isinstance(bad.exception, ConfigError) and "jfe-mini" in str(bad.exception)
     assert runner.invoke(app, ["models", "unregister", toy_name]).exit_code == 0

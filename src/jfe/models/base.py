@@ -172,15 +172,22 @@ class Encoder(torch.nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``config.json`` and ``model.safetensors`` atomically (a crash leaves no half folder). An
         existing folder that is not a saved model is refused unless ``overwrite``."""
+        return self._save(Path(directory), overwrite)
+
+    def _save(self, directory: Path, overwrite: bool, state: dict[str, torch.Tensor] | None = None,
+              metadata: dict[str, str] | None = None) -> Path:
+        """:meth:`save_pretrained`, or with ``state`` (a compact form) in place of the state dict and
+        ``metadata`` in the weights' header."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
         with atomic_dir(directory, MODEL_KIND, overwrite=overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(), indent=2) + "\n")
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"arch": self.arch})
+            if state is None:
+                state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={**(metadata or {}), "arch": self.arch})
             fix_modes(tmp, [WEIGHTS_NAME])  # safetensors writes 0600; config.json next to it is 0644
-            self._save_extra(tmp)
+            if metadata is None or "format" not in metadata:  # a compact form reads its assets from the cache
+                self._save_extra(tmp)
         return directory
 
     def _save_extra(self, directory: Path) -> None:
@@ -210,7 +217,10 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, device: str 
     delta checkpoint's frozen base weights) are allowed; any other missing, unexpected or misshapen weight is
     a :class:`ConfigError` naming the folder.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from jfe.models.compact import COMPACT_FORMAT, apply_compact
 
     folder = Path(folder)
     weights = folder / WEIGHTS_NAME
@@ -218,8 +228,20 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, device: str 
         raise ConfigError(f"{folder} has a config but no {WEIGHTS_NAME}")
     try:
         state = load_file(str(weights), device=str(device))
+        with safe_open(str(weights), "pt") as handle:
+            header = handle.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise ConfigError(f"{weights}: cannot read the weights ({exc})") from None
+    if header.get("format") == COMPACT_FORMAT:
+        # what training changed, over the pretrained towers the model was built on (jfe.models.compact)
+        if getattr(getattr(model, "config", None), "pretrained", True) is False:
+            raise ConfigError(f"{weights} holds compact weights (changes to the pretrained towers), but the model "
+                              f"was built without its pretrained towers")
+        unexpected, misshapen = apply_compact(model, state)
+        if unexpected or misshapen:
+            raise ConfigError(f"compact weights in {folder} do not match the config: unexpected={unexpected[:5]}, "
+                              f"misshapen={misshapen[:5]}")
+        return state
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch, e.g. an override that changes the architecture

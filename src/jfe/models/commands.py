@@ -89,7 +89,9 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
     width = max(len(i.name) for i in infos)
     for info in infos:
         row = rows[info.name]
-        trained = f"trained: {row['tag']} ({row['folder']})" if row["trained"] else "UNTRAINED (random glue)"
+        where = "package" if row["shipped"] else row["folder"]
+        trained = f"trained: {row['tag']} ({where}, sha256 {row['sha256'][:12]})" if row["trained"] else \
+            "UNTRAINED (random glue)"
         if row["differs"]:
             trained += "; its weights are " + ", ".join(f"{k}={v}" for k, v in row["differs"].items())
         typer.echo(f"{info.name:<{width}}  {info.arch:<20} {info.fusion_role:<12} {trained}\n{'':<{width}}  "
@@ -110,6 +112,38 @@ def models_register(
 
     entry = register_pretrained(name, folder, tag=tag, known_names={i.name: i.arch for i in list_models()})
     typer.echo(f"{name}: trained weights {entry.tag} at {entry.folder} (sha256 {entry.sha256[:12]}...)")
+
+
+@models_app.command("compact")
+def models_compact(
+    folder: str = typer.Argument(..., help="A trained tower model: a saved folder or a registered name."),
+    out: Path = typer.Argument(..., help="Where to write the compact model (a new folder)."),
+    rank: int = typer.Option(64, min=1, help="Rank of the low-rank deltas of the large tower matrices."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT even if it is not a saved model."),
+) -> None:
+    """Save what training changed in the pretrained towers, in fp16 with low-rank deltas (a few MB).
+
+    The compact folder loads like any saved model, on the towers of the asset cache (`jfe assets fetch`).
+    How close it ranks to the full model is measured by `jfe ship-weights` (docs/results/shipped_weights.md)."""
+    from jfe.models.registry import list_models, load_model
+    from jfe.models.towers import TowerEncoder
+
+    # a registered name must have trained weights: compacting random glue would be a mistake, not a model
+    named = folder in {info.name for info in list_models()}
+    model = load_model(folder, device="cpu", **({"pretrained": True} if named else {}))
+    if not isinstance(model, TowerEncoder):
+        raise ConfigError(f"{folder}: only models on the MobileNetV2 + MiniLM towers have a compact form "
+                          f"(a {type(model).__name__} saves LoRA adapters instead)")
+    written = model.save_compact(out, rank=rank, overwrite=overwrite)
+    full, compact = _state_mb(model), (written / "model.safetensors").stat().st_size / 1e6
+    typer.echo(f"wrote {written}: {compact:.1f} MB (the full fp32 weights are {full:.1f} MB)")
+
+
+def _state_mb(model: object) -> float:
+    import torch
+
+    assert isinstance(model, torch.nn.Module)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
 
 
 @models_app.command("unregister")

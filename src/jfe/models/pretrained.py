@@ -9,8 +9,9 @@ wins:
 
 1. ``$JFE_PRETRAINED`` (default ``$JFE_CACHE/pretrained``): what ``make demo`` / ``make reproduce`` or
    ``jfe models register NAME FOLDER`` wrote;
-2. ``jfe/models/weights/`` inside the package: weights small enough to ship (none today: a saved jfe-mini
-   holds MiniLM and MobileNetV2, ~100 MB).
+2. ``jfe/models/weights/`` inside the package: the shipped weights (tag ``shipped``), compact checkpoints
+   (:mod:`jfe.models.compact`: what training changed in the pretrained towers, a few MB) that
+   ``jfe ship-weights`` trained, measured and installed; they load on the towers of the verified asset cache.
 
 A name without an entry still loads (``load_model`` builds it on the pretrained towers with untrained glue),
 but says so with an :class:`UntrainedModelWarning`: such a model ranks near chance. Test encoders registered
@@ -55,6 +56,7 @@ class PretrainedEntry:
     registered: str = ""  # ISO time
     trained_with: dict[str, Any] = field(default_factory=dict)  # stage -> training config, when known
     shipped: bool = False  # inside the package rather than the cache
+    scores: dict[str, Any] = field(default_factory=dict)  # measured retrieval scores, when recorded
 
     def describe(self) -> str:
         return f"{self.tag} ({'package' if self.shipped else self.folder})"
@@ -82,7 +84,8 @@ def _read_entry(folder: Path, shipped: bool) -> PretrainedEntry | None:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         return PretrainedEntry(name=meta["name"], tag=meta.get("tag", ""), folder=folder, sha256=meta["sha256"],
                                source=meta.get("source", ""), registered=meta.get("registered", ""),
-                               trained_with=meta.get("trained_with", {}), shipped=shipped)
+                               trained_with=meta.get("trained_with", {}), shipped=shipped,
+                               scores=meta.get("scores", {}))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"{meta_path}: damaged pretrained entry ({exc}); re-register it with "
                           f"`jfe models register`") from None
@@ -155,13 +158,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def register_pretrained(name: str, folder: str | os.PathLike, tag: str = "local",
-                        trained_with: dict[str, Any] | None = None, known_names: dict[str, str] | None = None
-                        ) -> PretrainedEntry:
+                        trained_with: dict[str, Any] | None = None, known_names: dict[str, str] | None = None,
+                        root: Path | None = None, scores: dict[str, Any] | None = None,
+                        source: str | None = None) -> PretrainedEntry:
     """Record ``folder`` (a ``save_pretrained`` model) as the trained weights of ``name``.
 
-    The model is linked or copied into ``<root>/<name>/`` (replacing an older entry as a whole), with its
-    sha256 and the training configs found beside it. ``known_names`` (name -> arch) is checked when given:
-    the name must be registered and the saved model of the same architecture.
+    The model is linked or copied into ``<root>/<name>/`` (``root`` default :func:`pretrained_root`; the
+    package's :data:`PACKAGE_ROOT` for shipped weights), replacing an older entry as a whole, with its sha256,
+    the training configs found beside it (or ``trained_with``), ``scores`` when measured, and ``source`` (default
+    the folder's absolute path). ``known_names`` (name -> arch) is checked when given: the name must be
+    registered and the saved model of the same architecture.
     """
     src = Path(folder)
     config_path = src / CONFIG_NAME
@@ -177,10 +183,13 @@ def register_pretrained(name: str, folder: str | os.PathLike, tag: str = "local"
             raise ConfigError(f"unknown model name {name!r}; registered names: {', '.join(known_names)}")
         if arch != known_names[name]:
             raise ConfigError(f"{src} holds a {arch!r} model, but {name!r} is a {known_names[name]!r}")
-    meta = {"name": name, "tag": tag, "arch": arch, "sha256": sha256_of(weights), "source": str(src.resolve()),
+    meta = {"name": name, "tag": tag, "arch": arch, "sha256": sha256_of(weights),
+            "source": source if source is not None else str(src.resolve()),
             "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "trained_with": trained_with if trained_with is not None else _training_configs(src)}
-    target = pretrained_root() / name
+            "trained_with": trained_with if trained_with is not None else _training_configs(src),
+            **({"scores": scores} if scores else {})}
+    root = pretrained_root() if root is None else root
+    target = root / name
     with atomic_dir(target) as tmp:
         for item in src.iterdir():
             if item.is_file() and item.name != META_NAME:
@@ -188,7 +197,7 @@ def register_pretrained(name: str, folder: str | os.PathLike, tag: str = "local"
             elif item.is_dir():
                 shutil.copytree(item, tmp / item.name)
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    entry = _read_entry(target, shipped=False)
+    entry = _read_entry(target, shipped=root.resolve() == PACKAGE_ROOT.resolve())
     assert entry is not None  # just written
     return entry
 
@@ -219,7 +228,9 @@ def table(known: dict[str, str]) -> list[dict[str, Any]]:
         rows.append({"name": name, "arch": arch, "trained": entry is not None,
                      "tag": entry.tag if entry else None,
                      "folder": str(entry.folder) if entry else None,
-                     "sha256": entry.sha256 if entry else None})
+                     "shipped": entry.shipped if entry else False,
+                     "sha256": entry.sha256 if entry else None,
+                     "scores": entry.scores if entry else {}})
     return rows
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -15,7 +15,8 @@ from torch import nn
 
 from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError
-from jfe.models.base import Encoder, EncoderConfig
+from jfe.models.base import WEIGHTS_NAME, Encoder, EncoderConfig
+from jfe.models.compact import COMPACT_FORMAT, compact_state, is_compact
 from jfe.models.feature_cache import feature_maps
 from jfe.models.phases import check_phase
 from jfe.models.text import TextTower
@@ -120,10 +121,17 @@ class TowerEncoder(Encoder):
     def image_input_size(self) -> int | None:
         return self.config.image_size
 
+    #: the state-dict prefixes of the pretrained towers: what a compact checkpoint stores as deltas
+    tower_prefixes: ClassVar[tuple[str, ...]] = ("vision.", "text.")
+
     @classmethod
     def checkpoint_overrides(cls, directory: Path) -> dict[str, Any]:
         """A checkpoint holds every weight of both towers: build them unpretrained (nothing read from the asset
-        cache) and, where the folder keeps MiniLM's config and tokenizer in ``text/``, read those from there."""
+        cache) and, where the folder keeps MiniLM's config and tokenizer in ``text/``, read those from there.
+        A compact checkpoint (:mod:`jfe.models.compact`) holds only what training changed: build it on the
+        pretrained towers of the verified asset cache."""
+        if is_compact(directory / WEIGHTS_NAME):
+            return {"pretrained": True}
         text = directory / TEXT_ASSETS_DIR
         return {"pretrained": False, "from_checkpoint": True,
                 **({"text_dir": str(text)} if (text / "tokenizer.json").is_file() else {})}
@@ -135,6 +143,15 @@ class TowerEncoder(Encoder):
 
     def glue_modules(self) -> list[nn.Module | nn.Parameter]:
         raise NotImplementedError
+
+    def save_compact(self, directory: str | Path, rank: int = 64, *, overwrite: bool = False) -> Path:
+        """Save what training changed in the pretrained towers (:mod:`jfe.models.compact`): the glue whole, the
+        changed tower tensors whole or as rank-``rank`` deltas, all fp16; ``load_model`` rebuilds the model on
+        the pretrained towers of the asset cache. Returns the folder."""
+        base = type(self)(self.config.model_copy(update={"pretrained": True, "from_checkpoint": False,
+                                                         "text_dir": None}))
+        state = compact_state(self.state_dict(), base.state_dict(), self.tower_prefixes, rank)
+        return self._save(Path(directory), overwrite, state, metadata={"format": COMPACT_FORMAT, "rank": str(rank)})
 
     def set_trainable(self, phase: str) -> None:
         check_phase(phase)
