@@ -126,7 +126,8 @@ def test_eval_validation_and_training_share_one_instruction_key(tiny_mbeir: Path
     """A task-0 query whose first positive is a text candidate still gets the task's text->image instruction:
     in evaluation, in the training validation sets and in every training draw, whichever positive is drawn
     (``jfe.data.instructions.instruction_key`` is the one rule)."""
-    from jfe.train.data import BatchSampler, TrainingData, load_val_groups
+    from jfe.eval.evaluator import Sample, sample_groups
+    from jfe.train.data import BatchSampler, TrainingData
 
     for split in ("test", "train"):
         path = tiny_mbeir / "query" / split / f"mbeir_tiny_task0_{split}.jsonl"
@@ -140,7 +141,8 @@ def test_eval_validation_and_training_share_one_instruction_key(tiny_mbeir: Path
     evaluate(model, tiny_mbeir, pool="global", progress=False)
     eval_texts = {item.id: item.text for item in model.seen}
     assert eval_texts["1:101"].startswith(prompts)
-    val_texts = {q.id: q.text for g in load_val_groups(tiny_mbeir, "test", instructions=True) for q in g.queries}
+    val_texts = {q.id: q.text for g in sample_groups(tiny_mbeir, "test", Sample(), instructions=True)
+                 for q in g.queries}
     assert val_texts["1:101"] == eval_texts["1:101"]
     assert {qid: val_texts[qid] for qid in eval_texts if qid in val_texts} == \
         {qid: eval_texts[qid] for qid in val_texts}

@@ -168,3 +168,29 @@ def test_the_study_commands_reach_jfe_through_the_entry_point() -> None:
 
     names = set(get_command(app).commands)  # type: ignore[attr-defined]
     assert {"demo", "reproduce", "seeds-report", "report", "eval"} <= names
+
+
+def _code_strings(tree: ast.AST) -> list[ast.Constant]:
+    """String constants of the code (f-string parts included), docstrings left out: what a program spells."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docstrings]
+
+
+def modules_spelling(fragment: str, roots: tuple[Path, ...] = (SRC / "jfe", SRC / "jfe_study")) -> list[str]:
+    return sorted(str(path.relative_to(SRC)) for root in roots for path in root.rglob("*.py")
+                  if any(fragment in n.value for n in _code_strings(ast.parse(path.read_text(encoding="utf-8")))))
+
+
+def test_metric_names_are_spelled_in_one_place() -> None:
+    """Recall@k's name comes from jfe.eval.metrics.recall_key / PRIMARY_METRIC everywhere else, so a new
+    metric (or a renamed one) touches one module, not eight."""
+    assert modules_spelling("R@") == ["jfe/eval/metrics.py"]
+    # the finder sees f-string parts and skips docstrings
+    tree = ast.parse('"""R@5 in a docstring"""\nx = f"val R@{k}"\n')
+    assert [n.value for n in _code_strings(tree)] == ["val R@"]

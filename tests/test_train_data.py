@@ -10,7 +10,8 @@ import pytest
 
 from jfe.data.mbeir import read_instructions
 from jfe.errors import ConfigError, DataError
-from jfe.train.data import BatchSampler, TrainingData, base_of, load_val_groups
+from jfe.eval.evaluator import Sample, sample_groups
+from jfe.train.data import BatchSampler, TrainingData, base_of
 from jfe.train.synthetic import write_synthetic_mbeir
 
 
@@ -107,7 +108,7 @@ def test_bad_requests_fail_clearly(root: Path, tmp_path: Path) -> None:
 
 
 def test_val_groups_are_capped_and_exclude_reference(root: Path) -> None:
-    groups = load_val_groups(root, "val", tasks={0, 7}, instructions=True, max_queries=6, max_pool=10)
+    groups = sample_groups(root, "val", Sample(max_queries=6, max_pool=10), tasks={0, 7}, instructions=True)
     assert {g.name for g in groups} == {"mbeir_synth_task0_val", "mbeir_synth_task7_val"}
     for g in groups:
         assert len(g.queries) <= 3 and len(g.pool) <= max(10, len(set().union(*g.positives)))

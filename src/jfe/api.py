@@ -73,7 +73,8 @@ def train(config: str | os.PathLike, overrides: dict[str, Any] | None = None, re
 
 def evaluate(model: ModelLike, data_root: str | os.PathLike, split: str = "test", pool: str = "local",
              out_dir: str | os.PathLike | None = None, **kwargs: Any) -> Any:
-    """M-BEIR evaluation (hit-based Recall@k per dataset/task and per category); see ``jfe.eval``."""
-    from jfe.eval import evaluate as run_eval
+    """M-BEIR evaluation (hit-based Recall@k per dataset/task and per category): the :class:`EvalResult` of
+    ``jfe.eval.MBEIREvaluator(data_root, split=..., pool=..., out_dir=..., **kwargs)`` on the model."""
+    from jfe.eval.evaluator import MBEIREvaluator
 
-    return run_eval(_model(model), Path(data_root), split=split, pool=pool, out_dir=out_dir, **kwargs)
+    return MBEIREvaluator(Path(data_root), split=split, pool=pool, out_dir=out_dir, **kwargs).result(_model(model))

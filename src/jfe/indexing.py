@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from jfe.data.items import candidate_item
-from jfe.data.mbeir import iter_candidates
+from jfe.data.mbeir import read_pool_files
 from jfe.data.records import Candidate
 from jfe.errors import ConfigError, DataError
 from jfe.index.build import RECALL_QUERIES, check_factory, index_vectors
@@ -32,27 +32,9 @@ from jfe.paths import check_out_dir
 
 
 def read_pools(pool_files: Sequence[str | os.PathLike]) -> list[Candidate]:
-    """All candidates of the given pool files, each did once (the global pool repeats the local ones).
-
-    The whole input is parsed before anything is embedded, so a bad line fails fast with its file and
-    line number. A did that appears twice with different content is an error (it would make the index
-    depend on file order).
-    """
-    seen: dict[str, Candidate] = {}
-    where: dict[str, str] = {}
-    for path in pool_files:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError("candidate pool file not found", path=str(path))
-        for cand in iter_candidates(path):
-            old = seen.get(cand.did)
-            if old is None:
-                seen[cand.did] = cand
-                where[cand.did] = str(path)
-            elif old.to_json() != cand.to_json():
-                raise DataError(f"did appears with different content in {where[cand.did]}", path=str(path),
-                                record_id=cand.did)
-    return list(seen.values())
+    """All candidates of the given pool files, each did once (the global pool repeats the local ones); the
+    data layer's :func:`jfe.data.mbeir.read_pool_files`, whose errors name the file and the record."""
+    return list(read_pool_files(pool_files)[0].values())
 
 
 def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",

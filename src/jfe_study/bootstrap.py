@@ -24,6 +24,7 @@ import numpy as np
 
 from jfe.data.records import CATEGORIES, FUSION_CATEGORIES
 from jfe.errors import DataError
+from jfe.eval.metrics import recall_key
 
 PER_QUERY_FILE = "per_query.jsonl"
 
@@ -156,7 +157,7 @@ def fusion_margin_ci(runs: Mapping[str, Entries | Sequence[Entries]], ours: str,
     strata = [matrix[s][1] for s in keys]
     cat_members = {c: [i for i, (_, task) in enumerate(keys) if task in tasks] for c, tasks in CATEGORIES.items()}
     cat_members = {c: m for c, m in cat_members.items() if m}
-    out: dict[str, Any] = {"ours": ours, "baselines": list(baselines), "metric": f"R@{k}", "per_category": {}}
+    out: dict[str, Any] = {"ours": ours, "baselines": list(baselines), "metric": recall_key(k), "per_category": {}}
     for group, wanted in (("fusion", True), ("non_fusion", False)):
         group_members = [m for c, m in cat_members.items() if (c in FUSION_CATEGORIES) == wanted]
         out[group] = (stratified_bootstrap(strata, _margin_statistic(group_members, 0, list(range(1, len(names)))),
@@ -180,6 +181,6 @@ def modification_margin_ci(runs: Mapping[str, Entries | Sequence[Entries]], ours
         interval = stratified_bootstrap([hits], _margin_statistic([[0]], 0, list(range(1, len(names)))),
                                         n_boot, seed, level)
         rows.append({"task": task, "modification": modification, "queries": len(qids),
-                     **{f"{n} R@{k}": float(hits[:, i].mean()) for i, n in enumerate(names)},
+                     **{f"{n} {recall_key(k)}": float(hits[:, i].mean()) for i, n in enumerate(names)},
                      "margin": interval.to_json()})
     return rows

@@ -19,8 +19,10 @@ import numpy as np
 from jfe.data.mbeir import iter_json_lines
 from jfe.data.records import CATEGORIES
 from jfe.errors import DataError
+from jfe.eval.metrics import PRIMARY_METRIC
+from jfe.train.config import VAL_PREFIX
 
-_TASK_KEY = re.compile(r"^val/R@5/task(\d+)$")
+_TASK_KEY = re.compile("^" + re.escape(f"{VAL_PREFIX}{PRIMARY_METRIC}/task") + r"(\d+)$")
 AVERAGE = "average"
 
 
@@ -46,10 +48,10 @@ def read_curve(metrics_path: str | os.PathLike, step_offset: int = 0) -> Curve:
         raise DataError("no training log here (metrics.jsonl missing)", path=str(path))
     points: dict[int, dict[str, float]] = {}
     for _, record in iter_json_lines(path):
-        if "val/R@5" in record:
+        if VAL_PREFIX + PRIMARY_METRIC in record:
             points[int(record["step"]) + step_offset] = record  # a resumed run's repeat replaces the old one
     steps = sorted(points)
-    curve = Curve(steps=steps, values={AVERAGE: [float(points[s]["val/R@5"]) for s in steps]})
+    curve = Curve(steps=steps, values={AVERAGE: [float(points[s][VAL_PREFIX + PRIMARY_METRIC]) for s in steps]})
     for category, tasks in CATEGORIES.items():
         column = []
         for s in steps:

@@ -88,7 +88,7 @@ def train_run(plan: DemoPlan, run_name: str, model_name: str, stages: tuple[str,
 
 
 def evaluate_run(plan: DemoPlan, run_name: str, checkpoint: Path) -> dict[str, Path]:
-    from jfe.eval import evaluate
+    from jfe.eval.evaluator import MBEIREvaluator
     from jfe.models import load_model
 
     model = None
@@ -101,8 +101,8 @@ def evaluate_run(plan: DemoPlan, run_name: str, checkpoint: Path) -> dict[str, P
         model = model or load_model(checkpoint)
         _log(f"{run_name}: evaluating on the {pool} pool")
         # One embedding cache for both pools: the global run then re-embeds nothing.
-        evaluate(model, plan.data, split="test", pool=pool, out_dir=out_dir, run_name=run_name,
-                 cache_dir=plan.out / "eval" / "embeddings")
+        MBEIREvaluator(plan.data, split="test", pool=pool, out_dir=out_dir, run_name=run_name,
+                       cache_dir=plan.out / "eval" / "embeddings").result(model)
     return outputs
 
 

@@ -38,6 +38,7 @@ import typer
 
 from jfe.data.records import CATEGORIES, FUSION_CATEGORIES
 from jfe.errors import ConfigError
+from jfe.eval.metrics import PRIMARY_METRIC as METRIC
 from jfe.paths import atomic_write
 
 REPORT_NAME = "reproduce.md"
@@ -232,7 +233,7 @@ def train_seed(plan: ReproducePlan, run: str, model: str, seed: int, budget: int
 # --------------------------------------------------------------------------------------------- evaluation
 def evaluate_all(plan: ReproducePlan, checkpoints: dict[tuple[str, int], Path]) -> dict[str, dict[str, list[Path]]]:
     """pool -> run -> eval folders by seed (in ``plan.seeds`` order)."""
-    from jfe.eval import evaluate
+    from jfe.eval.evaluator import MBEIREvaluator
     from jfe.models import load_model
 
     out: dict[str, dict[str, list[Path]]] = {pool: {} for pool in plan.pools}
@@ -245,9 +246,9 @@ def evaluate_all(plan: ReproducePlan, checkpoints: dict[tuple[str, int], Path]) 
                 continue
             model = model or load_model(checkpoint)
             _log(f"{run} seed {seed}: evaluating ({plan.split} split, {pool} pool)")
-            evaluate(model, plan.data, split=plan.split, pool=pool, out_dir=folder, run_name=run,
-                     cache_dir=plan.out / "eval" / "embeddings" / f"seed{seed}" / run, progress=False,
-                     max_queries=plan.eval_max_queries, fusion_role=plan.roles.get(run))
+            MBEIREvaluator(plan.data, split=plan.split, pool=pool, out_dir=folder, run_name=run,
+                           cache_dir=plan.out / "eval" / "embeddings" / f"seed{seed}" / run, progress=False,
+                           max_queries=plan.eval_max_queries, fusion_role=plan.roles.get(run)).result(model)
     return out
 
 
@@ -276,7 +277,7 @@ def curve_chart(curves: dict[str, Any], budget: int, path: Path) -> None:
         ax.axvline(budget, color="grey", linestyle="--", linewidth=1)
         ax.set_title(panel + (" (fusion)" if panel in FUSION_CATEGORIES else ""), fontsize=10)
         ax.set_xlabel("stage-2 steps")
-        ax.set_ylabel("val R@5 (%)")
+        ax.set_ylabel(f"val {METRIC} (%)")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
@@ -307,7 +308,7 @@ def margin_chart(margins: dict[str, Any], per_seed: list[dict[str, Any]], path: 
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhline(100 * TARGET_FUSION, color="tab:orange", linestyle=":", linewidth=1)
     ax.set_xticks(x, [label.replace("_", "-") for label, _ in keep], rotation=20)
-    ax.set_ylabel("R@5 margin (points)")
+    ax.set_ylabel(f"{METRIC} margin (points)")
     ax.set_title(f"{margins['ours']} minus best of {', '.join(margins['baselines'])}: 95 % bootstrap CI over "
                  f"queries; dots = seeds", fontsize=9)
     fig.tight_layout()
@@ -332,7 +333,7 @@ def verdict(margins: dict[str, Any]) -> str:
         return "No verdict: the evaluation lacks fusion or non-fusion categories."
     met = fusion["estimate"] >= TARGET_FUSION and other["estimate"] >= TARGET_OTHER
     sure = fusion["low"] > 0
-    text = (f"Fusion margin {_ci(fusion)}, non-fusion margin {_ci(other)} R@5 points (95 % bootstrap CI). "
+    text = (f"Fusion margin {_ci(fusion)}, non-fusion margin {_ci(other)} {METRIC} points (95 % bootstrap CI). "
             f"Target (fusion ≥ +{100 * TARGET_FUSION:.0f}, non-fusion ≥ {100 * TARGET_OTHER:+.0f}): "
             f"**{'met' if met else 'NOT met'}**. ")
     text += ("The one tower's fusion advantage is positive beyond query-sampling noise." if sure else
@@ -348,7 +349,7 @@ def _modification_table(mods: list[dict[str, Any]], runs: dict[str, list[Any]]) 
     for row in sorted(mods, key=lambda r: (r["task"], r["modification"])):
         cells = []
         for results in runs.values():
-            values = [m["R@5"] for r in results for m in r.modifications
+            values = [m[METRIC] for r in results for m in r.modifications
                       if m["task"] == row["task"] and str(m["modification"]) == row["modification"]]
             cells.append(mean_sd(values) if values else "–")
         lines.append(f"| {row['task']} | {row['modification']} | {row['queries']} | " + " | ".join(cells)
@@ -364,15 +365,15 @@ def _curves_section(plan: ReproducePlan, info: dict[str, Any], curves: dict[str,
              + (", trained once (seed 0) and shared by every seed: seeds vary stage 2 only." if plan.shared_stage1
                 else " and seed, retrained per seed."),
              f"Stage 2 on `{plan.data}`; learning curves (seed 0) up to {plan.curve_steps} steps at a constant "
-             f"lr after warm-up, val R@5 every {plan.val_every} steps on capped val pools "
+             f"lr after warm-up, val {METRIC} every {plan.val_every} steps on capped val pools "
              f"({caps['val_max_queries']} queries, ≤ {caps['val_max_pool']} candidates per pool).",
              f"Seeds: {', '.join(map(str, plan.seeds))}. Machine: {info['machine']}. Wall time of this "
              f"invocation: {info['timings'].get('total', float('nan')):.0f} s (it reuses what earlier invocations "
              "finished; each step's own cost, the longest any invocation took, is in timings.json).", "",
              "## Learning curves and the budget", "",
-             f"Plateau: the first validated step after which the average val R@5 (smoothed over "
+             f"Plateau: the first validated step after which the average val {METRIC} (smoothed over "
              f"{plan.smoothing} point(s)) never gains more than {100 * plan.threshold:.1f} points.", "",
-             "| model | plateau step | reached | val R@5 there | best val R@5 |", "|---|---:|---|---:|---:|"]
+             f"| model | plateau step | reached | val {METRIC} there | best val {METRIC} |", "|---|---:|---|---:|---:|"]
     for run, p in info["plateaus"].items():
         best = max(curves[run]["values"]["average"])
         lines.append(f"| {run} | {p['step']} | {'yes' if p['reached'] else 'NO (still rising)'} | "
@@ -393,7 +394,7 @@ def _margin_tables(plan: ReproducePlan, margins: dict[str, Any], seed_cis: list[
     from jfe.eval.report import backticked
 
     lines = ["", f"### Fusion margin: `{ours}` minus the best of {backticked(baselines)}", "",
-             "R@5 points; 95 % bootstrap CI over queries (resampled within each dataset/task, "
+             f"{METRIC} points; 95 % bootstrap CI over queries (resampled within each dataset/task, "
              f"{plan.n_boot} replicates, seed 0); 'pooled' scores each query by its hit rate over the seeds.", "",
              "| | fusion | non-fusion |", "|---|---:|---:|",
              f"| pooled over seeds | {_ci(margins['fusion'])} | {_ci(margins['non_fusion'])} |"]
@@ -418,22 +419,23 @@ def _pool_section(plan: ReproducePlan, pool: str, runs: dict[str, list[Path]], r
     seed_md = write_seed_report(results, report / pool, title=f"JFE reproduce, {pool} pool, across seeds")
     _, ours, baselines = resolve_roles({n: rs[0] for n, rs in results.items()}, None, None)
     lines = [f"## {pool.capitalize()} pool ({plan.split} split)", "",
-             (f"Per-category R@5 mean ± sd over {len(plan.seeds)} seeds" if len(plan.seeds) > 1 else
-              f"Per-category R@5 of seed {plan.seeds[0]} alone (no sd)") + f": [{pool}/seeds.md]({pool}/seeds.md).", ""]
+             (f"Per-category {METRIC} mean ± sd over {len(plan.seeds)} seeds" if len(plan.seeds) > 1 else
+              f"Per-category {METRIC} of seed {plan.seeds[0]} alone (no sd)")
+             + f": [{pool}/seeds.md]({pool}/seeds.md).", ""]
     lines += seed_category_table(results)
     if not ours or not baselines:
         return lines + ["", "(no one-tower run or no late-fusion baselines: no margins)", ""], None
     per_query = {run: [read_per_query(f) for f in folders] for run, folders in runs.items()}
     margins = fusion_margin_ci(per_query, ours, baselines, n_boot=plan.n_boot, seed=0)
     per_seed = [margin_summary({n: rs[i] for n, rs in results.items()}, ours, baselines,
-                               metrics=("R@5",))["metrics"]["R@5"] for i in range(len(plan.seeds))]
+                               metrics=(METRIC,))["metrics"][METRIC] for i in range(len(plan.seeds))]
     seed_cis = [fusion_margin_ci({n: per_query[n][i] for n in [ours, *baselines]}, ours, baselines,
                                  n_boot=plan.n_boot, seed=0) for i in range(len(plan.seeds))]
     mods = modification_margin_ci(per_query, ours, baselines, n_boot=plan.n_boot, seed=0)
     chart = f"{pool}_{MARGIN_CHART}"
     margin_chart(margins, per_seed, report / chart)
     lines += _margin_tables(plan, margins, seed_cis, ours, baselines, chart)
-    lines += ["", "### Per modification type (R@5, mean ± sd over seeds)", ""]
+    lines += ["", f"### Per modification type ({METRIC}, mean ± sd over seeds)", ""]
     lines += _modification_table(mods, results) if mods else ["(no modification types)"]
     lines += ["", f"**Verdict ({pool} pool):** {verdict(margins)}", ""]
     return lines, {"margins": margins, "per_seed_ci": seed_cis, "modifications": mods,
@@ -607,7 +609,7 @@ def register(app: typer.Typer) -> None:
         curve_steps: int = typer.Option(200, min=1, help="Stage-2 steps of the learning curves."),
         val_every: int = typer.Option(40, min=1, help="Validate (and checkpoint) every N stage-2 steps."),
         seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (0 = the learning-curve run)."),
-        threshold: float = typer.Option(0.005, min=0.0, help="Plateau: val R@5 gain (fraction) counted as flat."),
+        threshold: float = typer.Option(0.005, min=0.0, help=f"Plateau: val {METRIC} gain (fraction) counted as flat."),
         smoothing: int = typer.Option(1, min=1, help="Moving-average window (points) before plateau detection."),
         n_boot: int = typer.Option(2000, min=100, help="Bootstrap replicates."),
         pools: str = typer.Option("local", help="Comma-separated pools to evaluate: local, global."),

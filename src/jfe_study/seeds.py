@@ -16,6 +16,7 @@ import numpy as np
 
 from jfe.data.records import FUSION_CATEGORIES
 from jfe.errors import ConfigError
+from jfe.eval.metrics import PRIMARY_METRIC
 from jfe.eval.protocol import EvalResult
 from jfe.eval.report import (
     backticked,
@@ -47,16 +48,17 @@ def seed_category_table(groups: Mapping[str, Sequence[EvalResult]], *, average: 
     names = list(groups)
     lines = ["| category | fusion | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for category in present_categories(r for rs in groups.values() for r in rs):
-        cells = [mean_sd([r.categories.get(category, {}).get("R@5", np.nan) for r in groups[n]]) for n in names]
+        cells = [mean_sd([r.categories.get(category, {}).get(PRIMARY_METRIC, np.nan) for r in groups[n]])
+                 for n in names]
         lines.append(f"| {category} | {fusion_flag(category)} | " + " | ".join(cells) + " |")
     if average:
-        lines.append("| **average** | | " + " | ".join(mean_sd([r.average.get("R@5", np.nan) for r in groups[n]])
-                                                      for n in names) + " |")
+        lines.append("| **average** | | " + " | ".join(
+            mean_sd([r.average.get(PRIMARY_METRIC, np.nan) for r in groups[n]]) for n in names) + " |")
     return lines
 
 
 def _seed_chart(groups: dict[str, list[EvalResult]], categories: list[str], path: Path,
-                metric: str = "R@5") -> None:
+                metric: str = PRIMARY_METRIC) -> None:
     bars = {name: (f"{name} ({role_of(rs[0])})",
                    np.array([[100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories] for r in rs]))
             for name, rs in groups.items()}
@@ -80,11 +82,11 @@ def _load_repeats(groups: Mapping[str, Sequence[EvalResult | str | os.PathLike]]
 def _seed_pattern(seed_runs: dict[str, EvalResult], ours: str, baselines: Sequence[str],
                   categories: list[str]) -> dict[str, Any]:
     """One seed's R@5 fusion margins and the categories where ours is at least every other run."""
-    margins = margin_summary(seed_runs, ours, baselines, metrics=("R@5",))["metrics"]["R@5"]
+    margins = margin_summary(seed_runs, ours, baselines, metrics=(PRIMARY_METRIC,))["metrics"][PRIMARY_METRIC]
     others = [n for n in seed_runs if n != ours]
     led = [c for c in categories if all(
-        seed_runs[ours].categories.get(c, {}).get("R@5", -1.0) >= seed_runs[o].categories.get(c, {}).get(
-            "R@5", -1.0) for o in others)]
+        seed_runs[ours].categories.get(c, {}).get(PRIMARY_METRIC, -1.0) >= seed_runs[o].categories.get(c, {}).get(
+            PRIMARY_METRIC, -1.0) for o in others)]
     return {"fusion": margins["fusion"], "non_fusion": margins["non_fusion"], "gap": margins["gap"],
             "per_category": margins["per_category"], "categories_led": led,
             "leads_everywhere": len(led) == len(categories)}
@@ -94,7 +96,7 @@ def _seed_pattern_section(loaded: dict[str, list[EvalResult]], ours: str, baseli
                           categories: list[str], summary: dict[str, Any]) -> list[str]:
     """The paper's pattern seed by seed (R@5); fills ``summary["per_seed"]`` and ``summary["pattern_held"]``."""
     n_seeds = summary["seeds"]
-    lines = ["", "## The paper's pattern, seed by seed (R@5)", "",
+    lines = ["", f"## The paper's pattern, seed by seed ({PRIMARY_METRIC})", "",
              f"Margin = `{ours}` minus the best of {backticked(baselines)}, averaged over "
              f"the fusion categories ({', '.join(FUSION_CATEGORIES)}) and over the others; "
              f"'leads everywhere' = `{ours}` ≥ every other run in every category.", "",
@@ -134,9 +136,9 @@ def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLi
     lines = [f"# {title or 'JFE evaluation across seeds'}", "",
              f"{n_seeds} repeats per run; split `{first.split}`, `{first.pool}` pool(s). Recall in %, "
              "mean ± sample standard deviation over the repeats.", "",
-             "## Per category (R@5)", ""]
+             f"## Per category ({PRIMARY_METRIC})", ""]
     lines += seed_category_table(loaded, average=True)
-    lines += ["", f"![R@5 per category across seeds]({SEEDS_CHART_FILE})"]
+    lines += ["", f"![{PRIMARY_METRIC} per category across seeds]({SEEDS_CHART_FILE})"]
     summary: dict[str, Any] = {"ours": ours, "baselines": list(baselines), "runs": names, "seeds": n_seeds,
                                "per_seed": []}
     if ours and baselines:

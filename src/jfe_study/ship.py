@@ -24,6 +24,8 @@ from typing import Any
 
 import typer
 
+from jfe.eval.metrics import PRIMARY_METRIC
+
 # run name -> registered name; the 2x2 grid is what every shipped config trains (configs/jfe-mini-stage1.toml)
 SHIPPED: dict[str, str] = {"jfe-mini": "jfe-mini-2x2", "two-tower": "two-tower-mini"}
 # the registered name each run's weights ship under
@@ -86,7 +88,7 @@ def compact_run(plan: ShipPlan, run: str, seed: int, trained: Path) -> Path:
 
 def evaluate_run(plan: ShipPlan, label: str, folder: Path) -> dict[str, Any]:
     """MiniBEIR test, local pool, fp32: average and per-category R@5 (results.json kept beside)."""
-    from jfe.eval import evaluate
+    from jfe.eval.evaluator import MBEIREvaluator
     from jfe.eval.protocol import EvalResult
     from jfe.models import load_model
 
@@ -96,10 +98,10 @@ def evaluate_run(plan: ShipPlan, label: str, folder: Path) -> dict[str, Any]:
     else:
         _log(f"evaluating {label}")
         model = load_model(folder, device="cpu").set_precision("fp32")
-        result = evaluate(model, plan.data, split="test", pool="local", out_dir=out, run_name=label,
-                          cache_dir=plan.out / "eval" / "embeddings" / label, progress=False)
-    return {"average": result.average["R@5"],
-            "categories": {name: cat["R@5"] for name, cat in result.categories.items()}}
+        result = MBEIREvaluator(plan.data, split="test", pool="local", out_dir=out, run_name=label,
+                                cache_dir=plan.out / "eval" / "embeddings" / label, progress=False).result(model)
+    return {"average": result.average[PRIMARY_METRIC],
+            "categories": {name: cat[PRIMARY_METRIC] for name, cat in result.categories.items()}}
 
 
 def _size_mb(folder: Path) -> float:
@@ -129,8 +131,9 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
     lines = [f"# Shipped weights: trained vs compact (rank {report['rank']}, fp16)", "",
              f"Recipe: `configs/reproduce` with stage 1 {report['stage1_steps']} steps (seed 0, shared), stage 2 "
              f"{report['stage2_steps']} steps at a constant lr, seeds {report['seeds']}. Evaluation: MiniBEIR test, "
-             "local pool, fp32, R@5. Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()
-                                                             if k in ("cpu", "cpu_count", "cpu_flags")), ""]
+             f"local pool, fp32, {PRIMARY_METRIC}. Machine: "
+             + ", ".join(f"{k} {v}" for k, v in report["machine"].items() if k in ("cpu", "cpu_count", "cpu_flags")),
+             ""]
     runs = sorted({row["run"] for row in report["rows"]})
     for run in runs:
         rows = [r for r in report["rows"] if r["run"] == run]

@@ -254,6 +254,37 @@ def instruction_columns(header: list[str], path: PathLike) -> InstructionColumns
                               [i for i, h in enumerate(names) if h.startswith("prompt")])
 
 
+def read_pool_files(paths: Iterable[PathLike]) -> tuple[dict[str, Candidate], dict[Path, list[str]]]:
+    """Every candidate of the given pool files, each did once, and each file's dids in file order (a did
+    repeated inside one file counts once).
+
+    The whole input is parsed before anything is embedded, so a bad line fails fast with its file and line.
+    A did that appears twice with different content is an error naming both files (the index would otherwise
+    depend on file order); the global pool repeating the local ones is fine.
+    """
+    candidates: dict[str, Candidate] = {}
+    where: dict[str, Path] = {}
+    dids_of: dict[Path, list[str]] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError("candidate pool file not found", path=str(path))
+        dids: list[str] = []
+        seen: set[str] = set()
+        for cand in iter_candidates(path):
+            old = candidates.get(cand.did)
+            if old is None:
+                candidates[cand.did] = cand
+                where[cand.did] = path
+            elif old.to_json() != cand.to_json():
+                raise DataError(f"did appears with different content in {where[cand.did]}", path=str(path),
+                                record_id=cand.did)
+            if cand.did not in seen:
+                seen.add(cand.did)
+                dids.append(cand.did)
+        dids_of[path] = dids
+    return candidates, dids_of
+
+
 def read_instructions(path: PathLike) -> dict[tuple[str, str, str], InstructionSet]:
     """Read ``query_instructions.tsv``: a header row, then one row per (dataset id, query, candidate
     modality) key with prompt columns ``prompt_1`` .. ``prompt_n``. Columns are found by header name, so the
@@ -324,6 +355,14 @@ class MBEIRLayout:
     @property
     def instructions_file(self) -> Path:
         return self.root / "instructions" / "query_instructions.tsv"
+
+    def required_instructions(self) -> dict[tuple[str, str, str], InstructionSet]:
+        """The instruction sets, for a run that asked for instructions: their absence is an error, not a silent
+        run without them."""
+        if not self.instructions_file.exists():
+            raise DataError("instructions are enabled but the dataset has no instructions file",
+                            path=str(self.instructions_file))
+        return read_instructions(self.instructions_file)
 
     def local_pool_names(self, query_file: Path) -> list[str]:
         """The local pool file names that may belong to a query file, most specific first. The real

@@ -150,6 +150,13 @@ class Query:
         """``query_src_content`` decoded when it holds JSON (MiniBEIR stores the modification type there)."""
         return _decode_src(self.query_src_content)
 
+    @property
+    def excluded_dids(self) -> set[str]:
+        """Candidates this query must not retrieve (``exclude_dids`` in ``query_src_content``): a composed
+        query's own reference image is not an answer (CIRR's convention). Evaluation and validation both
+        remove them from the query's ranking."""
+        return {str(d) for d in (self.src.get("exclude_dids") or [])}
+
 
 @dataclass(slots=True)
 class Candidate:

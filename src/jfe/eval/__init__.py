@@ -1,14 +1,14 @@
-"""M-BEIR evaluation: metrics (light), the protocol (whose rank and score steps training's validation uses
-too), run files and reports.
+"""M-BEIR evaluation: metrics (light), the protocol, the one evaluator object every caller uses
+(:class:`MBEIREvaluator`: ``jfe eval``, the trainer's validation, the study), run files and reports.
 
-``jfe.eval.metrics`` imports only numpy; ``evaluate``/``EvalResult``/``write_report`` load lazily.
+``jfe.eval.metrics`` imports only numpy; the rest loads lazily.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EvalResult", "evaluate", "write_report"]
+__all__ = ["EvalResult", "MBEIREvaluator", "Sample", "evaluate", "write_report"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,6 +16,10 @@ def __getattr__(name: str) -> Any:
         from jfe.eval import protocol
 
         return getattr(protocol, name)
+    if name in ("MBEIREvaluator", "Sample"):
+        from jfe.eval import evaluator
+
+        return getattr(evaluator, name)
     if name == "write_report":
         from jfe.eval.report import write_report
 

@@ -9,6 +9,7 @@ import typer
 
 from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
 from jfe.errors import ConfigError
+from jfe.eval.metrics import recall_key
 
 
 def register(app: typer.Typer) -> None:
@@ -48,7 +49,7 @@ def eval_command(
     """Evaluate a model with the M-BEIR protocol: Recall@1/5/10/20/50 per (dataset, task) and per category."""
     from rich.table import Table
 
-    from jfe.eval.protocol import evaluate
+    from jfe.eval.evaluator import MBEIREvaluator
     from jfe.index.commands import _console
     from jfe.models.registry import load_model
 
@@ -56,10 +57,11 @@ def eval_command(
         raise ConfigError(f"--pool must be 'local' or 'global', got {pool!r}")
     encoder = load_model(model)
     encoder.set_precision(precision)
-    result = evaluate(encoder, data, split=split, pool=pool, out_dir=out, instructions=instructions,
-                      batch_size=batch_size, run_name=run_name or _run_name(model), model_name=model,
-                      progress=progress, max_queries=max_queries, text_mode=text_mode)  # type: ignore[arg-type]
-    metrics = [*(f"R@{k}" for k in result.ks), "headline"]
+    evaluator = MBEIREvaluator(data, split=split, pool=pool, out_dir=out, instructions=instructions,
+                               batch_size=batch_size, run_name=run_name or _run_name(model), model_name=model,
+                               progress=progress, max_queries=max_queries, text_mode=text_mode)  # type: ignore[arg-type]
+    result = evaluator.result(encoder)
+    metrics = [*(recall_key(k) for k in result.ks), "headline"]
     table = Table(title=f"{result.run_name}: {split} split, {pool} pool, {result.n_queries} queries")
     for column in ("dataset", "task", "query→candidate", "queries", *metrics):
         table.add_column(column, justify="left" if column in ("dataset", "task", "query→candidate") else "right")

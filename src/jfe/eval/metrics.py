@@ -24,6 +24,24 @@ from collections.abc import Collection, Iterable, Sequence
 import numpy as np
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20, 50)
+RECALL_PREFIX = "R@"
+
+
+def recall_key(k: int) -> str:
+    """The name of M-BEIR Recall@k in every result, report, chart and training log: ``recall_key(5) == "R@5"``.
+    The one place that spells it (a new metric is added here, not in every file that prints one)."""
+    return f"{RECALL_PREFIX}{k}"
+
+
+def recall_k(name: str) -> int | None:
+    """The k of a :func:`recall_key` name (``"R@10"`` -> 10), None for any other name."""
+    if name.startswith(RECALL_PREFIX) and name[len(RECALL_PREFIX):].isdigit():
+        return int(name[len(RECALL_PREFIX):])
+    return None
+
+
+#: the score that decides (learning curves, plateaus, margins, model selection): Recall@5, as M-BEIR reports
+PRIMARY_METRIC = recall_key(5)
 
 
 def hits_at_k(ranked_ids: Sequence[Sequence[str]], positives: Sequence[Collection[str]], k: int) -> np.ndarray:
@@ -50,7 +68,7 @@ def hit_rate_at_k(ranked_ids: Sequence[Sequence[str]], positives: Sequence[Colle
 def recall_at_ks(ranked_ids: Sequence[Sequence[str]], positives: Sequence[Collection[str]],
                  ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
     """``{"R@1": ..., "R@5": ...}`` for each k in ``ks``."""
-    return {f"R@{k}": hit_rate_at_k(ranked_ids, positives, k) for k in ks}
+    return {recall_key(k): hit_rate_at_k(ranked_ids, positives, k) for k in ks}
 
 
 def first_hit_rank(ranking: Sequence[str], positives: Collection[str]) -> int | None:
@@ -80,4 +98,4 @@ def headline_k(dataset: str) -> int:
 def headline_label(ks: Iterable[int]) -> str:
     """How to label a column of headline values: ``"R@5"`` when every row uses k=5, else ``"headline"``."""
     distinct = set(ks)
-    return f"R@{distinct.pop()}" if len(distinct) == 1 else "headline"
+    return recall_key(distinct.pop()) if len(distinct) == 1 else "headline"

@@ -37,10 +37,10 @@ import numpy as np
 from jfe.data.images import content_digest
 from jfe.data.instructions import TEXT_MODES, TextMode, instruction_key, instruction_set_for, pick_instruction
 from jfe.data.items import Item, candidate_item, query_item
-from jfe.data.mbeir import MBEIRLayout, iter_candidates, read_instructions, read_qrels, read_queries
+from jfe.data.mbeir import MBEIRLayout, read_instructions, read_pool_files, read_qrels, read_queries
 from jfe.data.records import CATEGORIES, FUSION_CATEGORIES, TASK_CATEGORY, TASKS, Candidate, InstructionSet, Query
 from jfe.errors import ConfigError, DataError
-from jfe.eval.metrics import DEFAULT_KS, first_hit_rank, headline_k, recall_at_ks
+from jfe.eval.metrics import DEFAULT_KS, PRIMARY_METRIC, first_hit_rank, headline_k, recall_at_ks, recall_k, recall_key
 from jfe.eval.runfiles import write_trec_run, write_tsv
 from jfe.paths import atomic_write, check_writable_path
 
@@ -112,7 +112,7 @@ class EvalResult:
         with atomic_write(path) as handle:
             handle.write(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
 
-    def task_score(self, task: int, metric: str = "R@5") -> float | None:
+    def task_score(self, task: int, metric: str = PRIMARY_METRIC) -> float | None:
         """Mean of ``metric`` over the rows of one task id (None when the task is absent)."""
         values = [r[metric] for r in self.rows if r["task"] == task]
         return float(np.mean(values)) if values else None
@@ -165,26 +165,6 @@ def _load_query_files(layout: MBEIRLayout, split: str, pool: str, max_queries: i
             pools = global_files
         out.append(_QueryFile(path, dataset_of(path.stem), queries, positives, pools))
     return out
-
-
-def _read_pools(files: Sequence[Path]) -> tuple[dict[str, Candidate], dict[Path, list[str]]]:
-    candidates: dict[str, Candidate] = {}
-    pool_dids: dict[Path, list[str]] = {}
-    for path in files:
-        dids: list[str] = []
-        seen: set[str] = set()
-        for cand in iter_candidates(path):
-            old = candidates.get(cand.did)
-            if old is None:
-                candidates[cand.did] = cand
-            elif old != cand:
-                raise DataError("did appears in two pools with different content", path=str(path),
-                                record_id=cand.did)
-            if cand.did not in seen:  # a did repeated inside one pool counts once
-                seen.add(cand.did)
-                dids.append(cand.did)
-        pool_dids[path] = dids
-    return candidates, pool_dids
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -321,7 +301,7 @@ def _read(root: Path, split: str, pool: str, instructions: str, max_queries: int
     """Read step: query files, their pools' candidates (each did once) and the instruction sets."""
     layout = MBEIRLayout(root)
     files = _load_query_files(layout, split, pool, max_queries)
-    candidates, pool_dids = _read_pools(sorted({p for f in files for p in f.pool_files}))
+    candidates, pool_dids = read_pool_files(sorted({p for f in files for p in f.pool_files}))
     return _Inputs(root, files, candidates, pool_dids, _read_instruction_sets(layout, instructions, notes))
 
 
@@ -388,10 +368,6 @@ def rank(index: VectorIndex, query_vecs: np.ndarray, k: int, exclude: Sequence[C
     return index.search(query_vecs, k, exclude=exclude)
 
 
-def _exclusions(queries: Sequence[Query]) -> list[set[str]]:
-    return [{str(d) for d in (q.src.get("exclude_dids") or [])} for q in queries]
-
-
 def _rank_files(inputs: _Inputs, cand_vecs: np.ndarray, cand_row: dict[str, int], query_vecs: list[np.ndarray],
                 k: int, dim: int) -> tuple[dict[tuple[Path, ...], VectorIndex], list[tuple[list, Any]]]:
     """Rank every query file in its pool (one index per distinct pool, shared by the files that use it)."""
@@ -402,7 +378,7 @@ def _rank_files(inputs: _Inputs, cand_vecs: np.ndarray, cand_row: dict[str, int]
         if pool_key not in indexes:
             dids = list(dict.fromkeys(d for p in qf.pool_files for d in inputs.pool_dids[p]))
             indexes[pool_key] = pool_index(dids, cand_vecs[[cand_row[d] for d in dids]], dim)
-        rankings.append(rank(indexes[pool_key], qvecs, k, _exclusions(qf.queries)))
+        rankings.append(rank(indexes[pool_key], qvecs, k, [q.excluded_dids for q in qf.queries]))
     return indexes, rankings
 
 
@@ -438,9 +414,9 @@ def _summarise(result: EvalResult, scored: _Scored, ks: Sequence[int]) -> None:
     """Fill the result's headline, category, average, breakdown and missing-positive fields from its rows."""
     for row in result.rows:
         row["headline_k"] = headline_k(row["dataset"])
-        row["headline"] = row[f"R@{row['headline_k']}"]
+        row["headline"] = row[recall_key(row["headline_k"])]
     result.categories = _categories(result.rows, ks)
-    result.average = {m: _mean([r[m] for r in result.rows]) for m in (*(f"R@{k}" for k in ks), "headline")}
+    result.average = {m: _mean([r[m] for r in result.rows]) for m in (*(recall_key(k) for k in ks), "headline")}
     result.modifications, result.non_additive = _breakdowns(scored.per_query, ks)
     missing = [p["qid"] for p in scored.per_query if not p["positives_in_pool"]]
     result.missing_positives = {"count": len(missing), "qids": missing[:50]}
@@ -535,7 +511,7 @@ def _merge_rows(rows: list[dict[str, Any]], ks: Sequence[int]) -> list[dict[str,
             continue
         old = merged[key]
         n_old, n_new = old["queries"], row["queries"]
-        for metric in (m for m in row if m.startswith("R@")):
+        for metric in (m for m in row if recall_k(m) is not None):
             old[metric] = (old[metric] * n_old + row[metric] * n_new) / max(1, n_old + n_new)
         old["queries"] = n_old + n_new
         old["missing_positives"] += row["missing_positives"]
@@ -551,7 +527,7 @@ def _categories(rows: list[dict[str, Any]], ks: Sequence[int]) -> dict[str, dict
             continue
         out[category] = {"tasks": sorted({r["task"] for r in members}), "rows": len(members),
                          "queries": sum(r["queries"] for r in members), "fusion": category in FUSION_CATEGORIES,
-                         **{f"R@{k}": _mean([r[f"R@{k}"] for r in members]) for k in ks},
+                         **{recall_key(k): _mean([r[recall_key(k)] for r in members]) for k in ks},
                          "headline": _mean([r["headline"] for r in members])}
     return out
 
@@ -559,7 +535,7 @@ def _categories(rows: list[dict[str, Any]], ks: Sequence[int]) -> dict[str, dict
 def _breakdowns(per_query: list[dict[str, Any]], ks: Sequence[int]) -> tuple[list[dict], list[dict]]:
     def score(group: list[dict[str, Any]]) -> dict[str, float]:
         ranks = [g["first_hit_rank"] for g in group]
-        return {f"R@{k}": _mean([1.0 if r is not None and r <= k else 0.0 for r in ranks]) for k in ks}
+        return {recall_key(k): _mean([1.0 if r is not None and r <= k else 0.0 for r in ranks]) for k in ks}
 
     by_mod: dict[tuple[Any, str], list[dict]] = {}
     by_flag: dict[tuple[Any, bool], list[dict]] = {}

@@ -22,9 +22,11 @@ import numpy as np
 
 from jfe.data.records import CATEGORIES, FUSION_CATEGORIES
 from jfe.errors import ConfigError
-from jfe.eval.metrics import DEFAULT_HEADLINE_K, headline_label
+from jfe.eval.metrics import DEFAULT_HEADLINE_K, HEADLINE_K, PRIMARY_METRIC, headline_label, recall_key
 from jfe.eval.protocol import EXCLUSION_NOTE, EvalResult
 from jfe.paths import atomic_write
+
+REPORTED = (recall_key(1), PRIMARY_METRIC)  # the metrics of the breakdown tables
 
 REPORT_FILE = "report.md"
 CHART_FILE = "categories_r5.png"
@@ -106,7 +108,7 @@ def category_scores(result: EvalResult, metric: str) -> dict[str, float]:
 
 
 def margin_summary(runs: dict[str, EvalResult], ours: str, baselines: Sequence[str],
-                   metrics: Sequence[str] = ("R@1", "R@5")) -> dict[str, Any]:
+                   metrics: Sequence[str] = REPORTED) -> dict[str, Any]:
     """Per category: ours minus the best of ``baselines``; then the mean over fusion categories and over
     the others, and their difference (positive = ours gains more where fusion is needed)."""
     out: dict[str, Any] = {"ours": ours, "baselines": list(baselines), "metrics": {}}
@@ -129,7 +131,7 @@ def margin_summary(runs: dict[str, EvalResult], ours: str, baselines: Sequence[s
 
 
 def bar_chart(bars: dict[str, tuple[str, np.ndarray]], categories: list[str], title: str, path: Path,
-               metric: str = "R@5") -> None:
+               metric: str = PRIMARY_METRIC) -> None:
     """Grouped bars per category: ``bars`` = name -> (legend label, values ``[n_categories]`` or, for
     repeats, ``[n_repeats, n_categories]``: the bar is their mean and every repeat a dot)."""
     import matplotlib
@@ -159,7 +161,7 @@ def bar_chart(bars: dict[str, tuple[str, np.ndarray]], categories: list[str], ti
     plt.close(fig)
 
 
-def _chart(runs: dict[str, EvalResult], path: Path, metric: str = "R@5") -> None:
+def _chart(runs: dict[str, EvalResult], path: Path, metric: str = PRIMARY_METRIC) -> None:
     categories = present_categories(runs.values())
     bars = {name: (f"{name} ({role_of(r)})",
                    np.array([100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories]))
@@ -168,8 +170,9 @@ def _chart(runs: dict[str, EvalResult], path: Path, metric: str = "R@5") -> None
     bar_chart(bars, categories, f"{metric} per category ({first.pool} pool, {first.split} split)", path, metric)
 
 
-HEADLINE_NOTE = ("M-BEIR's per-dataset headline Recall, R@10 for Fashion200K and FashionIQ and R@5 for every other "
-                 "dataset; category averages and margins use it.")
+HEADLINE_NOTE = (f"M-BEIR's per-dataset headline Recall, {recall_key(HEADLINE_K['fashioniq'])} for Fashion200K and "
+                 f"FashionIQ and {recall_key(DEFAULT_HEADLINE_K)} for every other dataset; category averages and "
+                 "margins use it.")
 
 
 def headline_metric(results: Iterable[EvalResult]) -> str:
@@ -266,13 +269,13 @@ def _modification_section(runs: dict[str, EvalResult]) -> list[str]:
         for n in names:
             entry = next((m for m in runs[n].modifications if str(m["task"]) == task
                           and m["modification"] == mod), None)
-            values[n] = {k: entry.get(k) if entry else None for k in ("R@1", "R@5")}
+            values[n] = {k: entry.get(k) if entry else None for k in REPORTED}
             count = max(count, entry["queries"] if entry else 0)
         rows.append(([task, mod, {"True": "yes", "False": "no"}.get(flag, "?"), str(count)], values))
     return (["", "## Per modification type", "",
              "Composed and question tasks broken down by the kind of modification the query text asks for; "
              "`non-additive` ones need the image and the text combined (late score fusion cannot add them).", ""]
-            + _table(["task", "modification", "non-additive", "queries"], names, ("R@1", "R@5"), rows))
+            + _table(["task", "modification", "non-additive", "queries"], names, REPORTED, rows))
 
 
 def _additive_section(runs: dict[str, EvalResult]) -> list[str]:
@@ -287,9 +290,9 @@ def _additive_section(runs: dict[str, EvalResult]) -> list[str]:
         for n in names:
             entry = next((f for f in runs[n].non_additive if str(f["task"]) == task
                           and bool(f["non_additive"]) == flag), None)
-            values[n] = {k: entry.get(k) if entry else None for k in ("R@1", "R@5")}
+            values[n] = {k: entry.get(k) if entry else None for k in REPORTED}
         rows.append(([task, "non-additive" if flag else "additive"], values))
-    return ["", "### Additive vs non-additive", ""] + _table(["task", "kind"], names, ("R@1", "R@5"), rows)
+    return ["", "### Additive vs non-additive", ""] + _table(["task", "kind"], names, REPORTED, rows)
 
 
 def _margin_section(runs: dict[str, EvalResult], ours: str | None, baselines: Sequence[str],
@@ -342,7 +345,7 @@ def write_report(results: Mapping[str, EvalResult | str | os.PathLike], out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hl = headline_metric(runs.values())
-    metrics = ("R@1", hl)
+    metrics = (recall_key(1), hl)
     lines = _report_header(runs, roles, title)
     lines += _category_section(runs, metrics)
     lines += _task_section(runs, metrics)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jfe.errors import DataError
+from jfe.eval.metrics import recall_key
 from jfe.paths import atomic_write
 
 TSV_HEAD = ("dataset", "task", "modality", "pool", "queries")
@@ -57,7 +58,7 @@ def write_tsv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], ks: Seque
     """A tab-separated table, one row per (dataset, task) as UniIR prints it: the ``head`` columns, then
     the headline metric (R@10 for Fashion200K and FashionIQ, R@5 elsewhere) when the rows carry it, then
     ``R@k`` for each k (4 decimals, as fractions in [0, 1])."""
-    metrics = (["headline"] if any("headline" in row for row in rows) else []) + [f"R@{k}" for k in ks]
+    metrics = (["headline"] if any("headline" in row for row in rows) else []) + [recall_key(k) for k in ks]
     with atomic_write(path) as handle:
         handle.write("\t".join([*head, *metrics]) + "\n")
         for row in rows:

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from jfe.errors import ConfigError
 from jfe.models.phases import TrainablePhase
 
+VAL_PREFIX = "val/"  # the trainer's validation scores in metrics.jsonl: "val/R@5", "val/R@5/task7", ...
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10

@@ -11,7 +11,6 @@ uninterrupted run would have drawn.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jfe.data.instructions import TextMode, instruction_key, instruction_set_for, pick_instruction
-from jfe.data.items import Item, candidate_item, query_item
+from jfe.data.instructions import TextMode, instruction_key, instruction_set_for
+from jfe.data.items import candidate_item, query_item
 from jfe.data.mbeir import MBEIRLayout, iter_candidates, iter_queries
 from jfe.data.records import Candidate, InstructionSet, Query
 from jfe.errors import ConfigError, DataError
@@ -40,15 +39,6 @@ def _task_id_of(query: Query) -> int:
     if query.task_id is None:
         raise DataError("training queries need a task_id", record_id=query.qid)
     return int(query.task_id)
-
-
-def _load_instructions(layout: MBEIRLayout) -> dict[tuple[str, str, str], InstructionSet]:
-    from jfe.data.mbeir import read_instructions
-
-    if not layout.instructions_file.exists():
-        raise DataError("instructions are enabled but the dataset has no instructions file",
-                        path=str(layout.instructions_file))
-    return read_instructions(layout.instructions_file)
 
 
 def _stream_candidates(layout: MBEIRLayout, wanted: set[str], pool_files: list[Path] | None = None
@@ -122,7 +112,7 @@ class TrainingData:
                 raise DataError(f"none of the positives {query.pos_cand_list[:3]} is in any candidate pool",
                                 path=str(origin[query.qid]), record_id=query.qid)
         data = cls(root=layout.root, queries=queries, candidates=candidates,
-                   instructions=_load_instructions(layout) if instructions else {}, text_mode=text_mode)
+                   instructions=layout.required_instructions() if instructions else {}, text_mode=text_mode)
         data._index()
         return data
 
@@ -290,74 +280,3 @@ class BatchSampler:
                        for d in shard for n in d.negatives],
             mask=mask if mask.any() else None,
         )
-
-
-@dataclass
-class ValGroup:
-    """Validation queries of one query file and the (capped) local pool they are ranked in."""
-
-    name: str
-    task_ids: list[int]
-    queries: list[Item]
-    positives: list[set[str]]
-    excluded: list[set[str]]
-    pool_ids: list[str]
-    pool: list[Item]
-
-
-def _stable_order(ids: list[str]) -> list[int]:
-    return sorted(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).digest())
-
-
-def load_val_groups(root: str | Path, split: str = "val", tasks: set[int] | None = None,
-                    instructions: bool = False, max_queries: int = 200, max_pool: int = 1000,
-                    text_mode: TextMode = "jfe") -> list[ValGroup]:
-    """Small, deterministic validation sets: at most ``max_queries`` queries in all (spread over the
-    query files) and at most ``max_pool`` candidates per local pool (every selected query's positives
-    first, then a stable hash order). Instructions are picked deterministically (by qid hash)."""
-    layout = MBEIRLayout(root)
-    files = layout.query_files(split)
-    inst = _load_instructions(layout) if instructions and files else {}
-    per_file: list[tuple[Path, list[Query]]] = []
-    for path in files:
-        qs = [q for q in iter_queries(path) if tasks is None or q.task_id in tasks]
-        if qs:
-            per_file.append((path, qs))
-    if not per_file:
-        return []
-    cap = max(1, math.ceil(max_queries / len(per_file)))
-    groups = []
-    for path, qs in per_file:
-        qs = [qs[i] for i in _stable_order([q.qid for q in qs])[:cap]]
-        pool_path = layout.local_pool_for(path)
-        pool_files = [pool_path] if pool_path is not None else layout.local_pool_files() + layout.global_pool_files()
-        wanted = {d for q in qs for d in q.pos_cand_list}
-        cands: dict[str, Candidate] = {}
-        others: list[Candidate] = []
-        for pf in pool_files:
-            for cand in iter_candidates(pf):
-                if cand.did in cands:
-                    continue
-                if cand.did in wanted:
-                    cands[cand.did] = cand
-                elif pool_path is not None or any(cand.did in q.neg_cand_list for q in qs):
-                    others.append(cand)
-        room = max(0, max_pool - len(cands))
-        for i in _stable_order([c.did for c in others])[:room]:
-            cands[others[i].did] = others[i]
-        if not cands:
-            continue
-        pool_ids = sorted(cands)
-        query_items = []
-        for q in qs:
-            instruction = None
-            if instructions:
-                instruction = pick_instruction(q.qid, instruction_set_for(inst, instruction_key(q, cands)))
-            query_items.append(query_item(q, layout.root, instruction, text_mode))
-        groups.append(ValGroup(
-            name=path.stem, task_ids=[int(q.task_id) if q.task_id is not None else -1 for q in qs],
-            queries=query_items, positives=[set(q.pos_cand_list) for q in qs],
-            excluded=[{str(d) for d in (q.src.get("exclude_dids") or [])} for q in qs],
-            pool_ids=pool_ids, pool=[candidate_item(cands[d], layout.root, text_mode) for d in pool_ids]))
-    return groups
-

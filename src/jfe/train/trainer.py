@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from jfe.errors import ConfigError
-from jfe.eval.metrics import recall_at_ks
-from jfe.eval.protocol import pool_index, rank
+from jfe.eval.evaluator import MBEIREvaluator, Sample
+from jfe.eval.metrics import PRIMARY_METRIC
 from jfe.models.base import Encoder
 from jfe.models.precision import resolve_precision
 from jfe.paths import atomic_dir, atomic_write, clean_stale_temporaries
-from jfe.train.config import TrainConfig, load_config
-from jfe.train.data import BatchSampler, TrainingData, load_val_groups
+from jfe.train.config import VAL_PREFIX, TrainConfig, load_config
+from jfe.train.data import BatchSampler, TrainingData
 from jfe.train.distributed import DistContext, init_distributed
 from jfe.train.losses import ContrastiveObjective, InfoNCELoss
 
@@ -322,32 +322,15 @@ class Trainer:
 
     # validation ----------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        """Recall@1/5 (M-BEIR hit rate) on a capped val set: overall (mean over query files) and per task.
-        Ranking (with each query's exclusions) and scoring are the evaluator's own steps."""
-        if not hasattr(self, "_val_groups"):
-            tasks = set(self.cfg.task_weights) if self.cfg.task_weights else None
-            self._val_groups = load_val_groups(self.cfg.data, self.cfg.val_split, tasks, self.cfg.instructions,
-                                               self.cfg.val_max_queries, self.cfg.val_max_pool, self.cfg.text_mode)
-        if not self._val_groups:
-            return {}
-        per_file: dict[str, dict[str, float]] = {}
-        by_task: dict[int, list[float]] = {}
-        bs = self.cfg.val_batch_size
-        # pools of different query files overlap (or are one file): embed every candidate once
-        unique = {did: item for g in self._val_groups for did, item in zip(g.pool_ids, g.pool, strict=True)}
-        cand_ids = list(unique)
-        cand_vecs = self.model.encode([unique[d] for d in cand_ids], batch_size=bs)
-        row = {d: i for i, d in enumerate(cand_ids)}
-        for group in self._val_groups:
-            q = self.model.encode(group.queries, batch_size=bs)
-            index = pool_index(group.pool_ids, cand_vecs[[row[d] for d in group.pool_ids]], cand_vecs.shape[1])
-            ranked, _ = rank(index, q, 5, group.excluded)
-            per_file[group.name] = recall_at_ks(ranked, group.positives, (1, 5))
-            task = max(set(group.task_ids), key=group.task_ids.count)
-            by_task.setdefault(task, []).append(per_file[group.name]["R@5"])
-        out = {f"val/R@{k}": float(np.mean([v[f"R@{k}"] for v in per_file.values()])) for k in (1, 5)}
-        out.update({f"val/R@5/task{t}": float(np.mean(v)) for t, v in sorted(by_task.items())})
-        return out
+        """Recall@1/5 (M-BEIR hit rate) on a capped val sample (:class:`jfe.eval.MBEIREvaluator`): overall (mean
+        over query files) and per task, as ``val/<metric>``."""
+        if not hasattr(self, "evaluator"):
+            cfg = self.cfg
+            self.evaluator = MBEIREvaluator(
+                cfg.data, split=cfg.val_split, ks=(1, 5), instructions="default" if cfg.instructions else "none",
+                sample=Sample(cfg.val_max_queries, cfg.val_max_pool), batch_size=cfg.val_batch_size,
+                tasks=set(cfg.task_weights) if cfg.task_weights else None, text_mode=cfg.text_mode, progress=False)
+        return {f"{VAL_PREFIX}{name}": value for name, value in self.evaluator(self.model).items()}
 
     def _validate_and_log(self) -> dict[str, float]:
         """Validate where it runs (rank 0; every rank when the weights are sharded, since each forward needs
@@ -449,7 +432,7 @@ class Trainer:
             if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
                 scores = self._validate_and_log()
                 if scores:
-                    postfix["R@5"] = f"{scores['val/R@5']:.3f}"
+                    postfix[PRIMARY_METRIC] = f"{scores[VAL_PREFIX + PRIMARY_METRIC]:.3f}"
                     bar.set_postfix(postfix, refresh=False)
                 window.start = time.perf_counter()  # validation time is not training throughput
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
