@@ -10,11 +10,21 @@ jfe="$here/.venv/bin/jfe"
 rm -rf "$out" && mkdir -p "$out"
 git worktree add -q --detach "$out/old-src" "$rev"
 trap 'git worktree remove --force "$out/old-src"' EXIT
+# fp32 by default: bf16 results depend on the batch, and the point is to compare the code. Revisions from before
+# --precision read JFE_PRECISION instead; later ones ignore it.
+precision=${PRECISION:-fp32}
+export JFE_PRECISION=$precision
+takes_precision() { "$@" demo --help 2>/dev/null | grep -q -- --precision; }
 old() { (cd "$out/old-src" && PYTHONPATH="$PWD/src" "$jfe" "$@"); }
 old data build-minibeir --out "$out/minibeir" --max-bases 60 >/dev/null
 for side in old new; do
   run=(demo --data "$out/minibeir" --out "$out/$side" --stage1-steps 10 --stage2-steps 10)
-  if [ "$side" = old ]; then old "${run[@]}"; else "$jfe" "${run[@]}"; fi
+  if [ "$side" = old ]; then
+    if takes_precision old; then run+=(--precision "$precision"); fi
+    old "${run[@]}"
+  else
+    "$jfe" "${run[@]}" --precision "$precision"
+  fi
 done
 status=0
 for f in $(cd "$out/old" && find eval -name run.trec | sort) report/local/report.md report/global/report.md; do

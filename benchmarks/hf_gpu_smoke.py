@@ -49,7 +49,8 @@ def main() -> int:
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from jfe.models.hf import HFEncoder, last_token_index
+    from jfe.models import load_model
+    from jfe.models.hf import last_token_index
     from jfe.train import train
     from jfe.train.synthetic import write_synthetic_mbeir
     from test_models_hf import build_tiny_qwen2_vl, mixed_items
@@ -85,12 +86,12 @@ def main() -> int:
         result["files"] = sorted(p.name for p in final.iterdir())
 
         items = mixed_items()
-        first = HFEncoder.from_pretrained(final, device=args.device)
+        first = load_model(final, device=args.device)
         result["weight_dtype"] = str(next(p for n, p in first.named_parameters() if "lora_" not in n).dtype)
         result["lora_dtype"] = str(next(p for n, p in first.named_parameters() if "lora_" in n).dtype)
         vectors = first.encode(items)
         resaved = first.save_pretrained(tmp_path / "resaved")
-        again = HFEncoder.from_pretrained(resaved, device=args.device).encode(items)
+        again = load_model(resaved, device=args.device).encode(items)
         result["reload_max_abs_diff"] = float(np.abs(again - vectors).max())
         # plain transformers + peft on the same folder, same dtype and device
         base = AutoModelForImageTextToText.from_pretrained(backbone, dtype=first._dtype).to(args.device)

@@ -130,7 +130,7 @@ def run(out: dict[str, Any], items: int = 128, batch: int = 64, train_batch: int
         "notes": "untrained glue weights (speed does not depend on them); bf16 = torch.autocast(bfloat16) around "
                  "the forward, weights fp32, loss fp32; the frozen MobileNetV2 stays fp32 in both (bf16 there "
                  "cost top-10 agreement, see docs/models.md); the [vision follow] row runs it in bf16 too "
-                 "(JFE_VISION_PRECISION=follow), the most bf16 gives a cold encode on this CPU",
+                 "(set_precision(..., vision=\"follow\")), the most bf16 gives a cold encode on this CPU",
     }
     return out
 

@@ -114,7 +114,7 @@ def timed(search: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.nda
 def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[dict]:
     import faiss
 
-    from jfe.index.exact import Bf16Pool, exact_topk, resolve_precision
+    from jfe.index.exact import Bf16Pool, exact_topk, resolve_scan_precision
 
     rng = np.random.default_rng(args.seed)
     d, k = args.dim, 10
@@ -150,11 +150,11 @@ def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[dict]:
     # name -> builds the index (if any) and returns the timed search; the pool must be in RAM but for jfe-exact
     def jfe_exact() -> Callable[[], np.ndarray]:
         # as VectorIndex does: a bf16 copy made once (the build) where the scan runs in bf16, for a pool in RAM
-        prepared = Bf16Pool.of(pool) if in_ram and resolve_precision("auto") == "bf16" else None
+        prepared = Bf16Pool.of(pool) if in_ram and resolve_scan_precision("auto") == "bf16" else None
         return lambda: exact_topk(queries, pool, k, prepared=prepared)[1]
 
     exact: dict[str, Callable[[], Callable[[], np.ndarray]]] = {"jfe-exact": jfe_exact}
-    if resolve_precision("auto") == "bf16":  # the fp32 scan beside it, on the same machine
+    if resolve_scan_precision("auto") == "bf16":  # the fp32 scan beside it, on the same machine
         exact["jfe-exact-fp32"] = lambda: lambda: exact_topk(queries, pool, k, precision="fp32")[1]
     if in_ram:
         exact["numpy"] = lambda: lambda: numpy_topk(pool, queries, k)
@@ -172,7 +172,7 @@ def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[dict]:
         row = {**base, "method": name, "qps": args.queries / seconds, "recall@10": recall(found, truth),
                "build_s": build_s, "peak_rss_mb": peak.peak}
         if name.startswith("jfe-exact"):
-            row["precision"] = "fp32" if name.endswith("fp32") else resolve_precision("auto")
+            row["precision"] = "fp32" if name.endswith("fp32") else resolve_scan_precision("auto")
         rows.append(_print_row(row))
 
     for name in [m for m in args.methods.split(",") if m in ANN_METHODS]:

@@ -131,7 +131,7 @@ def main() -> None:
     with feature_cache.overridden(mode="off"):
         reference = model.set_precision("fp32", vision="fp32").encode(items, batch_size=64)
         variants = {"lm bf16, tower fp32 (the package's bf16)": model.encode(items, batch_size=64, precision="bf16")}
-        model.set_precision("fp32", vision="follow")  # the tower follows the bf16 encode (JFE_VISION_PRECISION)
+        model.set_precision("fp32", vision="follow")  # the tower follows the bf16 encode
         variants["lm bf16, tower bf16"] = model.encode(items, batch_size=64, precision="bf16")
         model.set_precision("fp32", vision="fp32")
         if args.probe_parts:

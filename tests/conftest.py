@@ -24,21 +24,40 @@ The ``TINY_*`` constants below describe it for assertions (counts, colours, file
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
+from jfe import hardware
 from jfe.data.mbeir import write_candidates, write_instructions, write_qrels, write_queries
 from jfe.data.records import Candidate, InstructionSet, Qrel, Query
+from jfe.models import precision as precision_module
 from jfe.models import pretrained as pretrained_module
 
-# The suite compares code paths number for number (batch vs one by one, 2 processes vs 1, CLI vs API): pin
-# `precision="auto"` to fp32 so that a CPU with native bf16 gives the same numbers as one without. The bf16
-# paths are tested where a test asks for bf16 explicitly (tests/test_precision.py); subprocesses inherit it.
-os.environ["JFE_PRECISION"] = "fp32"
+
+def _auto_is_fp32(device: object = "cpu") -> hardware.Bf16Support:
+    """bf16 detection as on a CPU without native bf16, so ``precision="auto"`` resolves to fp32 in-process."""
+    real = hardware.bf16_support(device)
+    return hardware.Bf16Support(real.device_type, False, f"pinned to fp32 by the test suite ({real.detail})")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _auto_precision_is_fp32() -> Iterator[None]:
+    """The suite compares code paths number for number (batch vs one by one, CLI vs API): ``precision="auto"``
+    resolves to fp32 in every test, so a CPU with native bf16 gives the same numbers as one without. bf16 is
+    tested where a test asks for it by argument, or restores the real detection (``real_bf16_detection``); a
+    test that starts a subprocess passes its precision as an argument (a config key, ``--precision``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision_module, "bf16_support", _auto_is_fp32)
+        yield
+
+
+@pytest.fixture
+def real_bf16_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``precision="auto"`` as the machine really resolves it."""
+    monkeypatch.setattr(precision_module, "bf16_support", hardware.bf16_support)
 
 SHIPPED_ROOT = pretrained_module.PACKAGE_ROOT  # before any fixture hides it
 

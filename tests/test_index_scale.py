@@ -67,12 +67,10 @@ def test_bf16_scan_over_a_prepared_copy_equals_fp32_and_rejects_another_pool() -
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_flat_index_batch_search_keeps_its_bf16_copy_in_step(precision: str,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("JFE_EXACT_PRECISION", precision)
+def test_flat_index_batch_search_keeps_its_bf16_copy_in_step(precision: str) -> None:
     rng = np.random.default_rng(6)
     pool, queries = _unit(rng, 300, 16), _unit(rng, 20, 16)
-    index = VectorIndex(16)
+    index = VectorIndex(16, scan_precision=precision)
     index.add([f"d{i}" for i in range(300)], pool)
     ids, _ = index.search(queries, 5)
     ref = np.argsort(-(queries @ pool.T), axis=1, kind="stable")[:, :5]
@@ -276,6 +274,8 @@ def test_ray_build_equals_single_process(tiny_mbeir: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     one, sharded = VectorIndex.load(tmp_path / "one"), load_index(tmp_path / "ray")
     assert isinstance(sharded, ShardedIndex) and len(sharded.shards) == 2 and sharded.ids == one.ids
+    # resolved once by the driver and recorded as such: every worker encoded in it, whatever its own hardware
+    assert sharded.meta["precision"] == one.meta["precision"] == "fp32"
     queries = np.stack([one.vector(d) for d in one.ids])
     a, b = one.search(queries, 8), sharded.search(queries, 8)
     assert a[0] == b[0]
@@ -289,13 +289,11 @@ def test_exact_auto_precision_follows_the_shared_cpu_detection(monkeypatch: pyte
     """The index and the models ask one place (jfe.hardware) whether the CPU has native bf16."""
     from jfe.index import exact
 
-    monkeypatch.delenv("JFE_EXACT_PRECISION", raising=False)
     monkeypatch.setattr(exact, "cpu_bf16_flags", lambda flags=None: [])
-    assert exact.resolve_precision("auto") == "fp32"
+    assert exact.resolve_scan_precision("auto") == "fp32"
     monkeypatch.setattr(exact, "cpu_bf16_flags", lambda flags=None: ["amx_bf16"])
-    assert exact.resolve_precision("auto") == "bf16"
-    monkeypatch.setenv("JFE_EXACT_PRECISION", "fp32")
-    assert exact.resolve_precision("auto") == "fp32" and exact.resolve_precision("bf16") == "bf16"
-    assert exact.resolve_precision(" BF16 ") == "bf16"  # the encoders' spellings
+    assert exact.resolve_scan_precision("auto") == "bf16"
+    assert exact.resolve_scan_precision("fp32") == "fp32" and exact.resolve_scan_precision("bf16") == "bf16"
+    assert exact.resolve_scan_precision(" BF16 ") == "bf16"  # the encoders' spellings
     with pytest.raises(ValueError, match="unknown precision 'int4': expected one of auto, fp32, bf16"):
-        exact.resolve_precision("int4")
+        exact.resolve_scan_precision("int4")

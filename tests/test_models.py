@@ -186,7 +186,8 @@ def test_encode_batches_like_items_together(models: dict[str, Encoder], image_fi
     items = _mixed_items(image_files)
     seen: list[list[str]] = []
     embed = model.embed
-    monkeypatch.setattr(model, "embed", lambda batch: seen.append([i.modality for i in batch]) or embed(batch))
+    monkeypatch.setattr(model, "embed", lambda batch, *vision: seen.append([i.modality for i in batch])
+                        or embed(batch, *vision))
     vecs = model.encode(items, batch_size=2)
     flat = [m for batch in seen for m in batch]
     assert sorted(flat) == sorted(item.modality for item in items)
@@ -582,7 +583,7 @@ def test_cli_models_list_and_encode(image_files: dict[str, Path], tmp_path: Path
 
 
 def test_hf_prefix_resolves_lazily_to_the_hf_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """``hf:<path>`` goes to ``jfe.models.hf.HFEncoder.from_path`` (faked here: no MLLM is built)."""
+    """``hf:<path>`` goes to ``jfe.models.hf.HFEncoder._from_path`` (faked here: no MLLM is built)."""
     import sys
     import types
 
@@ -592,7 +593,7 @@ def test_hf_prefix_resolves_lazily_to_the_hf_adapter(monkeypatch: pytest.MonkeyP
 
     class FakeHF:
         @classmethod
-        def from_path(cls, path, device=None, **overrides):  # noqa: ANN001, ANN206
+        def _from_path(cls, path, device=None, **overrides):  # noqa: ANN001, ANN206
             calls.append((str(path), overrides))
             return ToyEncoder()
 

@@ -71,7 +71,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder(tiny_dir: Path) -> HFEncoder:
-    return HFEncoder.from_path(tiny_dir, device="cpu")
+    return load_model(f"hf:{tiny_dir}", device="cpu")
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:
@@ -99,7 +99,7 @@ def test_dtype_and_dim(encoder: HFEncoder) -> None:
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_equals_one_by_one(tiny_dir: Path, side: str) -> None:
-    model = HFEncoder.from_path(tiny_dir, device="cpu", padding_side=side)
+    model = load_model(f"hf:{tiny_dir}", device="cpu", padding_side=side)
     assert model.tokenizer.padding_side == side
     items = mixed_items()
     batch = model.encode(items, batch_size=len(items))
@@ -114,8 +114,8 @@ def test_batch_equals_one_by_one(tiny_dir: Path, side: str) -> None:
 
 def test_left_and_right_padding_agree(tiny_dir: Path) -> None:
     items = mixed_items()
-    left = HFEncoder.from_path(tiny_dir, device="cpu", padding_side="left")
-    right = HFEncoder.from_path(tiny_dir, device="cpu", padding_side="right")
+    left = load_model(f"hf:{tiny_dir}", device="cpu", padding_side="left")
+    right = load_model(f"hf:{tiny_dir}", device="cpu", padding_side="right")
     batch_left, batch_right = left.prepare(items), right.prepare(items)
     mask_left, mask_right = batch_left["attention_mask"], batch_right["attention_mask"]
     assert (mask_left[:, 0] == 0).any() and (mask_right[:, -1] == 0).any()  # both really pad
@@ -151,7 +151,7 @@ def test_last_token_pooling_matches_manual_forward(tiny_dir: Path, encoder: HFEn
     expected = torch.nn.functional.normalize(out.last_hidden_state[0, -1], dim=-1).numpy()
 
     # In a padded batch beside a longer item, under right padding (the pads come after the real tokens).
-    right = HFEncoder.from_path(tiny_dir, device="cpu", padding_side="right")
+    right = load_model(f"hf:{tiny_dir}", device="cpu", padding_side="right")
     long_item = Item(text="find the red cat " * 20, image=_image(64, 64, 9), id="long")
     vectors = right.encode([Item(text=text, image=image, id="q"), long_item])
     np.testing.assert_allclose(vectors[0], expected, atol=1e-5)
@@ -161,7 +161,7 @@ def test_last_token_pooling_matches_manual_forward(tiny_dir: Path, encoder: HFEn
 
 
 def test_embed_and_system_prompts(tiny_dir: Path, encoder: HFEncoder) -> None:
-    suffixed = HFEncoder.from_path(tiny_dir, device="cpu", embed_prompt="summarize above in one word :",
+    suffixed = load_model(f"hf:{tiny_dir}", device="cpu", embed_prompt="summarize above in one word :",
                                    system_prompt="you are a helpful cat")
     prompt = suffixed.build_prompt(Item(text="moon"))
     assert prompt.startswith("<|im_start|>system\nyou are a helpful cat<|im_end|>")
@@ -171,7 +171,7 @@ def test_embed_and_system_prompts(tiny_dir: Path, encoder: HFEncoder) -> None:
 
 
 def test_long_text_is_truncated(tiny_dir: Path) -> None:
-    model = HFEncoder.from_path(tiny_dir, device="cpu", max_text_tokens=4)
+    model = load_model(f"hf:{tiny_dir}", device="cpu", max_text_tokens=4)
     long_text = "find the red cat with a hat"
     assert model._truncate(long_text) == "find the red cat"
     np.testing.assert_allclose(model.encode([long_text]), model.encode(["find the red cat"]), atol=1e-6)
@@ -185,7 +185,7 @@ def _perturb(params: list[torch.nn.Parameter], seed: int) -> None:
 
 
 def test_lora_adds_params_and_only_they_train_in_align(tiny_dir: Path, encoder: HFEncoder) -> None:
-    model = HFEncoder.from_path(tiny_dir, device="cpu", lora_r=4, lora_alpha=8)
+    model = load_model(f"hf:{tiny_dir}", device="cpu", lora_r=4, lora_alpha=8)
     n_base = sum(p.numel() for p in encoder.parameters())
     assert sum(p.numel() for p in model.parameters()) > n_base
     # lora_B starts at zero: before training, the adapter leaves the base model's vectors unchanged.
@@ -208,7 +208,7 @@ def test_lora_adds_params_and_only_they_train_in_align(tiny_dir: Path, encoder: 
 
 
 def test_align_without_lora_trains_the_projector(tiny_dir: Path) -> None:
-    model = HFEncoder.from_path(tiny_dir, device="cpu")
+    model = load_model(f"hf:{tiny_dir}", device="cpu")
     model.set_trainable("align")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".merger." in n for n in trainable)
@@ -219,7 +219,7 @@ def test_align_without_lora_trains_the_projector(tiny_dir: Path) -> None:
 
 
 def _trained_lora(tiny_dir: Path, seed: int = 1, **overrides) -> HFEncoder:
-    model = HFEncoder.from_path(tiny_dir, device="cpu", lora_r=4, lora_alpha=8, **overrides)
+    model = load_model(f"hf:{tiny_dir}", device="cpu", lora_r=4, lora_alpha=8, **overrides)
     model.set_trainable("align")
     _perturb([p for p in model.parameters() if p.requires_grad], seed=seed)
     return model
@@ -244,8 +244,8 @@ def test_save_load_lora_as_peft_adapter(tmp_path: Path, tiny_dir: Path) -> None:
     with safe_open(str(saved / "model.safetensors"), "pt") as handle:
         assert set(handle.keys()) == set()  # a LoRA-only run: nothing else changed, nothing else is saved
     assert json.loads((saved / "config.json").read_text())["weights"] == "delta"
-    for loader in (HFEncoder.from_pretrained, load_model, HFEncoder.from_path):
-        loaded = loader(saved, device="cpu")
+    for spec in (saved, f"hf:{saved}"):  # a saved folder, named as such or as an hf: path
+        loaded = load_model(spec, device="cpu")
         assert isinstance(loaded, HFEncoder)
         assert not any(p.requires_grad for p in loaded.parameters())  # an inference model again
         np.testing.assert_allclose(loaded.encode(items), expected, atol=1e-6)
@@ -288,33 +288,33 @@ def test_older_checkpoints_with_lora_in_model_safetensors_still_load(tmp_path: P
         (saved / name).unlink(missing_ok=True)
     lora = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
     save_file(lora, str(saved / "model.safetensors"), metadata={"arch": "hf-mllm", "weights": "delta"})
-    loaded = HFEncoder.from_pretrained(saved, device="cpu")
+    loaded = load_model(saved, device="cpu")
     np.testing.assert_allclose(loaded.encode(items), expected, atol=1e-6)
     resaved = loaded.save_pretrained(tmp_path / "new")  # and it is written back in the standard layout
     assert (resaved / "adapter_model.safetensors").is_file()
-    np.testing.assert_allclose(HFEncoder.from_pretrained(resaved, device="cpu").encode(items), expected, atol=1e-6)
+    np.testing.assert_allclose(load_model(resaved, device="cpu").encode(items), expected, atol=1e-6)
 
 
 def test_broken_adapter_folders_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
     saved = _trained_lora(tiny_dir).save_pretrained(tmp_path / "lora")
     with pytest.raises(ConfigError, match="cannot be overridden"):
-        HFEncoder.from_pretrained(saved, device="cpu", lora_r=8)
+        load_model(saved, device="cpu", lora_r=8)
     shutil.copytree(saved, tmp_path / "half")
     (tmp_path / "half" / "adapter_config.json").unlink()
     with pytest.raises(ConfigError, match="incomplete"):
-        HFEncoder.from_pretrained(tmp_path / "half", device="cpu")
+        load_model(tmp_path / "half", device="cpu")
     (tmp_path / "half" / "adapter_model.safetensors").unlink()
     with pytest.raises(ConfigError, match="no LoRA adapter"):
-        HFEncoder.from_pretrained(tmp_path / "half", device="cpu")
+        load_model(tmp_path / "half", device="cpu")
 
 
 def test_lora_added_on_top_of_a_saved_projector_delta(tmp_path: Path, tiny_dir: Path) -> None:
     """Stage 1 without LoRA (projector only), stage 2 adds a fresh adapter: both deltas survive a save."""
-    stage1 = HFEncoder.from_path(tiny_dir, device="cpu")
+    stage1 = load_model(f"hf:{tiny_dir}", device="cpu")
     stage1.set_trainable("align")
     _perturb([p for p in stage1.parameters() if p.requires_grad], seed=6)
     first = stage1.save_pretrained(tmp_path / "stage1")
-    stage2 = HFEncoder.from_pretrained(first, device="cpu", lora_r=4, lora_alpha=8)
+    stage2 = load_model(first, device="cpu", lora_r=4, lora_alpha=8)
     items = mixed_items()
     np.testing.assert_allclose(stage2.encode(items), stage1.encode(items), atol=1e-6)  # lora_B = 0
     stage2.set_trainable("full")
@@ -326,12 +326,12 @@ def test_lora_added_on_top_of_a_saved_projector_delta(tmp_path: Path, tiny_dir: 
     with safe_open(str(second / "model.safetensors"), "pt") as handle:
         keys = set(handle.keys())
     assert keys and all(".merger." in k for k in keys)  # the stage-1 projector, next to the adapter files
-    np.testing.assert_allclose(HFEncoder.from_pretrained(second, device="cpu").encode(items), expected, atol=1e-6)
+    np.testing.assert_allclose(load_model(second, device="cpu").encode(items), expected, atol=1e-6)
 
 
 def test_save_load_full_is_self_contained(tmp_path: Path, tiny_dir: Path) -> None:
     base = shutil.copytree(tiny_dir, tmp_path / "base")
-    model = HFEncoder.from_path(base, device="cpu")
+    model = load_model(f"hf:{base}", device="cpu")
     model.set_trainable("full")
     _perturb([model.backbone.language_model.norm.weight, model.backbone.visual.merger.mlp[0].weight], seed=2)
     items = mixed_items()
@@ -343,14 +343,14 @@ def test_save_load_full_is_self_contained(tmp_path: Path, tiny_dir: Path) -> Non
     np.testing.assert_allclose(loaded.encode(items), expected, atol=1e-6)
     # Saving over an existing checkpoint replaces it whole.
     loaded.save_pretrained(saved)
-    np.testing.assert_allclose(HFEncoder.from_pretrained(saved, device="cpu").encode(items), expected, atol=1e-6)
+    np.testing.assert_allclose(load_model(saved, device="cpu").encode(items), expected, atol=1e-6)
 
 
 def test_untrained_save_is_tiny_delta(tmp_path: Path, encoder: HFEncoder) -> None:
     saved = encoder.save_pretrained(tmp_path / "plain")
     assert (saved / "model.safetensors").stat().st_size < 1024
     assert (saved / "backbone" / "config.json").exists() and (saved / "backbone" / "chat_template.jinja").exists()
-    np.testing.assert_allclose(HFEncoder.from_pretrained(saved, device="cpu").encode(["moon"]),
+    np.testing.assert_allclose(load_model(saved, device="cpu").encode(["moon"]),
                                encoder.encode(["moon"]), atol=1e-6)
 
 
@@ -370,11 +370,11 @@ def test_bad_inputs_name_the_item(tmp_path: Path, encoder: HFEncoder) -> None:
 
 def test_bad_paths_and_options(tmp_path: Path, tiny_dir: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        HFEncoder.from_path(tmp_path / "no-such-model", device="cpu")
+        load_model(f"hf:{tmp_path / 'no-such-model'}", device="cpu")
     with pytest.raises(ConfigError, match="bad options"):
-        HFEncoder.from_path(tiny_dir, device="cpu", lora_rank=4)
+        load_model(f"hf:{tiny_dir}", device="cpu", lora_rank=4)
     with pytest.raises(ConfigError, match="match nothing"):
-        HFEncoder.from_path(tiny_dir, device="cpu", lora_r=2, target_modules=["no_such_proj"])
+        load_model(f"hf:{tiny_dir}", device="cpu", lora_r=2, target_modules=["no_such_proj"])
 
 
 def build_tiny_llava(folder: Path) -> Path:
@@ -420,11 +420,11 @@ def build_tiny_llava(folder: Path) -> Path:
 def test_generic_adapter_with_a_processor(tmp_path: Path) -> None:
     folder = build_tiny_llava(tmp_path / "tiny-llava")
     items = [Item(text="find the red cat"), Item(image=_image(40, 40, 5)), Item(text="moon", image=_image(50, 30, 6))]
-    left = HFEncoder.from_path(folder, device="cpu", padding_side="left")
+    left = load_model(f"hf:{folder}", device="cpu", padding_side="left")
     assert left.adapter.name == "generic"
     vectors = left.encode(items)
     np.testing.assert_allclose(vectors, np.concatenate([left.encode([item]) for item in items]), atol=1e-5)
-    right = HFEncoder.from_path(folder, device="cpu", padding_side="right")
+    right = load_model(f"hf:{folder}", device="cpu", padding_side="right")
     np.testing.assert_allclose(right.encode(items), vectors, atol=1e-5)
     with pytest.raises(DataError, match="'bad'.*reserved"):
         left.encode([Item(text="moon <image>", id="bad")])

@@ -32,8 +32,7 @@ def test_cpu_flags_parse_and_bf16_detection() -> None:
     assert H.cpu_bf16_flags(H.parse_cpu_flags("flags : fpu avx2 fma\n")) == []
 
 
-def test_resolve_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("JFE_PRECISION", raising=False)  # the suite pins auto to fp32 (conftest)
+def test_resolve_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch, real_bf16_detection: None) -> None:
     monkeypatch.setattr(H, "cpu_bf16_flags", lambda flags=None: [])
     assert P.resolve_precision("auto", "cpu") == "fp32"
     assert P.resolve_precision("bf16", "cpu") == "bf16"  # honoured, emulated (with a warning)
@@ -42,15 +41,9 @@ def test_resolve_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> N
     assert P.resolve_precision("auto", "cpu") == "bf16"
     with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
         P.resolve_precision("fp16", "cpu")
-    # the environment replaces auto (only auto), and a wrong value there is named like a wrong argument
+    # the precision is an argument: the environment variable of earlier versions changes nothing any more
     monkeypatch.setenv("JFE_PRECISION", "fp32")
-    assert P.resolve_precision("auto", "cpu") == "fp32" and P.resolve_precision("bf16", "cpu") == "bf16"
-    monkeypatch.setattr(H, "cpu_bf16_flags", lambda flags=None: [])
-    monkeypatch.setenv("JFE_PRECISION", "bf16")
-    assert P.resolve_precision("auto", "cpu") == "bf16" and P.resolve_precision("fp32", "cpu") == "fp32"
-    monkeypatch.setenv("JFE_PRECISION", "half")
-    with pytest.raises(ConfigError, match="unknown precision 'half'"):
-        P.resolve_precision("auto", "cpu")
+    assert P.resolve_precision("auto", "cpu") == "bf16"
 
 
 def test_encode_returns_float32_unit_vectors_in_bf16() -> None:
@@ -158,7 +151,6 @@ def test_vision_follow_runs_the_tower_in_bf16_under_a_cache_key_of_its_own(monke
     from jfe.eval.protocol import model_fingerprint
     from jfe.models import feature_cache
 
-    monkeypatch.delenv("JFE_VISION_PRECISION", raising=False)
     model = load_model("jfe-mini", device="cpu", pretrained=False, grid=2, image_size=96)
     images = [_image(i) for i in range(6)]
     with feature_cache.overridden(mode="memory"):
@@ -174,12 +166,8 @@ def test_vision_follow_runs_the_tower_in_bf16_under_a_cache_key_of_its_own(monke
     assert model_fingerprint(model) != fingerprint  # evaluation caches keep them apart too
     cos_package, cos_follow = (fp32 * package).sum(1).min(), (fp32 * follow).sum(1).min()
     assert 0.9 < cos_follow < cos_package, (cos_follow, cos_package)  # bf16 in the tower moves vectors more
-    model.vision_precision = None  # the environment decides
-    assert not model.vision_follows("bf16")
-    monkeypatch.setenv("JFE_VISION_PRECISION", "follow")
     assert model.vision_follows("bf16") and not model.vision_follows("fp32")
-    monkeypatch.setenv("JFE_VISION_PRECISION", "half")
-    with pytest.raises(ConfigError, match="JFE_VISION_PRECISION"):
-        model.vision_follows("bf16")
+    monkeypatch.setenv("JFE_VISION_PRECISION", "fp32")  # an argument, not the environment, decides
+    assert model.vision_follows("bf16")
     with pytest.raises(ConfigError, match="vision precision"):
         model.set_precision("bf16", vision="bf8")

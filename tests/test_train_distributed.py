@@ -21,7 +21,8 @@ def _config(root: Path, out: Path) -> dict:
     # hard negatives, grouping (false-negative masks across shards), GradCache and a learnable temperature
     return {"stage": "stage2", "model": "toy-hash", "data": str(root), "output_dir": str(out), "steps": 4,
             "batch_size": 8, "lr": 0.05, "warmup_steps": 1, "hard_negatives": 1, "group_size": 2,
-            "grad_cache_chunk": 5, "checkpoint_every": 2, "log_every": 1, "device": "cpu"}
+            "grad_cache_chunk": 5, "checkpoint_every": 2, "log_every": 1, "device": "cpu",
+            "precision": "fp32"}  # the 2-process run is a subprocess: it gets the precision as an argument
 
 
 def _losses(out: Path) -> list[float]:

@@ -101,7 +101,7 @@ def test_stage1_then_stage2_then_save_and_load(tmp_path: Path) -> None:
     assert isinstance(loaded, HFEncoder)
     vectors = loaded.encode(items)
     resaved = loaded.save_pretrained(tmp_path / "resaved")
-    np.testing.assert_allclose(HFEncoder.from_pretrained(resaved, device="cpu").encode(items), vectors, atol=1e-6)
+    np.testing.assert_allclose(load_model(resaved, device="cpu").encode(items), vectors, atol=1e-6)
     # the same vectors from plain transformers + peft reading the stage-2 folder
     peft_model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(backbone), stage2).eval()
     batch = loaded.prepare(_items(items))
@@ -132,7 +132,7 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path: Path, launc
            "data": str(root), "steps": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "group_size": 1,
            "hard_negatives": 1, "grad_cache_chunk": 3, "task_weights": {0: 1.0, 3: 1.0, 7: 1.0},
            "checkpoint_every": 2, "log_every": 1, "device": "cpu", "val_max_queries": 4, "val_max_pool": 8,
-           "output_dir": str(tmp_path / "multi")}
+           "output_dir": str(tmp_path / "multi"), "precision": "fp32"}
     config = tmp_path / "multi.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items() if not isinstance(v, dict))
                       + "model_overrides = { lora_r = 4, lora_alpha = 8 }\ntask_weights = { 0 = 1.0, 3 = 1.0, "

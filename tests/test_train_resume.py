@@ -28,7 +28,7 @@ def _config(root: Path, out: Path, **kw) -> dict:
     # stage 2 uses every source of randomness: task mix, grouping, hard negatives, instruction variants
     cfg = {"stage": "stage2", "model": "toy-hash", "data": str(root), "output_dir": str(out), "steps": 8,
            "batch_size": 8, "lr": 0.05, "warmup_steps": 2, "hard_negatives": 2, "group_size": 2,
-           "grad_cache_chunk": 6, "checkpoint_every": 3, "log_every": 1,
+           "grad_cache_chunk": 6, "checkpoint_every": 3, "log_every": 1, "precision": "fp32",
            "phases": [{"trainable": "align", "fraction": 0.25, "lr": 0.1}, {"trainable": "full"}]}
     cfg.update(kw)
     return cfg

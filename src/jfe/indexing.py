@@ -25,7 +25,7 @@ from jfe.errors import ConfigError, DataError
 from jfe.index.build import RECALL_QUERIES, check_factory, index_vectors
 from jfe.index.shards import ShardedIndex, split_rows
 from jfe.index.vector_index import INDEX_KIND, VectorIndex
-from jfe.models.base import Encoder
+from jfe.models.base import Encoder, default_device
 from jfe.models.precision import check_precision, resolve_precision
 from jfe.models.registry import load_model, model_name_of
 from jfe.paths import check_out_dir
@@ -75,7 +75,7 @@ def pool_meta(model_name: str, arch: str | None, data_root: Path, pool_files: Se
 def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
     """``meta.json``'s record of how the vectors were computed: the precision ``model`` really computes in for
     ``precision`` on its device (``fp32`` or ``bf16``), and ``vision_precision: bf16`` where the vision tower
-    followed a bf16 encode (``JFE_VISION_PRECISION=follow``)."""
+    followed a bf16 encode (``set_precision(..., vision="follow")``)."""
     resolved = resolve_precision(precision, getattr(model, "device", "cpu"))
     return {"precision": resolved, **({"vision_precision": "bf16"} if model.vision_follows(resolved) else {})}
 
@@ -116,9 +116,12 @@ def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: 
     if not candidates:
         raise DataError("no candidates in the pool file(s): " + ", ".join(str(p) for p in pool_files))
     if ray_address:
+        # one index, one precision: resolved once here and passed to every worker as it is, so the vectors do
+        # not depend on which worker's hardware encoded them (meta.json records the resolved value)
+        resolved = resolve_precision(precision, default_device())
         vectors = encode_with_ray(model, candidates, data_root, address=ray_address, workers=shards,
-                                  batch_size=batch_size, precision=precision)
-        arch, precision_info = None, {"precision": precision}  # resolved on each worker's own hardware
+                                  batch_size=batch_size, precision=resolved)
+        arch, precision_info = None, {"precision": str(resolved)}
     else:
         encoder = load_model(model)
         arch, precision_info = encoder.arch, precision_meta(encoder, precision)

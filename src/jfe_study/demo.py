@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
 from jfe.paths import atomic_write
 
 # run name -> registered model; a 2x2 visual grid wherever a model reads one (two-tower and SF pool globally)
@@ -42,6 +43,9 @@ class DemoPlan:
     stage2_steps: int | None = None
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # extra training-config keys for every stage (``--set``)
+    # compute precision of training and evaluation alike: "auto" (bf16 where the CPU has it) or "fp32" (the same
+    # numbers on every CPU)
+    precision: str = "auto"
 
 
 def _log(message: str) -> None:
@@ -70,8 +74,8 @@ def train_run(plan: DemoPlan, run_name: str, model_name: str, stages: tuple[str,
         return final
     for stage in stages:
         stage_dir = plan.out / "models" / run_name / stage
-        overrides: dict = {**plan.overrides, "model": init, "data": str(plan.data), "output_dir": str(stage_dir),
-                           "seed": plan.seed}
+        overrides: dict = {"precision": plan.precision, **plan.overrides, "model": init, "data": str(plan.data),
+                           "output_dir": str(stage_dir), "seed": plan.seed}
         steps = plan.stage1_steps if stage == "stage1" else plan.stage2_steps
         if steps is not None:
             overrides["steps"] = steps
@@ -98,7 +102,7 @@ def evaluate_run(plan: DemoPlan, run_name: str, checkpoint: Path) -> dict[str, P
         outputs[pool] = out_dir
         if (out_dir / "results.json").exists():
             continue
-        model = model or load_model(checkpoint)
+        model = model or load_model(checkpoint).set_precision(plan.precision)
         _log(f"{run_name}: evaluating on the {pool} pool")
         # One embedding cache for both pools: the global run then re-embeds nothing.
         MBEIREvaluator(plan.data, split="test", pool=pool, out_dir=out_dir, run_name=run_name,
@@ -148,13 +152,18 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         set_: list[str] = typer.Option(None, "--set", help="Training-config override for every stage and model, "
                                        "key=value (repeatable), e.g. --set batch_size=32."),
+        precision: PrecisionOption = DEFAULT_PRECISION,
     ) -> None:
-        """Build MiniBEIR, train jfe-mini and the three baselines alike, evaluate, and report."""
+        """Build MiniBEIR, train jfe-mini and the three baselines alike, evaluate, and report.
+
+        --precision fp32 gives the same numbers on every CPU (auto computes in bf16 where the CPU has it)."""
+        from jfe.hardware import check_precision
         from jfe.train.config import parse_overrides
 
         runs: dict[str, tuple[str, tuple[str, ...]]] = ABLATIONS if ablations else \
             {name: (model, ("stage1", "stage2")) for name, model in MODELS.items()}
         plan = DemoPlan(data=data, out=out, configs=configs, runs=runs, stage1_steps=stage1_steps,
-                        stage2_steps=stage2_steps, seed=seed, overrides=parse_overrides(set_))
+                        stage2_steps=stage2_steps, seed=seed, overrides=parse_overrides(set_),
+                        precision=check_precision(precision))
         report = run_demo(plan)
         typer.echo(f"report: {report}")

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
 from jfe.data.records import CATEGORIES, FUSION_CATEGORIES
 from jfe.errors import ConfigError
 from jfe.eval.metrics import PRIMARY_METRIC as METRIC
@@ -78,6 +79,7 @@ class ReproducePlan:
     run_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> extra keys (both stages)
     register: bool = True
     prune: bool = True  # drop the curve's older checkpoints once the budget's model is extracted
+    precision: str = "auto"  # training and evaluation alike; "fp32" gives the same numbers on every CPU
 
 
 def _log(message: str) -> None:
@@ -151,7 +153,7 @@ def _train(plan: ReproducePlan, run: str, stage: str, overrides: dict[str, Any])
     # the plan's validation caps are defaults `--set` may change; the orchestration's own keys (model, data,
     # output_dir, seed, steps, schedule) always win
     caps = val_caps(plan) if stage == "stage2" else {}
-    merged = {**caps, **plan.overrides, **plan.run_overrides.get(run, {}), **overrides}
+    merged = {"precision": plan.precision, **caps, **plan.overrides, **plan.run_overrides.get(run, {}), **overrides}
     return train(plan.configs / f"{stage}.toml", overrides=merged, resume=True, progress=True)
 
 
@@ -244,7 +246,7 @@ def evaluate_all(plan: ReproducePlan, checkpoints: dict[tuple[str, int], Path]) 
             out[pool].setdefault(run, []).append(folder)
             if (folder / "results.json").exists():
                 continue
-            model = model or load_model(checkpoint)
+            model = model or load_model(checkpoint).set_precision(plan.precision)
             _log(f"{run} seed {seed}: evaluating ({plan.split} split, {pool} pool)")
             MBEIREvaluator(plan.data, split=plan.split, pool=pool, out_dir=folder, run_name=run,
                            cache_dir=plan.out / "eval" / "embeddings" / f"seed{seed}" / run, progress=False,
@@ -609,7 +611,8 @@ def register(app: typer.Typer) -> None:
         curve_steps: int = typer.Option(200, min=1, help="Stage-2 steps of the learning curves."),
         val_every: int = typer.Option(40, min=1, help="Validate (and checkpoint) every N stage-2 steps."),
         seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (0 = the learning-curve run)."),
-        threshold: float = typer.Option(0.005, min=0.0, help=f"Plateau: val {METRIC} gain (fraction) counted as flat."),
+        threshold: float = typer.Option(0.005, min=0.0, help=f"Plateau: val {METRIC} gain (fraction) counted as "
+                                        "flat."),
         smoothing: int = typer.Option(1, min=1, help="Moving-average window (points) before plateau detection."),
         n_boot: int = typer.Option(2000, min=100, help="Bootstrap replicates."),
         pools: str = typer.Option("local", help="Comma-separated pools to evaluate: local, global."),
@@ -619,8 +622,10 @@ def register(app: typer.Typer) -> None:
         model: list[str] = typer.Option(None, "--model", help="RUN=MODEL: train this model for one of the four "
                                         "runs (jfe-mini, two-tower, late-fusion-sf, late-fusion-ff), e.g. "
                                         "jfe-mini=jfe-mini for the 4x4 grid; repeatable."),
+        precision: PrecisionOption = DEFAULT_PRECISION,
     ) -> None:
         """Learning curves of the four models to a plateau, 3 seeds at that budget, bootstrap CIs: the report."""
+        from jfe.hardware import check_precision
         from jfe.train.config import parse_overrides
 
         plan = ReproducePlan(data=data, out=out, configs=configs, corpus=corpus, stage1_steps=stage1_steps,
@@ -629,7 +634,8 @@ def register(app: typer.Typer) -> None:
                              shared_stage1=not stage1_per_seed, curve_steps=curve_steps, val_every=val_every,
                              seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), threshold=threshold,
                              smoothing=smoothing, n_boot=n_boot, pools=tuple(p.strip() for p in pools.split(",")),
-                             overrides=parse_overrides(set_), register=not no_register)
+                             overrides=parse_overrides(set_), register=not no_register,
+                             precision=check_precision(precision))
         report = run_reproduce(plan)
         if publish_to is not None:
             files = publish(report.parent, publish_to)

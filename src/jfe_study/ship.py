@@ -167,6 +167,7 @@ def install(plan: ShipPlan, report: dict[str, Any], target: Path) -> list[Path]:
     from jfe.models.pretrained import register_pretrained
 
     written = []
+    target.mkdir(parents=True, exist_ok=True)
     for row in report["rows"]:
         if row["seed"] != 0:
             continue

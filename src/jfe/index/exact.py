@@ -18,7 +18,6 @@ Ties: equal scores rank by row (the lower row first), the index's insertion-orde
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +36,11 @@ BF16_CANDIDATES = 32
 BF16_REL_ERROR = 2 * (3 * 2.0 ** -8 + 2.0 ** -16)
 
 
-def resolve_precision(precision: Precision | str) -> ComputePrecision:
-    """``auto`` -> ``bf16`` where the CPU has native bf16, else ``fp32``; the JFE_EXACT_PRECISION env wins.
-
-    The spellings and the error (a ConfigError, a ValueError) are the encoders' (:func:`jfe.hardware.check_precision`).
-    """
+def resolve_scan_precision(precision: Precision | str) -> ComputePrecision:
+    """The arithmetic of an exact scan (results are fp32-exact either way): ``auto`` -> ``bf16`` where the CPU
+    has native bf16, else ``fp32``. Not the encoders' compute precision, though it takes the same spellings and
+    raises the same error (:func:`jfe.hardware.check_precision`)."""
     value = check_precision(precision)
-    if value == "auto":
-        value = check_precision(os.environ.get("JFE_EXACT_PRECISION", "auto") or "auto")
     if value == "auto":
         return "bf16" if cpu_bf16_flags() else "fp32"
     return value
@@ -124,7 +120,7 @@ def exact_topk(queries: np.ndarray, pool: np.ndarray, k: int, *, precision: Prec
     m, n = len(queries), len(pool)
     top = _TopK(m, k)
     if m and n:
-        mode = resolve_precision(precision)
+        mode = resolve_scan_precision(precision)
         if mode == "bf16":
             _scan_bf16(queries, pool, top, chunk_rows, prepared)
         else:

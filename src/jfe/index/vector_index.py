@@ -13,7 +13,7 @@
   matmul + argpartition here); single queries and approximate indexes go through faiss. On CPUs with native
   bf16 the scan runs in bf16 (fp32 rescoring, same results) over a bf16 copy of the vectors kept beside them
   (half their size more RAM, made at the first batch search, dropped by ``add``/``remove``; never for a
-  memory-mapped index). ``JFE_EXACT_PRECISION=fp32`` turns it off.
+  memory-mapped index). ``VectorIndex(..., scan_precision="fp32")`` (or the attribute) turns it off.
 * ``load(..., mmap=True)`` memory-maps the faiss file (``faiss.IO_FLAG_MMAP``): the vectors / codes stay on
   disk and page in on use, so an index larger than RAM can still be searched (read-only).
 * ``remove`` really removes (the vector leaves the faiss index, the id and the record leave the maps).
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from jfe.errors import ConfigError, DataError
-from jfe.index.exact import Bf16Pool, exact_topk, rescore, resolve_precision
+from jfe.index.exact import Bf16Pool, exact_topk, rescore, resolve_scan_precision
 from jfe.paths import ArtefactKind, atomic_dir, read_json_object, recover_dir
 
 FORMAT_VERSION = 1
@@ -68,7 +68,12 @@ class VectorIndex:
     [['1:1']]
     """
 
-    def __init__(self, dim: int, factory: str = "Flat", meta: dict | None = None) -> None:
+    #: arithmetic of the exact batch scan: "auto" (bf16 where the CPU has it, rescored in fp32: the same
+    #: results), "fp32" or "bf16"; see :mod:`jfe.index.exact`
+    scan_precision: str = "auto"
+
+    def __init__(self, dim: int, factory: str = "Flat", meta: dict | None = None, scan_precision: str = "auto"
+                 ) -> None:
         if dim < 1:
             raise ConfigError(f"index dimension must be positive, got {dim}")
         faiss = _faiss()
@@ -79,6 +84,7 @@ class VectorIndex:
                 from None
         self.dim = int(dim)
         self.factory = factory
+        self.scan_precision = scan_precision
         self.meta: dict = dict(meta or {})
         self.meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self._index = faiss.IndexIDMap2(inner)
@@ -272,7 +278,7 @@ class VectorIndex:
             return self._index.search(queries, fetch)
         pool, id_map = self._flat_storage()
         prepared = None
-        if resolve_precision("auto") == "bf16":
+        if resolve_scan_precision(self.scan_precision) == "bf16":
             # a bf16 copy (+50 % RAM) saves the per-search conversion, about as slow as the bf16 scan itself;
             # not for a memory-mapped index, whose point is not holding the pool in RAM
             if self._bf16 is None and not self._mmap:

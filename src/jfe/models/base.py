@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from jfe.data.items import Item, as_item
 from jfe.errors import ConfigError
+from jfe.hardware import ComputePrecision
 from jfe.models.phases import check_phase
 from jfe.paths import ArtefactKind, atomic_dir, fix_modes
 
@@ -110,28 +111,31 @@ class Encoder(torch.nn.Module):
     #: compute precision of :meth:`encode` when the call gives none (``"auto"``/``"fp32"``/``"bf16"``, see
     #: :mod:`jfe.models.precision`): "auto" = bf16 autocast where the hardware has native bf16, else fp32
     precision: str = "auto"
-    #: where a vision tower computes when an encode runs in bf16: "fp32" or "follow" (bf16 too); None reads
-    #: ``JFE_VISION_PRECISION`` (default "fp32"); see :mod:`jfe.models.precision`
-    vision_precision: str | None = None
+    #: where a vision tower computes when an encode runs in bf16: "fp32" or "follow" (bf16 too); see
+    #: :mod:`jfe.models.precision`
+    vision_precision: str = "fp32"
 
     def set_precision(self, precision: str, vision: str | None = None) -> Encoder:
         """Make ``precision`` the default of :meth:`encode` (checked now, resolved per call and device).
 
         ``vision="follow"`` lets the vision tower run in bf16 too when the encode does (faster cold encodes;
-        near-tie rankings move, docs/models.md); ``"fp32"`` keeps it in fp32; None leaves the setting as is.
+        near-tie rankings move, docs/benchmarks.md); ``"fp32"`` keeps it in fp32; None leaves the setting as is.
         """
-        from jfe.models.precision import check_precision, resolve_vision_precision
+        from jfe.models.precision import check_precision, check_vision_precision
 
         self.precision = check_precision(precision)
         if vision is not None:
-            self.vision_precision = resolve_vision_precision(vision)
+            self.vision_precision = check_vision_precision(vision)
         return self
 
     def vision_follows(self, compute: str) -> bool:
         """Whether an encode computing in ``compute`` runs the vision tower in bf16 as well."""
-        from jfe.models.precision import resolve_vision_precision
+        return compute == "bf16" and self.vision_precision == "follow"
 
-        return compute == "bf16" and resolve_vision_precision(self.vision_precision) == "follow"
+    def embed_in(self, items: Sequence[Item], vision: ComputePrecision) -> torch.Tensor:
+        """:meth:`embed` with the vision tower computing in ``vision`` (resolved by :meth:`encode` and passed
+        down as an argument). Models without a separate vision tower run it in the caller's autocast anyway."""
+        return self.embed(items)
 
     @torch.no_grad()
     def encode(self, items: Sequence[Any], instruction: str | None = None, batch_size: int = 32,
@@ -141,10 +145,11 @@ class Encoder(torch.nn.Module):
         ``instruction`` is prefixed to every item's text (the query side of retrieval). ``precision``
         (default: :attr:`precision`) is the compute precision; vectors come back float32 and unit-norm either way.
         """
-        from jfe.models import feature_cache
         from jfe.models.precision import autocast, resolve_precision
 
+        # resolved once for the whole encode; every batch and the vision tower get the resolved values
         compute = resolve_precision(precision or self.precision, self.device)
+        vision: ComputePrecision = "bf16" if self.vision_follows(compute) else "fp32"
         coerced = [as_item(obj, i) for i, obj in enumerate(items)]
         if instruction:
             coerced = [item.with_instruction(instruction) for item in coerced]
@@ -156,11 +161,10 @@ class Encoder(torch.nn.Module):
         order = sorted(range(len(coerced)), key=lambda i: _length_key(coerced[i]))
         try:
             starts = range(0, len(coerced), batch_size)
-            follow = self.vision_follows(compute)
             for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(coerced) == 0):
                 rows = order[start:start + batch_size]
-                with autocast(compute, self.device), feature_cache.tower_follows_autocast(follow):
-                    vectors = self.embed([coerced[i] for i in rows])
+                with autocast(compute, self.device):
+                    vectors = self.embed_in([coerced[i] for i in rows], vision)
                 if compute != "fp32":  # bf16 rounding leaves norms a little off 1: renormalise in fp32
                     vectors = l2_normalize(vectors.float())
                 out[rows] = vectors.float().cpu().numpy()

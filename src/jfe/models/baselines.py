@@ -22,6 +22,7 @@ from torch import nn
 
 from jfe.data.items import Item
 from jfe.errors import ConfigError
+from jfe.hardware import ComputePrecision
 from jfe.models.base import l2_normalize
 from jfe.models.text import HIDDEN, mean_pool
 from jfe.models.towers import TowerConfig, TowerEncoder, check_items
@@ -61,7 +62,8 @@ class TwoTowerMini(TowerEncoder):
     def glue_modules(self) -> list[nn.Module | nn.Parameter]:
         return [self.image_proj, self.text_proj]
 
-    def unimodal(self, items: Sequence[Item], modalities: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def unimodal(self, items: Sequence[Item], modalities: Sequence[str], vision: ComputePrecision = "fp32"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings ``[n, d]`` (zero rows where an item lacks the modality)."""
         n, dim = len(items), self.config.embed_dim
         device = self.image_proj.weight.device
@@ -70,7 +72,7 @@ class TwoTowerMini(TowerEncoder):
         image = torch.zeros(n, dim, device=device)
         text = torch.zeros(n, dim, device=device)
         if image_rows:
-            pooled = self.image_features([items[i] for i in image_rows]).mean((2, 3))
+            pooled = self.image_features([items[i] for i in image_rows], vision).mean((2, 3))
             vecs = l2_normalize(self.image_proj(pooled)).to(image.dtype)  # (autocast may give bf16)
             image = image.index_copy(0, torch.tensor(image_rows, device=device), vecs)
         if text_rows:
@@ -82,9 +84,9 @@ class TwoTowerMini(TowerEncoder):
     def combine(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return image + text
 
-    def embed(self, items: Sequence[Item]) -> torch.Tensor:
+    def embed(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
         modalities = check_items(items)
-        image, text = self.unimodal(items, modalities)
+        image, text = self.unimodal(items, modalities, vision)
         return l2_normalize(self.combine(image, text))
 
 
@@ -152,7 +154,7 @@ class FeatureFusionMini(TowerEncoder):
     def glue_modules(self) -> list[nn.Module | nn.Parameter]:
         return [self.image_proj, self.text_proj, self.modality, self.visual_position, self.fusion]
 
-    def embed(self, items: Sequence[Item]) -> torch.Tensor:
+    def embed(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
         modalities = check_items(items)
         cfg = self.config
         device = self.modality.device
@@ -176,7 +178,7 @@ class FeatureFusionMini(TowerEncoder):
         mask = slots_visual | slots_text
         seq = torch.zeros(len(items), width, cfg.embed_dim, device=device)
         if image_items:
-            tokens = grid_tokens(self.image_features(image_items), cfg.grid, cfg.global_token)
+            tokens = grid_tokens(self.image_features(image_items, vision), cfg.grid, cfg.global_token)
             visual = self.image_proj(tokens) + self.visual_position + self.modality[0]
             seq = seq.masked_scatter(slots_visual.unsqueeze(-1), visual.reshape(-1, cfg.embed_dim).to(seq.dtype))
         if text_states is not None and text_mask is not None:

@@ -28,14 +28,13 @@ def environment() -> dict[str, object]:
 
     import jfe
     from jfe.hardware import bf16_support, machine_summary
-    from jfe.models.precision import resolve_precision, resolve_vision_precision
+    from jfe.models.precision import resolve_precision
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {"jfe": jfe.__version__, **machine_summary(),
             "precision_auto": {device: resolve_precision("auto", device) for device in devices},
             "bf16": {device: bf16_support(device).detail for device in devices},
-            "vision_precision": resolve_vision_precision(None),
-            **{name: os.environ.get(name) for name in ("JFE_PRECISION", "JFE_VISION_PRECISION", "JFE_MALLOC_TUNE")}}
+            "JFE_MALLOC_TUNE": os.environ.get("JFE_MALLOC_TUNE")}
 
 
 def env(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines.")) -> None:

@@ -18,7 +18,6 @@ dtype every time (computed or cached alike), so a vector never depends on whethe
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import threading
 from collections import OrderedDict
@@ -34,6 +33,7 @@ from PIL import Image
 from jfe.data.images import content_digest, forget_digests, load_image
 from jfe.data.items import ImageLike
 from jfe.errors import ConfigError
+from jfe.hardware import ComputePrecision
 from jfe.models.vision import VisionTower
 from jfe.paths import cache_dir
 
@@ -222,22 +222,6 @@ def vision_chunk(image_size: int, device_type: str = "cpu") -> int:
     return max(1, min(32, _CPU_ACTIVATION_BUDGET // per_image))
 
 
-# Set (by Encoder.encode) when the caller chose vision_precision="follow": MobileNetV2 then runs under the
-# caller's bf16 autocast instead of in fp32. Off by default: it moves the ranking of near-ties (docs/models.md).
-_tower_follows_autocast: contextvars.ContextVar[bool] = contextvars.ContextVar("tower_follows_autocast",
-                                                                              default=False)
-
-
-@contextlib.contextmanager
-def tower_follows_autocast(enabled: bool = True) -> Iterator[None]:
-    """Within this block, :func:`feature_maps` runs the tower in the surrounding autocast's precision."""
-    token = _tower_follows_autocast.set(enabled)
-    try:
-        yield
-    finally:
-        _tower_follows_autocast.reset(token)
-
-
 def _decode(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str | None]) -> list[Image.Image]:
     """Decoded RGB images, large JPEGs at a reduced scale no smaller than the tower's input."""
     return [load_image(image, item_id=item_id, min_side=tower.image_size)
@@ -245,7 +229,7 @@ def _decode(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str |
 
 
 def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str | None] | None = None,
-                 batch_size: int | None = None) -> torch.Tensor:
+                 batch_size: int | None = None, compute: ComputePrecision = "fp32") -> torch.Tensor:
     """Last feature maps ``[n, 1280, h, w]`` (float32, on the tower's device) for ``images``.
 
     The tower's frozen part (all of it, or the trunk below a trained top) goes through the cache: duplicates
@@ -257,12 +241,9 @@ def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[
     device = next(tower.parameters()).device
     batch_size = batch_size or vision_chunk(tower.image_size, device.type)
     conf = settings()
-    # The vision tower computes in float32 even inside a caller's autocast (bf16 through MobileNetV2 moves
-    # embeddings below the 0.999 parity, docs/models.md), unless the caller asked it to follow: then its
-    # features are cached under a key of their own, so fp32 and bf16 features never mix.
-    follow = (_tower_follows_autocast.get() and torch.is_autocast_enabled(device.type)
-              and torch.get_autocast_dtype(device.type) == torch.bfloat16)
-    compute = "bf16" if follow else "fp32"
+    # The vision tower computes in ``compute``, float32 unless the encode asked it to follow a bf16 encode
+    # (bf16 through MobileNetV2 moves embeddings below the 0.999 parity, docs/benchmarks.md), whatever autocast
+    # the caller runs in; bf16 features are cached under a key of their own, so the two never mix.
     with torch.autocast(device.type, enabled=False):
         if tower.split == 0:
             pil = _decode(tower, images, ids)

@@ -175,7 +175,7 @@ def _looks_local(path: str) -> bool:
 
 
 class HFEncoder(Encoder):
-    """One-tower encoder over a ``transformers`` multimodal LM. Build it with :meth:`from_path`.
+    """One-tower encoder over a ``transformers`` multimodal LM. Build it with ``jfe.models.load_model("hf:<path>")``.
 
     Parameters start frozen (an inference model); training code calls :meth:`set_trainable`.
     """
@@ -341,10 +341,10 @@ class HFEncoder(Encoder):
                 param.requires_grad_(False)
                 self._lora_names.add(name)
 
-    # --- public constructors -----------------------------------------------------------------
+    # --- constructors, behind jfe.models.load_model ("hf:<path>" and saved folders) ------------------
     @classmethod
-    def from_path(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                  **overrides: Any) -> HFEncoder:
+    def _from_path(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                   **overrides: Any) -> HFEncoder:
         """A HF model folder / hub id (``overrides`` are :class:`HFConfig` fields), or a saved JFE folder."""
         local = Path(path).expanduser()
         if (local / CONFIG_NAME).is_file():
@@ -353,7 +353,7 @@ class HFEncoder(Encoder):
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{local / CONFIG_NAME} is not valid JSON: {exc}") from exc
             if saved.get("arch") == cls.arch:
-                return cls.from_pretrained(local, device=device, **overrides)
+                return cls._from_saved(local, device=device, **overrides)
         try:
             config = HFConfig(model_path=str(path), **overrides)
         except ValidationError as exc:
@@ -361,8 +361,8 @@ class HFEncoder(Encoder):
         return cls(config, device=device)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
-                        **overrides: Any) -> HFEncoder:
+    def _from_saved(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
+                    **overrides: Any) -> HFEncoder:
         """Load a folder written by :meth:`save_pretrained`."""
         directory = Path(directory)
         config_path = directory / CONFIG_NAME

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from jfe.data.items import Item
+from jfe.hardware import ComputePrecision
 from jfe.models.base import l2_normalize
 from jfe.models.text import HIDDEN, mean_pool
 from jfe.models.towers import TowerConfig, TowerEncoder, check_items
@@ -122,12 +123,12 @@ class JFEMini(TowerEncoder):
         glue: list[nn.Module | nn.Parameter] = [self.projector, self.visual_position, self.visual_modality]
         return glue + ([self.pool] if self.pool is not None else [])
 
-    def visual_tokens(self, items: Sequence[Item]) -> torch.Tensor:
+    def visual_tokens(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
         """``[n, K, 384]`` input embeddings of the items' visual tokens."""
-        tokens = grid_tokens(self.image_features(items), self.config.grid, self.config.global_token)
+        tokens = grid_tokens(self.image_features(items, vision), self.config.grid, self.config.global_token)
         return self.projector(tokens) + self.visual_position + self.visual_modality
 
-    def embed(self, items: Sequence[Item]) -> torch.Tensor:
+    def embed(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
         modalities = check_items(items)
         cfg = self.config
         cls, sep, pad = self.text.special_ids
@@ -152,7 +153,7 @@ class JFEMini(TowerEncoder):
         ids, mask, is_visual = ids.to(device), mask.to(device), is_visual.to(device)
         embeds = self.text.bert.get_input_embeddings()(ids)
         if with_image:
-            visual = self.visual_tokens(with_image).to(embeds.dtype)
+            visual = self.visual_tokens(with_image, vision).to(embeds.dtype)
             # row-major fill: image items in order, each its K tokens in order
             embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), visual.reshape(-1, HIDDEN))
         states = self.text.bert(inputs_embeds=embeds, attention_mask=mask,

@@ -5,11 +5,15 @@ Sapphire Rapids and later, AMD Zen 4 and later) and CUDA GPUs that report ``torc
 Elsewhere PyTorch emulates bf16 matmuls through fp32 conversions, which gives the same numbers but is
 *slower* than plain fp32, so
 
-* ``"auto"`` picks bf16 where the hardware has it and fp32 everywhere else (``JFE_PRECISION=fp32`` or ``bf16``
-  in the environment overrides that choice);
+* ``"auto"`` picks bf16 where the hardware has it and fp32 everywhere else;
 * ``"fp32"`` never uses bf16;
 * ``"bf16"`` always does; on hardware without native bf16 it still works (emulated) and logs a warning
   that it will be slower than fp32.
+
+The value is an argument everywhere (``Encoder.encode(precision=...)``/``set_precision``, ``--precision`` on
+every command, ``precision`` in a training config), resolved once per encode or training run into ``fp32`` or
+``bf16`` and passed down from there; no environment variable or context changes it behind the caller's back.
+``--precision fp32`` gives the same numbers on every machine, whatever its CPU has.
 
 bf16 is applied as ``torch.autocast(device_type, dtype=torch.bfloat16)`` around the forward pass: weights stay
 fp32 (so training updates and checkpoints are fp32), matmuls and convolutions run in bf16. Encoders return
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 
 import torch
@@ -28,7 +31,7 @@ import torch
 from jfe.hardware import PRECISIONS, ComputePrecision, Precision, bf16_support, check_precision
 
 __all__ = ["PRECISIONS", "VISION_PRECISIONS", "ComputePrecision", "Precision", "autocast", "check_precision",
-           "resolve_precision", "resolve_vision_precision"]
+           "check_vision_precision", "resolve_precision"]
 
 # Where the vision tower computes when an encode runs in bf16: "fp32" (default: cosine >= 0.9999 to an fp32
 # encode) or "follow" (bf16 too: faster, the same retrieval quality on MiniBEIR, but near-tie rankings move).
@@ -42,12 +45,8 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> Com
     """``auto`` -> ``bf16`` where ``device`` has native bf16, else ``fp32``; ``fp32``/``bf16`` as given.
 
     An explicit ``bf16`` without native support is honoured (PyTorch emulates it) with a one-time warning.
-    ``JFE_PRECISION=fp32|bf16`` in the environment replaces ``auto`` everywhere (encode, eval, serve,
-    training): ``fp32`` gives the same numbers on every machine, whatever its CPU has.
     """
     value = check_precision(precision)
-    if value == "auto":
-        value = check_precision(os.environ.get("JFE_PRECISION", "auto") or "auto")
     if value == "fp32":
         return "fp32"
     support = bf16_support(device)
@@ -62,27 +61,26 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> Com
     return "bf16"
 
 
-def resolve_vision_precision(vision: str | None) -> str:
-    """``vision`` if given, else ``JFE_VISION_PRECISION`` from the environment, else ``"fp32"``; checked."""
-    value = (vision or os.environ.get("JFE_VISION_PRECISION") or "fp32").strip().lower()
+def check_vision_precision(vision: str) -> str:
+    """``"fp32"`` or ``"follow"`` (checked): where a vision tower computes when an encode runs in bf16."""
+    value = str(vision).strip().lower()
     if value not in VISION_PRECISIONS:
         from jfe.errors import ConfigError
 
-        raise ConfigError(f"vision precision must be one of {', '.join(VISION_PRECISIONS)}, got {value!r}"
-                          + ("" if vision else " (from JFE_VISION_PRECISION)"))
+        raise ConfigError(f"vision precision must be one of {', '.join(VISION_PRECISIONS)}, got {vision!r}")
     return value
 
 
-def autocast(precision: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager[None]:
-    """A context running its forward passes in ``precision`` on ``device`` (a no-op for fp32).
+def autocast(compute: ComputePrecision, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager[None]:
+    """A context running its forward passes in ``compute`` (a resolved precision, :func:`resolve_precision`) on
+    ``device``: a no-op for fp32.
 
     Inside it, PyTorch's autocast lists decide per op: matmuls/linear/convolutions run in bf16, reductions
     that need range (softmax, layer norm, losses) stay fp32.
     """
-    device_type = torch.device(device).type
-    if resolve_precision(precision, device) == "fp32":
+    if compute == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 @contextlib.contextmanager

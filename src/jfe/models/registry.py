@@ -172,7 +172,7 @@ def _load_saved(directory: Path, overrides: dict[str, Any]) -> Encoder:
     if arch == HF_ARCH:  # the HF adapter knows how to rebuild its backbone (and adapters) from a folder
         from jfe.models.hf import HFEncoder
 
-        return HFEncoder.from_pretrained(directory, **overrides)
+        return HFEncoder._from_saved(directory, **overrides)
     klass = _arch_class(arch, str(directory))
     build_only = {k: v for k, v in klass.checkpoint_overrides(directory).items() if k not in overrides}
     model = _build(arch, {**config, **build_only, **overrides}, str(directory))
@@ -196,7 +196,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     if spec.startswith(HF_PREFIX):
         from jfe.models.hf import HFEncoder
 
-        model: Encoder = HFEncoder.from_path(spec[len(HF_PREFIX):], device=device, **config_overrides)
+        model: Encoder = HFEncoder._from_path(spec[len(HF_PREFIX):], device=device, **config_overrides)
     elif spec in _MODELS:
         from jfe.models import pretrained as table
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from jfe.data.items import Item
 from jfe.errors import ConfigError, DataError
+from jfe.hardware import ComputePrecision
 from jfe.models.base import WEIGHTS_NAME, Encoder, EncoderConfig
 from jfe.models.compact import COMPACT_FORMAT, compact_state, is_compact
 from jfe.models.feature_cache import feature_maps
@@ -165,9 +166,19 @@ class TowerEncoder(Encoder):
         for glue in self.glue_modules():
             glue.requires_grad_(True)
 
-    def image_features(self, items: Sequence[Item]) -> torch.Tensor:
-        """Feature maps ``[n, 1280, h, w]`` of the items' images (cached when the tower is frozen)."""
-        return feature_maps(self.vision, [item.required_image for item in items], [item.id for item in items])
+    def embed(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
+        """Differentiable embeddings, the vision tower computing in ``vision`` (``"fp32"`` unless an encode in
+        bf16 asked it to follow: :meth:`Encoder.embed_in`)."""
+        raise NotImplementedError
+
+    def embed_in(self, items: Sequence[Item], vision: ComputePrecision) -> torch.Tensor:
+        return self.embed(items, vision)
+
+    def image_features(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
+        """Feature maps ``[n, 1280, h, w]`` of the items' images (cached when the tower is frozen), computed in
+        ``vision``."""
+        return feature_maps(self.vision, [item.required_image for item in items], [item.id for item in items],
+                            compute=vision)
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed)
