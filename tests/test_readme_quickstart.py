@@ -1,12 +1,14 @@
 """The README quick start, run as it stands: the block after the ``<!-- quickstart`` marker is extracted
-from README.md here, so the README and this test cannot drift apart. The pretrained table is empty in
-tests, so ``jfe-mini`` loads untrained (and must say so); the shapes and the hits must still be right."""
+from README.md here, so the README and this test cannot drift apart. It runs as right after install: the
+package's shipped weights (and nothing a user registered), so ``jfe-mini`` is trained, loads without a warning
+and ranks the green heart first for the red heart + "the same shape in green"."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ def test_quickstart_uses_only_shipped_files() -> None:
 
 
 @pytest.mark.assets
-def test_readme_quickstart_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_quickstart_runs(monkeypatch: pytest.MonkeyPatch, shipped_weights: Path) -> None:
     missing = [n for n in ("minilm", "mobilenet_v2") if not assets.is_fetched(n)]
     if missing:
         pytest.fail(f"assets not fetched: {missing} (run `jfe assets fetch`; CI does)")
@@ -47,7 +49,8 @@ def test_readme_quickstart_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api, "_LOADED", {})
     namespace: dict = {}
     printed = io.StringIO()
-    with pytest.warns(UntrainedModelWarning, match="jfe-mini"), contextlib.redirect_stdout(printed):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+        warnings.simplefilter("error", UntrainedModelWarning)  # the shipped weights are trained
         exec(compile(quickstart_code(), str(README), "exec"), namespace)  # noqa: S102 - the README's own code
     vecs, hits, mixed = namespace["vecs"], namespace["hits"], namespace["mixed"]
     assert vecs.shape == (5, 384) and vecs.dtype == np.float32
@@ -59,3 +62,4 @@ def test_readme_quickstart_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hits[0]["record"]["img_path"].endswith(".png")
     assert hits[0]["did"] in printed.getvalue()
     assert "red_heart" not in {h["did"] for h in hits}  # the query's own reference image is excluded
+    assert hits[0]["did"] == "green_heart"  # "the same shape in green": a trained model gets it right

@@ -131,9 +131,12 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
     lines = [f"# Shipped weights: trained vs compact (rank {report['rank']}, fp16)", "",
              f"Recipe: `configs/reproduce` with stage 1 {report['stage1_steps']} steps (seed 0, shared), stage 2 "
              f"{report['stage2_steps']} steps at a constant lr, seeds {report['seeds']}. Evaluation: MiniBEIR test, "
-             f"local pool, fp32, {PRIMARY_METRIC}. Machine: "
+             f"local pool, fp32, {PRIMARY_METRIC}. Training in the configs' precision (`auto`: "
+             f"{report['machine'].get('bf16_native_cpu') and 'bf16' or 'fp32'} on this CPU). Machine: "
              + ", ".join(f"{k} {v}" for k, v in report["machine"].items() if k in ("cpu", "cpu_count", "cpu_flags")),
-             ""]
+             "", "Produced by `make shipped-weights` (`jfe ship-weights`); seed 0 is the one installed in the package, "
+             "chosen before any evaluation. The compact form stores the glue whole and the changes to the pretrained "
+             "towers as fp16 low-rank deltas (`jfe.models.compact`).", ""]
     runs = sorted({row["run"] for row in report["rows"]})
     for run in runs:
         rows = [r for r in report["rows"] if r["run"] == run]
