@@ -11,7 +11,16 @@ import torch
 from jfe.data.items import Item
 from jfe.errors import ConfigError
 from jfe.models import load_model
-from jfe.models.compact import DELTA_A, DELTA_B, apply_compact, compact_state, is_compact
+from jfe.models.compact import (
+    DELTA_A,
+    DELTA_B,
+    DELTA_ROWS,
+    DELTA_SCALE,
+    DELTA_VALUES,
+    apply_compact,
+    compact_state,
+    is_compact,
+)
 from jfe.models.towers import TowerEncoder
 
 SMALL = {"image_size": 64, "grid": 2, "vision_trainable_modules": 2}
@@ -70,33 +79,60 @@ def test_a_compact_folder_loads_the_trained_model(tmp_path: Path) -> None:
     assert cosine.min() > 0.9999
 
 
+def _module_of(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    module = torch.nn.Module()
+    for key, value in state.items():
+        module.register_buffer(key.split(".", 1)[1], value.clone())
+    return module
+
+
+def _strip(compact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The compact state's keys without the tower prefix (the buffers of :func:`_module_of`)."""
+    return {k.split(".", 1)[1]: v for k, v in compact.items()}
+
+
 def test_compact_state_stores_only_changes() -> None:
     gen = torch.Generator().manual_seed(1)
     base = {"vision.w": torch.randn(512, 256, generator=gen), "vision.same": torch.randn(512, 256, generator=gen),
             "vision.small": torch.randn(8, 8, generator=gen), "vision.steps": torch.tensor(3),
             "glue.w": torch.randn(4, 4, generator=gen)}
     low = torch.randn(512, 2, generator=gen) @ torch.randn(2, 256, generator=gen)
-    trained = {"vision.w": base["vision.w"] + low, "vision.same": base["vision.same"].clone(),
+    trained = {"vision.w": base["vision.w"] * (1 - 5e-4) + low, "vision.same": base["vision.same"].clone(),
                "vision.small": base["vision.small"] + 1, "vision.steps": torch.tensor(7),
                "glue.w": base["glue.w"].clone()}
     compact = compact_state(trained, base, ("vision.",), rank=2)
-    assert set(compact) == {"vision.w" + DELTA_A, "vision.w" + DELTA_B, "vision.small", "vision.steps", "glue.w"}
+    assert set(compact) == {"vision.w" + DELTA_A, "vision.w" + DELTA_B, "vision.w" + DELTA_SCALE, "vision.small",
+                            "vision.steps", "glue.w"}
     assert compact["vision.w" + DELTA_A].shape == (512, 2) and compact["vision.w" + DELTA_A].dtype == torch.float16
     assert compact["vision.steps"].dtype == torch.int64  # integers are kept as they are
 
-    module = torch.nn.Module()
-    for key, value in base.items():
-        module.register_buffer(key.replace(".", "_"), value.clone())
-    renamed = {k.replace(".", "_", 1).replace(".", "_"): v for k, v in compact.items()}
-    renamed = {k.replace("_delta_a", DELTA_A).replace("_delta_b", DELTA_B): v for k, v in renamed.items()}
-    assert apply_compact(module, renamed) == ([], [])
-    # a rank-2 change is recovered exactly by rank-2 factors (to fp16 precision)
-    torch.testing.assert_close(module.vision_w, trained["vision.w"], atol=2e-2, rtol=1e-3)
-    assert int(module.vision_steps) == 7
-    assert apply_compact(module, {"nope": torch.zeros(1), "vision_small": torch.zeros(3)}) == (["nope"],
-                                                                                               ["vision_small"])
+    module = _module_of({k: v for k, v in base.items() if k != "glue.w"})
+    assert apply_compact(module, _strip({k: v for k, v in compact.items() if k != "glue.w"})) == ([], [])
+    # a uniform decay plus a rank-2 change: the scale holds the first, rank-2 factors the second (fp16 precision)
+    torch.testing.assert_close(module.w, trained["vision.w"], atol=2e-2, rtol=1e-3)
+    assert int(module.steps) == 7
+    assert apply_compact(module, {"nope": torch.zeros(1), "small": torch.zeros(3)}) == (["nope"], ["small"])
     with pytest.raises(ValueError, match="rank"):
         compact_state(trained, base, ("vision.",), rank=0)
+
+
+def test_an_embedding_table_keeps_its_touched_rows_exactly() -> None:
+    """Weight decay shrinks every row of a word-embedding table alike and training moves only the rows of the
+    tokens it saw: a scale and those rows, not a low-rank guess (whose rank-64 form kept 43 % of such a change)."""
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(3000, 64, generator=gen)
+    touched = torch.tensor([3, 17, 2999])
+    trained = table * (1 - 4.8e-4)
+    trained[touched] += torch.randn(3, 64, generator=gen) * 0.01
+    compact = compact_state({"text.emb": trained}, {"text.emb": table}, ("text.",), rank=8)
+    assert set(compact) == {"text.emb" + DELTA_SCALE, "text.emb" + DELTA_ROWS, "text.emb" + DELTA_VALUES}
+    assert compact["text.emb" + DELTA_ROWS].tolist() == touched.tolist()
+    module = _module_of({"text.emb": table})
+    assert apply_compact(module, _strip(compact)) == ([], [])
+    error = (module.emb - trained).abs()
+    assert error.max() < 1e-5  # fp16 holds the small changes of the touched rows; the scale is exact
+    bad = {**_strip(compact), "emb" + DELTA_ROWS: torch.tensor([5000])}
+    assert apply_compact(_module_of({"text.emb": table}), bad) == ([], ["emb"])
 
 
 def test_compact_weights_refuse_a_model_without_its_pretrained_towers(tmp_path: Path) -> None:

@@ -4,10 +4,13 @@ A saved jfe-mini holds MiniLM and MobileNetV2 in fp32 (~100 MB), but training mo
 A *compact* checkpoint stores, next to the usual ``config.json``:
 
 * the glue (projector, heads, fusion layers: everything outside the pretrained towers) whole, in fp16;
-* each tower tensor that training changed: small ones whole in fp16, large matrices (MiniLM's linear layers
-  and word embeddings, MobileNetV2's 1x1 convolutions) as a rank-``r`` delta ``A @ B`` from the pretrained
-  value (``<key>.delta_a`` / ``<key>.delta_b``, fp16: the truncated SVD of the change, the best rank-r
-  approximation of it);
+* each tower tensor that training changed: small ones whole in fp16; a large matrix (MiniLM's linear layers
+  and word embeddings, MobileNetV2's 1x1 convolutions) as ``W0 * (1 + s) + R``: ``s`` the uniform shrink that
+  AdamW's decoupled weight decay applies to every row (``<key>.delta_scale``, full rank, so a low-rank form could
+  not hold it), and the rest ``R`` either as the rows it touches (``<key>.delta_rows`` / ``.delta_values``, exact
+  in fp16: the word embeddings of the tokens the training data used) or as a rank-``r`` product ``A @ B``
+  (``<key>.delta_a`` / ``.delta_b``, fp16: the truncated SVD, the best rank-``r`` approximation), whichever is
+  smaller;
 * nothing for the tower tensors training left as they were.
 
 Loading builds the model on the pretrained towers (from the verified asset cache) and applies the file. How
@@ -25,6 +28,11 @@ import torch
 
 COMPACT_FORMAT = "jfe-compact-v1"
 DELTA_A, DELTA_B = ".delta_a", ".delta_b"
+DELTA_SCALE, DELTA_ROWS, DELTA_VALUES = ".delta_scale", ".delta_rows", ".delta_values"
+_PARTS = (DELTA_A, DELTA_B, DELTA_SCALE, DELTA_ROWS, DELTA_VALUES)
+# a row of the remainder counts as untouched below this fraction of the matrix's largest pretrained entry (fp32
+# rounding of the repeated decay multiply stays orders of magnitude under it)
+ROW_TOLERANCE = 1e-5
 # a matrix smaller than this is stored whole: its factors would save little and cost precision
 MIN_LOWRANK_NUMEL = 1 << 16
 
@@ -42,13 +50,43 @@ def _low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
 
 
+def _decay_scale(delta: torch.Tensor, ref: torch.Tensor) -> float:
+    """The uniform relative change ``s`` with ``delta ~ s * ref`` on most rows (weight decay shrinks every row
+    alike; the rows training touched are the minority the median ignores)."""
+    norms = (ref * ref).sum(1)
+    ratios = (delta * ref).sum(1)[norms > 0] / norms[norms > 0]
+    return float(ratios.median()) if len(ratios) else 0.0
+
+
+def _compact_matrix(key: str, value: torch.Tensor, ref: torch.Tensor, rank: int) -> dict[str, torch.Tensor] | None:
+    """The delta form of a changed matrix (scale + rows or low-rank), or None when storing it whole is smaller."""
+    rows = value.shape[0]
+    cols = value.numel() // rows
+    current, pretrained = _as_matrix(value.double()), _as_matrix(ref.cpu().double())
+    scale = _decay_scale(current - pretrained, pretrained)
+    rest = current - pretrained * (1.0 + scale)
+    tolerance = ROW_TOLERANCE * float(pretrained.abs().max())
+    touched = torch.nonzero(rest.abs().amax(1) > tolerance).flatten()
+    parts = {key + DELTA_SCALE: torch.tensor([scale], dtype=torch.float64)}
+    if len(touched) * cols <= rank * (rows + cols):
+        parts[key + DELTA_ROWS] = touched.to(torch.int64)
+        parts[key + DELTA_VALUES] = rest[touched].half().contiguous()
+    elif rank * (rows + cols) * 2 <= value.numel():
+        a, b = _low_rank(rest, rank)
+        parts[key + DELTA_A], parts[key + DELTA_B] = a.half().contiguous(), b.half().contiguous()
+    else:
+        return None
+    return parts
+
+
 def compact_state(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], tower_prefixes: Iterable[str],
                   rank: int) -> dict[str, torch.Tensor]:
     """The compact form of ``trained`` against ``base`` (the same model built on the pretrained towers).
 
     Keys under ``tower_prefixes`` that training left equal to ``base`` are dropped; changed matrices of at least
-    :data:`MIN_LOWRANK_NUMEL` entries whose rank-``rank`` factors are at most half their size become deltas;
-    everything else (the glue included) is kept whole. Floating tensors are stored in fp16.
+    :data:`MIN_LOWRANK_NUMEL` entries become a decay scale plus touched rows or rank-``rank`` factors (module
+    docstring) where that is at most half their size; everything else (the glue included) is kept whole.
+    Floating tensors are stored in fp16 (the scale in fp64).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
@@ -61,14 +99,34 @@ def compact_state(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor
             continue
         floating = value.is_floating_point()
         if ref is not None and floating and value.dim() >= 2 and value.numel() >= MIN_LOWRANK_NUMEL:
-            rows = value.shape[0]
-            cols = value.numel() // rows
-            if rank * (rows + cols) * 2 <= value.numel():
-                a, b = _low_rank(_as_matrix(value.double() - ref.cpu().double()), rank)
-                out[key + DELTA_A], out[key + DELTA_B] = a.half().contiguous(), b.half().contiguous()
+            parts = _compact_matrix(key, value, ref, rank)
+            if parts is not None:
+                out.update(parts)
                 continue
         out[key] = value.half().contiguous() if floating else value.contiguous()
     return out
+
+
+def _delta_of(name: str, compact: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor | None:
+    """The change to add to ``target`` (the pretrained matrix) from its stored parts; None when they do not fit."""
+    matrix = target.reshape(target.shape[0], -1).double()
+    delta = matrix * float(compact[name + DELTA_SCALE].reshape(-1)[0]) if name + DELTA_SCALE in compact \
+        else torch.zeros_like(matrix)
+    if name + DELTA_A in compact:
+        factor_b = compact.get(name + DELTA_B)
+        if factor_b is None:
+            return None
+        product = compact[name + DELTA_A].double() @ factor_b.double()
+        if product.shape != delta.shape:
+            return None
+        delta += product
+    if name + DELTA_ROWS in compact:
+        rows, values = compact[name + DELTA_ROWS], compact.get(name + DELTA_VALUES)
+        if values is None or values.shape != (len(rows), delta.shape[1]) or (len(rows) and
+                                                                          int(rows.max()) >= delta.shape[0]):
+            return None
+        delta[rows.long()] += values.double()
+    return delta.reshape(target.shape)
 
 
 def apply_compact(model: torch.nn.Module, compact: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -80,23 +138,21 @@ def apply_compact(model: torch.nn.Module, compact: dict[str, torch.Tensor]) -> t
     state = model.state_dict()
     unexpected: list[str] = []
     misshapen: list[str] = []
+    deltas = sorted({key[:-len(part)] for key in compact for part in _PARTS if key.endswith(part)})
     with torch.no_grad():
-        for key, value in compact.items():
-            if key.endswith(DELTA_B):
+        for name in deltas:
+            if name not in state:
+                unexpected.append(name)
                 continue
-            if key.endswith(DELTA_A):
-                name = key[:-len(DELTA_A)]
-                factor_b = compact.get(name + DELTA_B)
-                if name not in state or factor_b is None:
-                    unexpected.append(key)
-                    continue
-                target = state[name]
-                delta = value.float() @ factor_b.float()
-                if delta.numel() != target.numel() or delta.shape[0] != target.shape[0]:
-                    misshapen.append(name)
-                    continue
-                target.add_(delta.reshape(target.shape).to(target.device, target.dtype))
-            elif key not in state:
+            delta = _delta_of(name, compact, state[name])
+            if delta is None:
+                misshapen.append(name)
+                continue
+            state[name].add_(delta.to(state[name].device, state[name].dtype))
+        for key, value in compact.items():
+            if key.endswith(_PARTS):
+                continue
+            if key not in state:
                 unexpected.append(key)
             elif state[key].shape != value.shape:
                 misshapen.append(key)
