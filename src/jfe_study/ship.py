@@ -63,7 +63,8 @@ def train_run(plan: ShipPlan, run: str, seed: int) -> Path:
     stage1 = _train(plan.configs / "stage1.toml", {
         "model": SHIPPED[run], "data": str(plan.data), "steps": plan.stage1_steps, "seed": 0,
         "output_dir": str(root / "stage1")})
-    _log(f"{run} seed {seed}: stage 2, {plan.stage2_steps} steps")
+    if not (root / f"seed{seed}" / "stage2" / "final" / "config.json").exists():
+        _log(f"{run} seed {seed}: stage 2, {plan.stage2_steps} steps")
     return _train(plan.configs / "stage2.toml", {
         "model": str(stage1), "init": "", "data": str(plan.data), "seed": seed, "schedule": "constant",
         "steps": plan.stage2_steps, "val_every": 0, "output_dir": str(root / f"seed{seed}" / "stage2")})
@@ -135,8 +136,9 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
              f"{report['machine'].get('bf16_native_cpu') and 'bf16' or 'fp32'} on this CPU). Machine: "
              + ", ".join(f"{k} {v}" for k, v in report["machine"].items() if k in ("cpu", "cpu_count", "cpu_flags")),
              "", "Produced by `make shipped-weights` (`jfe ship-weights`); seed 0 is the one installed in the package, "
-             "chosen before any evaluation. The compact form stores the glue whole and the changes to the pretrained "
-             "towers as fp16 low-rank deltas (`jfe.models.compact`).", ""]
+             "chosen before any evaluation. The compact form stores the glue whole in fp16 and the changes to the "
+             "pretrained towers as a weight-decay scale plus the touched rows or a rank-"
+             f"{report['rank']} fp16 delta (`jfe.models.compact`).", ""]
     runs = sorted({row["run"] for row in report["rows"]})
     for run in runs:
         rows = [r for r in report["rows"] if r["run"] == run]
