@@ -266,12 +266,11 @@ def test_ray_build_equals_single_process(tiny_mbeir: Path, tmp_path: Path) -> No
     pytest.importorskip("ray.data")
     model_dir = ToyEncoder().save_pretrained(tmp_path / "toy")
     assert _build(tiny_mbeir, model_dir, tmp_path / "one").exit_code == 0
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        result = _build(tiny_mbeir, model_dir, tmp_path / "ray", "--ray", "auto")
-    finally:
-        ray.shutdown()
+    assert not ray.is_initialized()
+    # what a user types on a machine without a running cluster: --ray auto starts a local one (and stops it)
+    result = _build(tiny_mbeir, model_dir, tmp_path / "ray", "--ray", "auto")
     assert result.exit_code == 0, result.output
+    assert not ray.is_initialized()
     one, sharded = VectorIndex.load(tmp_path / "one"), load_index(tmp_path / "ray")
     assert isinstance(sharded, ShardedIndex) and len(sharded.shards) == 2 and sharded.ids == one.ids
     # resolved once by the driver and recorded as such: every worker encoded in it, whatever its own hardware
@@ -297,3 +296,24 @@ def test_exact_auto_precision_follows_the_shared_cpu_detection(monkeypatch: pyte
     assert exact.resolve_scan_precision(" BF16 ") == "bf16"  # the encoders' spellings
     with pytest.raises(ValueError, match="unknown precision 'int4': expected one of auto, fp32, bf16"):
         exact.resolve_scan_precision("int4")
+
+
+def test_ray_addresses_auto_falls_back_to_local_and_a_dead_address_is_a_clear_error() -> None:
+    from jfe.errors import ConfigError
+    from jfe.indexing import _connect_ray
+
+    class FakeRay:
+        def __init__(self, running: bool) -> None:
+            self.running, self.calls = running, []
+
+        def init(self, address: str | None = None, **kwargs: object) -> None:
+            self.calls.append(address)
+            if address is not None and not (address == "auto" and self.running):
+                raise ConnectionError(f"Could not find any running Ray instance at {address}")
+
+    cluster, laptop = FakeRay(running=True), FakeRay(running=False)
+    _connect_ray(cluster, "auto")
+    _connect_ray(laptop, "auto")
+    assert cluster.calls == ["auto"] and laptop.calls == ["auto", None]
+    with pytest.raises(ConfigError, match="--ray 10.0.0.9:6379: no Ray cluster answers there"):
+        _connect_ray(FakeRay(running=False), "10.0.0.9:6379")

@@ -10,6 +10,7 @@ were computed in.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from jfe.models.base import Encoder, default_device
 from jfe.models.precision import check_precision, resolve_precision
 from jfe.models.registry import load_model, model_name_of
 from jfe.paths import check_out_dir
+
+logger = logging.getLogger(__name__)
 
 
 def read_pools(pool_files: Sequence[str | os.PathLike]) -> list[Candidate]:
@@ -167,7 +170,7 @@ def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, a
 
     started_here = False
     if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+        _connect_ray(ray, address)
         started_here = True
     try:
         rows = [{"row": i, "record": json.dumps(c.to_json()), "root": str(data_root)}
@@ -184,6 +187,24 @@ def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, a
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _connect_ray(ray: Any, address: str) -> None:
+    """``local``: a Ray instance in this process's machine; ``auto``: the running cluster if there is one, else
+    a local instance (what a user typing ``--ray auto`` on a laptop expects); anything else: that address, with
+    a clear error when nothing answers there."""
+    if address == "auto":
+        try:
+            ray.init(address="auto", ignore_reinit_error=True, log_to_driver=False)
+            return
+        except ConnectionError:
+            logger.info("no running Ray cluster found: starting a local Ray instance")
+            address = "local"
+    try:
+        ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({exc}); start one (`ray start --head`) "
+                          f"or use --ray auto / --ray local for a local instance") from None
 
 
 def query_precision(meta: dict[str, Any], precision: str | None = "auto") -> tuple[str, str | None]:
