@@ -151,7 +151,7 @@ def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, a
         import ray
         import ray.data
     except ImportError:
-        raise ConfigError('--ray needs the optional Ray extra: pip install "jfe[ray]" (ray[data]>=2.9)') from None
+        raise ConfigError('--ray needs the optional Ray extra: pip install "jfe[ray]" (ray[data]>=2.10)') from None
 
     class _Encode:
         def __init__(self) -> None:
