@@ -61,8 +61,9 @@ def expected_ranking(model, index, item: Item, k: int, instruction: str | None =
 def error_of(response) -> dict:  # noqa: ANN001
     body = response.json()
     assert set(body) == {"error"}, body
-    assert body["error"]["code"] == response.status_code
-    assert body["error"]["message"]
+    # OpenAI's shape: a string code where one is named (model_not_found), else the status
+    assert body["error"]["code"] == response.status_code or isinstance(body["error"]["code"], str)
+    assert body["error"]["message"] and "param" in body["error"]
     return body["error"]
 
 
@@ -271,7 +272,8 @@ def test_text_length_limit(model, index) -> None:  # noqa: ANN001
 # ------------------------------------------------------------------------------------------ embeddings
 def test_embeddings_of_strings_match_model(client: TestClient, model) -> None:  # noqa: ANN001
     texts = ["a red square", "two words"]
-    body = client.post("/v1/embeddings", json={"model": "whatever", "input": texts}).json()
+    body = client.post("/v1/embeddings", json={"model": client.get("/v1/models").json()["data"][0]["id"],
+                                               "input": texts}).json()
     assert body["object"] == "list" and body["model"]
     assert [d["index"] for d in body["data"]] == [0, 1]
     assert all(d["object"] == "embedding" for d in body["data"])
@@ -524,11 +526,30 @@ def test_usage_counts_words_without_a_tokenizer(client: TestClient) -> None:
     assert usage["prompt_tokens"] == usage["total_tokens"] == 4
 
 
-def test_model_field_is_echoed(client: TestClient, index) -> None:  # noqa: ANN001
-    assert client.post("/v1/embeddings", json={"input": "x", "model": "text-embedding-3-small"}).json()["model"] \
-        == "text-embedding-3-small"
-    assert client.post("/v1/embeddings", json={"input": "x"}).json()["model"] == index.meta["model"]
-    assert client.post("/v1/embeddings", data={"input": "x", "model": "m2"}).json()["model"] == "m2"
+def test_model_field_names_the_served_model_or_is_a_404(client: TestClient, index) -> None:  # noqa: ANN001
+    served = index.meta["model"]
+    listed = client.get("/v1/models").json()
+    assert listed["object"] == "list" and [(m["id"], m["object"]) for m in listed["data"]] == [(served, "model")]
+    assert isinstance(listed["data"][0]["created"], int) and listed["data"][0]["owned_by"] == "jfe"
+    assert client.post("/v1/embeddings", json={"input": "x", "model": served}).json()["model"] == served
+    assert client.post("/v1/embeddings", json={"input": "x"}).json()["model"] == served
+    # as OpenAI answers a model it does not have (an echo would let the client believe it got that model)
+    for response in (client.post("/v1/embeddings", json={"input": "x", "model": "text-embedding-3-small"}),
+                     client.post("/v1/embeddings", data={"input": "x", "model": "m2"})):
+        assert response.status_code == 404
+        error = error_of(response)
+        assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "invalid_request_error")
+        assert served in error["message"] and "/v1/models" in error["message"]
+
+
+def test_models_list_needs_the_key_like_the_other_api_routes(model, index) -> None:  # noqa: ANN001
+    with make_client(model, index, api_key="s3cret") as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_openai_input_limit_is_the_default() -> None:
+    assert ServeSettings().max_inputs == 2048
 
 
 def test_dimensions_below_the_dim_needs_a_matryoshka_model(client: TestClient, index) -> None:  # noqa: ANN001

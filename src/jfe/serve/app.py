@@ -2,12 +2,13 @@
 
 Endpoints (``/docs`` has the OpenAPI page):
 
-* ``POST /v1/embeddings`` — OpenAI-style embeddings of text, image or image+text inputs (JSON or multipart).
+* ``POST /v1/embeddings`` — OpenAI-style embeddings of text, image or image+text inputs (JSON or multipart);
+  ``GET /v1/models`` — the served model, as OpenAI lists models.
 * ``POST /search`` — rank the index's candidates for a text / image / image+text query (JSON or multipart).
 * ``GET /images/{did}`` — a candidate's image (only ids in the index; never outside the data root).
 * ``GET /instructions`` — the dataset's instruction choices; ``GET /health``; ``GET /`` — the web page.
 
-Every error is JSON ``{"error": {"message", "type", "code"}}`` with a 4xx status for bad input.
+Every error is OpenAI's JSON ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for bad input.
 
 The pieces: :mod:`jfe.serve.inputs` checks and parses requests, :mod:`jfe.serve.routes` holds the endpoints
 (which read what they serve from ``app.state``), :mod:`jfe.serve.errors` the error body. This module only
@@ -16,6 +17,7 @@ puts them together.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,6 +54,7 @@ def _set_state(app: FastAPI, model: Any, index: Any, settings: ServeSettings) ->
     """Everything the routes read (``request.app.state``)."""
     state = app.state
     state.settings, state.model, state.index = settings, model, index
+    state.started = int(time.time())  # the "created" of GET /v1/models
     state.model_name = _served_model_name(model, index, settings)
     state.batcher = EncodeBatcher(model, enabled=settings.batching, max_batch=settings.max_batch,
                                   max_wait_ms=settings.max_wait_ms)

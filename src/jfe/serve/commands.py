@@ -26,6 +26,8 @@ def serve_command(
                                        help="require this key (X-API-Key or Bearer) on the API endpoints"),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="allow this browser origin (repeatable)"),
     max_batch: int = typer.Option(32, min=1, help="most items encoded together"),
+    max_inputs: int = typer.Option(2048, "--max-inputs", min=1, help="most inputs in one /v1/embeddings request "
+                                   "(OpenAI's limit)"),
     max_wait_ms: float = typer.Option(5.0, min=0, help="how long a request waits for others to batch with"),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="micro-batch concurrent requests"),
     max_image_mb: float = typer.Option(8.0, min=0.001, help="largest accepted image file, in MiB"),
@@ -68,7 +70,7 @@ def serve_command(
     settings = ServeSettings(model_name=str(model), api_key=api_key or os.environ.get("JFE_API_KEY") or None,
                              cors_origins=list(cors_origin), max_batch=max_batch, max_wait_ms=max_wait_ms,
                              batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),
-                             max_pixels=max_pixels)
+                             max_pixels=max_pixels, max_inputs=max_inputs)
     app = create_app(encoder, vector_index, settings)
     if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host} without an API key: anyone who can reach this port can search "

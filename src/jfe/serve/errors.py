@@ -1,4 +1,5 @@
-"""The service's one error shape: ``{"error": {"message", "type", "code"}}`` with the status code.
+"""The service's one error shape: ``{"error": {"message", "type", "param", "code"}}`` with the status code
+(OpenAI's; ``code`` is a string where OpenAI names one, e.g. ``model_not_found``, else the status).
 
 :class:`ApiError` is what the input checks and the routes raise; :func:`add_error_handlers` makes every
 other failure (validation, unknown route, JFE's own errors) answer in the same shape.
@@ -23,15 +24,18 @@ class ApiError(Exception):
     """An error the client caused (or may see): rendered as JSON with its status code."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.headers = status, message, type_, headers
+        self.param, self.code = param, code
 
 
-def error_response(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, message: str, type_: str, headers: dict[str, str] | None = None, *,
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
     """The JSON error body every failure of the service answers with."""
-    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status,
-                        headers=headers)
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param,
+                                   "code": code if code is not None else status}},
+                        status_code=status, headers=headers)
 
 
 def validation_message(exc: ValidationError | RequestValidationError) -> str:
@@ -44,7 +48,7 @@ def validation_message(exc: ValidationError | RequestValidationError) -> str:
 
 
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.type, exc.headers)
+    return error_response(exc.status, exc.message, exc.type, exc.headers, param=exc.param, code=exc.code)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

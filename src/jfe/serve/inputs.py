@@ -361,6 +361,14 @@ class ParsedEmbeddings(BaseModel):
     dimensions: int | None = None
 
 
+def check_model_name(requested: str | None, model_name: str) -> None:
+    """OpenAI's ``model``: the served model's name, or left out; any other name is a 404 ``model_not_found``, as
+    OpenAI answers (an echo would let a client believe it got the model it named)."""
+    if requested is not None and requested != model_name:
+        raise ApiError(404, f"the model {requested!r} does not exist here: this service serves {model_name!r} "
+                            f"(GET /v1/models lists it)", param="model", code="model_not_found")
+
+
 def check_dimensions(dimensions: int | None, model: Any, model_name: str) -> int | None:
     """OpenAI's ``dimensions``: the model's own dim always; fewer only for Matryoshka-trained models."""
     dim = int(model.dim)
@@ -468,10 +476,13 @@ async def parse_embeddings(request: Request, settings: ServeSettings, model: Any
     """
     ctype = content_type(request)
     if ctype in FORM_CONTENT_TYPES:
-        return await _embeddings_form(request, settings)
+        parsed = await _embeddings_form(request, settings)
+        check_model_name(parsed.model, model_name)
+        return parsed
     if ctype not in JSON_CONTENT_TYPES:
         raise _unsupported(ctype)
     req: EmbeddingsRequest = await _json_body(request, EmbeddingsRequest)
+    check_model_name(req.model, model_name)
     dimensions = check_dimensions(req.dimensions, model, model_name)
     instruction = _instruction(req.instruction, settings)
     # decodes images and token ids: off the loop

@@ -32,6 +32,8 @@ from jfe.serve.schemas import (
     Health,
     InstructionChoice,
     InstructionsResponse,
+    ModelCard,
+    ModelList,
     SearchHit,
     SearchResponse,
     Usage,
@@ -149,6 +151,13 @@ def load_instructions(data_root: Path | None) -> list[InstructionChoice]:
 
 # ------------------------------------------------------------------------------------------ embeddings
 embeddings_router = APIRouter()
+
+
+@embeddings_router.get("/v1/models", response_model=ModelList, tags=["embeddings"], dependencies=AUTH)
+async def models(request: Request) -> dict:
+    """OpenAI's model list: the one model this service serves (the name ``/v1/embeddings`` accepts)."""
+    state = request.app.state
+    return ModelList(data=[ModelCard(id=state.model_name, created=state.started)]).model_dump()
 
 
 @embeddings_router.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["embeddings"], dependencies=AUTH,

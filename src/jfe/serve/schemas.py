@@ -28,7 +28,7 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")
-    max_inputs: int = Field(256, ge=1, description="most inputs in one embeddings request")
+    max_inputs: int = Field(2048, ge=1, description="most inputs in one embeddings request (OpenAI's limit)")
     max_text_chars: int = Field(8192, ge=1, description="longest text of one input, and of an instruction")
     batching: bool = Field(True, description="micro-batch concurrent requests into one encode call")
     max_batch: int = Field(32, ge=1, description="most items in one micro-batch")
@@ -69,7 +69,8 @@ class EmbeddingsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, max_length=SHORT_FIELD_CHARS,
-                              description="echoed back in the response; the served model is used")
+                              description="the served model's name (GET /v1/models) or left out; another "
+                                          "name is a 404 model_not_found")
     input: str | TokenIds | list[EmbeddingInput]
     instruction: str | None = Field(None, description="retrieval instruction prefixed to every input's text")
     encoding_format: Literal["float", "base64"] = "float"
@@ -128,6 +129,20 @@ class SearchResponse(BaseModel):
 
 
 # --------------------------------------------------------------------------------------- misc
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models`` (OpenAI's model object)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="when the service started (Unix seconds)")
+    owned_by: str = "jfe"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
