@@ -47,21 +47,41 @@ def validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.type, exc.headers, param=exc.param, code=exc.code)
+OPENAI_PREFIX = "/v1/"
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, validation_message(exc), "invalid_request_error")
+def _status_for(request: Request, status: int) -> int:
+    """OpenAI's routes (``/v1/*``) answer a request they cannot process with 400, as OpenAI does (its client then
+    raises ``BadRequestError``); the rest of the API keeps HTTP's 422 for a well-formed request it refuses."""
+    return 400 if status == 422 and request.url.path.startswith(OPENAI_PREFIX) else status
+
+
+def first_param(exc: ValidationError | RequestValidationError) -> str | None:
+    """The request field the first validation error is about (OpenAI's ``param``), e.g. ``input`` or ``k``."""
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if loc:
+            return loc[0]
+    return None
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(_status_for(request, exc.status), exc.message, exc.type, exc.headers, param=exc.param,
+                          code=exc.code)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(_status_for(request, 422), validation_message(exc), "invalid_request_error",
+                          param=first_param(exc))
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), "http_error", getattr(exc, "headers", None))
 
 
-async def _jfe_error(_: Request, exc: JFEError) -> JSONResponse:
+async def _jfe_error(request: Request, exc: JFEError) -> JSONResponse:
     # bad input the model or the data layer noticed (e.g. an item it cannot embed): the client's fault
-    return error_response(422, str(exc), "invalid_input")
+    return error_response(_status_for(request, 422), str(exc), "invalid_input")
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -29,7 +29,7 @@ from jfe.data.images import load_image
 from jfe.data.items import Item
 from jfe.errors import DataError
 from jfe.models.tokens import supports_matryoshka
-from jfe.serve.errors import ApiError, error_response, validation_message
+from jfe.serve.errors import ApiError, error_response, first_param, validation_message
 from jfe.serve.schemas import (
     MAX_JSON_DEPTH,
     EmbeddingInput,
@@ -256,7 +256,7 @@ def _parse_json(body: bytes, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
-        raise ApiError(422, validation_message(exc)) from None
+        raise ApiError(422, validation_message(exc), param=first_param(exc)) from None
 
 
 def _form_str(form: Any, name: str) -> str | None:
@@ -321,7 +321,7 @@ async def _search_form(request: Request, settings: ServeSettings) -> tuple[Searc
     try:
         req = SearchRequest.model_validate(fields)
     except ValidationError as exc:
-        raise ApiError(422, validation_message(exc)) from None
+        raise ApiError(422, validation_message(exc), param=first_param(exc)) from None
     image = await _uploaded_image(upload, settings) if isinstance(upload, UploadFile) else None
     return req, image
 
