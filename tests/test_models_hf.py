@@ -435,3 +435,24 @@ def test_generic_adapter_with_a_processor(tmp_path: Path) -> None:
     saved = left.save_pretrained(tmp_path / "saved")
     np.testing.assert_allclose(load_model(saved, device="cpu").encode(items), left.encode(items),
                                atol=1e-6)
+
+
+def test_a_processor_that_needs_torchvision_is_named_as_unsupported(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmolVLM's and InternVL's processors import torchvision, which does not import beside this torch: the
+    user is told that, not handed an ImportError from inside transformers (here the tiny LLaVA's processor is
+    made to fail as theirs do)."""
+    import transformers
+
+    folder = build_tiny_llava(tmp_path / "tiny-llava")
+
+    def needs_torchvision(*args: object, **kwargs: object) -> None:
+        raise ImportError("SmolVLMProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    with pytest.raises(ConfigError, match=r"not supported here: its processor needs torchvision.*qwen2_vl"):
+        load_model(f"hf:{folder}", device="cpu")
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("no processor files")))
+    with pytest.raises(ConfigError, match="cannot load the processor.*no processor files"):
+        load_model(f"hf:{folder}", device="cpu")

@@ -254,6 +254,14 @@ class HFEncoder(Encoder):
             try:
                 self.processor = AutoProcessor.from_pretrained(source, **self._hub_kwargs())
             except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+                if "torchvision" in str(exc).lower():
+                    # SmolVLM, InternVL and other processors import torchvision, which PyPI builds against
+                    # another torch than this one: say so, instead of a bare ImportError from deep inside
+                    raise ConfigError(
+                        f"{source!r} is not supported here: its processor needs torchvision, which does not import "
+                        f"beside this torch build (install the torchvision built for it to use this model). "
+                        f"Families whose inputs JFE builds itself work without it: "
+                        f"{', '.join(sorted(ADAPTERS))}") from exc
                 raise ConfigError(f"cannot load the processor of {source!r}: {exc}") from exc
             self.tokenizer = self.processor.tokenizer
             self.image_processor = getattr(self.processor, "image_processor", None)
