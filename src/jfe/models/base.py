@@ -186,11 +186,12 @@ class Encoder(torch.nn.Module):
 
         with atomic_dir(directory, MODEL_KIND, overwrite=overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(), indent=2) + "\n")
+            full = state is None  # the model's own weights; a compact form reads its assets from the cache
             if state is None:
                 state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={**(metadata or {}), "arch": self.arch})
             fix_modes(tmp, [WEIGHTS_NAME])  # safetensors writes 0600; config.json next to it is 0644
-            if metadata is None or "format" not in metadata:  # a compact form reads its assets from the cache
+            if full:
                 self._save_extra(tmp)
         return directory
 
@@ -222,7 +223,6 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, device: str 
     a :class:`ConfigError` naming the folder.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from jfe.models.compact import COMPACT_FORMAT, apply_compact
 
@@ -230,10 +230,10 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, device: str 
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
         raise ConfigError(f"{folder} has a config but no {WEIGHTS_NAME}")
-    try:
-        state = load_file(str(weights), device=str(device))
-        with safe_open(str(weights), "pt") as handle:
+    try:  # one open for the header (the format) and the tensors
+        with safe_open(str(weights), "pt", device=str(device)) as handle:
             header = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise ConfigError(f"{weights}: cannot read the weights ({exc})") from None
     if header.get("format") == COMPACT_FORMAT:

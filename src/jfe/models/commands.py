@@ -124,6 +124,7 @@ def models_compact(
 
     The compact folder loads like any saved model, on the towers of the asset cache (`jfe assets fetch`).
     How close it ranks to the full model is measured by `jfe ship-weights` (docs/results/shipped_weights.md)."""
+    from jfe.models.compact import state_bytes
     from jfe.models.registry import list_models, load_model
     from jfe.models.towers import TowerEncoder
 
@@ -134,15 +135,8 @@ def models_compact(
         raise ConfigError(f"{folder}: only models on the MobileNetV2 + MiniLM towers have a compact form "
                           f"(a {type(model).__name__} saves LoRA adapters instead)")
     written = model.save_compact(out, rank=rank, overwrite=overwrite)
-    full, compact = _state_mb(model), (written / "model.safetensors").stat().st_size / 1e6
+    full, compact = state_bytes(model.state_dict()) / 1e6, (written / "model.safetensors").stat().st_size / 1e6
     typer.echo(f"wrote {written}: {compact:.1f} MB (the full fp32 weights are {full:.1f} MB)")
-
-
-def _state_mb(model: object) -> float:
-    import torch
-
-    assert isinstance(model, torch.nn.Module)
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
 
 
 @models_app.command("unregister")

@@ -109,7 +109,7 @@ def compact_state(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor
 
 def _delta_of(name: str, compact: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor | None:
     """The change to add to ``target`` (the pretrained matrix) from its stored parts; None when they do not fit."""
-    matrix = target.reshape(target.shape[0], -1).double()
+    matrix = _as_matrix(target).double()
     delta = matrix * float(compact[name + DELTA_SCALE].reshape(-1)[0]) if name + DELTA_SCALE in compact \
         else torch.zeros_like(matrix)
     if name + DELTA_A in compact:
@@ -161,9 +161,9 @@ def apply_compact(model: torch.nn.Module, compact: dict[str, torch.Tensor]) -> t
     return unexpected, misshapen
 
 
-def compact_bytes(compact: dict[str, torch.Tensor]) -> int:
-    """The tensor bytes of a compact state (the file adds a small JSON header)."""
-    return sum(t.numel() * t.element_size() for t in compact.values())
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """The tensor bytes of a state dict, full or compact (a safetensors file adds a small JSON header)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def is_compact(weights: str | os.PathLike) -> bool:
