@@ -58,12 +58,9 @@ def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, 
     candidates = read_pools(pool_files)
     if not candidates:
         raise DataError("no candidates in the pool file(s): " + ", ".join(str(p) for p in pool_files))
-    items = [candidate_item(c, data_root) for c in candidates]
-    vectors = model.encode(items, batch_size=batch_size, progress=progress, desc="embed candidates",
-                           precision=precision)
-    vectors = np.asarray(vectors, dtype=np.float32)
+    vectors, precision_info = _encode_candidates(model, candidates, data_root, batch_size, progress, precision)
     info = pool_meta(model_name or model_name_of(model), model.arch, data_root, pool_files, factory)
-    info.update(precision_meta(model, precision))
+    info.update(precision_info)
     info.update(meta or {})
     return index_vectors([c.did for c in candidates], vectors, [c.to_json() for c in candidates], factory=factory,
                          search_params=search_params, seed=seed, recall_queries=recall_queries, meta=info)
@@ -73,6 +70,15 @@ def pool_meta(model_name: str, arch: str | None, data_root: Path, pool_files: Se
               factory: str) -> dict[str, Any]:
     return {"model": model_name, "arch": arch, "data_root": str(data_root),
             "pool_files": [str(Path(p).resolve()) for p in pool_files], "factory": factory}
+
+
+def _encode_candidates(model: Encoder, candidates: Sequence[Candidate], data_root: Path, batch_size: int,
+                       progress: bool, precision: str) -> tuple[np.ndarray, dict[str, str]]:
+    """The candidates' vectors (float32, pool order) and meta.json's record of their precision, resolved once."""
+    info = precision_meta(model, precision)
+    vectors = model.encode([candidate_item(c, data_root) for c in candidates], batch_size=batch_size,
+                           progress=progress, desc="embed candidates", precision=info["precision"])
+    return np.asarray(vectors, dtype=np.float32), info
 
 
 def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
@@ -127,10 +133,8 @@ def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: 
         arch, precision_info = None, {"precision": str(resolved)}
     else:
         encoder = load_model(model)
-        arch, precision_info = encoder.arch, precision_meta(encoder, precision)
-        vectors = np.asarray(encoder.encode([candidate_item(c, data_root) for c in candidates], batch_size=batch_size,
-                                            progress=progress, desc="embed candidates", precision=precision),
-                             dtype=np.float32)
+        arch = encoder.arch
+        vectors, precision_info = _encode_candidates(encoder, candidates, data_root, batch_size, progress, precision)
     meta = pool_meta(model, arch, data_root, pool_files, factory)
     meta.update(precision_info)
     meta["encoded_with"] = f"ray ({ray_address})" if ray_address else "one process"
