@@ -18,6 +18,7 @@ _LAZY = {
     "VectorIndex": ("jfe.index.vector_index", "VectorIndex"),
     "encode": ("jfe.api", "encode"),
     "search": ("jfe.api", "search"),
+    "rerank": ("jfe.api", "rerank"),
     "train": ("jfe.api", "train"),
     "evaluate": ("jfe.api", "evaluate"),
     "tune_allocator": ("jfe.hardware", "tune_allocator"),

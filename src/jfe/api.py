@@ -1,4 +1,4 @@
-"""The short Python API: ``jfe.encode``, ``jfe.search``, ``jfe.train``, ``jfe.evaluate``.
+"""The short Python API: ``jfe.encode``, ``jfe.search``, ``jfe.rerank``, ``jfe.train``, ``jfe.evaluate``.
 
 Thin conveniences over the layers (models, index, train, eval) for the common cases; each accepts a
 model name (``"jfe-mini"``, ``"hf:/path"``), a saved model folder, or an already loaded encoder.
@@ -13,12 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from jfe.data.items import as_item
 from jfe.errors import ConfigError
 from jfe.models.base import Encoder
 
 ModelLike = str | os.PathLike | Encoder
 
 _LOADED: dict[str, Encoder] = {}
+MAX_RERANK_K = 1000  # a reranker reads every pair: this bounds one query's cost
 
 
 def _model(model: ModelLike) -> Encoder:
@@ -40,27 +42,70 @@ def encode(items: Sequence[Any], model: ModelLike = "jfe-mini", instruction: str
 
 def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None = None, k: int = 10,
            instruction: str | None = None, exclude: Collection[str] | None = None,
-           precision: str | None = None) -> list[dict[str, Any]]:
+           precision: str | None = None, rerank: ModelLike | None = None, rerank_k: int = 50
+           ) -> list[dict[str, Any]]:
     """Search an index (a saved folder, plain or sharded, or a loaded index) with one query item; returns
-    ranked hits ``{"did", "score", "rank", "record"}`` (``record``: the candidate's stored record, ``{}`` when
-    the index holds none). The model defaults to the one the index was built with, the precision to the one
-    its vectors were computed in. ``exclude``: ids never to return (e.g. the query's own reference image in
-    composed search: "this, but green" should not find "this")."""
+    ranked hits ``{"did", "score", "rank", "record", "first_stage_rank"}`` (``record``: the candidate's stored
+    record, ``{}`` when the index holds none). The model defaults to the one the index was built with, the
+    precision to the one its vectors were computed in. ``exclude``: ids never to return (e.g. the query's own
+    reference image in composed search: "this, but green" should not find "this").
+
+    ``rerank`` (a reranker name, folder or loaded one, e.g. ``"jfe-mini-rerank"``): the first ``rerank_k`` hits
+    are reordered by it (it reads query and candidate together); ``first_stage_rank`` then says where the
+    retriever had put each hit."""
     from jfe.index.hits import hits_from
     from jfe.index.shards import load_index
-    from jfe.indexing import query_precision
+    from jfe.indexing import query_precision, rerank_hits
 
+    if rerank is not None and not 1 <= rerank_k <= MAX_RERANK_K:
+        raise ConfigError(f"rerank_k must be in 1..{MAX_RERANK_K}, got {rerank_k}")
     saved = isinstance(index, str | os.PathLike)
     vector_index: Any = load_index(index) if saved else index  # anything with search/record/meta
     name = model if model is not None else vector_index.meta.get("model")
     if not name:
         raise ConfigError(f"the index{f' at {index}' if saved else ''} does not name its model; pass model=")
     compute, _ = query_precision(getattr(vector_index, "meta", {}), precision)
-    vector = _model(name).encode([query], instruction=instruction, precision=compute)
-    ids, scores = vector_index.search(vector, k, exclude=[set(exclude)] if exclude else None)
+    item = as_item(query, 0)
+    if instruction:
+        item = item.with_instruction(instruction)
+    vector = _model(name).encode([item], precision=compute)
+    depth = max(k, rerank_k) if rerank is not None else k
+    ids, scores = vector_index.search(vector, depth, exclude=[set(exclude)] if exclude else None)
+    row_ids, row_scores, firsts = list(ids[0]), scores[0].tolist(), None
+    if rerank is not None:
+        row_ids, row_scores, firsts = rerank_hits(_reranker(rerank), vector_index, item, row_ids, row_scores,
+                                                  rerank_k=rerank_k, precision=precision)
     # one hit shape for the API, `jfe search` and POST /search: jfe.index.hits
-    return [{"did": hit.did, "score": hit.score, "rank": hit.rank, "record": hit.record}
-            for hit in hits_from(vector_index, ids[0], scores[0].tolist())]
+    return [{"did": hit.did, "score": hit.score, "rank": hit.rank, "record": hit.record,
+             "first_stage_rank": hit.first_stage_rank}
+            for hit in hits_from(vector_index, row_ids[:k], row_scores[:k], firsts[:k] if firsts else None)]
+
+
+def rerank(query: Any, candidates: Sequence[Any], model: ModelLike = "jfe-mini-rerank",
+           scores: Sequence[float] | None = None, instruction: str | None = None, batch_size: int = 64,
+           precision: str | None = None) -> np.ndarray:
+    """Score ``candidates`` (texts, images, ``{"text", "image"}`` pairs) against ``query`` with a reranker that
+    reads each pair in one sequence; returns float32 scores in the candidates' order, higher is better.
+    ``scores``: the first stage's scores of the same candidates (None: the reranker's own retriever computes
+    them). Sort with ``numpy.argsort(-scores)``."""
+    if not candidates:
+        return np.zeros(0, dtype=np.float32)
+    reranker = _reranker(model)
+    retriever = None
+    if scores is None:
+        name = getattr(reranker.config, "retriever", None)
+        if not name:
+            raise ConfigError(f"{reranker.arch} names no retriever: pass scores= (the first stage's)")
+        retriever = _model(name)
+    return reranker.rerank([query], [list(candidates)], [list(scores)] if scores is not None else None,
+                           retriever=retriever, instruction=instruction, batch_size=batch_size,
+                           precision=precision)[0]
+
+
+def _reranker(model: ModelLike) -> Any:
+    from jfe.models.rerankers import require_reranker
+
+    return require_reranker(_model(model), f"reranker {model if not isinstance(model, Encoder) else model.arch!r}")
 
 
 def train(config: str | os.PathLike, overrides: dict[str, Any] | None = None, resume: bool = False,

@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption, RerankKOption, RerankOption
 from jfe.errors import ConfigError, DataError
 
 
@@ -34,8 +34,11 @@ def search_command(
                                                              "the query image's own id in composed search."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     precision: PrecisionOption = DEFAULT_PRECISION,
+    rerank: RerankOption = None,
+    rerank_k: RerankKOption = 50,
 ) -> None:
-    """Search an index with a text, an image, or both; print a ranked table (or JSON)."""
+    """Search an index with a text, an image, or both; print a ranked table (or JSON). With --rerank, a reranker
+    reorders the first --rerank-k hits, reading query and candidate together."""
     from jfe.api import search
     from jfe.data.items import Item
     from jfe.index.shards import load_index
@@ -50,32 +53,38 @@ def search_command(
         raise ConfigError(f"the index at {index} does not name its model; pass --model")
     query = Item(text=text or None, image=image, id="query")
     hits = [_shown(hit) for hit in search(vector_index, query, model=str(name), k=k, instruction=instruction,
-                                          exclude=exclude or None, precision=precision)]
+                                          exclude=exclude or None, precision=precision, rerank=rerank,
+                                          rerank_k=rerank_k)]
     if as_json:
-        typer.echo(json.dumps({"index": str(index), "model": str(name), "k": k, "hits": hits}, ensure_ascii=False))
+        typer.echo(json.dumps({"index": str(index), "model": str(name), "k": k, "rerank": rerank,
+                               "rerank_k": rerank_k if rerank else None, "hits": hits}, ensure_ascii=False))
         return
-    _print_table(hits, f"top {k} of {len(vector_index)} in {index} (model {name})")
+    reranked = f", top {rerank_k} reranked by {rerank}" if rerank else ""
+    _print_table(hits, f"top {k} of {len(vector_index)} in {index} (model {name}{reranked})", reranked=bool(rerank))
 
 
 def _shown(hit: dict[str, Any]) -> dict[str, Any]:
     """An API hit as the command shows it: the record's modality, text and image path up front."""
     record = hit["record"]
-    return {"rank": hit["rank"], "did": hit["did"], "score": round(hit["score"], 6),
+    return {"rank": hit["rank"], "first_stage_rank": hit["first_stage_rank"], "did": hit["did"],
+            "score": round(hit["score"], 6),
             "modality": record.get("modality"), "text": record.get("txt"), "image": record.get("img_path"),
             "record": record}
 
 
-def _print_table(hits: list[dict[str, Any]], title: str) -> None:
+def _print_table(hits: list[dict[str, Any]], title: str, reranked: bool = False) -> None:
     from rich.markup import escape
     from rich.table import Table
 
     from jfe.index.commands import _console
 
     table = Table(title=title)
-    for column in ("rank", "did", "score", "modality", "text", "image"):
-        table.add_column(column, justify="right" if column in ("rank", "score") else "left",
-                         overflow="fold", no_wrap=column in ("rank", "did", "score"))
+    columns = ("rank", *(("was",) if reranked else ()), "did", "score", "modality", "text", "image")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("rank", "was", "score") else "left",
+                         overflow="fold", no_wrap=column in ("rank", "was", "did", "score"))
     for hit in hits:
-        table.add_row(str(hit["rank"]), escape(hit["did"]), f"{hit['score']:.4f}", hit["modality"] or "-",
+        was = (str(hit["first_stage_rank"]),) if reranked else ()
+        table.add_row(str(hit["rank"]), *was, escape(hit["did"]), f"{hit['score']:.4f}", hit["modality"] or "-",
                       escape(hit["text"] or "-"), escape(hit["image"] or "-"))
     _console().print(table)

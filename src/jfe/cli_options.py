@@ -16,3 +16,10 @@ PRECISION_HELP = "Compute precision: auto (bf16 where the CPU/GPU has native bf1
 
 #: ``precision: PrecisionOption = DEFAULT_PRECISION`` declares ``--precision`` (see :mod:`jfe.models.precision`)
 PrecisionOption = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]
+
+# reranking (jfe search, jfe eval): a reranker reorders the first stage's top N
+RerankOption = Annotated[str | None, typer.Option(
+    "--rerank", help="Reranker (jfe-mini-rerank, late-fusion-rerank-mini or a trained folder) that reorders the "
+                     "first stage's top --rerank-k.")]
+RerankKOption = Annotated[int, typer.Option("--rerank-k", min=1, max=1000, help="How many first-stage candidates "
+                                                                                 "the reranker reads per query.")]

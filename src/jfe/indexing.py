@@ -9,6 +9,7 @@ were computed in.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jfe.data.items import candidate_item
+from jfe.data.items import Item, candidate_item
 from jfe.data.mbeir import read_pool_files
 from jfe.data.records import Candidate
 from jfe.errors import ConfigError, DataError
@@ -228,3 +229,49 @@ def query_precision(meta: dict[str, Any], precision: str | None = "auto") -> tup
                           stacklevel=2)
     vision = "follow" if chosen == "bf16" and meta.get("vision_precision") == "bf16" else None
     return chosen, vision
+
+
+def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scores: Sequence[float], *,
+                rerank_k: int, precision: str | None = None, batch_size: int = 64
+                ) -> tuple[list[str], list[float], list[int]]:
+    """Reorder a query's first ``rerank_k`` hits with ``reranker`` (:class:`jfe.models.rerankers.Reranker`);
+    the hits below them keep their order. Returns ``(ids, scores, first_stage_ranks)`` (ranks from 1).
+
+    The candidates are rebuilt from the index's stored records (images relative to its ``data_root``); a hit
+    without one is a :class:`DataError` naming it. The index's scores are the reranker's first stage when the
+    index was built by the retriever it was trained on; otherwise that retriever scores the shortlist itself.
+    """
+    from jfe.data.records import Candidate
+
+    short = list(ids[:rerank_k])
+    root = Path(getattr(index, "meta", {}).get("data_root") or ".")
+    candidates = []
+    for did in short:
+        record = index.record(did)
+        if not record:
+            raise DataError(f"candidate {did!r} has no stored record in the index, so it cannot be reranked "
+                            f"(build the index from pool files: `jfe index build`)", record_id=did)
+        try:
+            candidates.append(candidate_item(Candidate(**{k: record.get(k) for k in Candidate.__dataclass_fields__}),
+                                             root))
+        except (TypeError, DataError) as exc:
+            raise DataError(f"candidate {did!r}: its stored record cannot be read ({exc})", record_id=did) from None
+    trained_on = getattr(reranker.config, "retriever", None)
+    prior, retriever = None, None
+    if getattr(index, "meta", {}).get("model") == trained_on or not trained_on:
+        prior = [list(map(float, scores[:len(short)]))]
+    else:
+        retriever = _retriever(trained_on)
+    new = reranker.rerank([query], [candidates], prior, retriever=retriever, batch_size=batch_size,
+                          precision=precision)[0] if short else np.zeros(0, dtype=np.float32)
+    order = np.argsort(-new, kind="stable")
+    ranked = [short[i] for i in order] + list(ids[len(short):])
+    new_scores = [float(new[i]) for i in order] + [float(s) for s in scores[len(short):]]
+    first_ranks = [int(i) + 1 for i in order] + list(range(len(short) + 1, len(ids) + 1))
+    return ranked, new_scores, first_ranks
+
+
+@functools.lru_cache(maxsize=4)
+def _retriever(name: str) -> Encoder:
+    """A reranker's own first stage, loaded once per process (when the index was built by another model)."""
+    return load_model(name)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
+from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption, RerankKOption, RerankOption
 from jfe.errors import ConfigError
 from jfe.eval.metrics import recall_key
 
@@ -45,6 +45,8 @@ def eval_command(
     precision: PrecisionOption = DEFAULT_PRECISION,
     text_mode: str = typer.Option("jfe", "--text-mode", help="Text formatting: 'jfe', or 'uniir' (UniIR's exact "
                                                              "format_string, to reproduce UniIR checkpoints)."),
+    rerank: RerankOption = None,
+    rerank_k: RerankKOption = 50,
 ) -> None:
     """Evaluate a model with the M-BEIR protocol: Recall@1/5/10/20/50 per (dataset, task) and per category."""
     from rich.table import Table
@@ -57,12 +59,19 @@ def eval_command(
         raise ConfigError(f"--pool must be 'local' or 'global', got {pool!r}")
     encoder = load_model(model)
     encoder.set_precision(precision)
+    reranker = None
+    if rerank:
+        from jfe.models.rerankers import require_reranker
+
+        reranker = require_reranker(load_model(rerank), f"--rerank {rerank}").set_precision(precision)
     evaluator = MBEIREvaluator(data, split=split, pool=pool, out_dir=out, instructions=instructions,
                                batch_size=batch_size, run_name=run_name or _run_name(model), model_name=model,
-                               progress=progress, max_queries=max_queries, text_mode=text_mode)  # type: ignore[arg-type]
+                               progress=progress, max_queries=max_queries, text_mode=text_mode,  # type: ignore[arg-type]
+                               reranker=reranker, rerank_k=rerank_k, reranker_name=rerank)
     result = evaluator.result(encoder)
     metrics = [*(recall_key(k) for k in result.ks), "headline"]
-    table = Table(title=f"{result.run_name}: {split} split, {pool} pool, {result.n_queries} queries")
+    reranked = f", reranked by {rerank} (top {rerank_k})" if rerank else ""
+    table = Table(title=f"{result.run_name}: {split} split, {pool} pool, {result.n_queries} queries{reranked}")
     for column in ("dataset", "task", "query→candidate", "queries", *metrics):
         table.add_column(column, justify="left" if column in ("dataset", "task", "query→candidate") else "right")
     for row in result.rows:
@@ -84,7 +93,8 @@ def eval_command(
         console.print(f"{result.missing_positives['count']} queries have no positive in their pool (counted as "
                       "misses)", markup=False)
     if out is not None:
-        console.print(f"wrote {out}/results.json, results.tsv, categories.tsv, run.trec", markup=False)
+        extra = ", run.first_stage.trec" if reranker is not None else ""
+        console.print(f"wrote {out}/results.json, results.tsv, categories.tsv, run.trec{extra}", markup=False)
 
 
 def run_labels(names: str | None, loaded: list) -> list[str]:  # noqa: ANN001 - EvalResults, imported lazily

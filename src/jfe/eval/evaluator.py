@@ -27,7 +27,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -129,6 +129,8 @@ class MBEIREvaluator:
     ``instructions``: ``"default"``, ``"heldout"`` or ``"none"`` (see :func:`jfe.eval.protocol.evaluate`; a sample
     knows ``"default"`` and ``"none"``). ``sample`` switches to the capped sample; ``tasks`` keeps only those task
     ids (sample only). ``out_dir`` (full protocol) receives the run files; ``cache_dir`` keeps embeddings.
+    ``reranker`` (full protocol): reorders each query's first-stage top ``rerank_k`` (a
+    :class:`jfe.models.rerankers.Reranker`, named ``reranker_name`` in the results).
     """
 
     primary_metric: str = PRIMARY_METRIC
@@ -138,8 +140,12 @@ class MBEIREvaluator:
                  sample: Sample | None = None, tasks: set[int] | None = None, batch_size: int = 64,
                  out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                  instruction_mode: str = "hash", text_mode: TextMode = "jfe", run_name: str | None = None,
-                 model_name: str | None = None, fusion_role: str | None = None, progress: bool = True) -> None:
+                 model_name: str | None = None, fusion_role: str | None = None, progress: bool = True,
+                 reranker: Any = None, rerank_k: int = 50, reranker_name: str | None = None) -> None:
         from jfe.errors import ConfigError
+
+        if reranker is not None and sample is not None:
+            raise ConfigError("reranking is measured with the full protocol, not a capped sample")
 
         if sample is not None and (pool != "local" or instructions not in ("default", "none")):
             raise ConfigError("a sampled evaluation ranks in capped local pools with the default instructions or "
@@ -151,6 +157,7 @@ class MBEIREvaluator:
         self.batch_size, self.out_dir, self.cache_dir = batch_size, out_dir, cache_dir
         self.instruction_mode, self.text_mode, self.progress = instruction_mode, text_mode, progress
         self.run_name, self.model_name, self.fusion_role = run_name, model_name, fusion_role
+        self.reranker, self.rerank_k, self.reranker_name = reranker, rerank_k, reranker_name
         self.last_result: EvalResult | None = None
         self._groups: list[SampleGroup] | None = None
 
@@ -171,7 +178,8 @@ class MBEIREvaluator:
             instructions=self.instructions, ks=self.ks, batch_size=self.batch_size, run_name=self.run_name,
             model_name=self.model_name, cache_dir=self.cache_dir, progress=self.progress,
             instruction_mode=self.instruction_mode, max_queries=self.max_queries, text_mode=self.text_mode,
-            fusion_role=self.fusion_role)
+            fusion_role=self.fusion_role, reranker=self.reranker, rerank_k=self.rerank_k,
+            reranker_name=self.reranker_name)
         return self.last_result
 
     def groups(self) -> list[SampleGroup]:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 RESULTS_FILE = "results.json"
 RUN_FILE = "run.trec"
+FIRST_STAGE_RUN_FILE = "run.first_stage.trec"  # beside run.trec when a reranker reordered the first stage
 TSV_FILE = "results.tsv"
 CATEGORY_TSV_FILE = "categories.tsv"
 PER_QUERY_FILE = "per_query.jsonl"
@@ -86,6 +87,8 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
     arch: str = ""
     fusion_role: str = ""  # the model's declared role (Encoder.fusion_role) or the study's for this run
+    reranker: str | None = None  # the reranker that reordered each query's first-stage top rerank_k, if any
+    rerank_k: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -330,9 +333,9 @@ def _query_items(qf: _QueryFile, inputs: _Inputs, instructions: str, instruction
 
 def _embed(model: Encoder, inputs: _Inputs, cache: EmbeddingCache, batch_size: int, progress: bool,
            instructions: str, instruction_mode: str, text_mode: TextMode
-           ) -> tuple[np.ndarray, dict[str, int], list[np.ndarray]]:
+           ) -> tuple[np.ndarray, dict[str, int], list[np.ndarray], list[list[Item]]]:
     """Embed step: candidates by content, once, without instruction; queries with their instruction.
-    Returns the candidate matrix, each did's row in it, and one query matrix per query file."""
+    Returns the candidate matrix, each did's row in it, one query matrix per query file and its query items."""
     candidates = inputs.candidates
     cand_ids = sorted(candidates, key=lambda d: d)  # sorted: stable cache order regardless of pool order
     cand_row = {did: i for i, did in enumerate(cand_ids)}
@@ -341,11 +344,13 @@ def _embed(model: Encoder, inputs: _Inputs, cache: EmbeddingCache, batch_size: i
                  for d, item in zip(cand_ids, cand_items, strict=True)]
     cand_vecs = cache.embed(model, cand_keys, cand_items, batch_size, progress, "embed candidates")
     query_vecs: list[np.ndarray] = []
+    query_items: list[list[Item]] = []
     for qf in inputs.files:
         keys, items = _query_items(qf, inputs, instructions, instruction_mode, text_mode)
         query_vecs.append(cache.embed(model, keys, items, batch_size, progress, f"embed {qf.path.stem}"))
+        query_items.append(items)
     cache.save()
-    return cand_vecs, cand_row, query_vecs
+    return cand_vecs, cand_row, query_vecs, query_items
 
 
 def pool_index(pool_ids: Sequence[str], vectors: np.ndarray, dim: int) -> VectorIndex:
@@ -440,12 +445,86 @@ def _write(out: Path, result: EvalResult, scored: _Scored, pool: str) -> None:
     result.save(out / RESULTS_FILE)  # last: its presence marks a complete evaluation
 
 
+@dataclass
+class FirstStage:
+    """The read, embed and rank steps' output: what a reranker reorders and what mining lists. ``rankings[f]``
+    is query file ``f``'s ``(ranked ids, scores)``; ``query_items[f]`` its queries as embedded (instruction
+    included); ``query_vecs[f]`` their vectors; ``cand_vecs[cand_row[did]]`` a candidate's vector."""
+
+    inputs: _Inputs
+    query_items: list[list[Item]]
+    query_vecs: list[np.ndarray]
+    cand_vecs: np.ndarray
+    cand_row: dict[str, int]
+    indexes: dict[tuple[Path, ...], VectorIndex]
+    rankings: list[tuple[list[list[str]], Any]]
+
+    @property
+    def files(self) -> list[_QueryFile]:
+        return self.inputs.files
+
+
+def first_stage(model: Encoder, data_root: str | os.PathLike, *, split: str, pool: str, k: int,
+                instructions: str = "default", instruction_mode: str = "hash", batch_size: int = 64,
+                progress: bool = True, max_queries: int | None = None, text_mode: TextMode = "jfe",
+                cache_dir: str | os.PathLike | None = None, notes: list[str] | None = None,
+                timings: dict[str, float] | None = None) -> FirstStage:
+    """Read, embed and rank (module docstring, steps 1-3): each query's top ``k`` in its pool. Reads only
+    ``query/<split>``, ``qrels/<split>`` and the pools those queries search."""
+    timings = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    inputs = _read(Path(data_root).resolve(), split, pool, instructions, max_queries,
+                   notes if notes is not None else [])
+    timings["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cache = EmbeddingCache(Path(cache_dir) if cache_dir is not None else None, model_fingerprint(model))
+    cand_vecs, cand_row, query_vecs, query_items = _embed(model, inputs, cache, batch_size, progress, instructions,
+                                                          instruction_mode, text_mode)
+    timings["embed"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dim = cand_vecs.shape[1] if len(cand_vecs) else model.dim
+    indexes, rankings = _rank_files(inputs, cand_vecs, cand_row, query_vecs, k, dim)
+    timings["search"] = time.perf_counter() - t0
+    return FirstStage(inputs, query_items, query_vecs, cand_vecs, cand_row, indexes, rankings)
+
+
+def _rerank(stage: FirstStage, reranker: Any, rerank_k: int, batch_size: int, progress: bool,
+            text_mode: TextMode) -> list[tuple[list[list[str]], Any]]:
+    """Rerank step: each query's first ``rerank_k`` candidates reordered by the reranker's scores (the rest of
+    the ranking keeps its first-stage order below them); returns the new rankings."""
+    queries: list[Item] = []
+    lists: list[list[Item]] = []
+    priors: list[list[float]] = []
+    where: list[tuple[int, int, int]] = []  # (file, query, shortlist length)
+    inputs = stage.inputs
+    for f, (ranked, scores) in enumerate(stage.rankings):
+        for i, ids in enumerate(ranked):
+            short = ids[:rerank_k]
+            if not short:
+                continue
+            queries.append(stage.query_items[f][i])
+            lists.append([candidate_item(inputs.candidates[d], inputs.root, text_mode) for d in short])
+            priors.append([float(x) for x in scores[i][:len(short)]])
+            where.append((f, i, len(short)))
+    new_scores = reranker.rerank(queries, lists, priors, batch_size=batch_size, progress=progress) if queries else []
+    out = [([list(r) for r in ranked], None if scores is None else np.array(scores, dtype=np.float32, copy=True))
+           for ranked, scores in stage.rankings]
+    for (f, i, n), reranked in zip(where, new_scores, strict=True):
+        lists_f, scores_f = out[f]
+        order = np.argsort(-reranked, kind="stable")  # ties keep the first stage's order
+        lists_f[i] = [lists_f[i][j] for j in order] + lists_f[i][n:]
+        assert scores_f is not None
+        scores_f[i, :n] = reranked[order]
+    return out
+
+
 def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test", pool: str = "local",
              out_dir: str | os.PathLike | None = None, instructions: str = "default",
              ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, run_name: str | None = None,
              model_name: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
              instruction_mode: str = "hash", max_queries: int | None = None,
-             text_mode: TextMode = "jfe", fusion_role: str | None = None) -> EvalResult:
+             text_mode: TextMode = "jfe", fusion_role: str | None = None, reranker: Any = None,
+             rerank_k: int = 50, reranker_name: str | None = None) -> EvalResult:
     """Run the M-BEIR protocol (module docstring) and, with ``out_dir``, write ``run.trec``, ``results.tsv``,
     ``categories.tsv``, ``per_query.jsonl`` and ``results.json`` there.
 
@@ -454,6 +533,8 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
     ``query_txt_heldout`` as its text) or ``"none"``. ``max_queries`` caps queries per file (smoke runs).
     ``text_mode``: ``"jfe"`` or ``"uniir"`` (UniIR's exact text formatting, see :mod:`jfe.data.instructions`).
     ``fusion_role`` is recorded for reports (default: the model's declared ``fusion_role``).
+    ``reranker`` (a :class:`jfe.models.rerankers.Reranker`): each query's first ``rerank_k`` candidates are
+    reordered by it and scored so; the first stage's run is kept beside as ``run.first_stage.trec``.
     """
     from jfe.models.registry import model_name_of
 
@@ -463,40 +544,54 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
 
         if fusion_role not in FUSION_ROLES:
             raise ConfigError(f"fusion_role must be one of {', '.join(FUSION_ROLES)}, got {fusion_role!r}")
+    if reranker is not None and rerank_k < 1:
+        raise ConfigError(f"rerank_k must be at least 1, got {rerank_k}")
     root = Path(data_root).resolve()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         check_writable_path(out, folder=True)  # before hours of embedding, not after
     timings: dict[str, float] = {}
     notes = list(STANDARD_NOTES)
+    depth = max(ks[-1], rerank_k) if reranker is not None else ks[-1]
+    stage = first_stage(model, root, split=split, pool=pool, k=depth, instructions=instructions,
+                        instruction_mode=instruction_mode, batch_size=batch_size, progress=progress,
+                        max_queries=max_queries, text_mode=text_mode,
+                        cache_dir=cache_dir if cache_dir is not None else (out / "embeddings" if out else None),
+                        notes=notes, timings=timings)
+    rankings = stage.rankings
+    first_rows: _Scored | None = None
+    if reranker is not None:
+        first_rows = _Scored()
+        for qf, (ranked, scores) in zip(stage.files, rankings, strict=True):
+            _score_file(qf, ranked, scores, stage.indexes[tuple(qf.pool_files)], ks, pool, first_rows)
+        t0 = time.perf_counter()
+        rankings = _rerank(stage, reranker, rerank_k, batch_size, progress, text_mode)
+        timings["rerank"] = time.perf_counter() - t0
+        first = getattr(getattr(reranker, "config", None), "retriever", None)
+        name = model_name or model_name_of(model)
+        notes.append(f"Reranked: each query's first-stage top {rerank_k} reordered by "
+                     f"{reranker_name or model_name_of(reranker)}.")
+        if first and first != name:
+            notes.append(f"The reranker was trained on {first}'s scores; the first stage here is {name}.")
     t0 = time.perf_counter()
-    inputs = _read(root, split, pool, instructions, max_queries, notes)
-    timings["read"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    cache = EmbeddingCache(Path(cache_dir) if cache_dir is not None else (out / "embeddings" if out else None),
-                           model_fingerprint(model))
-    cand_vecs, cand_row, query_vecs = _embed(model, inputs, cache, batch_size, progress, instructions,
-                                             instruction_mode, text_mode)
-    timings["embed"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()  # "search" times ranking and scoring together
-    dim = cand_vecs.shape[1] if len(cand_vecs) else model.dim
-    indexes, rankings = _rank_files(inputs, cand_vecs, cand_row, query_vecs, ks[-1], dim)
     scored = _Scored()
-    for qf, (ranked, scores) in zip(inputs.files, rankings, strict=True):
-        _score_file(qf, ranked, scores, indexes[tuple(qf.pool_files)], ks, pool, scored)
-    timings["search"] = time.perf_counter() - t0
+    for qf, (ranked, scores) in zip(stage.files, rankings, strict=True):
+        _score_file(qf, [r[:ks[-1]] for r in ranked], scores, stage.indexes[tuple(qf.pool_files)], ks, pool, scored)
+    timings["score"] = time.perf_counter() - t0
 
     result = EvalResult(
         run_name=run_name or model_name or model_name_of(model), model=model_name or model_name_of(model),
         data_root=str(root), split=split, pool=pool, instructions=instructions, ks=list(ks),
         rows=_merge_rows(scored.rows, ks), categories={}, average={}, n_queries=len(scored.per_query),
-        n_candidates=len({d for idx in indexes.values() for d in idx.ids}), timings={}, notes=notes,
-        arch=getattr(model, "arch", ""), fusion_role=fusion_role or str(getattr(model, "fusion_role", "other")))
+        n_candidates=len({d for idx in stage.indexes.values() for d in idx.ids}), timings={}, notes=notes,
+        arch=getattr(model, "arch", ""), fusion_role=fusion_role or str(getattr(model, "fusion_role", "other")),
+        reranker=(reranker_name or model_name_of(reranker)) if reranker is not None else None,
+        rerank_k=rerank_k if reranker is not None else None)
     _summarise(result, scored, ks)
     result.timings = {k: round(v, 3) for k, v in timings.items()}
     if out is not None:
+        if first_rows is not None:
+            write_trec_run(out / FIRST_STAGE_RUN_FILE, first_rows.run_rows, f"{result.model}.first_stage")
         _write(out, result, scored, pool)
     return result
 

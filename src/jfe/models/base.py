@@ -60,6 +60,8 @@ class Encoder(torch.nn.Module):
     # "one-tower" (one encoder reads image and text tokens together), "two-tower" (separate towers, one vector
     # each, summed), "late-fusion" (separate towers merged by a learned head) or "other".
     fusion_role: ClassVar[str] = "other"
+    # "encoder" (embeds items: encode) or "reranker" (scores query-candidate pairs: jfe.models.rerankers)
+    kind: ClassVar[str] = "encoder"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

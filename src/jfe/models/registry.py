@@ -81,6 +81,10 @@ register_model("late-fusion-ff-mini", "late-fusion-ff-mini", "UniIR feature fusi
                "both towers' output tokens")
 register_model("late-fusion-ff-mini-2x2", "late-fusion-ff-mini", "late-fusion-ff-mini over 2x2 + global visual "
                "tokens (the grid the shipped training configs use)", grid=2)
+register_model("jfe-mini-rerank", "jfe-mini-rerank", "reranker: query and candidate in ONE sequence through "
+               "jfe-mini's towers (early fusion across the pair), correcting a retriever's score")
+register_model("late-fusion-rerank-mini", "late-fusion-rerank-mini", "reranker at the same budget with late fusion: an "
+               "MLP over the two-tower's query and candidate vectors, correcting its score")
 register_model("toy-hash", "toy-hash", "test encoder: hashed bag of words + 4x4 colour thumbnail (no pretrained "
                "weights; fast, weak)", needs_training=False, embed_dim=32)
 register_model("toy", "toy-hash", "alias of toy-hash", needs_training=False, embed_dim=32)
@@ -90,6 +94,7 @@ def _register_archs() -> None:
     """Import the modules whose classes register themselves with :class:`Encoder`."""
     import jfe.models.baselines  # noqa: F401
     import jfe.models.jfe_mini  # noqa: F401
+    import jfe.models.rerankers  # noqa: F401
     import jfe.models.toy  # noqa: F401
 
 

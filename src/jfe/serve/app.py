@@ -4,7 +4,8 @@ Endpoints (``/docs`` has the OpenAPI page):
 
 * ``POST /v1/embeddings`` — OpenAI-style embeddings of text, image or image+text inputs (JSON or multipart);
   ``GET /v1/models`` — the served model, as OpenAI lists models.
-* ``POST /search`` — rank the index's candidates for a text / image / image+text query (JSON or multipart).
+* ``POST /search`` — rank the index's candidates for a text / image / image+text query (JSON or multipart);
+  ``rerank`` names a reranker the service was started with, which reorders the first ``rerank_k`` hits.
 * ``GET /images/{did}`` — a candidate's image (only ids in the index; never outside the data root).
 * ``GET /instructions`` — the dataset's instruction choices; ``GET /health``; ``GET /`` — the web page.
 
@@ -50,10 +51,11 @@ def _served_model_name(model: Any, index: Any, settings: ServeSettings) -> str:
     return str(index.meta.get("model") or getattr(model, "arch", "") or "model")
 
 
-def _set_state(app: FastAPI, model: Any, index: Any, settings: ServeSettings) -> None:
+def _set_state(app: FastAPI, model: Any, index: Any, settings: ServeSettings, rerankers: dict[str, Any]) -> None:
     """Everything the routes read (``request.app.state``)."""
     state = app.state
     state.settings, state.model, state.index = settings, model, index
+    state.rerankers = rerankers  # name -> Reranker: the ones /search may name
     state.started = int(time.time())  # the "created" of GET /v1/models
     state.model_name = _served_model_name(model, index, settings)
     state.batcher = EncodeBatcher(model, enabled=settings.batching, max_batch=settings.max_batch,
@@ -72,8 +74,10 @@ def _add_middleware(app: FastAPI, settings: ServeSettings) -> None:
                            allow_headers=["Content-Type", "X-API-Key", "Authorization"])
 
 
-def create_app(model: Any, index: Any, settings: ServeSettings | None = None) -> FastAPI:
-    """Build the service around an encoder (``encode``/``dim``) and a :class:`~jfe.index.VectorIndex`."""
+def create_app(model: Any, index: Any, settings: ServeSettings | None = None,
+               rerankers: dict[str, Any] | None = None) -> FastAPI:
+    """Build the service around an encoder (``encode``/``dim``) and a :class:`~jfe.index.VectorIndex`;
+    ``rerankers`` (name -> :class:`jfe.models.rerankers.Reranker`) are those ``/search`` may name."""
     settings = settings or ServeSettings()
     if settings.image_min_side is None:  # uploads decode like indexed files, so one photo embeds the same
         settings = settings.model_copy(update={"image_min_side": getattr(model, "image_input_size", None)})
@@ -82,7 +86,7 @@ def create_app(model: Any, index: Any, settings: ServeSettings | None = None) ->
                           "serve the model the index was built with")
     app = FastAPI(title="JFE search", version="0.1.0", lifespan=_lifespan,
                   description="Universal multimodal retrieval with a joint fusion encoder: embeddings and search.")
-    _set_state(app, model, index, settings)
+    _set_state(app, model, index, settings, dict(rerankers or {}))
     add_error_handlers(app)
     _add_middleware(app, settings)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

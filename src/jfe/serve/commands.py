@@ -36,6 +36,8 @@ def serve_command(
     precision: PrecisionOption = DEFAULT_PRECISION,
     mmap: bool = typer.Option(False, "--mmap/--no-mmap", help="memory-map the index files instead of reading "
                                                              "them into RAM (large indexes; read-only)"),
+    rerank: list[str] = typer.Option([], "--rerank", help="a reranker /search may name (repeatable), e.g. "
+                                                           "jfe-mini-rerank or a trained folder"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
     keep_alive: int = typer.Option(KEEP_ALIVE_S, "--keep-alive", min=1,
                                    help="seconds an idle keep-alive connection is held (longer than clients' own "
@@ -71,10 +73,15 @@ def serve_command(
                              cors_origins=list(cors_origin), max_batch=max_batch, max_wait_ms=max_wait_ms,
                              batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),
                              max_pixels=max_pixels, max_inputs=max_inputs)
-    app = create_app(encoder, vector_index, settings)
+    from jfe.models.rerankers import require_reranker
+
+    rerankers = {name: require_reranker(load_model(name), f"--rerank {name}").set_precision(precision)
+                 for name in rerank}
+    app = create_app(encoder, vector_index, settings, rerankers)
     if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host} without an API key: anyone who can reach this port can search "
                    f"and embed; pass --api-key (or set JFE_API_KEY)", err=True)
+    reranking = f"; rerankers: {', '.join(rerankers)}" if rerankers else ""
     typer.echo(f"serving {len(vector_index)} candidates with {model} on http://{host}:{port}/ "
-               f"(docs: /docs; auth: {'on' if settings.api_key else 'off'})")
+               f"(docs: /docs; auth: {'on' if settings.api_key else 'off'}{reranking})")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=keep_alive)

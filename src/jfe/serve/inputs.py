@@ -309,12 +309,15 @@ class ParsedSearch(BaseModel):
 
 async def _search_form(request: Request, settings: ServeSettings) -> tuple[SearchRequest, Image.Image | None]:
     form = await _form(request)
-    raw_k = _form_str(form, "k")
     fields: dict[str, Any] = {"text": _form_str(form, "text"), "instruction": _form_str(form, "instruction")}
-    if raw_k not in (None, ""):  # an empty k field means the default; a form sends every value as text
-        if not raw_k.strip().isdigit():
-            raise ApiError(422, f"k: an integer is required, got {raw_k[:20]!r}")
-        fields["k"] = int(raw_k)
+    if _form_str(form, "rerank"):
+        fields["rerank"] = _form_str(form, "rerank")
+    for name in ("k", "rerank_k"):
+        raw = _form_str(form, name)
+        if raw not in (None, ""):  # an empty field means the default; a form sends every value as text
+            if not raw.strip().isdigit():
+                raise ApiError(422, f"{name}: an integer is required, got {raw[:20]!r}", param=name)
+            fields[name] = int(raw)
     upload = form.get("image")
     if isinstance(upload, str) and upload:  # a data URL sent as a text field
         fields["image"] = upload

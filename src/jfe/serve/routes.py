@@ -11,6 +11,7 @@ import base64
 import logging
 import mimetypes
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from jfe.data.items import Item
 from jfe.errors import DataError
 from jfe.index.hits import Hit, hits_from
+from jfe.indexing import rerank_hits
 from jfe.serve.errors import ApiError
 from jfe.serve.inputs import AUTH_MESSAGE, key_matches, parse_embeddings, parse_search
 from jfe.serve.schemas import (
@@ -211,7 +213,9 @@ search_router = APIRouter()
 @search_router.post("/search", response_model=SearchResponse, tags=["search"], dependencies=AUTH,
                     openapi_extra=_multipart_doc({"text": {"type": "string"}, "image": _FILE,
                                                   "instruction": {"type": "string"},
-                                                  "k": {"type": "integer", "minimum": 1, "maximum": 100}},
+                                                  "k": {"type": "integer", "minimum": 1, "maximum": 100},
+                                                  "rerank": {"type": "string"},
+                                                  "rerank_k": {"type": "integer", "minimum": 1, "maximum": 200}},
                                                  "SearchRequest"))
 async def search(request: Request) -> dict:
     """Rank the indexed candidates for a text, image or image+text query (JSON with a data-URL
@@ -219,18 +223,42 @@ async def search(request: Request) -> dict:
     started = time.perf_counter()
     state = request.app.state
     parsed = await parse_search(request, state.settings)
-    vector = await state.batcher.encode([parsed.item.with_instruction(parsed.instruction)])
-    ids, scores = await run_in_threadpool(state.index.search, vector, parsed.request.k)
-    hits = [search_hit(hit) for hit in hits_from(state.index, ids[0], scores[0].tolist())]
-    return SearchResponse(query_modality=parsed.item.modality, k=parsed.request.k, results=hits,
-                          took_ms=round((time.perf_counter() - started) * 1000, 3)).model_dump()
+    req = parsed.request
+    reranker = _reranker(state, req.rerank)
+    query = parsed.item.with_instruction(parsed.instruction)
+    vector = await state.batcher.encode([query])
+    depth = max(req.k, req.rerank_k) if reranker is not None else req.k
+    ids, scores = await run_in_threadpool(state.index.search, vector, depth)
+    row_ids, row_scores, firsts = list(ids[0]), scores[0].tolist(), None
+    if reranker is not None:
+        row_ids, row_scores, firsts = await run_in_threadpool(
+            partial(rerank_hits, reranker, state.index, query, row_ids, row_scores, rerank_k=req.rerank_k))
+    hits = [search_hit(hit) for hit in hits_from(state.index, row_ids[:req.k], row_scores[:req.k],
+                                                 firsts[:req.k] if firsts else None)]
+    return SearchResponse(query_modality=parsed.item.modality, k=req.k, results=hits,
+                          took_ms=round((time.perf_counter() - started) * 1000, 3),
+                          reranked_by=req.rerank if reranker is not None else None,
+                          rerank_k=req.rerank_k if reranker is not None else None).model_dump()
+
+
+def _reranker(state: Any, name: str | None) -> Any:
+    """The reranker a request names: one the service was started with (``jfe serve --rerank``), else a 404."""
+    if name is None:
+        return None
+    served = state.rerankers
+    if name not in served:
+        offered = ", ".join(repr(n) for n in served) or "none (start the service with --rerank NAME)"
+        raise ApiError(404, f"the reranker {name!r} is not served here; rerankers: {offered}", param="rerank",
+                       code="reranker_not_found")
+    return served[name]
 
 
 def search_hit(hit: Hit) -> SearchHit:
     """A ranked candidate as the service shows it: its text, and a link to its image when it has one."""
     return SearchHit(did=hit.did, score=hit.score, rank=hit.rank, modality=hit.record.get("modality"),
                      text=hit.record.get("txt"),
-                     image_url=f"/images/{quote(hit.did, safe=':')}" if hit.record.get("img_path") else None)
+                     image_url=f"/images/{quote(hit.did, safe=':')}" if hit.record.get("img_path") else None,
+                     first_stage_rank=hit.first_stage_rank)
 
 
 # in the order the routes were always declared (it is the order of /openapi.json's paths)

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 K_MAX = 100
+RERANK_K_MAX = 200  # a reranker reads every (query, candidate) pair: ~150 ms per 50 on 2 CPU cores
 # short fields (model names, user tags) never need more; texts and instructions have the settings' limit
 SHORT_FIELD_CHARS = 256
 # JSON bodies nest at most this deep (content parts sit at depth 4): deeper is refused before validation
@@ -110,6 +111,9 @@ class SearchRequest(BaseModel):
     image: str | None = Field(None, description="data:image/...;base64,... data URL")
     instruction: str | None = None
     k: int = Field(10, ge=1, le=K_MAX, strict=True)  # strict: true/false or "3" are not a k
+    rerank: str | None = Field(None, description="a reranker the service was started with (`jfe serve --rerank`): "
+                               "it reorders the first rerank_k hits, reading query and candidate together")
+    rerank_k: int = Field(50, ge=1, le=RERANK_K_MAX, strict=True, description="first-stage hits the reranker reads")
 
 
 class SearchHit(BaseModel):
@@ -119,6 +123,8 @@ class SearchHit(BaseModel):
     modality: str | None
     text: str | None
     image_url: str | None = Field(None, description="relative URL of the candidate's image, if it has one")
+    first_stage_rank: int | None = Field(None, description="where the retriever ranked this hit, when a reranker "
+                                         "reordered the list")
 
 
 class SearchResponse(BaseModel):
@@ -126,6 +132,8 @@ class SearchResponse(BaseModel):
     k: int
     took_ms: float
     results: list[SearchHit]
+    reranked_by: str | None = Field(None, description="the reranker that reordered the first stage, if any")
+    rerank_k: int | None = None
 
 
 # --------------------------------------------------------------------------------------- misc

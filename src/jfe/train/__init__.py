@@ -9,7 +9,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "train": "jfe.train.trainer",
+    "train": "jfe.train.run",
+    "RerankTrainer": "jfe.train.rerank",
     "Trainer": "jfe.train.trainer",
     "TrainConfig": "jfe.train.config",
     "Phase": "jfe.train.config",

@@ -15,7 +15,7 @@ from jfe.errors import ConfigError
 
 def _run(config: Path, stage: str | None, resume: bool, sets: list[str] | None, quiet: bool) -> None:
     from jfe.train.config import load_config, parse_overrides
-    from jfe.train.trainer import train
+    from jfe.train.run import train
 
     overrides = parse_overrides(sets)
     cfg = load_config(config, overrides)
@@ -52,4 +52,41 @@ def register(app: typer.Typer) -> None:
         """Any training config (the stage is whatever the file says)."""
         _run(config, None, resume, set_, quiet)
 
+    @group.command("rerank")
+    def rerank(config: Path = config_opt, resume: bool = resume_opt, set_: list[str] | None = set_opt,
+               quiet: bool = quiet_opt) -> None:
+        """Train a reranker on mined lists: listwise softmax over each query's positive and mined negatives."""
+        _run(config, "rerank", resume, set_, quiet)
+
     app.add_typer(group, name="train")
+
+    @app.command("mine")
+    def mine(model: str = typer.Option(..., "--model", "-m", help="The retriever: a name, hf:<path> or a folder."),
+             data: Path = typer.Option(..., "--data", exists=True, file_okay=False, help="M-BEIR-layout root."),
+             out: Path = typer.Option(..., "--out", "-o", help="The mined lists (JSON lines) to write."),
+             split: str = typer.Option("train", "--split", help="Query split to mine (train for training)."),
+             k: int = typer.Option(50, "--k", min=1, help="Negatives kept per query."),
+             pool: str = typer.Option("local", "--pool", help="local (each task's pool) or global."),
+             margin: float | None = typer.Option(None, "--margin", min=0.0,
+                                                 help="Drop candidates scoring above best positive - margin "
+                                                      "(likely false negatives)."),
+             instructions: str = typer.Option("default", "--instructions", help="default | heldout | none."),
+             batch_size: int = typer.Option(64, "--batch-size", min=1),
+             max_queries: int | None = typer.Option(None, "--max-queries", min=1, help="Per query file (smoke)."),
+             precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16."),
+             quiet: bool = quiet_opt) -> None:
+        """Each query's top-k candidates from a retriever, positives removed: hard negatives for training."""
+        from jfe.models import load_model
+        from jfe.paths import check_writable_path
+        from jfe.train.mine import mine as run_mine
+        from jfe.train.mine import score_spread, write_mined
+
+        check_writable_path(out, folder=False)
+        encoder = load_model(model).set_precision(precision)
+        mined = run_mine(encoder, data, split=split, k=k, pool=pool, margin=margin, instructions=instructions,
+                         batch_size=batch_size, progress=not quiet, max_queries=max_queries, model_name=model)
+        write_mined(out, mined)
+        spread = score_spread(mined)
+        typer.echo(f"{out}: {int(spread['queries'])} queries, {spread['negatives_per_query']:.1f} negatives each, "
+                   f"mean gap best positive - best negative {spread['mean_gap']:+.3f}; "
+                   f"{mined.meta['dropped_as_false_negatives']} dropped by the margin")

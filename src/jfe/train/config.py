@@ -48,7 +48,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal["stage1", "stage2", "custom"] = "custom"
+    stage: Literal["stage1", "stage2", "rerank", "custom"] = "custom"
     # what to train
     model: str = Field(description="what the run starts from: a registered name, hf:<path>, or a saved model "
                        "folder (e.g. the stage-1 output) -- anything jfe.models.load_model takes")
@@ -67,7 +67,18 @@ class TrainConfig(BaseModel):
     task_weights: dict[int, float] = Field(default_factory=dict,
                                            description="task id -> sampling weight; empty = every task in data")
     instructions: bool = False
-    hard_negatives: int = Field(default=0, ge=0)
+    hard_negatives: int = Field(default=0, ge=0, description="negatives per query: from neg_cand_list (encoders) "
+                                "or from the mined lists (stage rerank)")
+    # reranking (stage = "rerank", jfe.train.rerank)
+    mined: Path | None = Field(default=None, description="stage rerank: the lists `jfe mine` wrote for "
+                               "train_split (hard negatives with the retriever's scores)")
+    rerank_from: str | None = Field(default=None, description="stage rerank: the trained encoder the reranker "
+                                    "`model` (an arch: jfe-mini-rerank, late-fusion-rerank-mini) starts from; "
+                                    "None: `model` is a saved reranker to go on training")
+    rerank_loss: Literal["listwise", "pointwise"] = Field(default="listwise", description="stage rerank: softmax "
+                                                          "over positive + negatives, or per-pair BCE")
+    mined_depth: int | None = Field(default=None, ge=1, description="stage rerank: draw negatives from the "
+                                    "first N of each mined list (None: all of it)")
     group_size: int = Field(default=1, ge=1, description="queries per base item in a batch (1 = no grouping)")
     single_task_batches: bool = Field(default=False, description="draw every batch from one task (picked by "
                                       "task_weights): in-batch negatives then share the positive's modality, "
@@ -110,9 +121,9 @@ class TrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_stage_preset(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("stage") in ("stage1", "stage2"):
-            from jfe.train.recipes import STAGE_PRESETS
+        from jfe.train.recipes import STAGE_PRESETS
 
+        if isinstance(values, dict) and values.get("stage") in STAGE_PRESETS:
             return {**STAGE_PRESETS[values["stage"]], **values}
         return values
 
@@ -144,6 +155,8 @@ class TrainConfig(BaseModel):
             raise ValueError("task_weights must be non-negative with a positive sum")
         if not self.phases:
             raise ValueError("at least one phase is needed")
+        if self.stage == "rerank" and (self.mined is None or self.hard_negatives < 1):
+            raise ValueError("stage rerank needs `mined` (from `jfe mine`) and hard_negatives >= 1")
         return self
 
     @property

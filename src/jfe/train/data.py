@@ -41,7 +41,7 @@ def _task_id_of(query: Query) -> int:
     return int(query.task_id)
 
 
-def _stream_candidates(layout: MBEIRLayout, wanted: set[str], pool_files: list[Path] | None = None
+def stream_candidates(layout: MBEIRLayout, wanted: set[str], pool_files: list[Path] | None = None
                        ) -> dict[str, Candidate]:
     found: dict[str, Candidate] = {}
     for pool in pool_files or [*layout.local_pool_files(), *layout.global_pool_files()]:
@@ -106,7 +106,7 @@ class TrainingData:
         wanted_dids = {d for q in queries for d in q.pos_cand_list}
         if hard_negatives:
             wanted_dids |= {d for q in queries for d in q.neg_cand_list}
-        candidates = _stream_candidates(layout, wanted_dids, pools)
+        candidates = stream_candidates(layout, wanted_dids, pools)
         for query in queries:
             if not any(d in candidates for d in query.pos_cand_list):
                 raise DataError(f"none of the positives {query.pos_cand_list[:3]} is in any candidate pool",

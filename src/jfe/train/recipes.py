@@ -41,6 +41,16 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
         "symmetric": True,
         "phases": [{"trainable": "full"}],
     },
+    # a reranker (jfe.train.rerank): each query's positive against 7 negatives drawn from its mined list,
+    # instruction-prefixed as the retriever's queries were
+    "rerank": {
+        "instructions": True,
+        "hard_negatives": 7,
+        "group_size": 1,
+        "single_task_batches": False,
+        "learnable_temperature": False,
+        "phases": [{"trainable": "full"}],
+    },
 }
 
 

@@ -33,7 +33,7 @@ from jfe.eval.metrics import PRIMARY_METRIC
 from jfe.models.base import Encoder
 from jfe.models.precision import resolve_precision
 from jfe.paths import atomic_dir, atomic_write, clean_stale_temporaries
-from jfe.train.config import VAL_PREFIX, TrainConfig, load_config
+from jfe.train.config import VAL_PREFIX, TrainConfig
 from jfe.train.data import BatchSampler, TrainingData
 from jfe.train.distributed import DistContext, init_distributed
 from jfe.train.losses import ContrastiveObjective, InfoNCELoss
@@ -232,22 +232,13 @@ class Trainer:
             raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
         seed_everything(cfg.seed)  # identical model init on every rank
         # under FSDP the model is built on CPU and only each rank's shard moves to its GPU
-        self.model = build_model(cfg, torch.device("cpu") if ctx.sharded else ctx.device)
+        self.model = self._build_model(torch.device("cpu") if ctx.sharded else ctx.device)
         ctx.broadcast_parameters(self.model)
         ctx.shard(self.model)  # FSDP runs only (accelerate's fsdp config); a no-op otherwise
-        tasks = set(cfg.task_weights) if cfg.task_weights else None
-        self.data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
-                                      hard_negatives=cfg.hard_negatives > 0, max_queries=cfg.max_train_queries,
-                                      pool_files=cfg.train_pool, text_mode=cfg.text_mode)
-        self.sampler = BatchSampler(self.data, cfg.batch_size, cfg.task_weights, cfg.group_size,
-                                    cfg.hard_negatives, cfg.instructions, seed=cfg.seed,
-                                    single_task=cfg.single_task_batches)
-        self.loss = InfoNCELoss(cfg.temperature, cfg.learnable_temperature, cfg.min_temperature,
-                                cfg.max_temperature, cfg.symmetric).to(ctx.device)
+        self._setup_data()
         # bf16 autocast where the device computes it natively ("auto"), or where asked; the loss stays fp32
         use_bf16 = resolve_precision(cfg.precision, ctx.device) == "bf16"
-        self.objective = ContrastiveObjective(self.model, self.loss, cfg.grad_cache_chunk, ctx,
-                                              torch.bfloat16 if use_bf16 else None)
+        self._setup_objective(torch.bfloat16 if use_bf16 else None)
         self.plan = self.cfg.phase_plan()
         self.phase_index = 0
         self.model.set_trainable(self.plan[0][0])
@@ -257,6 +248,27 @@ class Trainer:
         self.step = 0
         # dropout differs per rank (different data), but each rank's stream is reproducible
         torch.manual_seed(cfg.seed + 1 + ctx.rank)
+
+    # the parts a trainer of another kind of model (jfe.train.rerank) replaces
+    def _build_model(self, device: torch.device) -> Encoder:
+        return build_model(self.cfg, device)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        tasks = set(cfg.task_weights) if cfg.task_weights else None
+        self.data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
+                                      hard_negatives=cfg.hard_negatives > 0, max_queries=cfg.max_train_queries,
+                                      pool_files=cfg.train_pool, text_mode=cfg.text_mode)
+        self.sampler: BatchSampler = BatchSampler(self.data, cfg.batch_size, cfg.task_weights, cfg.group_size,
+                                                  cfg.hard_negatives, cfg.instructions, seed=cfg.seed,
+                                                  single_task=cfg.single_task_batches)
+
+    def _setup_objective(self, autocast_dtype: torch.dtype | None) -> None:
+        cfg = self.cfg
+        self.loss: torch.nn.Module = InfoNCELoss(cfg.temperature, cfg.learnable_temperature, cfg.min_temperature,
+                                                 cfg.max_temperature, cfg.symmetric).to(self.ctx.device)
+        self.objective: Any = ContrastiveObjective(self.model, self.loss, cfg.grad_cache_chunk, self.ctx,
+                                                   autocast_dtype)
 
     def _enter_phase(self, index: int) -> None:
         self.phase_index = index
@@ -408,7 +420,7 @@ class Trainer:
         """Write the log line of the window since the last one (mean loss, throughput) and start a new window."""
         elapsed = time.perf_counter() - window.start
         record = {"step": self.step, "loss": float(np.mean(window.losses)), "lr": lr,
-                  "temperature": self.loss.temperature, "phase": self.plan[self.phase_index][0],
+                  "temperature": getattr(self.loss, "temperature", None), "phase": self.plan[self.phase_index][0],
                   "pairs_per_s": window.pairs / max(elapsed, 1e-9), "time": time.time()}
         self.metrics.write(record)
         postfix.update(loss=f"{record['loss']:.3f}", pairs_s=f"{record['pairs_per_s']:.1f}")
@@ -471,18 +483,3 @@ class Trainer:
                 handle.write(json.dumps({"steps": self.cfg.steps, "final": str(final)}) + "\n")
         self.ctx.barrier()
         return final
-
-
-def train(config: TrainConfig | str | Path | dict[str, Any], overrides: dict[str, Any] | None = None,
-          resume: bool = False, progress: bool = True) -> Path:
-    """Run one training stage; returns the final checkpoint folder (a ``save_pretrained`` model).
-
-    ``config`` is a TOML path, a dict or a :class:`TrainConfig`; ``overrides`` uses dotted keys
-    (``{"steps": 50, "task_weights.7": 2.0}``). Under torchrun every rank calls this; rank 0 writes.
-    """
-    cfg = load_config(config, overrides)
-    trainer = Trainer(cfg)
-    try:
-        return trainer.run(resume=resume, progress=progress)
-    finally:
-        trainer.ctx.shutdown()

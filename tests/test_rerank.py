@@ -1,0 +1,321 @@
+"""Rerankers (jfe.models.rerankers), mining (jfe.train.mine), reranker training (stage rerank) and reranking in
+eval, the Python API, the CLI and the service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+import jfe
+from jfe.cli import app
+from jfe.data.items import Item
+from jfe.errors import ConfigError, DataError
+from jfe.eval import evaluate
+from jfe.indexing import build_index
+from jfe.models import load_model
+from jfe.models.baselines import TwoTowerConfig, TwoTowerMini
+from jfe.models.jfe_mini import JFEMini, JFEMiniConfig
+from jfe.models.rerankers import JointRerankConfig, JointReranker, LateReranker, Reranker
+from jfe.models.toy import ToyEncoder
+from jfe.serve.app import create_app
+from jfe.serve.schemas import ServeSettings
+from jfe.train.mine import mine, read_mined, write_mined
+from jfe.train.run import train
+
+TINY = {"red_square": "images/tiny/red_square.png", "blue_square": "images/tiny/blue_square.png",
+        "red_circle": "images/tiny/red_circle.png", "blue_circle": "images/tiny/blue_circle.png"}
+
+
+@pytest.fixture(scope="module")
+def joint() -> JointReranker:
+    """jfe-mini-rerank on the pretrained towers with a score head that is no longer zero (as after training)."""
+    model = JointReranker(JointRerankConfig(grid=2, retriever="toy")).eval()
+    with torch.no_grad():
+        last = model.head[-1]
+        assert isinstance(last, torch.nn.Linear)
+        last.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def _items(root: Path) -> dict[str, Item]:
+    return {name: Item(image=root / rel, id=name) for name, rel in TINY.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the models
+def test_untrained_reranker_ranks_exactly_as_the_first_stage(tiny_mbeir: Path) -> None:
+    model = JointReranker(JointRerankConfig(grid=2)).eval()
+    items = _items(tiny_mbeir)
+    prior = torch.tensor([0.3, 0.9, -0.2, 0.5])
+    scores = model.score_pairs([Item(text="make it blue", image=items["red_square"].image)], list(items.values()),
+                               [0, 0, 0, 0], prior)
+    assert torch.equal(scores, 20.0 * prior)  # the zero-initialised head adds nothing: the retriever's order
+
+
+def test_joint_score_fuses_query_and_candidate(joint: JointReranker, tiny_mbeir: Path) -> None:
+    """Changing only the candidate's image changes the score, and the effect of the candidate depends on the query:
+    score(q1,c1) - score(q1,c2) != score(q2,c1) - score(q2,c2), which no sum of a query part and a candidate part
+    can give. Query and candidate meet inside the one sequence."""
+    items = _items(tiny_mbeir)
+    q1 = Item(text="make it blue", image=items["red_square"].image)
+    q2 = Item(text="make it a circle", image=items["blue_square"].image)
+    c1, c2 = items["blue_square"], items["red_circle"]
+    prior = torch.zeros(4)
+    with torch.no_grad():
+        s = joint.score_pairs([q1, q2], [c1, c2, c1, c2], [0, 0, 1, 1], prior)
+    assert abs(float(s[0] - s[1])) > 1e-4
+    interaction = float((s[0] - s[1]) - (s[2] - s[3]))
+    assert abs(interaction) > 1e-4
+
+
+def test_reranking_is_deterministic_and_batch_independent(joint: JointReranker, tiny_mbeir: Path) -> None:
+    items = list(_items(tiny_mbeir).values())
+    queries = [Item(text="make it red", image=items[1].image), "a blue circle"]
+    lists = [items, items[:3]]
+    priors = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.0]]
+    one = joint.rerank(queries, lists, priors, batch_size=1)
+    again = joint.rerank(queries, lists, priors, batch_size=64)
+    for a, b in zip(one, again, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert [len(a) for a in one] == [4, 3]
+    np.testing.assert_array_equal(one[0], joint.rerank(queries, lists, priors, batch_size=1)[0])
+
+
+def test_reranker_refuses_to_embed_and_needs_a_first_stage(joint: JointReranker) -> None:
+    with pytest.raises(ConfigError, match="reranker"):
+        joint.encode(["a red square"])
+    with pytest.raises(ConfigError, match="first stage"):
+        joint.rerank(["q"], [["a", "b"]])
+    with pytest.raises(ConfigError, match="2 candidates but 1"):
+        joint.rerank(["q"], [["a", "b"]], [[0.5]])
+
+
+def test_start_from_a_trained_encoder_copies_it() -> None:
+    encoder = JFEMini(JFEMiniConfig(grid=2, seed=3))
+    reranker = JointReranker.from_encoder(encoder)
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(reranker.state_dict()[name], tensor), name
+    assert reranker.config.grid == 2 and reranker.config.pretrained
+    late = LateReranker.from_encoder(TwoTowerMini(TwoTowerConfig(seed=1)))
+    assert torch.equal(late.image_proj.weight, TwoTowerMini(TwoTowerConfig(seed=1)).image_proj.weight)
+    with pytest.raises(ConfigError, match="starts from a trained jfe-mini"):
+        JointReranker.from_encoder(TwoTowerMini())
+
+
+def test_late_reranker_starts_at_the_first_stage_and_reads_both_vectors(tiny_mbeir: Path) -> None:
+    model = LateReranker.from_encoder(TwoTowerMini()).eval()
+    items = list(_items(tiny_mbeir).values())
+    prior = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    with torch.no_grad():
+        assert torch.equal(model.score_pairs([Item(text="red")], items, [0] * 4, prior), 20.0 * prior)
+        model.head[-1].weight.normal_()  # type: ignore[operator]
+        moved = model.score_pairs([Item(text="red")], items, [0] * 4, prior)
+    assert not torch.allclose(moved, 20.0 * prior)
+
+
+def test_saved_reranker_reloads_to_identical_scores(joint: JointReranker, tmp_path: Path, tiny_mbeir: Path) -> None:
+    joint.save_pretrained(tmp_path / "rr")
+    again = load_model(tmp_path / "rr")
+    assert isinstance(again, JointReranker) and again.config.retriever == "toy"
+    items = list(_items(tiny_mbeir).values())
+    prior = [[0.2, 0.1, 0.0, 0.3]]
+    np.testing.assert_allclose(joint.rerank(["blue"], [items], prior)[0], again.rerank(["blue"], [items], prior)[0],
+                               atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- mining
+def _hide_test_split(root: Path) -> None:
+    """Make every test-split file unreadable garbage: mining the train split must not open them."""
+    for folder in (root / "query" / "test", root / "qrels" / "test"):
+        for path in folder.iterdir():
+            path.write_bytes(b"\xff\xfe not json")
+
+
+def test_mined_negatives_exclude_positives_and_never_read_test(tiny_mbeir: Path, tmp_path: Path) -> None:
+    _hide_test_split(tiny_mbeir)
+    mined = mine(ToyEncoder(), tiny_mbeir, split="train", k=3, progress=False)
+    assert mined.meta["split"] == "train" and len(mined.queries) == 2
+    qrels = {line.split()[0]: line.split()[2] for line in
+             (tiny_mbeir / "qrels" / "train" / "mbeir_tiny_task0_train_qrels.txt").read_text().splitlines()}
+    for qid, entry in mined.queries.items():
+        dids = [d for d, _ in entry.negatives]
+        assert qrels[qid] in entry.positives and qrels[qid] not in dids
+        assert len(dids) == 3 and len(set(dids)) == 3
+        scores = [s for _, s in entry.negatives]
+        assert scores == sorted(scores, reverse=True)
+    out = write_mined(tmp_path / "mined.jsonl", mined)
+    back = read_mined(out, split="train")
+    assert back.queries.keys() == mined.queries.keys() and back.meta["k"] == 3
+    with pytest.raises(ConfigError, match="mined on split 'train'"):
+        read_mined(out, split="test")
+
+
+def test_margin_drops_likely_false_negatives(tiny_mbeir: Path) -> None:
+    loose = mine(ToyEncoder(), tiny_mbeir, split="train", k=3, progress=False)
+    strict = mine(ToyEncoder(), tiny_mbeir, split="train", k=3, margin=0.0, progress=False)
+    for qid, entry in strict.queries.items():
+        best = max(entry.positives.values())
+        assert all(score <= best for _, score in entry.negatives)
+        assert len(entry.negatives) <= len(loose.queries[qid].negatives)
+
+
+def test_mined_file_is_checked_and_never_overwrites_foreign_files(tiny_mbeir: Path, tmp_path: Path) -> None:
+    mined = mine(ToyEncoder(), tiny_mbeir, split="train", k=2, progress=False)
+    precious = tmp_path / "notes.jsonl"
+    precious.write_text("my own data\n")
+    with pytest.raises(ConfigError, match="not a mined-negatives file"):
+        write_mined(precious, mined)
+    assert precious.read_text() == "my own data\n"
+    bad = tmp_path / "bad.jsonl"
+    first = next(iter(mined.queries.values()))
+    pos = next(iter(first.positives))
+    bad.write_text(json.dumps({"jfe_mined": mined.meta}) + "\n" + json.dumps(
+        {"qid": first.qid, "task_id": 0, "positives": {pos: 0.5}, "negatives": [[pos, 0.4]]}) + "\n")
+    with pytest.raises(DataError, match="negatives include positives") as info:
+        read_mined(bad)
+    assert first.qid in str(info.value) and "bad.jsonl" in str(info.value)
+
+
+def test_jfe_mine_command(tiny_mbeir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mined.jsonl"
+    result = CliRunner().invoke(app, ["mine", "--model", "toy", "--data", str(tiny_mbeir), "--k", "2",
+                                      "--out", str(out), "--quiet", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "2 queries" in result.output and read_mined(out).meta["retriever"] == "toy"
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _config(tiny_mbeir: Path, mined: Path, out: Path, **extra: object) -> dict:
+    return {"stage": "rerank", "model": "jfe-mini-rerank", "model_overrides": {"grid": 2, "retriever": "toy"},
+            "data": str(tiny_mbeir), "mined": str(mined), "output_dir": str(out), "steps": 4, "batch_size": 2,
+            "hard_negatives": 2, "lr": 1e-4, "glue_lr": 1e-2, "warmup_steps": 1, "log_every": 1,
+            "checkpoint_every": 2, "precision": "fp32", "instructions": False, **extra}
+
+
+def test_train_rerank_learns_and_resumes_exactly(tiny_mbeir: Path, tmp_path: Path) -> None:
+    mined = write_mined(tmp_path / "mined.jsonl", mine(ToyEncoder(), tiny_mbeir, split="train", k=3, progress=False))
+    whole = train(_config(tiny_mbeir, mined, tmp_path / "whole"), progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    model = load_model(whole)
+    assert isinstance(model, JointReranker)
+    assert float(model.head[-1].weight.detach().abs().sum()) > 0  # type: ignore[union-attr]  # the head has learned
+    # a run killed after step 2 and resumed ends with the very weights of the uninterrupted run
+    cfg = _config(tiny_mbeir, mined, tmp_path / "split", stop_at_step=2)
+    train(cfg, progress=False)
+    resumed = train({**cfg, "stop_at_step": None}, resume=True, progress=False)
+    for (name, a), b in zip(model.state_dict().items(), load_model(resumed).state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_train_rerank_refuses_lists_mined_on_test(tiny_mbeir: Path, tmp_path: Path) -> None:
+    mined = write_mined(tmp_path / "mined.jsonl", mine(ToyEncoder(), tiny_mbeir, split="test", k=2, progress=False))
+    with pytest.raises(ConfigError, match="mined on split 'test'"):
+        train(_config(tiny_mbeir, mined, tmp_path / "run"), progress=False)
+    with pytest.raises(ConfigError, match="needs `mined`"):
+        train({**_config(tiny_mbeir, mined, tmp_path / "run"), "mined": None}, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- eval, API, service
+def test_eval_with_untrained_reranker_scores_as_the_first_stage(tiny_mbeir: Path, tmp_path: Path) -> None:
+    untrained = JointReranker(JointRerankConfig(grid=2, retriever="toy"))
+    plain = evaluate(ToyEncoder(), tiny_mbeir, progress=False)
+    reranked = evaluate(ToyEncoder(), tiny_mbeir, progress=False, reranker=untrained, rerank_k=4,
+                        out_dir=tmp_path / "out", model_name="toy", reranker_name="untrained")
+    assert reranked.rows == plain.rows and reranked.reranker == "untrained" and reranked.rerank_k == 4
+    assert (tmp_path / "out" / "run.first_stage.trec").is_file() and "rerank" in reranked.timings
+
+
+def test_eval_reranks_the_shortlist(joint: JointReranker, tiny_mbeir: Path, tmp_path: Path) -> None:
+    from jfe.eval.runfiles import read_trec_run
+
+    evaluate(ToyEncoder(), tiny_mbeir, progress=False, reranker=joint, rerank_k=3, out_dir=tmp_path / "out",
+             model_name="toy")
+    first = read_trec_run(tmp_path / "out" / "run.first_stage.trec")
+    final = read_trec_run(tmp_path / "out" / "run.trec")
+    assert first.keys() == final.keys()
+    moved = 0
+    for qid, hits in final.items():
+        top3 = [d for d, _ in hits[:3]]
+        assert sorted(top3) == sorted(d for d, _ in first[qid][:3])  # the same shortlist, reordered
+        assert [d for d, _ in hits[3:]] == [d for d, _ in first[qid][3:]]  # below it: the first stage's order
+        moved += top3 != [d for d, _ in first[qid][:3]]
+    assert moved > 0
+
+
+def test_search_with_rerank_api_and_cli(joint: JointReranker, tiny_mbeir: Path, tmp_path: Path) -> None:
+    pools = sorted((tiny_mbeir / "cand_pool" / "global").glob("*.jsonl"))
+    index = build_index(ToyEncoder(), pools, tiny_mbeir, progress=False, model_name="toy")
+    hits = jfe.search(index, "a red square", model=ToyEncoder(), k=5, rerank=joint, rerank_k=6)
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert sorted(h["first_stage_rank"] for h in hits) != [None] * 5
+    first = jfe.search(index, "a red square", model=ToyEncoder(), k=6)
+    shortlist = [h["did"] for h in first]
+    assert all(h["did"] in shortlist for h in hits)
+    assert all(shortlist[h["first_stage_rank"] - 1] == h["did"] for h in hits)
+    with pytest.raises(ConfigError, match="not a reranker"):
+        jfe.search(index, "a red square", model=ToyEncoder(), rerank=ToyEncoder())
+    index.save(tmp_path / "index")
+    joint.save_pretrained(tmp_path / "rr")
+    result = CliRunner().invoke(app, ["search", "--index", str(tmp_path / "index"), "--text", "a red square",
+                                      "--rerank", str(tmp_path / "rr"), "--rerank-k", "4", "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.output)
+    assert body["rerank_k"] == 4 and len(body["hits"]) == 3 and body["hits"][0]["first_stage_rank"] is not None
+
+
+def test_rerank_api_scores_candidates(joint: JointReranker, tiny_mbeir: Path) -> None:
+    items = list(_items(tiny_mbeir).values())
+    given = jfe.rerank("a blue square", items, model=joint, scores=[0.1, 0.2, 0.3, 0.4])
+    assert given.shape == (4,) and given.dtype == np.float32
+    # without scores, the reranker's own retriever (config.retriever = toy) scores the first stage
+    toy = ToyEncoder()
+    cos = toy.encode(items) @ toy.encode(["a blue square"])[0]
+    np.testing.assert_allclose(jfe.rerank("a blue square", items, model=joint), jfe.rerank(
+        "a blue square", items, model=joint, scores=cos.tolist()), atol=1e-5)
+
+
+def test_record_missing_from_the_index_is_named(joint: JointReranker, tiny_mbeir: Path) -> None:
+    from jfe.index import VectorIndex
+
+    index = VectorIndex(32, meta={"model": "toy"})
+    vectors = ToyEncoder().encode(["a", "b"])
+    index.add(["rec:1", "bare:2"], vectors, records=[{"did": "rec:1", "txt": "a", "img_path": None,
+                                                      "modality": "text"}, {}])
+    with pytest.raises(DataError, match="bare:2"):
+        jfe.search(index, "b", model=ToyEncoder(), k=2, rerank=joint, rerank_k=2)
+
+
+def test_service_search_with_reranker(joint: JointReranker, tiny_mbeir: Path) -> None:
+    pools = sorted((tiny_mbeir / "cand_pool" / "global").glob("*.jsonl"))
+    toy = ToyEncoder()
+    index = build_index(toy, pools, tiny_mbeir, progress=False, model_name="toy")
+    with TestClient(create_app(toy, index, ServeSettings(), {"jfe-mini-rerank": joint})) as client:
+        plain = client.post("/search", json={"text": "a red square", "k": 6}).json()
+        body = client.post("/search", json={"text": "a red square", "k": 3, "rerank": "jfe-mini-rerank",
+                                            "rerank_k": 6}).json()
+        assert body["reranked_by"] == "jfe-mini-rerank" and body["rerank_k"] == 6
+        shortlist = [h["did"] for h in plain["results"]]
+        assert all(shortlist[h["first_stage_rank"] - 1] == h["did"] for h in body["results"])
+        unknown = client.post("/search", json={"text": "a red square", "rerank": "nope"})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["param"] == "rerank" and "jfe-mini-rerank" in unknown.json()["error"]["message"]
+        too_deep = client.post("/search", json={"text": "x", "rerank": "jfe-mini-rerank", "rerank_k": 5000})
+        assert too_deep.status_code == 422
+        form = client.post("/search", data={"text": "a red square", "k": "2", "rerank": "jfe-mini-rerank",
+                                            "rerank_k": "4"})
+        assert form.status_code == 200 and form.json()["rerank_k"] == 4
+
+
+def test_registry_lists_the_rerankers() -> None:
+    names = {info.name: info for info in jfe.list_models()}
+    assert names["jfe-mini-rerank"].fusion_role == "one-tower"
+    assert names["late-fusion-rerank-mini"].fusion_role == "late-fusion"
+    with pytest.warns(UserWarning):
+        model = load_model("jfe-mini-rerank", grid=2)
+    assert isinstance(model, Reranker)
