@@ -7,6 +7,8 @@ is bounded by --requests and --seconds. Loopback only; nothing leaves the machin
 
     python benchmarks/serve_load.py --out runs/bench/serve_load.json               # toy encoder
     python benchmarks/serve_load.py --model jfe-mini --out runs/bench/serve_load_mini.json
+    python benchmarks/serve_load.py --model two-tower-mini --rerank jfe-mini-rerank --rerank-k 20 --concurrency 8 \
+        --batching on --out runs/bench/serve_load_rerank.json       # /search with reranking
     python benchmarks/serve_load.py --concurrency 32 --seconds 60 --requests 1000000 --invalid-fraction 0.1 \
         --batching on --out runs/bench/serve_load_invalid.json     # the reliability probe: 0 errors on valid ones
 
@@ -38,9 +40,11 @@ CLI = "from jfe.cli import main; main()"
 def build_index(model_name: str, workdir: Path) -> tuple[Path, Path, str]:
     """The sample shapes dataset, indexed with ``model_name``; returns (index dir, data root, model to serve).
 
-    A registry name builds fresh glue weights on every load, so the model is saved and the server loads that
-    folder: the server then embeds queries with exactly the weights that embedded the index.
+    A registry name without trained weights builds fresh glue weights on every load, so the model is saved and
+    the server loads that folder: the server then embeds queries with exactly the weights that embedded the
+    index. A name with trained weights (two-tower-mini) is served by name, as a reranker trained on it expects.
     """
+    from jfe.models.pretrained import find_pretrained
     from jfe.models.registry import load_model
     from jfe.serve.sample import build_sample_index
 
@@ -48,13 +52,13 @@ def build_index(model_name: str, workdir: Path) -> tuple[Path, Path, str]:
     model = load_model(model_name)
     index = build_sample_index(root, model)
     served = model_name
-    if model_name not in ("toy", "toy-hash") and not Path(model_name).is_dir():
+    if model_name not in ("toy", "toy-hash") and not Path(model_name).is_dir() and find_pretrained(model_name) is None:
         served = str(model.save_pretrained(workdir / "model"))
     return index.save(workdir / "index"), root, served
 
 
-def payloads(root: Path) -> list[dict]:
-    """Text, image and image+text queries over the sample dataset, interleaved."""
+def payloads(root: Path, rerank: str | None = None, rerank_k: int = 20) -> list[dict]:
+    """Text, image and image+text queries over the sample dataset, interleaved (each reranked when ``rerank``)."""
     images = sorted((root / "images" / "sample").glob("*.png"))
     out = []
     for i, path in enumerate(images):
@@ -63,6 +67,8 @@ def payloads(root: Path) -> list[dict]:
         out.append({"text": f"a {colour} {shape}", "k": 10})
         out.append({"image": url, "k": 10})
         out.append({"image": url, "text": "make it " + ("red" if i % 2 else "a circle"), "k": 10})
+    if rerank:
+        out = [{**body, "rerank": rerank, "rerank_k": rerank_k} for body in out]
     return out
 
 
@@ -91,11 +97,11 @@ def mixed(bodies: list[dict], fraction: float) -> list[tuple[bytes, bool]]:
     return out
 
 
-def start_server(index_dir: Path, model: str, batching: bool, port: int, max_batch: int, max_wait_ms: float
-                 ) -> subprocess.Popen:
+def start_server(index_dir: Path, model: str, batching: bool, port: int, max_batch: int, max_wait_ms: float,
+                 rerank: str | None = None) -> subprocess.Popen:
     args = [sys.executable, "-c", CLI, "serve", "--index", str(index_dir), "--model", model, "--port", str(port),
             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning",
-            "--batching" if batching else "--no-batching"]
+            "--batching" if batching else "--no-batching", *(("--rerank", rerank) if rerank else ())]
     env = {k: v for k, v in os.environ.items() if k != "JFE_API_KEY"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 120
@@ -174,6 +180,8 @@ def main() -> None:
     parser.add_argument("--invalid-fraction", type=float, default=0.0,
                         help="share of malformed requests mixed in (counted apart; they must all get a 4xx)")
     parser.add_argument("--batching", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--rerank", help="serve this reranker and rerank every /search (e.g. jfe-mini-rerank)")
+    parser.add_argument("--rerank-k", type=int, default=20, help="first-stage hits reranked per query")
     args = parser.parse_args()
     from jfe.hardware import tune_allocator
 
@@ -185,10 +193,10 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="jfe-serve-load-") as tmp:
         index_dir, root, served = build_index(args.model, Path(tmp))
-        bodies = mixed(payloads(root), args.invalid_fraction)
+        bodies = mixed(payloads(root, args.rerank, args.rerank_k), args.invalid_fraction)
         for batching in {"both": (True, False), "on": (True,), "off": (False,)}[args.batching]:
             port = args.port or free_port()
-            proc = start_server(index_dir, served, batching, port, args.max_batch, args.max_wait_ms)
+            proc = start_server(index_dir, served, batching, port, args.max_batch, args.max_wait_ms, args.rerank)
             try:
                 for concurrency in args.concurrency:
                     cell = asyncio.run(run_cell(f"http://127.0.0.1:{port}", bodies, concurrency, args.requests,
@@ -214,6 +222,7 @@ def main() -> None:
     report = {"benchmark": "serve_load", "model": args.model, "endpoint": "POST /search (text, image, image+text)",
               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "requests_per_cell": args.requests,
               "seconds_per_cell": args.seconds, "invalid_fraction": args.invalid_fraction,
+              "rerank": args.rerank, "rerank_k": args.rerank_k if args.rerank else None,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "python": platform.python_version(), **machine_summary()},
               "results": results}

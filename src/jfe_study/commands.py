@@ -1,6 +1,6 @@
 """The study's commands on the ``jfe`` command (entry point ``jfe.commands``): ``jfe demo``, ``jfe reproduce``,
-``jfe seeds-report`` and ``jfe ship-weights``. Heavy imports happen inside the commands, so ``jfe --help``
-stays fast."""
+``jfe seeds-report``, ``jfe ship-weights`` and ``jfe rerank-study``. Heavy imports happen inside the commands, so
+``jfe --help`` stays fast."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from jfe.eval.commands import NamesOption, OursOption, TitleOption
 
 def register(app: typer.Typer) -> None:
     """Add the study's commands to the ``jfe`` app."""
-    from jfe_study import demo, reproduce, ship
+    from jfe_study import demo, reproduce, rerank, ship
 
     demo.register(app)
     reproduce.register(app)
     app.command("seeds-report")(seeds_report_command)
     app.command("ship-weights")(ship.ship_weights_command)
+    app.command("rerank-study")(rerank.rerank_study_command)
 
 
 def seeds_report_command(
