@@ -319,3 +319,13 @@ def test_registry_lists_the_rerankers() -> None:
     with pytest.warns(UserWarning):
         model = load_model("jfe-mini-rerank", grid=2)
     assert isinstance(model, Reranker)
+
+
+def test_shortlisted_keeps_the_positives_a_reranker_would_see() -> None:
+    from jfe.train.mine import MinedQuery
+
+    entry = MinedQuery("q", 7, {"p1": 0.80, "p2": 0.40}, [("n1", 0.90), ("n2", 0.70), ("n3", 0.50), ("n4", 0.30)])
+    assert entry.shortlisted(2).positives == {"p1": 0.80}  # p1 ranks 2nd, p2 5th
+    assert entry.shortlisted(5).positives == {"p1": 0.80, "p2": 0.40}
+    assert entry.shortlisted(1).positives == {}
+    assert entry.shortlisted(1).negatives == entry.negatives

@@ -79,6 +79,9 @@ class TrainConfig(BaseModel):
                                                           "over positive + negatives, or per-pair BCE")
     mined_depth: int | None = Field(default=None, ge=1, description="stage rerank: draw negatives from the "
                                     "first N of each mined list (None: all of it)")
+    shortlisted_only: bool = Field(default=True, description="stage rerank: train only on queries whose positive "
+                                   "the retriever ranks within mined_depth: the lists a reranker reading the top "
+                                   "mined_depth will see (a positive the retriever ranked 300th never reaches it)")
     group_size: int = Field(default=1, ge=1, description="queries per base item in a batch (1 = no grouping)")
     single_task_batches: bool = Field(default=False, description="draw every batch from one task (picked by "
                                       "task_weights): in-batch negatives then share the positive's modality, "

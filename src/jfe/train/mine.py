@@ -44,6 +44,12 @@ class MinedQuery:
     positives: dict[str, float]
     negatives: list[tuple[str, float]] = field(default_factory=list)
 
+    def shortlisted(self, depth: int) -> MinedQuery:
+        """This entry with only the positives the retriever ranks within its top ``depth`` (none: no positive)."""
+        kept = {d: s for d, s in self.positives.items()
+                if 1 + sum(score > s for _, score in self.negatives) <= depth}
+        return MinedQuery(self.qid, self.task_id, kept, self.negatives)
+
     def to_json(self) -> dict[str, Any]:
         return {"qid": self.qid, "task_id": self.task_id, "positives": self.positives,
                 "negatives": [[d, round(s, 6)] for d, s in self.negatives]}

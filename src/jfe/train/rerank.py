@@ -163,12 +163,19 @@ class RerankTrainer(Trainer):
         data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
                                  max_queries=cfg.max_train_queries, pool_files=cfg.train_pool, text_mode=cfg.text_mode)
         depth = cfg.mined_depth
-        usable = [q for q in data.queries if q.qid in mined.queries and mined.queries[q.qid].positives
-                  and len(mined.queries[q.qid].negatives[:depth] if depth else mined.queries[q.qid].negatives)
+        entries = {q.qid: mined.queries[q.qid] for q in data.queries if q.qid in mined.queries}
+        if cfg.shortlisted_only and depth:
+            # a reranker reading the retriever's top `depth` only ever sees queries whose positive is there: train on
+            # those (on the others it would learn to lift candidates the retriever scored far below the shortlist)
+            entries = {qid: e.shortlisted(depth) for qid, e in entries.items()}
+        usable = [q for q in data.queries if q.qid in entries and entries[q.qid].positives
+                  and len(entries[q.qid].negatives[:depth] if depth else entries[q.qid].negatives)
                   >= cfg.hard_negatives]
+        mined = MinedLists(mined.meta, entries)
         if len(usable) < len(data.queries):
+            why = f", or no positive in the retriever's top {depth}" if cfg.shortlisted_only and depth else ""
             warnings.warn(f"{len(data.queries) - len(usable)} of {len(data.queries)} training queries are left out: "
-                          f"not in {cfg.mined}, or fewer than {cfg.hard_negatives} mined negatives", stacklevel=2)
+                          f"not in {cfg.mined}, fewer than {cfg.hard_negatives} mined negatives{why}", stacklevel=2)
         if not usable:
             raise ConfigError(f"no training query of {cfg.train_split!r} has a usable list in {cfg.mined}")
         wanted = {d for q in usable for d in (*mined.queries[q.qid].positives,
