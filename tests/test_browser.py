@@ -143,3 +143,33 @@ def test_page_shows_server_errors(driver, server) -> None:  # noqa: ANN001
     driver.execute_script("const k = document.getElementById('k'); k.removeAttribute('max'); k.value = '500';")
     driver.find_element(By.ID, "submit").click()
     WebDriverWait(driver, 10).until(lambda d: "k:" in d.find_element(By.ID, "status").text)
+
+
+def test_page_reranks_and_shows_where_each_hit_came_from(driver, tmp_path: Path) -> None:  # noqa: ANN001
+    import torch
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from jfe.models.rerankers import JointRerankConfig, JointReranker
+
+    root = build_sample_dataset(tmp_path / "sample")
+    model = ToyEncoder()
+    index = build_index(model, sorted((root / "cand_pool" / "local").glob("*.jsonl")), root, progress=False,
+                        model_name="toy")
+    reranker = JointReranker(JointRerankConfig(grid=2, retriever="toy")).eval()
+    with torch.no_grad():
+        reranker.head[-1].weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))  # type: ignore[operator]
+    app = create_app(model, index, ServeSettings(model_name="toy"), {"jfe-mini-rerank": reranker})
+    with BackgroundServer(app) as running:
+        driver.get(running.url + "/")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "rerank-field").is_displayed())
+        Select(driver.find_element(By.ID, "rerank")).select_by_visible_text("jfe-mini-rerank")
+        driver.find_element(By.ID, "text").send_keys("a green triangle")
+        driver.find_element(By.ID, "submit").click()
+        cards = wait_for_results(driver, 1)
+        assert len(cards) == 12
+        assert "reranked by jfe-mini-rerank" in driver.find_element(By.ID, "status").text
+        badges = [c.find_element(By.CSS_SELECTOR, ".was").text for c in cards]
+        assert all(b == "=" or b.startswith("was #") for b in badges) and any(b.startswith("was #") for b in badges)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "reranked_query.png"))

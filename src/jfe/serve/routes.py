@@ -89,7 +89,8 @@ async def health(request: Request) -> dict:
     state = request.app.state
     return {"model": state.model_name, "index_size": len(state.index), "dim": int(state.index.dim),
             "batching": state.settings.batching, "max_batch": state.settings.max_batch,
-            "auth": bool(state.settings.api_key), "stats": state.batcher.stats.as_dict()}
+            "auth": bool(state.settings.api_key), "stats": state.batcher.stats.as_dict(),
+            "rerankers": list(state.rerankers)}
 
 
 # ------------------------------------------------------------------------------------------ candidates

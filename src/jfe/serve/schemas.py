@@ -160,6 +160,7 @@ class Health(BaseModel):
     max_batch: int
     auth: bool = Field(False, description="whether API endpoints need a key")
     stats: dict[str, int] = Field(default_factory=dict, description="micro-batching counters")
+    rerankers: list[str] = Field(default_factory=list, description="rerankers /search may name (jfe serve --rerank)")
 
 
 class InstructionChoice(BaseModel):

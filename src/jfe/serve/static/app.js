@@ -38,6 +38,13 @@ async function loadService() {
     el.textContent = `${health.model} · ${health.index_size.toLocaleString()} candidates · ${health.dim}-d`;
     el.classList.add("ok");
     if (health.auth && !state.apiKey) $("key-field").hidden = false;
+    for (const name of health.rerankers || []) {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = name;
+      $("rerank").appendChild(option);
+    }
+    $("rerank-field").hidden = !(health.rerankers || []).length;
   } catch (err) {
     $("service").textContent = "service unreachable";
   }
@@ -144,6 +151,14 @@ function card(hit, best) {
   badge.className = "badge";
   badge.textContent = hit.modality || "?";
   top.append(rank, badge, did);
+  if (hit.first_stage_rank != null) {
+    // where the retriever had put this hit before the reranker read query and candidate together
+    const was = document.createElement("span");
+    was.className = "was";
+    was.title = "rank before reranking";
+    was.textContent = hit.first_stage_rank === hit.rank ? "=" : `was #${hit.first_stage_rank}`;
+    top.appendChild(was);
+  }
   meta.appendChild(top);
   if (hit.text && hit.image_url) {
     const text = document.createElement("div");
@@ -182,6 +197,10 @@ async function search(event) {
   if (state.file) form.append("image", state.file, state.file.name || "image.png");
   if ($("instruction").value) form.append("instruction", $("instruction").value);
   form.append("k", $("k").value || "12");
+  if ($("rerank").value) {
+    form.append("rerank", $("rerank").value);
+    form.append("rerank_k", "50");
+  }
   $("submit").disabled = true;
   setStatus("Searching…");
   try {
@@ -191,8 +210,9 @@ async function search(event) {
     const best = result.results.length ? result.results[0].score : 1;
     for (const hit of result.results) grid.appendChild(card(hit, best));
     const article = /^[aeiou]/i.test(result.query_modality) ? "an" : "a";
+    const reranked = result.reranked_by ? ` · top ${result.rerank_k} reranked by ${result.reranked_by}` : "";
     setStatus(`${result.results.length} results for ${article} ${result.query_modality} query · ` +
-              `${result.took_ms.toFixed(1)} ms`);
+              `${result.took_ms.toFixed(1)} ms${reranked}`);
     document.body.dataset.searches = String(Number(document.body.dataset.searches || 0) + 1);
   } catch (err) {
     setStatus(err.message, true);
