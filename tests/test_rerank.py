@@ -245,6 +245,8 @@ def test_eval_reranks_the_shortlist(joint: JointReranker, tiny_mbeir: Path, tmp_
         assert sorted(top3) == sorted(d for d, _ in first[qid][:3])  # the same shortlist, reordered
         assert [d for d, _ in hits[3:]] == [d for d, _ in first[qid][3:]]  # below it: the first stage's order
         moved += top3 != [d for d, _ in first[qid][:3]]
+        scores = [s for _, s in hits]
+        assert scores == sorted(scores, reverse=True)  # sorted by score, as trec_eval reads a run
     assert moved > 0
 
 
@@ -253,6 +255,9 @@ def test_search_with_rerank_api_and_cli(joint: JointReranker, tiny_mbeir: Path, 
     index = build_index(ToyEncoder(), pools, tiny_mbeir, progress=False, model_name="toy")
     hits = jfe.search(index, "a red square", model=ToyEncoder(), k=5, rerank=joint, rerank_k=6)
     assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    deep = jfe.search(index, "a red square", model=ToyEncoder(), k=8, rerank=joint, rerank_k=3)
+    assert [h["score"] for h in deep] == sorted((h["score"] for h in deep), reverse=True)
+    assert [h["first_stage_rank"] for h in deep[3:]] == [4, 5, 6, 7, 8]
     assert sorted(h["first_stage_rank"] for h in hits) != [None] * 5
     first = jfe.search(index, "a red square", model=ToyEncoder(), k=6)
     shortlist = [h["did"] for h in first]

@@ -266,7 +266,11 @@ def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scor
                           precision=precision)[0] if short else np.zeros(0, dtype=np.float32)
     order = np.argsort(-new, kind="stable")
     ranked = [short[i] for i in order] + list(ids[len(short):])
-    new_scores = [float(new[i]) for i in order] + [float(s) for s in scores[len(short):]]
+    tail = [float(s) for s in scores[len(short):]]
+    if tail and len(new):  # below the reranked hits, as their order says (scores stay sorted)
+        shift = max(0.0, tail[0] - float(new.min()) + 1e-3)
+        tail = [s - shift for s in tail]
+    new_scores = [float(new[i]) for i in order] + tail
     first_ranks = [int(i) + 1 for i in order] + list(range(len(short) + 1, len(ids) + 1))
     return ranked, new_scores, first_ranks
 

@@ -515,6 +515,8 @@ def _rerank(stage: FirstStage, reranker: Any, rerank_k: int, batch_size: int, pr
         lists_f[i] = [lists_f[i][j] for j in order] + lists_f[i][n:]
         assert scores_f is not None
         scores_f[i, :n] = reranked[order]
+        if scores_f.shape[1] > n:  # keep the run sorted by score (trec_eval re-sorts): the tail goes below
+            scores_f[i, n:] -= max(0.0, float(scores_f[i, n] - reranked.min()) + 1e-3)
     return out
 
 
