@@ -31,6 +31,7 @@ def test_untrained_rerankers_report_a_zero_margin(tiny_mbeir: Path, tmp_path: Pa
     assert f"| toy + {JOINT} vs toy alone | +0.0 [+0.0, +0.0] |" in text
     assert f"| {JOINT} vs {LATE} (same lists, steps, batches) | +0.0 [+0.0, +0.0] |" in text
     assert "conditional" in text and "local pool" in text
+    assert (tmp_path / "report" / "rerank_local_categories_r5.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     margin = saved["margins"]["local"][f"toy + {JOINT} vs toy alone"]["per_category"]["conditional"]
     assert margin["estimate"] == 0.0 and margin["low"] == 0.0

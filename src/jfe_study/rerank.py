@@ -111,15 +111,24 @@ def measure(plan: RerankPlan) -> dict[str, Any]:
             "precision": plan.precision, "runs": runs, "mined": str(mined)}
 
 
-def _pool_section(pool: str, runs: dict[str, list[str]], retriever: str) -> tuple[list[str], dict[str, Any]]:
+def chart_name(pool: str) -> str:
+    return f"rerank_{pool}_categories_r5.png"
+
+
+def _pool_section(pool: str, runs: dict[str, list[str]], retriever: str, out: Path
+                  ) -> tuple[list[str], dict[str, Any]]:
+    from jfe.data.records import CATEGORIES
     from jfe.eval.protocol import EvalResult
     from jfe_study.bootstrap import fusion_margin_ci, modification_margin_ci, read_per_query
-    from jfe_study.seeds import seed_category_table
+    from jfe_study.seeds import seed_category_table, seed_chart
 
     loaded = {label: [EvalResult.load(p) for p in paths] for label, paths in runs.items()}
     per_query = {label: [read_per_query(p) for p in paths] for label, paths in runs.items()}
     joint, late = f"+ {JOINT}", f"+ {LATE}"
-    lines = [f"## {pool} pool", "", *seed_category_table(loaded, average=True), ""]
+    present = [c for c in CATEGORIES if any(c in r.categories for rs in loaded.values() for r in rs)]
+    seed_chart(loaded, present, out / chart_name(pool))
+    lines = [f"## {pool} pool", "", *seed_category_table(loaded, average=True), "",
+             f"![{PRIMARY_METRIC} per category, {pool} pool]({chart_name(pool)})", ""]
     data: dict[str, Any] = {}
     comparisons = [(joint, retriever, f"{retriever} + {JOINT} vs {retriever} alone")]
     if late in per_query:
@@ -166,11 +175,11 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
              "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if k in ("cpu", "cpu_count", "cpu_flags")),
              "", "Produced by `make rerank` (`jfe rerank-study`).", ""]
     sections: dict[str, Any] = {}
+    out.mkdir(parents=True, exist_ok=True)
     for pool, runs in report["runs"].items():
-        section, data = _pool_section(pool, runs, retriever)
+        section, data = _pool_section(pool, runs, retriever, out)
         lines += section
         sections[pool] = data
-    out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "report.json") as handle:
         handle.write(json.dumps({**report, "machine": machine, "margins": sections}, indent=2) + "\n")
     with atomic_write(out / "report.md") as handle:
@@ -201,3 +210,5 @@ def rerank_study_command(
     if publish is not None:
         shutil.copyfile(path, publish)
         shutil.copyfile(out / "report.json", publish.with_suffix(".json"))
+        for pool in plan.pools:
+            shutil.copyfile(out / chart_name(pool), publish.parent / chart_name(pool))

@@ -57,7 +57,7 @@ def seed_category_table(groups: Mapping[str, Sequence[EvalResult]], *, average: 
     return lines
 
 
-def _seed_chart(groups: dict[str, list[EvalResult]], categories: list[str], path: Path,
+def seed_chart(groups: dict[str, list[EvalResult]], categories: list[str], path: Path,
                 metric: str = PRIMARY_METRIC) -> None:
     bars = {name: (f"{name} ({role_of(rs[0])})",
                    np.array([[100 * r.categories.get(c, {}).get(metric, np.nan) for c in categories] for r in rs]))
@@ -143,7 +143,7 @@ def write_seed_report(groups: Mapping[str, Sequence[EvalResult | str | os.PathLi
                                "per_seed": []}
     if ours and baselines:
         lines += _seed_pattern_section(loaded, ours, baselines, categories, summary)
-    _seed_chart(loaded, categories, out / SEEDS_CHART_FILE)
+    seed_chart(loaded, categories, out / SEEDS_CHART_FILE)
     path = write_lines(out / SEEDS_REPORT_FILE, lines)
     write_json(out / "seeds.json", summary)
     return path
