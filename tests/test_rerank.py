@@ -334,3 +334,34 @@ def test_shortlisted_keeps_the_positives_a_reranker_would_see() -> None:
     assert entry.shortlisted(5).positives == {"p1": 0.80, "p2": 0.40}
     assert entry.shortlisted(1).positives == {}
     assert entry.shortlisted(1).negatives == entry.negatives
+
+
+def test_train_rerank_with_two_processes(tiny_mbeir: Path, tmp_path: Path) -> None:
+    """torchrun with 2 processes (gloo): each scores its half of the queries, gradients are summed, the logged loss
+    is the global one, and both ranks finish on one checkpoint (BERT's dropout differs per rank, so the weights are
+    not compared with a one-process run)."""
+    import os
+    import subprocess
+    import sys
+
+    mined = write_mined(tmp_path / "mined.jsonl", mine(ToyEncoder(), tiny_mbeir, split="train", k=3, progress=False))
+    cfg = _config(tiny_mbeir, mined, tmp_path / "ddp", steps=2, checkpoint_every=2, device="cpu")
+    config = tmp_path / "ddp.toml"
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items() if k != "model_overrides")
+                      + "model_overrides = { grid = 2, retriever = \"toy\" }\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "jfe.train", "rerank", "--config", str(config), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert [line for line in proc.stdout.splitlines() if line.strip()] == [str(tmp_path / "ddp" / "final")] * 2
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "step-0000002" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2
+    def first_loss(out: Path) -> float:
+        return float(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+
+    # step 1 starts from the same weights on the same global batch: the logged loss is the global one (dropout
+    # masks differ a little), not one process's half of it
+    train({**cfg, "output_dir": str(tmp_path / "single")}, progress=False)
+    assert first_loss(tmp_path / "ddp") == pytest.approx(first_loss(tmp_path / "single"), rel=0.2)
+    assert isinstance(load_model(tmp_path / "ddp" / "final"), JointReranker)

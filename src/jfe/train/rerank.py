@@ -201,6 +201,10 @@ class RerankTrainer(Trainer):
         self.objective = RerankObjective(self.model, self.loss, self.cfg.grad_cache_chunk, self.ctx.world_size,
                                          autocast_dtype)
 
+    def _loss_value(self, loss: torch.Tensor) -> float:
+        # each process computed its shard's share of the global mean: the logged loss is their sum
+        return float(sum(self.ctx.all_gather_object(float(loss.detach()))))
+
     def validate(self) -> dict[str, float]:
         """Rerankers are measured by ``jfe eval --rerank`` (the whole first stage, not a capped sample)."""
         return {}

@@ -270,6 +270,10 @@ class Trainer:
         self.objective: Any = ContrastiveObjective(self.model, self.loss, cfg.grad_cache_chunk, self.ctx,
                                                    autocast_dtype)
 
+    def _loss_value(self, loss: torch.Tensor) -> float:
+        """The global batch's loss as logged (the contrastive loss is computed whole on every rank)."""
+        return float(loss.detach())
+
     def _enter_phase(self, index: int) -> None:
         self.phase_index = index
         self.model.set_trainable(self.plan[index][0])
@@ -411,7 +415,7 @@ class Trainer:
                                            cfg.max_grad_norm)
         self.optimizer.step()
         self.step += 1
-        value = float(loss.detach())
+        value = self._loss_value(loss)
         if not math.isfinite(value):
             raise FloatingPointError(f"loss became {value} at step {self.step}; lower lr or check the data")
         return value, lr, len(draws)
