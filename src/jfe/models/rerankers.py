@@ -78,8 +78,8 @@ class Reranker(Encoder):
 
     @classmethod
     def from_encoder(cls, encoder: Encoder, **overrides: Any) -> Reranker:
-        """A reranker whose towers and glue are a copy of a trained ``encoder``'s; the score head is new and
-        starts at zero (so it ranks as ``encoder`` would... given that encoder's scores as the first stage)."""
+        """A reranker whose towers and glue are a copy of a trained ``encoder``'s. The score head is new and starts
+        at zero, so until it is trained the reranker returns its first stage's order exactly."""
         if type(encoder) is not cls.starts_from:
             raise ConfigError(f"{cls.arch} starts from a trained {cls.starts_from.arch}, got arch {encoder.arch!r}")
         settings = {k: v for k, v in encoder.config.model_dump().items() if k != "arch"}
