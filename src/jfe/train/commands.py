@@ -1,4 +1,4 @@
-"""``jfe train stage1 | stage2 | run --config FILE [--resume] [--set key=value ...]``.
+"""``jfe train stage1 | stage2 | rerank | run --config FILE [--resume] [--set key=value ...]`` and ``jfe mine``.
 
 Under torchrun, every rank runs the same command:
 ``torchrun --nproc_per_node 2 -m jfe.train stage2 --config configs/jfe-mini-stage2.toml``.
@@ -26,8 +26,8 @@ def _run(config: Path, stage: str | None, resume: bool, sets: list[str] | None, 
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Train an encoder: stage 1 (alignment), stage 2 (instruction tuning), or any config.",
-                        no_args_is_help=True)
+    group = typer.Typer(help="Train an encoder: stage 1 (alignment), stage 2 (instruction tuning), a reranker on "
+                             "mined lists, or any config.", no_args_is_help=True)
 
     config_opt = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="TOML training config.")
     resume_opt = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir.")
