@@ -155,6 +155,11 @@ def test_mined_negatives_exclude_positives_and_never_read_test(tiny_mbeir: Path,
         read_mined(out, split="test")
 
 
+def test_mining_refuses_an_unknown_pool(tiny_mbeir: Path) -> None:
+    with pytest.raises(ConfigError, match="pool must be 'local' or 'global'"):
+        mine(ToyEncoder(), tiny_mbeir, split="train", k=3, pool="lokal", progress=False)
+
+
 def test_margin_drops_likely_false_negatives(tiny_mbeir: Path) -> None:
     loose = mine(ToyEncoder(), tiny_mbeir, split="train", k=3, progress=False)
     strict = mine(ToyEncoder(), tiny_mbeir, split="train", k=3, margin=0.0, progress=False)

@@ -271,14 +271,18 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else 0.0
 
 
-def _checked_ks(pool: str, instructions: str, text_mode: str, ks: Sequence[int]) -> list[int]:
-    """Validate the options; returns ``ks`` sorted and deduplicated."""
+def _check_options(pool: str, instructions: str, text_mode: str) -> None:
+    """The options of the read step, checked before anything is read (evaluation and mining alike)."""
     if pool not in ("local", "global"):
         raise ConfigError(f"pool must be 'local' or 'global', got {pool!r}")
     if instructions not in ("default", "heldout", "none"):
         raise ConfigError(f"instructions must be 'default', 'heldout' or 'none', got {instructions!r}")
     if text_mode not in TEXT_MODES:
         raise ConfigError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {text_mode!r}")
+
+
+def _checked_ks(ks: Sequence[int]) -> list[int]:
+    """``ks`` sorted and deduplicated; a ConfigError unless they are positive."""
     checked = sorted({int(k) for k in ks})
     if not checked or checked[0] < 1:
         raise ConfigError(f"ks must be positive integers, got {checked}")
@@ -471,6 +475,7 @@ def first_stage(model: Encoder, data_root: str | os.PathLike, *, split: str, poo
                 timings: dict[str, float] | None = None) -> FirstStage:
     """Read, embed and rank (module docstring, steps 1-3): each query's top ``k`` in its pool. Reads only
     ``query/<split>``, ``qrels/<split>`` and the pools those queries search."""
+    _check_options(pool, instructions, text_mode)
     timings = timings if timings is not None else {}
     t0 = time.perf_counter()
     inputs = _read(Path(data_root).resolve(), split, pool, instructions, max_queries,
@@ -540,7 +545,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
     """
     from jfe.models.registry import model_name_of
 
-    ks = _checked_ks(pool, instructions, text_mode, ks)
+    ks = _checked_ks(ks)  # the other options: first_stage checks them before it reads anything
     if fusion_role is not None:
         from jfe.models.base import FUSION_ROLES
 
