@@ -53,9 +53,8 @@ def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None =
     ``rerank`` (a reranker name, folder or loaded one, e.g. ``"jfe-mini-rerank"``): the first ``rerank_k`` hits
     are reordered by it (it reads query and candidate together); ``first_stage_rank`` then says where the
     retriever had put each hit."""
-    from jfe.index.hits import hits_from
     from jfe.index.shards import load_index
-    from jfe.indexing import query_precision, rerank_hits
+    from jfe.indexing import query_precision, ranked_hits
 
     if rerank is not None and not 1 <= rerank_k <= MAX_RERANK_K:
         raise ConfigError(f"rerank_k must be in 1..{MAX_RERANK_K}, got {rerank_k}")
@@ -69,16 +68,12 @@ def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None =
     if instruction:
         item = item.with_instruction(instruction)
     vector = _model(name).encode([item], precision=compute)
-    depth = max(k, rerank_k) if rerank is not None else k
-    ids, scores = vector_index.search(vector, depth, exclude=[set(exclude)] if exclude else None)
-    row_ids, row_scores, firsts = list(ids[0]), scores[0].tolist(), None
-    if rerank is not None:
-        row_ids, row_scores, firsts = rerank_hits(_reranker(rerank), vector_index, item, row_ids, row_scores,
-                                                  rerank_k=rerank_k, precision=precision)
+    hits = ranked_hits(vector_index, item, vector, k, exclude=exclude,
+                       reranker=_reranker(rerank) if rerank is not None else None, rerank_k=rerank_k,
+                       precision=precision)
     # one hit shape for the API, `jfe search` and POST /search: jfe.index.hits
     return [{"did": hit.did, "score": hit.score, "rank": hit.rank, "record": hit.record,
-             "first_stage_rank": hit.first_stage_rank}
-            for hit in hits_from(vector_index, row_ids[:k], row_scores[:k], firsts[:k] if firsts else None)]
+             "first_stage_rank": hit.first_stage_rank} for hit in hits]
 
 
 def rerank(query: Any, candidates: Sequence[Any], model: ModelLike = "jfe-mini-rerank",
@@ -90,13 +85,10 @@ def rerank(query: Any, candidates: Sequence[Any], model: ModelLike = "jfe-mini-r
     them). Sort with ``numpy.argsort(-scores)``."""
     if not candidates:
         return np.zeros(0, dtype=np.float32)
+    from jfe.indexing import first_stage_retriever
+
     reranker = _reranker(model)
-    retriever = None
-    if scores is None:
-        name = getattr(reranker.config, "retriever", None)
-        if not name:
-            raise ConfigError(f"{reranker.arch} names no retriever: pass scores= (the first stage's)")
-        retriever = _model(name)
+    retriever = first_stage_retriever(reranker) if scores is None else None
     return reranker.rerank([query], [list(candidates)], [list(scores)] if scores is not None else None,
                            retriever=retriever, instruction=instruction, batch_size=batch_size,
                            precision=precision)[0]

@@ -14,17 +14,18 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jfe.data.items import Item, candidate_item
-from jfe.data.mbeir import read_pool_files
+from jfe.data.mbeir import parse_candidate, read_pool_files
 from jfe.data.records import Candidate
 from jfe.errors import ConfigError, DataError
 from jfe.index.build import RECALL_QUERIES, check_factory, index_vectors
+from jfe.index.hits import Hit, hits_from
 from jfe.index.shards import ShardedIndex, split_rows
 from jfe.index.vector_index import INDEX_KIND, VectorIndex
 from jfe.models.base import Encoder, default_device
@@ -231,6 +232,20 @@ def query_precision(meta: dict[str, Any], precision: str | None = "auto") -> tup
     return chosen, vision
 
 
+def ranked_hits(index: Any, query: Item, vector: np.ndarray, k: int, *, exclude: Collection[str] | None = None,
+                reranker: Any = None, rerank_k: int = 50, precision: str | None = None) -> list[Hit]:
+    """One query's top ``k`` hits in ``index`` (``vector``: its embedding ``[1, d]``), what ``jfe.search``,
+    ``jfe search`` and ``POST /search`` return. With ``reranker``, the first ``rerank_k`` are searched and reordered
+    by it (:func:`rerank_hits`) and each hit says where the retriever had put it."""
+    depth = max(k, rerank_k) if reranker is not None else k
+    ids, scores = index.search(vector, depth, exclude=[set(exclude)] if exclude else None)
+    row_ids, row_scores, firsts = list(ids[0]), scores[0].tolist(), None
+    if reranker is not None:
+        row_ids, row_scores, firsts = rerank_hits(reranker, index, query, row_ids, row_scores, rerank_k=rerank_k,
+                                                  precision=precision)
+    return hits_from(index, row_ids[:k], row_scores[:k], firsts[:k] if firsts else None)
+
+
 def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scores: Sequence[float], *,
                 rerank_k: int, precision: str | None = None, batch_size: int = 64
                 ) -> tuple[list[str], list[float], list[int]]:
@@ -241,8 +256,6 @@ def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scor
     without one is a :class:`DataError` naming it. The index's scores are the reranker's first stage when the
     index was built by the retriever it was trained on; otherwise that retriever scores the shortlist itself.
     """
-    from jfe.data.records import Candidate
-
     short = list(ids[:rerank_k])
     root = Path(getattr(index, "meta", {}).get("data_root") or ".")
     candidates = []
@@ -251,17 +264,13 @@ def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scor
         if not record:
             raise DataError(f"candidate {did!r} has no stored record in the index, so it cannot be reranked "
                             f"(build the index from pool files: `jfe index build`)", record_id=did)
-        try:
-            candidates.append(candidate_item(Candidate(**{k: record.get(k) for k in Candidate.__dataclass_fields__}),
-                                             root))
-        except (TypeError, DataError) as exc:
-            raise DataError(f"candidate {did!r}: its stored record cannot be read ({exc})", record_id=did) from None
+        candidates.append(candidate_item(parse_candidate(record, path=f"the index's record of {did}"), root))
     trained_on = getattr(reranker.config, "retriever", None)
     prior, retriever = None, None
     if getattr(index, "meta", {}).get("model") == trained_on or not trained_on:
         prior = [list(map(float, scores[:len(short)]))]
     else:
-        retriever = _retriever(trained_on)
+        retriever = first_stage_retriever(reranker)
     new = reranker.rerank([query], [candidates], prior, retriever=retriever, batch_size=batch_size,
                           precision=precision)[0] if short else np.zeros(0, dtype=np.float32)
     order = np.argsort(-new, kind="stable")
@@ -275,7 +284,15 @@ def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scor
     return ranked, new_scores, first_ranks
 
 
+def first_stage_retriever(reranker: Any) -> Encoder:
+    """The retriever a reranker was trained on (``config.retriever``), loaded once per process: it scores a
+    shortlist when the caller has no first-stage scores of its own."""
+    name = getattr(reranker.config, "retriever", None)
+    if not name:
+        raise ConfigError(f"{reranker.arch} names no retriever: pass the first stage's scores")
+    return _loaded_retriever(name)
+
+
 @functools.lru_cache(maxsize=4)
-def _retriever(name: str) -> Encoder:
-    """A reranker's own first stage, loaded once per process (when the index was built by another model)."""
+def _loaded_retriever(name: str) -> Encoder:
     return load_model(name)

@@ -53,17 +53,13 @@ def eval_command(
 
     from jfe.eval.evaluator import MBEIREvaluator
     from jfe.index.commands import _console
-    from jfe.models.registry import load_model
+    from jfe.models.registry import load_model, load_reranker
 
     if pool not in ("local", "global"):
         raise ConfigError(f"--pool must be 'local' or 'global', got {pool!r}")
     encoder = load_model(model)
     encoder.set_precision(precision)
-    reranker = None
-    if rerank:
-        from jfe.models.rerankers import require_reranker
-
-        reranker = require_reranker(load_model(rerank), f"--rerank {rerank}").set_precision(precision)
+    reranker = load_reranker(rerank, f"--rerank {rerank}").set_precision(precision) if rerank else None
     evaluator = MBEIREvaluator(data, split=split, pool=pool, out_dir=out, instructions=instructions,
                                batch_size=batch_size, run_name=run_name or _run_name(model), model_name=model,
                                progress=progress, max_queries=max_queries, text_mode=text_mode,  # type: ignore[arg-type]

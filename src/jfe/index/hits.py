@@ -1,6 +1,7 @@
 """Search hits: the one place that turns an index's ranked ids and scores into hits with their records.
 
-Used by ``jfe.search`` (the Python API), ``jfe search`` (the CLI) and ``POST /search`` (the service).
+Used by ``jfe.search`` (the Python API), ``jfe search`` (the CLI) and ``POST /search`` (the service), all through
+:func:`jfe.indexing.ranked_hits` (which reranks first when asked).
 """
 
 from __future__ import annotations

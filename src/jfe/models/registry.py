@@ -231,6 +231,14 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     return model.to(device or default_device())
 
 
+def load_reranker(name_or_path: str | os.PathLike, what: str | None = None, **kwargs: Any) -> Any:
+    """:func:`load_model` for a place that needs a reranker (``jfe eval --rerank``, ``jfe serve --rerank``, a
+    reranker's training run): anything else is a ConfigError naming ``what`` asked for it."""
+    from jfe.models.rerankers import require_reranker
+
+    return require_reranker(load_model(name_or_path, **kwargs), what or repr(os.fspath(name_or_path)))
+
+
 def model_name_of(model: Encoder) -> str:
     """The best available name to reload ``model`` with (``load_model`` accepts it), else its arch."""
     for attr in ("name_or_path", "source", "name"):

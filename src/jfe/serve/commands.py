@@ -46,7 +46,7 @@ def serve_command(
     """Serve search, embeddings and the web page over HTTP."""
     import uvicorn
 
-    from jfe.models.registry import load_model
+    from jfe.models.registry import load_model, load_reranker
     from jfe.serve.app import create_app
     from jfe.serve.schemas import ServeSettings
 
@@ -73,10 +73,7 @@ def serve_command(
                              cors_origins=list(cors_origin), max_batch=max_batch, max_wait_ms=max_wait_ms,
                              batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),
                              max_pixels=max_pixels, max_inputs=max_inputs)
-    from jfe.models.rerankers import require_reranker
-
-    rerankers = {name: require_reranker(load_model(name), f"--rerank {name}").set_precision(precision)
-                 for name in rerank}
+    rerankers = {name: load_reranker(name, f"--rerank {name}").set_precision(precision) for name in rerank}
     app = create_app(encoder, vector_index, settings, rerankers)
     if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host} without an API key: anyone who can reach this port can search "

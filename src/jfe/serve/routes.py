@@ -24,11 +24,13 @@ from starlette.concurrency import run_in_threadpool
 
 from jfe.data.items import Item
 from jfe.errors import DataError
-from jfe.index.hits import Hit, hits_from
-from jfe.indexing import rerank_hits
+from jfe.index.hits import Hit
+from jfe.indexing import ranked_hits
 from jfe.serve.errors import ApiError
 from jfe.serve.inputs import AUTH_MESSAGE, key_matches, parse_embeddings, parse_search
 from jfe.serve.schemas import (
+    K_MAX,
+    RERANK_K_MAX,
     EmbeddingData,
     EmbeddingsResponse,
     Health,
@@ -214,9 +216,10 @@ search_router = APIRouter()
 @search_router.post("/search", response_model=SearchResponse, tags=["search"], dependencies=AUTH,
                     openapi_extra=_multipart_doc({"text": {"type": "string"}, "image": _FILE,
                                                   "instruction": {"type": "string"},
-                                                  "k": {"type": "integer", "minimum": 1, "maximum": 100},
+                                                  "k": {"type": "integer", "minimum": 1, "maximum": K_MAX},
                                                   "rerank": {"type": "string"},
-                                                  "rerank_k": {"type": "integer", "minimum": 1, "maximum": 200}},
+                                                  "rerank_k": {"type": "integer", "minimum": 1,
+                                                               "maximum": RERANK_K_MAX}},
                                                  "SearchRequest"))
 async def search(request: Request) -> dict:
     """Rank the indexed candidates for a text, image or image+text query (JSON with a data-URL
@@ -228,14 +231,9 @@ async def search(request: Request) -> dict:
     reranker = _reranker(state, req.rerank)
     query = parsed.item.with_instruction(parsed.instruction)
     vector = await state.batcher.encode([query])
-    depth = max(req.k, req.rerank_k) if reranker is not None else req.k
-    ids, scores = await run_in_threadpool(state.index.search, vector, depth)
-    row_ids, row_scores, firsts = list(ids[0]), scores[0].tolist(), None
-    if reranker is not None:
-        row_ids, row_scores, firsts = await run_in_threadpool(
-            partial(rerank_hits, reranker, state.index, query, row_ids, row_scores, rerank_k=req.rerank_k))
-    hits = [search_hit(hit) for hit in hits_from(state.index, row_ids[:req.k], row_scores[:req.k],
-                                                 firsts[:req.k] if firsts else None)]
+    ranked = await run_in_threadpool(partial(ranked_hits, state.index, query, vector, req.k, reranker=reranker,
+                                             rerank_k=req.rerank_k))
+    hits = [search_hit(hit) for hit in ranked]
     return SearchResponse(query_modality=parsed.item.modality, k=req.k, results=hits,
                           took_ms=round((time.perf_counter() - started) * 1000, 3),
                           reranked_by=req.rerank if reranker is not None else None,

@@ -27,7 +27,7 @@ from torch import nn
 from jfe.data.items import Item, candidate_item, query_item
 from jfe.errors import ConfigError
 from jfe.models.base import Encoder
-from jfe.models.rerankers import Reranker, require_reranker, reranker_from
+from jfe.models.rerankers import Reranker, reranker_from
 from jfe.train.data import BatchSampler, Draw, TrainingData, stream_candidates
 from jfe.train.mine import MinedLists, read_mined
 from jfe.train.trainer import Trainer
@@ -65,7 +65,7 @@ class RerankSampler(BatchSampler):
         positive = draw.positive
         if positive not in entry.positives:  # a positive outside the mined pool: one that was scored
             positive = sorted(entry.positives)[int(self.rng.integers(len(entry.positives)))]
-        pool = entry.negatives[:self.depth] if self.depth else entry.negatives
+        pool = entry.negatives[:self.depth]  # [:None]: the whole list
         picks = self.rng.choice(len(pool), size=self.negatives, replace=False)
         return Draw(index=index, positive=positive, negatives=tuple(pool[int(i)][0] for i in sorted(picks)),
                     instruction=draw.instruction)
@@ -146,14 +146,14 @@ class RerankTrainer(Trainer):
     model: Reranker
 
     def _build_model(self, device: torch.device) -> Encoder:
-        from jfe.models.registry import load_model
+        from jfe.models.registry import load_model, load_reranker
 
         cfg = self.cfg
         if cfg.rerank_from:
             encoder = load_model(cfg.rerank_from, device=device)
             return reranker_from(cfg.model, encoder, **cfg.model_overrides)
-        return require_reranker(load_model(cfg.model, device=device, pretrained=False, **cfg.model_overrides),
-                                f"model {cfg.model!r}")
+        return load_reranker(cfg.model, f"model {cfg.model!r}", device=device, pretrained=False,
+                             **cfg.model_overrides)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -169,8 +169,7 @@ class RerankTrainer(Trainer):
             # those (on the others it would learn to lift candidates the retriever scored far below the shortlist)
             entries = {qid: e.shortlisted(depth) for qid, e in entries.items()}
         usable = [q for q in data.queries if q.qid in entries and entries[q.qid].positives
-                  and len(entries[q.qid].negatives[:depth] if depth else entries[q.qid].negatives)
-                  >= cfg.hard_negatives]
+                  and len(entries[q.qid].negatives[:depth]) >= cfg.hard_negatives]  # [:None]: the whole list
         mined = MinedLists(mined.meta, entries)
         if len(usable) < len(data.queries):
             why = f", or no positive in the retriever's top {depth}" if cfg.shortlisted_only and depth else ""
