@@ -24,8 +24,9 @@ from jfe.data.items import Item
 from jfe.errors import ConfigError
 from jfe.hardware import ComputePrecision
 from jfe.models.base import l2_normalize
+from jfe.models.packing import gather_rows, pack
 from jfe.models.text import HIDDEN, mean_pool
-from jfe.models.towers import TowerConfig, TowerEncoder, check_items
+from jfe.models.towers import TowerConfig, TowerEncoder
 from jfe.models.vision import FEATURE_DIM, grid_tokens
 
 
@@ -51,6 +52,7 @@ class TwoTowerMini(TowerEncoder):
     arch = "two-tower-mini"
     fusion_role = "two-tower"
     config_class = TwoTowerConfig
+    fusion_kind = "towers"
 
     def __init__(self, config: TwoTowerConfig | None = None) -> None:
         config = config or self.config_class()
@@ -62,32 +64,25 @@ class TwoTowerMini(TowerEncoder):
     def glue_modules(self) -> list[nn.Module | nn.Parameter]:
         return [self.image_proj, self.text_proj]
 
-    def unimodal(self, items: Sequence[Item], modalities: Sequence[str], vision: ComputePrecision = "fp32"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def unimodal(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings ``[n, d]`` (zero rows where an item lacks the modality)."""
-        n, dim = len(items), self.config.embed_dim
-        device = self.image_proj.weight.device
-        image_rows = [i for i, m in enumerate(modalities) if "image" in m]
-        text_rows = [i for i, m in enumerate(modalities) if "text" in m]
-        image = torch.zeros(n, dim, device=device)
-        text = torch.zeros(n, dim, device=device)
-        if image_rows:
-            pooled = self.image_features([items[i] for i in image_rows], vision).mean((2, 3))
-            vecs = l2_normalize(self.image_proj(pooled)).to(image.dtype)  # (autocast may give bf16)
-            image = image.index_copy(0, torch.tensor(image_rows, device=device), vecs)
-        if text_rows:
-            sentence = self.text.sentence([items[i].required_text for i in text_rows])
-            vecs = l2_normalize(self.text_proj(sentence)).to(text.dtype)
-            text = text.index_copy(0, torch.tensor(text_rows, device=device), vecs)
-        return image, text
+        packed = pack(self.fusion_kind, items, self.config, self.text.path)
+        features = self.image_features(packed.images, vision) if packed.images else self.placeholder_features()
+        return self._unimodal(features, **{name: value.to(features.device) for name, value in packed.inputs.items()})
+
+    def _unimodal(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  image_of: torch.Tensor, text_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image = l2_normalize(self.image_proj(features.mean((2, 3)))).float()  # (autocast may give bf16)
+        states = self.text.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        text = l2_normalize(self.text_proj(mean_pool(states, attention_mask))).float()
+        return gather_rows(image, image_of), gather_rows(text, text_of)
 
     def combine(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return image + text
 
-    def embed(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
-        modalities = check_items(items)
-        image, text = self.unimodal(items, modalities, vision)
-        return l2_normalize(self.combine(image, text))
+    def fuse(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,  # type: ignore[override]
+             image_of: torch.Tensor, text_of: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.combine(*self._unimodal(features, input_ids, attention_mask, image_of, text_of)))
 
 
 class ScoreFusionConfig(TwoTowerConfig):
@@ -130,6 +125,7 @@ class FeatureFusionMini(TowerEncoder):
     fusion_role = "late-fusion"
     config_class = FeatureFusionConfig
     config: FeatureFusionConfig
+    fusion_kind = "features"
 
     def __init__(self, config: FeatureFusionConfig | None = None) -> None:
         config = config or FeatureFusionConfig()
@@ -154,35 +150,16 @@ class FeatureFusionMini(TowerEncoder):
     def glue_modules(self) -> list[nn.Module | nn.Parameter]:
         return [self.image_proj, self.text_proj, self.modality, self.visual_position, self.fusion]
 
-    def embed(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
-        modalities = check_items(items)
+    def fuse(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,  # type: ignore[override]
+             image_of: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        device = self.modality.device
-        image_items = [item for item, m in zip(items, modalities, strict=True) if "image" in m]
-        texts = [item.required_text for item, m in zip(items, modalities, strict=True) if "text" in m]
-        n_vis = [cfg.n_visual if "image" in m else 0 for m in modalities]
-        # both set exactly when some item has text
-        text_states: torch.Tensor | None = None
-        text_mask: torch.Tensor | None = None
-        if texts:
-            text_states, text_mask = self.text(texts)
-        n_txt = iter(text_mask.sum(1).tolist() if text_mask is not None else [])
-        lengths = [(v, next(n_txt) if "text" in m else 0) for v, m in zip(n_vis, modalities, strict=True)]
-        width = max(v + t for v, t in lengths)
-        slots_visual = torch.zeros(len(items), width, dtype=torch.bool)
-        slots_text = torch.zeros(len(items), width, dtype=torch.bool)
-        for i, (v, t) in enumerate(lengths):
-            slots_visual[i, :v] = True
-            slots_text[i, v:v + t] = True
-        slots_visual, slots_text = slots_visual.to(device), slots_text.to(device)
-        mask = slots_visual | slots_text
-        seq = torch.zeros(len(items), width, cfg.embed_dim, device=device)
-        if image_items:
-            tokens = grid_tokens(self.image_features(image_items, vision), cfg.grid, cfg.global_token)
-            visual = self.image_proj(tokens) + self.visual_position + self.modality[0]
-            seq = seq.masked_scatter(slots_visual.unsqueeze(-1), visual.reshape(-1, cfg.embed_dim).to(seq.dtype))
-        if text_states is not None and text_mask is not None:
-            words = self.text_proj(text_states[text_mask.bool()]) + self.modality[1]  # real tokens, row-major
-            seq = seq.masked_scatter(slots_text.unsqueeze(-1), words.to(seq.dtype))
-        fused = self.fusion(seq, src_key_padding_mask=~mask)
+        tokens = grid_tokens(features, cfg.grid, cfg.global_token)
+        visual = self.image_proj(tokens) + self.visual_position + self.modality[0]
+        states = self.text.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        words = self.text_proj(states) + self.modality[1]
+        # each slot takes its row of [visual tokens; text token states] (row-major), padding slots zeros
+        table = torch.cat([visual.reshape(-1, cfg.embed_dim), words.reshape(-1, cfg.embed_dim).to(visual.dtype)])
+        seq = gather_rows(table, source)
+        mask = (source >= 0).long()
+        fused = self.fusion(seq, src_key_padding_mask=source < 0)
         return l2_normalize(mean_pool(fused, mask))

@@ -29,8 +29,9 @@ from torch import nn
 from jfe.data.items import Item
 from jfe.hardware import ComputePrecision
 from jfe.models.base import l2_normalize
+from jfe.models.packing import gather_rows
 from jfe.models.text import HIDDEN, mean_pool
-from jfe.models.towers import TowerConfig, TowerEncoder, check_items
+from jfe.models.towers import TowerConfig, TowerEncoder
 from jfe.models.vision import FEATURE_DIM, grid_tokens
 
 
@@ -104,6 +105,7 @@ class JFEMini(TowerEncoder):
     fusion_role = "one-tower"
     config_class = JFEMiniConfig
     config: JFEMiniConfig
+    fusion_kind = "joint"
 
     def __init__(self, config: JFEMiniConfig | None = None) -> None:
         config = config or JFEMiniConfig()
@@ -128,38 +130,18 @@ class JFEMini(TowerEncoder):
         tokens = grid_tokens(self.image_features(items, vision), self.config.grid, self.config.global_token)
         return self.projector(tokens) + self.visual_position + self.visual_modality
 
-    def embed(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
-        modalities = check_items(items)
+    def fuse(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,  # type: ignore[override]
+             visual_index: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        cls, sep, pad = self.text.special_ids
-        with_image = [item for item, m in zip(items, modalities, strict=True) if "image" in m]
-        texts = [item.required_text for item, m in zip(items, modalities, strict=True) if "text" in m]
-        text_ids = iter(self.text.tokenize(texts, cfg.max_text_tokens))
-        rows, visual_rows = [], []
-        for m in modalities:
-            n_vis = cfg.n_visual if "image" in m else 0
-            row_text_ids = next(text_ids) if "text" in m else []
-            rows.append([cls, *([pad] * n_vis), *row_text_ids, sep])
-            visual_rows.append(n_vis)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        is_visual = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, (row, n_vis) in enumerate(zip(rows, visual_rows, strict=True)):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-            is_visual[i, 1:1 + n_vis] = True
-        device = self.visual_modality.device
-        ids, mask, is_visual = ids.to(device), mask.to(device), is_visual.to(device)
-        embeds = self.text.bert.get_input_embeddings()(ids)
-        if with_image:
-            visual = self.visual_tokens(with_image, vision).to(embeds.dtype)
-            # row-major fill: image items in order, each its K tokens in order
-            embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), visual.reshape(-1, HIDDEN))
-        states = self.text.bert(inputs_embeds=embeds, attention_mask=mask,
-                                token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        embeds = self.text.bert.get_input_embeddings()(input_ids)
+        tokens = grid_tokens(features, cfg.grid, cfg.global_token)
+        visual = (self.projector(tokens) + self.visual_position + self.visual_modality).reshape(-1, HIDDEN)
+        # visual slots take their token (row-major over the image items), every other slot its word embedding
+        embeds = gather_rows(visual.to(embeds.dtype), visual_index, fill=embeds)
+        states = self.text.bert(inputs_embeds=embeds, attention_mask=attention_mask,
+                                token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
         if self.pool is not None:
-            pooled = self.pool(states, mask)
+            pooled = self.pool(states, attention_mask)
         else:
-            pooled = states[:, 0] if cfg.pooling == "cls" else mean_pool(states, mask)
+            pooled = states[:, 0] if cfg.pooling == "cls" else mean_pool(states, attention_mask)
         return l2_normalize(pooled)

@@ -299,7 +299,7 @@ class LateReranker(Reranker, TwoTowerMini):
         return [self.head, self.prior_weight]
 
     def _vectors(self, items: Sequence[Item], vision: ComputePrecision) -> tuple[torch.Tensor, ...]:
-        image, text = self.unimodal(items, check_items(items), vision)
+        image, text = self.unimodal(items, vision)
         return l2_normalize(self.combine(image, text)), image, text
 
     def score_pairs(self, queries: Sequence[Item], candidates: Sequence[Item], query_of: Sequence[int],

@@ -14,16 +14,18 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from jfe.data.items import Item
-from jfe.errors import ConfigError, DataError
+from jfe.errors import ConfigError
 from jfe.hardware import ComputePrecision
 from jfe.models.base import WEIGHTS_NAME, Encoder, EncoderConfig
 from jfe.models.compact import COMPACT_FORMAT, compact_state, is_compact
 from jfe.models.feature_cache import feature_maps
+from jfe.models.packing import check_items, pack
 from jfe.models.phases import check_phase
 from jfe.models.text import TextTower
-from jfe.models.vision import TRUNK_MODULES, VisionTower
+from jfe.models.vision import FEATURE_DIM, TRUNK_MODULES, VisionTower
 
 TEXT_ASSETS_DIR = "text"
+__all__ = ["TEXT_ASSETS_DIR", "TowerConfig", "TowerEncoder", "check_items"]
 
 
 class TowerConfig(EncoderConfig):
@@ -80,19 +82,6 @@ class TowerConfig(EncoderConfig):
     @property
     def n_visual(self) -> int:
         return self.grid * self.grid + int(self.global_token)
-
-
-def check_items(items: Sequence[Item]) -> list[str]:
-    """Each item's modality; a clear :class:`DataError` for wrong types and empty items."""
-    modalities = []
-    for i, item in enumerate(items):
-        if not isinstance(item, Item):
-            raise DataError(f"expected an Item, got {type(item).__name__} (use encode() for raw inputs)",
-                            record_id=f"item #{i}")
-        modalities.append(item.modality)  # raises DataError naming the item when it is empty
-    if not items:
-        raise DataError("no items to embed")
-    return modalities
 
 
 class TowerEncoder(Encoder):
@@ -166,10 +155,27 @@ class TowerEncoder(Encoder):
         for glue in self.glue_modules():
             glue.requires_grad_(True)
 
+    #: how :func:`jfe.models.packing.pack` lays out this model's inputs ("joint", "towers" or "features")
+    fusion_kind: ClassVar[str] = ""
+
     def embed(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> torch.Tensor:
         """Differentiable embeddings, the vision tower computing in ``vision`` (``"fp32"`` unless an encode in
-        bf16 asked it to follow: :meth:`Encoder.embed_in`)."""
+        bf16 asked it to follow: :meth:`Encoder.embed_in`): :func:`~jfe.models.packing.pack`, the vision tower
+        on the packed images, then :meth:`fuse`."""
+        packed = pack(self.fusion_kind, items, self.config, self.text.path)
+        features = self.image_features(packed.images, vision) if packed.images else self.placeholder_features()
+        device = features.device
+        return self.fuse(features, **{name: value.to(device) for name, value in packed.inputs.items()})
+
+    def fuse(self, features: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """``[n, d]`` unit vectors from the image items' feature maps ``[m, 1280, h, w]`` and the packed inputs
+        (:data:`jfe.models.packing.FUSION_INPUTS`); tensor arithmetic only, so it exports to ONNX as it is."""
         raise NotImplementedError
+
+    def placeholder_features(self) -> torch.Tensor:
+        """One all-zero feature map: what :meth:`fuse` gets for a batch without images (no index points at it)."""
+        side = self.vision.grid_size
+        return torch.zeros(1, FEATURE_DIM, side, side, device=self.device)
 
     def embed_in(self, items: Sequence[Item], vision: ComputePrecision) -> torch.Tensor:
         return self.embed(items, vision)
