@@ -19,42 +19,47 @@ from jfe.models.base import Encoder
 
 ModelLike = str | os.PathLike | Encoder
 
-_LOADED: dict[str, Encoder] = {}
+_LOADED: dict[tuple[str, str | None], Encoder] = {}
 MAX_RERANK_K = 1000  # a reranker reads every pair: this bounds one query's cost
 
 
-def _model(model: ModelLike) -> Encoder:
+def _model(model: ModelLike, backend: str | None = None) -> Encoder:
     if isinstance(model, Encoder):
         return model
     from jfe.models import load_model
 
-    key = str(model)
+    key = (str(model), backend)
     if key not in _LOADED:
-        _LOADED[key] = load_model(key)
+        _LOADED[key] = load_model(str(model), backend=backend)
     return _LOADED[key]
 
 
 def encode(items: Sequence[Any], model: ModelLike = "jfe-mini", instruction: str | None = None,
-           batch_size: int = 32, progress: bool = False) -> np.ndarray:
-    """Embed texts, images (``Path``/PIL) and ``{"text", "image"}`` pairs as float32 ``[n, d]`` unit vectors."""
-    return _model(model).encode(items, instruction=instruction, batch_size=batch_size, progress=progress)
+           batch_size: int = 32, progress: bool = False, precision: str | None = None,
+           backend: str | None = None) -> np.ndarray:
+    """Embed texts, images (``Path``/PIL) and ``{"text", "image"}`` pairs as float32 ``[n, d]`` unit vectors.
+
+    ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime; a PyTorch model is exported once into the cache); None
+    runs what ``model`` is (an ONNX export folder on ONNX Runtime)."""
+    return _model(model, backend).encode(items, instruction=instruction, batch_size=batch_size, progress=progress,
+                                         precision=precision)
 
 
 def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None = None, k: int = 10,
            instruction: str | None = None, exclude: Collection[str] | None = None,
-           precision: str | None = None, rerank: ModelLike | None = None, rerank_k: int = 50
-           ) -> list[dict[str, Any]]:
+           precision: str | None = None, rerank: ModelLike | None = None, rerank_k: int = 50,
+           backend: str | None = None) -> list[dict[str, Any]]:
     """Search an index (a saved folder, plain or sharded, or a loaded index) with one query item; returns
     ranked hits ``{"did", "score", "rank", "record", "first_stage_rank"}`` (``record``: the candidate's stored
     record, ``{}`` when the index holds none). The model defaults to the one the index was built with, the
-    precision to the one its vectors were computed in. ``exclude``: ids never to return (e.g. the query's own
-    reference image in composed search: "this, but green" should not find "this").
+    backend and precision to the ones its vectors were computed with. ``exclude``: ids never to return (e.g. the
+    query's own reference image in composed search: "this, but green" should not find "this").
 
     ``rerank`` (a reranker name, folder or loaded one, e.g. ``"jfe-mini-rerank"``): the first ``rerank_k`` hits
     are reordered by it (it reads query and candidate together); ``first_stage_rank`` then says where the
     retriever had put each hit."""
     from jfe.index.shards import load_index
-    from jfe.indexing import query_precision, ranked_hits
+    from jfe.indexing import query_backend, query_precision, ranked_hits
 
     if rerank is not None and not 1 <= rerank_k <= MAX_RERANK_K:
         raise ConfigError(f"rerank_k must be in 1..{MAX_RERANK_K}, got {rerank_k}")
@@ -63,11 +68,13 @@ def search(index: str | os.PathLike | Any, query: Any, model: ModelLike | None =
     name = model if model is not None else vector_index.meta.get("model")
     if not name:
         raise ConfigError(f"the index{f' at {index}' if saved else ''} does not name its model; pass model=")
-    compute, _ = query_precision(getattr(vector_index, "meta", {}), precision)
+    meta = getattr(vector_index, "meta", {})
+    encoder = _model(name, None if isinstance(name, Encoder) else query_backend(meta, str(name), backend))
+    compute, _ = query_precision(meta, precision, encoder)
     item = as_item(query, 0)
     if instruction:
         item = item.with_instruction(instruction)
-    vector = _model(name).encode([item], precision=compute)
+    vector = encoder.encode([item], precision=compute)
     hits = ranked_hits(vector_index, item, vector, k, exclude=exclude,
                        reranker=_reranker(rerank) if rerank is not None else None, rerank_k=rerank_k,
                        precision=precision)

@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption, RerankKOption, RerankOption
+from jfe.cli_options import DEFAULT_PRECISION, BackendOption, PrecisionOption, RerankKOption, RerankOption
 from jfe.errors import ConfigError, DataError
 
 
@@ -36,6 +36,7 @@ def search_command(
     precision: PrecisionOption = DEFAULT_PRECISION,
     rerank: RerankOption = None,
     rerank_k: RerankKOption = 50,
+    backend: BackendOption = None,
 ) -> None:
     """Search an index with a text, an image, or both; print a ranked table (or JSON). With --rerank, a reranker
     reorders the first --rerank-k hits, reading query and candidate together."""
@@ -54,7 +55,7 @@ def search_command(
     query = Item(text=text or None, image=image, id="query")
     hits = [_shown(hit) for hit in search(vector_index, query, model=str(name), k=k, instruction=instruction,
                                           exclude=exclude or None, precision=precision, rerank=rerank,
-                                          rerank_k=rerank_k)]
+                                          rerank_k=rerank_k, backend=backend)]
     if as_json:
         typer.echo(json.dumps({"index": str(index), "model": str(name), "k": k, "rerank": rerank,
                                "rerank_k": rerank_k if rerank else None, "hits": hits}, ensure_ascii=False))

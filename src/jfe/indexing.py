@@ -29,6 +29,7 @@ from jfe.index.hits import Hit, hits_from
 from jfe.index.shards import ShardedIndex, split_rows
 from jfe.index.vector_index import INDEX_KIND, VectorIndex
 from jfe.models.base import Encoder, default_device
+from jfe.models.onnx_backend import check_backend, is_onnx_export
 from jfe.models.precision import check_precision, resolve_precision
 from jfe.models.registry import load_model, model_name_of
 from jfe.paths import check_out_dir
@@ -84,43 +85,49 @@ def _encode_candidates(model: Encoder, candidates: Sequence[Candidate], data_roo
 
 
 def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
-    """``meta.json``'s record of how the vectors were computed: the precision ``model`` really computes in for
-    ``precision`` on its device (``fp32`` or ``bf16``), and ``vision_precision: bf16`` where the vision tower
-    followed a bf16 encode (``set_precision(..., vision="follow")``)."""
-    resolved = resolve_precision(precision, getattr(model, "device", "cpu"))
-    return {"precision": resolved, **({"vision_precision": "bf16"} if model.vision_follows(resolved) else {})}
+    """``meta.json``'s record of how the vectors were computed: the backend (``torch`` or ``onnx``), the precision
+    ``model`` really computes in for ``precision`` (``fp32``/``bf16``; an ONNX export's ``fp32``/``int8``), and
+    ``vision_precision: bf16`` where the vision tower followed a bf16 encode (``set_precision(..., vision=
+    "follow")``)."""
+    return model.compute_record(precision)
 
 
 def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",
                 search_params: dict[str, float] | None = None, batch_size: int = 64, progress: bool = True,
                 shards: int = 1, ray_address: str | None = None, seed: int = 0, precision: str = "auto",
-                overwrite: bool = False) -> Any:
+                overwrite: bool = False, backend: str | None = None) -> Any:
     """What ``jfe index build`` does: encode the pools, index them, write ``out`` atomically.
 
     ``shards > 1`` or ``ray_address`` writes a sharded index folder (:mod:`jfe.index.shards`); with
     ``ray_address`` the encoding runs as Ray Data tasks across the cluster's workers (the ``ray`` extra).
     The folder is built under a temporary name next to ``out`` and renamed into place, so a failed or
     killed build leaves any previous index at ``out`` untouched. A folder at ``out`` that is not an index is
-    refused before any work unless ``overwrite``.
+    refused before any work unless ``overwrite``. ``backend`` (torch | onnx, default what ``model`` is) is
+    recorded in meta.json with the precision, and searches of the index encode queries the same way.
     """
     check_out_dir(out, INDEX_KIND, overwrite=overwrite)
     check_factory(factory)
-    precision = check_precision(precision)
+    if backend == "onnx" and ray_address:
+        raise ConfigError("--ray encodes with PyTorch workers; the ONNX backend encodes in this process (drop --ray "
+                          "or --backend onnx)")
+    if not is_onnx_export(model):  # an export computes in the precision it was exported in
+        precision = check_precision(precision)
     if ray_address is None and shards <= 1:
-        index = build_index(load_model(model), pool_files, data_root, factory=factory, batch_size=batch_size,
-                            progress=progress, model_name=model, search_params=search_params, seed=seed,
-                            precision=precision)
+        index = build_index(load_model(model, backend=backend), pool_files, data_root, factory=factory,
+                            batch_size=batch_size, progress=progress, model_name=model, search_params=search_params,
+                            seed=seed, precision=precision)
         index.save(out, overwrite=overwrite)
         return index
     return build_sharded(out, model, pool_files, data_root, factory=factory, search_params=search_params,
                          batch_size=batch_size, progress=progress, shards=max(shards, 2 if ray_address else 1),
-                         ray_address=ray_address, seed=seed, precision=precision, overwrite=overwrite)
+                         ray_address=ray_address, seed=seed, precision=precision, overwrite=overwrite,
+                         backend=backend)
 
 
 def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str,
                   search_params: dict[str, float] | None, batch_size: int, progress: bool, shards: int,
                   ray_address: str | None, seed: int = 0, precision: str = "auto",
-                  overwrite: bool = False) -> ShardedIndex:
+                  overwrite: bool = False, backend: str | None = None) -> ShardedIndex:
     """Encode the pools (locally or with Ray), cut them into ``shards`` contiguous shards, write atomically."""
     data_root = Path(data_root).resolve()
     candidates = read_pools(pool_files)
@@ -132,9 +139,9 @@ def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: 
         resolved = resolve_precision(precision, default_device())
         vectors = encode_with_ray(model, candidates, data_root, address=ray_address, workers=shards,
                                   batch_size=batch_size, precision=resolved)
-        arch, precision_info = None, {"precision": str(resolved)}
+        arch, precision_info = None, {"backend": "torch", "precision": str(resolved)}
     else:
-        encoder = load_model(model)
+        encoder = load_model(model, backend=backend)
         arch = encoder.arch
         vectors, precision_info = _encode_candidates(encoder, candidates, data_root, batch_size, progress, precision)
     meta = pool_meta(model, arch, data_root, pool_files, factory)
@@ -213,13 +220,25 @@ def _connect_ray(ray: Any, address: str) -> None:
                           f"or use --ray auto / --ray local for a local instance") from None
 
 
-def query_precision(meta: dict[str, Any], precision: str | None = "auto") -> tuple[str, str | None]:
+def query_backend(meta: dict[str, Any], model: str, backend: str | None = None) -> str | None:
+    """The backend to encode queries against an index with: ``backend`` when given, else the one the index's
+    ``meta.json`` records when ``model`` is the model that built it (None: what ``model`` is)."""
+    return check_backend(backend) or (meta.get("backend") if str(model) == str(meta.get("model")) else None)
+
+
+def query_precision(meta: dict[str, Any], precision: str | None = "auto",
+                    model: Encoder | None = None) -> tuple[str, str | None]:
     """``(precision, vision)`` to encode queries against an index with: ``"auto"`` (or None) follows what the
     index's ``meta.json`` records (the precision its vectors were computed in, and ``vision: "follow"`` where
     its images went through the vision tower in bf16), so ``jfe search``, ``jfe.search`` and ``jfe serve``
-    encode queries as the pool was. An explicit precision other than the index's is used, with a warning."""
+    encode queries as the pool was. An explicit precision other than the index's is used, with a warning.
+    An ONNX ``model`` computes in its export's precision: ``auto`` stays ``auto``."""
+    if model is not None and model.backend != "torch":
+        return model.resolve_compute(precision)[0], None
     requested = check_precision(precision or "auto")
-    built = meta.get("precision") if meta.get("precision") in ("fp32", "bf16") else None
+    # an ONNX-built index's precision is its export's (fp32 | int8): its queries go through the same export
+    torch_built = meta.get("backend", "torch") == "torch"
+    built = meta.get("precision") if torch_built and meta.get("precision") in ("fp32", "bf16") else None
     if requested == "auto":
         chosen = built or "auto"
     else:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption, RerankKOption, RerankOption
+from jfe.cli_options import DEFAULT_PRECISION, BackendOption, PrecisionOption, RerankKOption, RerankOption
 from jfe.errors import ConfigError
 from jfe.eval.metrics import recall_key
 
@@ -47,6 +47,7 @@ def eval_command(
                                                              "format_string, to reproduce UniIR checkpoints)."),
     rerank: RerankOption = None,
     rerank_k: RerankKOption = 50,
+    backend: BackendOption = None,
 ) -> None:
     """Evaluate a model with the M-BEIR protocol: Recall@1/5/10/20/50 per (dataset, task) and per category."""
     from rich.table import Table
@@ -57,7 +58,7 @@ def eval_command(
 
     if pool not in ("local", "global"):
         raise ConfigError(f"--pool must be 'local' or 'global', got {pool!r}")
-    encoder = load_model(model)
+    encoder = load_model(model, backend=backend)
     encoder.set_precision(precision)
     reranker = load_reranker(rerank, f"--rerank {rerank}").set_precision(precision) if rerank else None
     evaluator = MBEIREvaluator(data, split=split, pool=pool, out_dir=out, instructions=instructions,

@@ -181,9 +181,16 @@ def model_fingerprint(model: Encoder) -> str:
     # an Encoder's config is pydantic; any other encoder-like object is fingerprinted by its config's repr
     config: object = getattr(model, "config", None)
     dumped = config.model_dump() if hasattr(config, "model_dump") else repr(config)
-    precision = resolve_precision(getattr(model, "precision", "fp32"), model.device)  # bf16 vectors differ slightly
-    follows = getattr(model, "vision_follows", None)
-    tags = ([precision] if precision != "fp32" else []) + (["vision-bf16"] if follows and follows(precision) else [])
+    record = getattr(model, "compute_record", None)
+    if record is not None:  # backend, precision, vision precision: bf16 or int8 vectors differ slightly
+        computed = record(getattr(model, "precision", "fp32"))
+        tags = [value for key, value in sorted(computed.items()) if (key, value) not in (("backend", "torch"),
+                                                                                           ("precision", "fp32"))]
+    else:
+        precision = resolve_precision(getattr(model, "precision", "fp32"), model.device)
+        tags = [precision] if precision != "fp32" else []
+    # an ONNX export has no torch weights: its graphs' digests stand in for them
+    tags += list(getattr(model, "graph_digests", ()))
     digest.update(json.dumps([model.arch, dumped] + tags, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

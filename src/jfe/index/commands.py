@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
+from jfe.cli_options import DEFAULT_PRECISION, BackendOption, PrecisionOption
 from jfe.errors import ConfigError
 
 index_app = typer.Typer(help="Vector indexes over M-BEIR candidate pools.", no_args_is_help=True)
@@ -54,6 +54,7 @@ def index_build(
                                                 "`ray` extra) and write shards."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     precision: PrecisionOption = DEFAULT_PRECISION,
+    backend: BackendOption = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder that is not an "
                                                               "index, and everything in it."),
 ) -> None:
@@ -70,6 +71,6 @@ def index_build(
         params = {**(params or {}), "nprobe": nprobe}
     index = write_index(out, model, files, data_root, factory=factory, search_params=params, batch_size=batch_size,
                         progress=progress, shards=shards, ray_address=ray, precision=precision,
-                        overwrite=overwrite)
+                        overwrite=overwrite, backend=backend)
     _console(stderr=True).print(f"indexed {len(index)} candidates (dim {index.dim}, {factory}) into {out} "
                                 f"in {time.perf_counter() - started:.1f}s", markup=False)

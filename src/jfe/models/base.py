@@ -139,6 +139,24 @@ class Encoder(torch.nn.Module):
         down as an argument). Models without a separate vision tower run it in the caller's autocast anyway."""
         return self.embed(items)
 
+    #: what computes :meth:`encode`: "torch" here, "onnx" for an exported model (:mod:`jfe.models.onnx_backend`)
+    backend: ClassVar[str] = "torch"
+
+    def resolve_compute(self, precision: str | None = None) -> tuple[str, ComputePrecision]:
+        """``(compute, vision)``: the precision an encode with ``precision`` (default :attr:`precision`) computes
+        in on this model's device, and where its vision tower computes."""
+        from jfe.models.precision import resolve_precision
+
+        compute = resolve_precision(precision or self.precision, self.device)
+        return compute, "bf16" if self.vision_follows(compute) else "fp32"
+
+    def compute_record(self, precision: str | None = None) -> dict[str, str]:
+        """How an encode with ``precision`` computes, as an index's ``meta.json`` records it: the backend, the
+        resolved precision, and ``vision_precision: bf16`` where the vision tower follows a bf16 encode."""
+        compute, vision = self.resolve_compute(precision)
+        return {"backend": self.backend, "precision": compute, **({"vision_precision": "bf16"} if vision == "bf16"
+                                                                  else {})}
+
     @torch.no_grad()
     def encode(self, items: Sequence[Any], instruction: str | None = None, batch_size: int = 32,
                progress: bool = False, desc: str = "encode", precision: str | None = None) -> np.ndarray:
@@ -147,11 +165,8 @@ class Encoder(torch.nn.Module):
         ``instruction`` is prefixed to every item's text (the query side of retrieval). ``precision``
         (default: :attr:`precision`) is the compute precision; vectors come back float32 and unit-norm either way.
         """
-        from jfe.models.precision import autocast, resolve_precision
-
         # resolved once for the whole encode; every batch and the vision tower get the resolved values
-        compute = resolve_precision(precision or self.precision, self.device)
-        vision: ComputePrecision = "bf16" if self.vision_follows(compute) else "fp32"
+        compute, vision = self.resolve_compute(precision)
         coerced = [as_item(obj, i) for i, obj in enumerate(items)]
         if instruction:
             coerced = [item.with_instruction(instruction) for item in coerced]
@@ -165,14 +180,20 @@ class Encoder(torch.nn.Module):
             starts = range(0, len(coerced), batch_size)
             for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(coerced) == 0):
                 rows = order[start:start + batch_size]
-                with autocast(compute, self.device):
-                    vectors = self.embed_in([coerced[i] for i in rows], vision)
-                if compute != "fp32":  # bf16 rounding leaves norms a little off 1: renormalise in fp32
-                    vectors = l2_normalize(vectors.float())
-                out[rows] = vectors.float().cpu().numpy()
+                out[rows] = self.encode_batch([coerced[i] for i in rows], compute, vision)
         finally:
             self.train(was_training)
         return out
+
+    def encode_batch(self, items: list[Item], compute: str, vision: ComputePrecision) -> np.ndarray:
+        """One batch of :meth:`encode`: float32 unit vectors ``[len(items), dim]`` computed in ``compute``."""
+        from jfe.models.precision import autocast
+
+        with autocast(compute, self.device):  # type: ignore[arg-type]  # resolve_compute gives fp32 or bf16
+            vectors = self.embed_in(items, vision)
+        if compute != "fp32":  # bf16 rounding leaves norms a little off 1: renormalise in fp32
+            vectors = l2_normalize(vectors.float())
+        return vectors.float().cpu().numpy()
 
     # --- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import typer
 
-from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
+from jfe.cli_options import DEFAULT_PRECISION, BackendOption, PrecisionOption
 from jfe.errors import ConfigError
 
 models_app = typer.Typer(help="Built-in and saved encoders.", no_args_is_help=True)
+export_app = typer.Typer(help="Export a model for another runtime.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``models`` (group), ``encode`` and ``env`` to the ``jfe`` app."""
+    """Add ``models`` and ``export`` (groups), ``encode`` and ``env`` to the ``jfe`` app."""
     app.add_typer(models_app, name="models")
+    app.add_typer(export_app, name="export")
     app.command("encode")(encode)
     app.command("env")(env)
 
@@ -130,7 +132,7 @@ def models_compact(
 
     # a registered name must have trained weights: compacting random glue would be a mistake, not a model
     named = folder in {info.name for info in list_models()}
-    model = load_model(folder, device="cpu", **({"pretrained": True} if named else {}))
+    model = load_model(folder, device="cpu", pretrained=True if named else None)
     if not isinstance(model, TowerEncoder):
         raise ConfigError(f"{folder}: only models on the MobileNetV2 + MiniLM towers have a compact form "
                           f"(a {type(model).__name__} saves LoRA adapters instead)")
@@ -161,6 +163,7 @@ def encode(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     precision: PrecisionOption = DEFAULT_PRECISION,
+    backend: BackendOption = None,
 ) -> None:
     """Embed texts, images or image+text pairs into an .npy matrix, one row per input, in order.
 
@@ -193,9 +196,63 @@ def encode(
     from jfe.models.registry import load_model
     from jfe.paths import atomic_write
 
-    encoder = load_model(model, device=device)
-    encoder.set_precision(precision)
-    vectors = encoder.encode(items, instruction=instruction, batch_size=batch_size, progress=len(items) > batch_size)
+    encoder = load_model(model, device=device, backend=backend)
+    vectors = encoder.encode(items, instruction=instruction, batch_size=batch_size, progress=len(items) > batch_size,
+                             precision=precision)
     with atomic_write(out, "wb") as handle:
         np.save(handle, vectors)
     typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {out}")
+
+
+@export_app.command("onnx")
+def export_onnx(
+    model: str = typer.Argument(..., help="Registered name (jfe-mini, two-tower-mini, ...) or a saved model folder."),
+    out: Path = typer.Argument(..., help="Folder to write (an export there is replaced atomically; any other "
+                                         "non-empty folder is refused)."),
+    quantize: str = typer.Option("fp32", "--quantize", help="fp32, or int8: MiniLM and the glue in dynamic int8 "
+                                                            "(MobileNetV2 stays fp32 unless --int8-vision)."),
+    int8_vision: bool = typer.Option(False, "--int8-vision", help="MobileNetV2 in static int8 as well: faster, but "
+                                     "image embeddings move more (docs/results/onnx.md); needs --calibration."),
+    calibration: list[Path] = typer.Option(None, "--calibration", help="Candidate pool jsonl file(s) whose images "
+                                           "calibrate --int8-vision (repeatable)."),
+    data_root: Path = typer.Option(None, "--data-root", help="Dataset root the pools' image paths are relative to."),
+    calibration_images: int = typer.Option(128, "--calibration-images", min=8, help="Pool images sampled (seeded) "
+                                                                                   "for calibration."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT folder that is not an ONNX "
+                                                              "export, and everything in it."),
+) -> None:
+    """Export a model to ONNX (a vision graph and a fusion graph, its tokenizer and a manifest) for ONNX Runtime.
+
+    The folder then loads like any model: `jfe encode --model OUT`, `jfe index build --model OUT`, `jfe serve`.
+    """
+    import random
+    import time
+
+    from jfe.data.mbeir import read_pool_files
+    from jfe.models.onnx_backend import ONNX_KIND
+    from jfe.models.onnx_backend import export_onnx as export
+    from jfe.models.registry import load_model
+    from jfe.paths import check_out_dir
+
+    check_out_dir(out, ONNX_KIND, overwrite=overwrite)  # before any work: a wrong OUT costs nothing
+    images: list[Path] = []
+    if calibration:
+        if not int8_vision:
+            raise ConfigError("--calibration calibrates --int8-vision; add --int8-vision (and --quantize int8)")
+        pool = [c for c in read_pool_files(calibration)[0].values() if c.img_path]
+        if not pool:
+            raise ConfigError("no candidate with an image in the --calibration pool(s): "
+                              + ", ".join(map(str, calibration)))
+        if data_root is None:
+            raise ConfigError("--calibration needs --data-root, the dataset root its image paths are relative to")
+        root = data_root
+        sample = random.Random(0).sample(pool, min(calibration_images, len(pool)))
+        images = [root / c.img_path for c in sample if c.img_path]
+    started = time.perf_counter()
+    encoder = load_model(model, device="cpu")
+    folder = export(encoder, out, source=model, precision=quantize, vision_int8=int8_vision,
+                    calibration=images or None,
+                    calibration_source=", ".join(map(str, calibration)) if calibration else None,
+                    overwrite=overwrite)
+    typer.echo(f"exported {model} ({quantize}{' + int8 vision' if int8_vision else ''}) to {folder} in "
+               f"{time.perf_counter() - started:.0f}s")

@@ -34,7 +34,7 @@ from jfe.data.images import content_digest, forget_digests, load_image
 from jfe.data.items import ImageLike
 from jfe.errors import ConfigError
 from jfe.hardware import ComputePrecision
-from jfe.models.vision import VisionTower
+from jfe.models.vision import FeatureTower
 from jfe.paths import cache_dir
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -222,13 +222,13 @@ def vision_chunk(image_size: int, device_type: str = "cpu") -> int:
     return max(1, min(32, _CPU_ACTIVATION_BUDGET // per_image))
 
 
-def _decode(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str | None]) -> list[Image.Image]:
+def _decode(tower: FeatureTower, images: Sequence[ImageLike], ids: Sequence[str | None]) -> list[Image.Image]:
     """Decoded RGB images, large JPEGs at a reduced scale no smaller than the tower's input."""
     return [load_image(image, item_id=item_id, min_side=tower.image_size)
             for image, item_id in zip(images, ids, strict=True)]
 
 
-def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[str | None] | None = None,
+def feature_maps(tower: FeatureTower, images: Sequence[ImageLike], ids: Sequence[str | None] | None = None,
                  batch_size: int | None = None, compute: ComputePrecision = "fp32") -> torch.Tensor:
     """Last feature maps ``[n, 1280, h, w]`` (float32, on the tower's device) for ``images``.
 
@@ -238,14 +238,14 @@ def feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: Sequence[
     never cached. Unreadable images raise :class:`DataError` naming the item and file.
     """
     ids = list(ids) if ids is not None else [None] * len(images)
-    device = next(tower.parameters()).device
-    batch_size = batch_size or vision_chunk(tower.image_size, device.type)
+    device = tower.device
+    batch_size = batch_size or tower.chunk or vision_chunk(tower.image_size, device.type)
     conf = settings()
     # The vision tower computes in ``compute``, float32 unless the encode asked it to follow a bf16 encode
     # (bf16 through MobileNetV2 moves embeddings below the 0.999 parity, docs/benchmarks.md), whatever autocast
     # the caller runs in; bf16 features are cached under a key of their own, so the two never mix.
     with torch.autocast(device.type, enabled=False):
-        if tower.split == 0:
+        if not tower.cacheable:
             pil = _decode(tower, images, ids)
             if not pil:
                 return torch.empty(0, device=device)
@@ -265,7 +265,7 @@ def _tower_autocast(device: torch.device, compute: str) -> contextlib.AbstractCo
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _frozen_feature_maps(tower: VisionTower, images: Sequence[ImageLike], ids: list[str | None],
+def _frozen_feature_maps(tower: FeatureTower, images: Sequence[ImageLike], ids: list[str | None],
                          conf: CacheSettings, device: torch.device, batch_size: int,
                          compute: str = "fp32") -> torch.Tensor:
     if not conf.enabled:

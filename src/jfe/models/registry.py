@@ -189,15 +189,36 @@ def _load_saved(directory: Path, overrides: dict[str, Any]) -> Encoder:
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = None,
-               pretrained: bool | None = None, **config_overrides: Any) -> Encoder:
+               pretrained: bool | None = None, *, backend: str | None = None, **config_overrides: Any) -> Encoder:
     """A ready-to-use encoder (in eval mode, on ``device`` or the default device) from a name or a path.
 
     For a registered name, ``pretrained`` chooses the weights (:mod:`jfe.models.pretrained`): ``None``
     loads the trained entry when the table has one, else builds it untrained and warns (unless the name
     does not need training: ``toy``/``toy-hash``); ``True`` requires the trained entry; ``False`` builds it
     untrained on purpose (training from scratch), without warning.
+
+    ``backend`` (:mod:`jfe.models.onnx_backend`): None runs what the spec is (an ONNX export folder on ONNX
+    Runtime, anything else on PyTorch); ``"onnx"`` with a PyTorch model exports it once (fp32, cached) and runs
+    that; ``"torch"`` refuses an ONNX folder.
     """
+    from jfe.models.onnx_backend import check_backend, export_cached, is_onnx_export, load_onnx, read_manifest
+
     spec = os.fspath(name_or_path)
+    backend = check_backend(backend)
+    if is_onnx_export(spec):
+        if backend == "torch":
+            raise ConfigError(f"{spec} is an ONNX export: it runs with backend onnx (or load the PyTorch model it "
+                              f"was exported from, {read_manifest(Path(spec)).source!r})")
+        if config_overrides:
+            raise ConfigError(f"{spec} is an ONNX export: its settings were fixed at export "
+                              f"(got {', '.join(sorted(config_overrides))})")
+        return load_onnx(spec, _arch_class(read_manifest(Path(spec)).arch, spec))
+    if backend == "onnx":
+        if spec.startswith(HF_PREFIX):
+            raise ConfigError(f"{spec}: the ONNX backend covers the tower models (jfe-mini and the baselines); "
+                              f"export an hf: MLLM with Hugging Face optimum, outside JFE")
+        torch_model = load_model(spec, "cpu", pretrained, **config_overrides)
+        return load_model(export_cached(spec, torch_model))
     if spec.startswith(HF_PREFIX):
         from jfe.models.hf import HFEncoder
 

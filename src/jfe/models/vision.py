@@ -11,6 +11,7 @@ import copy
 import functools
 import hashlib
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -186,6 +187,34 @@ def fold_batchnorm(features: nn.Module) -> nn.Module:
     return fused.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
+class FeatureTower(Protocol):
+    """What :func:`jfe.models.feature_cache.feature_maps` runs: :class:`VisionTower` (PyTorch) or an exported
+    graph of it (:class:`jfe.models.onnx_backend.OnnxVision`)."""
+
+    image_size: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether a frozen part exists whose output the feature cache may keep."""
+        ...
+
+    @property
+    def chunk(self) -> int | None:
+        """Images per call (None: :func:`~jfe.models.feature_cache.vision_chunk`'s memory-bounded default)."""
+        ...
+
+    def cache_key(self, dtype: torch.dtype) -> str: ...
+
+    def features_of(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    def frozen_part_of(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    def trained_part(self, maps: torch.Tensor) -> torch.Tensor: ...
+
+
 class VisionTower(nn.Module):
     """MobileNetV2's convolutional trunk: images -> last feature map ``[n, 1280, S/32, S/32]``.
 
@@ -235,6 +264,17 @@ class VisionTower(nn.Module):
         # wreck them), and skipping the recursion keeps model.train()/eval() cheap
         self.training = mode
         return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.features.parameters()).device
+
+    @property
+    def cacheable(self) -> bool:
+        return self.split > 0
+
+    #: images per call: the memory-bounded default of :func:`jfe.models.feature_cache.vision_chunk`
+    chunk: int | None = None
 
     @property
     def frozen(self) -> bool:

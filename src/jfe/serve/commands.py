@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from jfe.cli_options import DEFAULT_PRECISION, PrecisionOption
+from jfe.cli_options import DEFAULT_PRECISION, BackendOption, PrecisionOption
 from jfe.errors import ConfigError
 from jfe.serve.server import KEEP_ALIVE_S
 
@@ -34,6 +34,7 @@ def serve_command(
     max_pixels: int = typer.Option(4096 * 4096, min=1, help="largest accepted image, width x height"),
     demo: bool = typer.Option(False, "--demo", help="serve a built-in shapes dataset with the toy encoder"),
     precision: PrecisionOption = DEFAULT_PRECISION,
+    backend: BackendOption = None,
     mmap: bool = typer.Option(False, "--mmap/--no-mmap", help="memory-map the index files instead of reading "
                                                              "them into RAM (large indexes; read-only)"),
     rerank: list[str] = typer.Option([], "--rerank", help="a reranker /search may name (repeatable), e.g. "
@@ -65,10 +66,13 @@ def serve_command(
     model = model or vector_index.meta.get("model")
     if not model:
         raise ConfigError(f"the index at {index} does not name its model; pass --model")
-    from jfe.indexing import query_precision
+    from jfe.indexing import query_backend, query_precision
 
-    encoder = load_model(str(model))
-    encoder.set_precision(*query_precision(vector_index.meta, precision))  # auto: as the index's vectors were
+    encoder = load_model(str(model), backend=query_backend(vector_index.meta, str(model), backend))
+    # auto: as the index's vectors were computed (an ONNX export: in its own precision)
+    compute, vision = query_precision(vector_index.meta, precision, encoder)
+    if encoder.backend == "torch":
+        encoder.set_precision(compute, vision)
     settings = ServeSettings(model_name=str(model), api_key=api_key or os.environ.get("JFE_API_KEY") or None,
                              cors_origins=list(cors_origin), max_batch=max_batch, max_wait_ms=max_wait_ms,
                              batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),

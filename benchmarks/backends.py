@@ -1,0 +1,170 @@
+"""PyTorch vs ONNX Runtime, side by side in one run: cold jfe-mini encodes and peak memory per engine.
+
+Engines: torch fp32 (eager), torch bf16 (autocast; only where the CPU multiplies bf16 natively), ONNX fp32, ONNX
+int8 (MiniLM + glue dynamic int8, MobileNetV2 fp32: what ``jfe export onnx --quantize int8`` makes) and ONNX
+int8 + int8 vision (MobileNetV2 static int8 too, calibrated on images of the same kind; ``--int8-vision``).
+Workloads, all "cold" (feature cache off: MobileNetV2 runs for every image): image+text at batch 1 and 64,
+text-only at batch 64, image-only at batch 64 (224-px PNGs decoded from disk, texts of 6-16 words). Each engine
+runs in its own process, so its peak RSS is its own; every engine encodes the same items, and its vectors' cosine
+to torch fp32 is reported (min over items). The exports are made first, in a temporary folder.
+
+    python benchmarks/backends.py --out runs/bench/backends.json
+    python benchmarks/backends.py --items 128 --model runs/ship/jfe-mini-seed0
+
+Ratios are against torch fp32 in the same run; the printout names the CPU and its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, run from anywhere
+
+WORKLOADS = (("image+text", 1), ("image+text", 64), ("text", 64), ("image", 64))
+
+
+def _items(folder: Path, n: int, kind: str, seed: int) -> list[Any]:
+    from encode_throughput import _make_images, _texts
+
+    from jfe.data.items import Item
+
+    if kind == "text":
+        return [Item(text=t) for t in _texts(n, seed)]
+    folder.mkdir(parents=True, exist_ok=True)
+    images = _make_images(folder, n, 224, seed)
+    if kind == "image":
+        return [Item(image=p) for p in images]
+    return [Item(image=p, text=t) for p, t in zip(images, _texts(n, seed), strict=True)]
+
+
+def _engine(spec: dict[str, Any]) -> dict[str, Any]:
+    """One engine in its own process: load, warm up, time each workload; vectors saved for the parity check."""
+    import torch
+
+    from jfe.models import feature_cache, load_model
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    started = time.perf_counter()
+    model = load_model(spec["model"], device="cpu")
+    load_seconds = time.perf_counter() - started
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, feature_cache.overridden(mode="off"):
+        for kind, batch in WORKLOADS:
+            items = _items(Path(tmp) / f"{kind}-{batch}", spec["items"], kind, seed=0) if batch > 1 else \
+                _items(Path(tmp) / f"{kind}-{batch}", spec["single"], kind, seed=1)
+            model.encode(items[:batch], batch_size=batch, precision=spec["precision"])  # warm-up
+            begin = time.perf_counter()
+            vectors = model.encode(items, batch_size=batch, precision=spec["precision"])
+            seconds = time.perf_counter() - begin
+            np.save(Path(spec["vectors"]) / f"{spec['label']}-{kind}-{batch}.npy", vectors)
+            rows.append({"workload": kind, "batch": batch, "items": len(items), "seconds": round(seconds, 3),
+                         "items_per_s": round(len(items) / seconds, 1)})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    return {"engine": spec["label"], "rows": rows, "load_seconds": round(load_seconds, 2), "peak_rss_mb": round(peak)}
+
+
+def _run_engine(spec: dict[str, Any]) -> dict[str, Any]:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        result: dict[str, Any] = pool.apply(_engine, (spec,))
+    return result
+
+
+def run(model: str, items: int = 128, single: int = 16, threads: int | None = None,
+        engines: tuple[str, ...] = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-vision"),
+        ) -> dict[str, Any]:
+    from jfe.hardware import bf16_support, machine_summary
+    from jfe.models import load_model
+    from jfe.models.onnx_backend import export_onnx
+
+    native_bf16 = bf16_support("cpu").native
+    engines = tuple(e for e in engines if e != "torch-bf16" or native_bf16)
+    results: dict[str, Any] = {"machine": machine_summary(), "model": model, "engines": {}, "export_seconds": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        torch_model = load_model(model, device="cpu")
+        calibration = _items(folder / "calibration", 64, "image", seed=7)
+        specs = []
+        for engine in engines:
+            spec = {"label": engine, "items": items, "single": single, "threads": threads, "vectors": tmp,
+                    "model": model, "precision": engine.split("-")[1] if engine.startswith("torch") else "auto"}
+            if engine.startswith("onnx"):
+                begin = time.perf_counter()
+                spec["model"] = str(export_onnx(
+                    torch_model, folder / engine, source=model, precision="fp32" if engine == "onnx-fp32" else "int8",
+                    vision_int8=engine == "onnx-int8-vision",
+                    calibration=[item.image for item in calibration] if engine == "onnx-int8-vision" else None))
+                results["export_seconds"][engine] = round(time.perf_counter() - begin, 1)
+            specs.append(spec)
+        del torch_model
+        for spec in specs:
+            result = _run_engine(spec)
+            results["engines"][spec["label"]] = result
+            print(f"{spec['label']}: " + ", ".join(f"{r['workload']} b{r['batch']} {r['items_per_s']} it/s"
+                                                  for r in result["rows"]) + f"; peak RSS {result['peak_rss_mb']} MB",
+                  file=sys.stderr)
+        reference = "torch-fp32"
+        for engine, result in results["engines"].items():
+            base = results["engines"].get(reference)
+            for row in result["rows"]:
+                name = f"{row['workload']}-{row['batch']}.npy"
+                if base is not None:
+                    ref_row = next(r for r in base["rows"] if (r["workload"], r["batch"]) == (row["workload"],
+                                                                                            row["batch"]))
+                    row["speedup_vs_torch_fp32"] = round(row["items_per_s"] / ref_row["items_per_s"], 2)
+                    cosine = np.sum(np.load(folder / f"{engine}-{name}") * np.load(folder / f"{reference}-{name}"),
+                                    axis=1)
+                    row["min_cosine_vs_torch_fp32"] = round(float(cosine.min()), 5)
+                    row["mean_cosine_vs_torch_fp32"] = round(float(cosine.mean()), 5)
+    return results
+
+
+def _print(result: dict[str, Any]) -> None:
+    machine = result["machine"]
+    print(f"CPU: {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']})")
+    print(f"CPU flags: {' '.join(machine['cpu_flags']) or '-'}; absent: {' '.join(machine['cpu_flags_absent']) or '-'}")
+    print(f"model: {result['model']}\n")
+    print(f"{'engine':<18}{'workload':<16}{'items/s':>10}{'vs torch fp32':>15}{'min cos':>10}{'peak RSS':>11}")
+    for engine, data in result["engines"].items():
+        for row in data["rows"]:
+            print(f"{engine:<18}{row['workload'] + ' b' + str(row['batch']):<16}{row['items_per_s']:>10}"
+                  f"{str(row.get('speedup_vs_torch_fp32', '')) + 'x':>15}{row.get('min_cosine_vs_torch_fp32', ''):>10}"
+                  f"{str(data['peak_rss_mb']) + ' MB':>11}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="jfe-mini", help="model name or folder (exported here for ONNX)")
+    parser.add_argument("--items", type=int, default=128, help="items per batch-64 workload")
+    parser.add_argument("--single", type=int, default=16, help="items of the batch-1 workload")
+    parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: torch's default)")
+    parser.add_argument("--engines", default="torch-fp32,torch-bf16,onnx-fp32,onnx-int8,onnx-int8-vision")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    from jfe.hardware import tune_allocator
+
+    tune_allocator()
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    result = run(args.model, items=args.items, single=args.single, threads=args.threads or None, engines=engines)
+    _print(result)
+    if args.out:
+        from jfe.paths import atomic_write
+
+        with atomic_write(args.out) as handle:
+            handle.write(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
