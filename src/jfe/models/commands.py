@@ -235,16 +235,18 @@ def export_onnx(
     from jfe.paths import check_out_dir
 
     check_out_dir(out, ONNX_KIND, overwrite=overwrite)  # before any work: a wrong OUT costs nothing
+    if int8_vision and quantize.strip().lower() != "int8":
+        raise ConfigError("--int8-vision is part of an int8 export: add --quantize int8")
     images: list[Path] = []
     if calibration:
         if not int8_vision:
             raise ConfigError("--calibration calibrates --int8-vision; add --int8-vision (and --quantize int8)")
+        if data_root is None:
+            raise ConfigError("--calibration needs --data-root, the dataset root its image paths are relative to")
         pool = [c for c in read_pool_files(calibration)[0].values() if c.img_path]
         if not pool:
             raise ConfigError("no candidate with an image in the --calibration pool(s): "
                               + ", ".join(map(str, calibration)))
-        if data_root is None:
-            raise ConfigError("--calibration needs --data-root, the dataset root its image paths are relative to")
         root = data_root
         sample = random.Random(0).sample(pool, min(calibration_images, len(pool)))
         images = [root / c.img_path for c in sample if c.img_path]

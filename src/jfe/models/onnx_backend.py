@@ -51,7 +51,7 @@ MANIFEST_NAME = "jfe_onnx.json"
 FORMAT = "jfe-onnx/1"
 OPSET = 18
 VISION_GRAPH, FUSION_GRAPH = "vision.onnx", "fusion.onnx"
-ONNX_KIND = ArtefactKind("ONNX export", (MANIFEST_NAME,))
+ONNX_KIND = ArtefactKind("JFE ONNX export", (MANIFEST_NAME,))
 #: pool images MobileNetV2's int8 activation ranges are calibrated on (a seeded sample)
 CALIBRATION_IMAGES = 128
 _CALIBRATION_BATCH = 16
@@ -169,11 +169,18 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
     import warnings
 
     _ort()  # the extra's presence, with its clear error, before torch's exporter complains about onnxscript
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
-        torch.onnx.export(module, args, str(path), dynamo=True, dynamic_shapes=shapes, input_names=names,
-                          output_names=["output"], opset_version=OPSET, external_data=False, verbose=False,
-                          report=False)
+    # the exporter's chatter (deprecations, "torchvision is not installed" per op) is not the user's business
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), dynamo=True, dynamic_shapes=shapes, input_names=names,
+                              output_names=["output"], opset_version=OPSET, external_data=False, verbose=False,
+                              report=False)
+    finally:
+        exporter_log.setLevel(level)
 
 
 def _export_vision(model: TowerEncoder, path: Path) -> None:
