@@ -9,6 +9,8 @@ is bounded by --requests and --seconds. Loopback only; nothing leaves the machin
     python benchmarks/serve_load.py --model jfe-mini --out runs/bench/serve_load_mini.json
     python benchmarks/serve_load.py --model two-tower-mini --rerank jfe-mini-rerank --rerank-k 20 --concurrency 8 \
         --batching on --out runs/bench/serve_load_rerank.json       # /search with reranking
+    python benchmarks/serve_load.py --model jfe-mini --precision fp32 --concurrency 32 --batching on    # torch fp32
+    python benchmarks/serve_load.py --model runs/onnx/jfe-mini-int8 --concurrency 32 --batching on  # ONNX int8
     python benchmarks/serve_load.py --concurrency 32 --seconds 60 --requests 1000000 --invalid-fraction 0.1 \
         --batching on --out runs/bench/serve_load_invalid.json     # the reliability probe: 0 errors on valid ones
 
@@ -98,10 +100,11 @@ def mixed(bodies: list[dict], fraction: float) -> list[tuple[bytes, bool]]:
 
 
 def start_server(index_dir: Path, model: str, batching: bool, port: int, max_batch: int, max_wait_ms: float,
-                 rerank: str | None = None) -> subprocess.Popen:
+                 rerank: str | None = None, backend: str | None = None, precision: str = "auto") -> subprocess.Popen:
     args = [sys.executable, "-c", CLI, "serve", "--index", str(index_dir), "--model", model, "--port", str(port),
             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning",
-            "--batching" if batching else "--no-batching", *(("--rerank", rerank) if rerank else ())]
+            "--batching" if batching else "--no-batching", *(("--rerank", rerank) if rerank else ()),
+            *(("--backend", backend) if backend else ()), "--precision", precision]
     env = {k: v for k, v in os.environ.items() if k != "JFE_API_KEY"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 120
@@ -182,6 +185,9 @@ def main() -> None:
     parser.add_argument("--batching", choices=["both", "on", "off"], default="both")
     parser.add_argument("--rerank", help="serve this reranker and rerank every /search (e.g. jfe-mini-rerank)")
     parser.add_argument("--rerank-k", type=int, default=20, help="first-stage hits reranked per query")
+    parser.add_argument("--backend", choices=["torch", "onnx"], help="what encodes queries (`jfe serve --backend`); "
+                        "an ONNX export folder as --model runs on onnx anyway")
+    parser.add_argument("--precision", default="auto", help="`jfe serve --precision` (torch: auto, fp32, bf16)")
     args = parser.parse_args()
     from jfe.hardware import tune_allocator
 
@@ -196,7 +202,8 @@ def main() -> None:
         bodies = mixed(payloads(root, args.rerank, args.rerank_k), args.invalid_fraction)
         for batching in {"both": (True, False), "on": (True,), "off": (False,)}[args.batching]:
             port = args.port or free_port()
-            proc = start_server(index_dir, served, batching, port, args.max_batch, args.max_wait_ms, args.rerank)
+            proc = start_server(index_dir, served, batching, port, args.max_batch, args.max_wait_ms, args.rerank,
+                                args.backend, args.precision)
             try:
                 for concurrency in args.concurrency:
                     cell = asyncio.run(run_cell(f"http://127.0.0.1:{port}", bodies, concurrency, args.requests,
@@ -223,6 +230,7 @@ def main() -> None:
               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "requests_per_cell": args.requests,
               "seconds_per_cell": args.seconds, "invalid_fraction": args.invalid_fraction,
               "rerank": args.rerank, "rerank_k": args.rerank_k if args.rerank else None,
+              "backend": args.backend, "precision": args.precision,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "python": platform.python_version(), **machine_summary()},
               "results": results}

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -79,6 +80,17 @@ def _draw(colour: str, shape: str, path: Path, rgba: bool = False) -> None:
     (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=fill)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+def drawn_image(seed: int, size: tuple[int, int] = (96, 96)) -> Image.Image:
+    """A seeded picture: four coloured discs on a coloured ground (distinct per seed, no assets needed)."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = (int(v) for v in rng.integers(0, 70, 2))
+        draw.ellipse((x, y, x + 25, y + 25), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return image
 
 
 def _qrels(queries: list[Query]) -> list[Qrel]:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 import jfe
-from conftest import SHIPPED_ROOT
+from conftest import SHIPPED_ROOT, drawn_image
 from jfe.cli import app
 from jfe.data.items import Item
 from jfe.errors import ConfigError
@@ -25,20 +24,10 @@ pytestmark = pytest.mark.assets
 SHIPPED_JFE_MINI = SHIPPED_ROOT / "jfe-mini"
 
 
-def _image(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (96, 80), tuple(int(c) for c in rng.integers(0, 255, 3)))
-    draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        x, y = (int(v) for v in rng.integers(0, 70, 2))
-        draw.ellipse((x, y, x + 25, y + 25), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    return image
-
-
 def _items() -> list[Item]:
     words = ["red heart", "green star", "a cat on a mat", "blue moon over the sea", "clock", "arrow pointing up"]
-    return ([Item(text=w) for w in words] + [Item(image=_image(i)) for i in range(6)]
-            + [Item(image=_image(10 + i), text=f"the same, but {w}") for i, w in enumerate(words)])
+    return ([Item(text=w) for w in words] + [Item(image=drawn_image(i)) for i in range(6)]
+            + [Item(image=drawn_image(10 + i), text=f"the same, but {w}") for i, w in enumerate(words)])
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +35,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The shipped (trained) jfe-mini exported fp32, int8, and int8 with calibrated int8 vision."""
     root = tmp_path_factory.mktemp("onnx")
     model = load_model(SHIPPED_JFE_MINI, device="cpu")
-    calibration = [_image(100 + i) for i in range(16)]
+    calibration = [drawn_image(100 + i) for i in range(16)]
     return {"fp32": export_onnx(model, root / "fp32", source="jfe-mini"),
             "int8": export_onnx(model, root / "int8", source="jfe-mini", precision="int8"),
             "int8-vision": export_onnx(model, root / "int8v", source="jfe-mini", precision="int8", vision_int8=True,

@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
+from conftest import drawn_image
 from jfe import hardware as H
 from jfe.data import assets
 from jfe.errors import ConfigError
@@ -54,14 +54,7 @@ def test_encode_returns_float32_unit_vectors_in_bf16() -> None:
         ToyEncoder().set_precision("half")
 
 
-def _image(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (96, 96), tuple(int(c) for c in rng.integers(0, 255, 3)))
-    draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        x, y = (int(v) for v in rng.integers(0, 70, 2))
-        draw.ellipse((x, y, x + 25, y + 25), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    return image
+_image = drawn_image  # the seeded test picture (conftest)
 
 
 needs_towers = pytest.mark.skipif(not (assets.is_fetched("minilm") and assets.is_fetched("mobilenet_v2")),
