@@ -11,7 +11,7 @@ RUNS    ?= runs
 DATA    ?= $(RUNS)/minibeir
 export JFE_CACHE ?= $(HOME)/.cache/jfe
 
-.PHONY: venv assets browser-deps minibeir pretrain test test-slow test-all lint demo demo-seeds ablations reproduce shipped-weights rerank bench clean
+.PHONY: onnx-parity venv assets browser-deps minibeir pretrain test test-slow test-all lint demo demo-seeds ablations reproduce shipped-weights rerank bench clean
 
 venv: $(STAMP)
 
@@ -110,7 +110,12 @@ shipped-weights: minibeir
 rerank: minibeir
 	$(JFE) rerank-study --data $(DATA) --out $(RUNS)/rerank --precision $(PRECISION) --publish docs/results/rerank.md
 
+# ONNX Runtime vs PyTorch: R@5 parity per category on MiniBEIR (jfe-mini and two-tower-mini, both pools)
+onnx-parity: minibeir
+	$(BIN)/python benchmarks/onnx_parity.py --data $(DATA) --out $(RUNS)/onnx_parity
+
 bench: venv
+	$(BIN)/python benchmarks/backends.py --out $(RUNS)/bench/backends.json
 	$(BIN)/python benchmarks/encode_throughput.py --out $(RUNS)/bench/encode_throughput.json
 	$(BIN)/python benchmarks/search_latency.py --out $(RUNS)/bench/search_latency.json
 	$(BIN)/python benchmarks/train_throughput.py --out $(RUNS)/bench/train_throughput.json

@@ -250,3 +250,30 @@ def test_export_cli_checks_its_options(tmp_path: Path) -> None:
                                  "--int8-vision", "--calibration", "x.jsonl"])
     assert isinstance(result.exception, ConfigError) and "--data-root" in str(result.exception)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_service_serves_an_onnx_model(exports: dict[str, Path], tiny_mbeir: Path) -> None:
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from jfe.indexing import build_index
+    from jfe.serve.app import create_app
+    from jfe.serve.schemas import ServeSettings
+
+    model = load_model(exports["int8"])
+    index = build_index(model, sorted((tiny_mbeir / "cand_pool" / "global").glob("*.jsonl")), tiny_mbeir,
+                        progress=False, model_name=str(exports["int8"]))
+    assert index.meta["backend"] == "onnx" and index.meta["precision"] == "int8"
+    buffer = io.BytesIO()
+    drawn_image(5).save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with TestClient(create_app(model, index, ServeSettings())) as client:
+        hits = client.post("/search", json={"text": "a red circle", "k": 2}).json()["results"]
+        assert len(hits) == 2
+        both = client.post("/search", json={"text": "the same, but blue", "image": image, "k": 2})
+        assert both.status_code == 200, both.text
+        embedded = client.post("/v1/embeddings", json={"input": ["a red circle"]}).json()
+    vector = np.array(embedded["data"][0]["embedding"], dtype=np.float32)
+    np.testing.assert_allclose(vector, model.encode(["a red circle"])[0], atol=1e-5)

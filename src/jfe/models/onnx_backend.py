@@ -458,12 +458,15 @@ class OnnxEncoder(Encoder):
         # int8 arithmetic leaves norms a little off 1
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
+    def _no_training(self) -> ConfigError:
+        return ConfigError(f"{self.folder} is an ONNX export: it encodes (encode) but does not train; train the "
+                           f"PyTorch model ({self.manifest.source}) and export it again")
+
     def embed(self, items: Sequence[Item]) -> torch.Tensor:
-        raise ConfigError(f"{self.folder} is an ONNX export: it encodes (encode) but does not train; train the "
-                          f"PyTorch model ({self.manifest.source}) and export it again")
+        raise self._no_training()
 
     def set_trainable(self, phase: str) -> None:
-        self.embed([])
+        raise self._no_training()
 
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         raise ConfigError(f"{self.folder} is an ONNX export already; copy the folder, or save the PyTorch model")
