@@ -70,13 +70,27 @@ def _engine(spec: dict[str, Any]) -> dict[str, Any]:
             np.save(Path(spec["vectors"]) / f"{spec['label']}-{kind}-{batch}.npy", vectors)
             rows.append({"workload": kind, "batch": batch, "items": len(items), "seconds": round(seconds, 3),
                          "items_per_s": round(len(items) / seconds, 1)})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    return {"engine": spec["label"], "rows": rows, "load_seconds": round(load_seconds, 2), "peak_rss_mb": round(peak)}
+    return {"engine": spec["label"], "rows": rows, "load_seconds": round(load_seconds, 2),
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> int:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across
+    fork + exec, so a spawned worker would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def _run_engine(spec: dict[str, Any]) -> dict[str, Any]:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    """``_engine`` in a fresh interpreter (spawned: nothing of this process's memory or thread pools carries over)."""
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
         result: dict[str, Any] = pool.apply(_engine, (spec,))
+    finally:
+        pool.close()
+        pool.join()
     return result
 
 
