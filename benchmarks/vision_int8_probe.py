@@ -1,0 +1,142 @@
+"""Static int8 MobileNetV2 through ONNX Runtime: which calibration and which layers kept fp32 hold parity.
+
+Exports the shipped jfe-mini's vision graph (fp32), quantises it several ways with ONNX Runtime's static QDQ tool
+(per-channel weights), calibrated on 128 seeded images of the MiniBEIR local pools, and measures on 128 other
+pool images: images/s at batch 64 and the cosine to fp32 of the mean-pooled features (what the two-tower embeds)
+and of the whole feature map (what jfe-mini's grid tokens read).
+
+    python benchmarks/vision_int8_probe.py --data runs/minibeir --out runs/bench/vision_int8_probe.json
+
+Variants: MinMax, Percentile and Entropy calibration; MinMax with the depthwise convolutions, the projection
+(linear-bottleneck) convolutions, both, or the last ten convolutions kept in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pixels(data: Path, n: int, seed: int) -> np.ndarray:
+    from jfe.data.images import load_image
+    from jfe.data.mbeir import read_pool_files
+    from jfe.models.vision import preprocess
+
+    pools = sorted((data / "cand_pool" / "local").glob("*.jsonl"))
+    with_image = [c for c in read_pool_files(pools)[0].values() if c.img_path]
+    chosen = random.Random(seed).sample(with_image, n)
+    return preprocess([load_image(data / str(c.img_path), min_side=224) for c in chosen], 224).numpy()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def run(data: Path) -> dict[str, Any]:
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    from jfe.hardware import machine_summary
+    from jfe.models import load_model
+    from jfe.models.onnx_backend import _export_vision, session_options
+
+    calibration = _pixels(data, 128, seed=1)
+    test = _pixels(data, 128, seed=2)
+    batches = [calibration[i:i + 16] for i in range(0, len(calibration), 16)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"pixels": batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _export_vision(load_model("jfe-mini", device="cpu"), folder / "fp32.onnx")
+        quant_pre_process(str(folder / "fp32.onnx"), str(folder / "pre.onnx"))
+        graph = onnx.load(str(folder / "pre.onnx")).graph
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        consumers: dict[str, list[str]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node.op_type)
+        depthwise = [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+        projection = [n.name for n in convs if not {"Clip", "Relu"} & set(consumers.get(n.output[0], []))]
+        variants: dict[str, dict[str, Any]] = {
+            "minmax": {}, "percentile": {"calibrate_method": CalibrationMethod.Percentile},
+            "entropy": {"calibrate_method": CalibrationMethod.Entropy},
+            "minmax, depthwise fp32": {"nodes_to_exclude": depthwise},
+            "minmax, projections fp32": {"nodes_to_exclude": projection},
+            "minmax, depthwise + projections fp32": {"nodes_to_exclude": depthwise + projection},
+            "minmax, last 10 convolutions fp32": {"nodes_to_exclude": [n.name for n in convs[-10:]]},
+        }
+        options = session_options()
+
+        def measure(path: Path) -> tuple[float, np.ndarray]:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session.run(None, {"pixels": test[:64]})
+            start = time.perf_counter()
+            session.run(None, {"pixels": test[:64]})
+            seconds = time.perf_counter() - start
+            return 64 / seconds, session.run(None, {"pixels": test})[0]
+
+        speed, reference = measure(folder / "fp32.onnx")
+        rows = [{"variant": "fp32", "images_per_s": round(speed, 1), "pooled_min_cosine": 1.0,
+                 "pooled_mean_cosine": 1.0, "map_min_cosine": 1.0}]
+        for name, kwargs in variants.items():
+            out = folder / f"{len(rows)}.onnx"
+            quantize_static(str(folder / "pre.onnx"), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            **kwargs)
+            speed, maps = measure(out)
+            pooled = _cosine(maps.mean((2, 3)), reference.mean((2, 3)))
+            whole = _cosine(maps.reshape(len(maps), -1), reference.reshape(len(reference), -1))
+            rows.append({"variant": name, "images_per_s": round(speed, 1),
+                         "pooled_min_cosine": round(float(pooled.min()), 4),
+                         "pooled_mean_cosine": round(float(pooled.mean()), 4),
+                         "map_min_cosine": round(float(whole.min()), 4)})
+            print(f"{name}: {rows[-1]}", file=sys.stderr)
+    return {"machine": machine_summary(), "calibration_images": len(calibration), "test_images": len(test),
+            "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="MiniBEIR root (make minibeir)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    result = run(args.data)
+    machine = result["machine"]
+    print(f"CPU: {machine['cpu']}; flags: {' '.join(machine['cpu_flags'])}\n")
+    print(f"{'variant':<40}{'img/s b64':>10}{'pooled min cos':>16}{'pooled mean':>13}{'map min cos':>13}")
+    for row in result["rows"]:
+        print(f"{row['variant']:<40}{row['images_per_s']:>10}{row['pooled_min_cosine']:>16}"
+              f"{row['pooled_mean_cosine']:>13}{row['map_min_cosine']:>13}")
+    if args.out:
+        from jfe.paths import atomic_write
+
+        with atomic_write(args.out) as handle:
+            handle.write(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
