@@ -6,7 +6,9 @@ int8 + int8 vision (MobileNetV2 static int8 too, calibrated on images of the sam
 Workloads, all "cold" (feature cache off: MobileNetV2 runs for every image): image+text at batch 1 and 64,
 text-only at batch 64, image-only at batch 64 (224-px PNGs decoded from disk, texts of 6-16 words). Each engine
 runs in its own process, so its peak RSS is its own; every engine encodes the same items, and its vectors' cosine
-to torch fp32 is reported (min over items). The exports are made first, in a temporary folder.
+to torch fp32 is reported (min over items), and, as information (parity is R@5: ``benchmarks/onnx_parity.py``),
+how many text queries keep torch fp32's top-10 set among the image+text items. The exports are made first, in a
+temporary folder.
 
     python benchmarks/backends.py --out runs/bench/backends.json
     python benchmarks/backends.py --items 128 --model runs/ship/jfe-mini-seed0
@@ -140,7 +142,19 @@ def run(model: str, items: int = 128, single: int = 16, threads: int | None = No
                                     axis=1)
                     row["min_cosine_vs_torch_fp32"] = round(float(cosine.min()), 5)
                     row["mean_cosine_vs_torch_fp32"] = round(float(cosine.mean()), 5)
+            if base is not None:  # information, not a rule (parity is R@5: benchmarks/onnx_parity.py)
+                result["same_top10_as_torch_fp32"] = _same_top10(folder, engine, reference)
     return results
+
+
+def _same_top10(folder: Path, engine: str, reference: str) -> float:
+    """Share of the text queries whose top 10 among the image+text items is the same set as torch fp32's."""
+    def top10(label: str) -> np.ndarray:
+        queries, pool = (np.load(folder / f"{label}-{name}.npy") for name in ("text-64", "image+text-64"))
+        return np.argsort(-(queries @ pool.T), axis=1)[:, :10]
+
+    ours, theirs = top10(engine), top10(reference)
+    return round(float(np.mean([set(a) == set(b) for a, b in zip(ours, theirs, strict=True)])), 3)
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -150,6 +164,9 @@ def _print(result: dict[str, Any]) -> None:
     print(f"model: {result['model']}\n")
     print(f"{'engine':<18}{'workload':<16}{'items/s':>10}{'vs torch fp32':>15}{'min cos':>10}{'peak RSS':>11}")
     for engine, data in result["engines"].items():
+        if "same_top10_as_torch_fp32" in data:
+            print(f"{engine:<18}same top-10 as torch fp32 (text queries over image+text items): "
+                  f"{data['same_top10_as_torch_fp32']:.1%}")
         for row in data["rows"]:
             print(f"{engine:<18}{row['workload'] + ' b' + str(row['batch']):<16}{row['items_per_s']:>10}"
                   f"{str(row.get('speedup_vs_torch_fp32', '')) + 'x':>15}{row.get('min_cosine_vs_torch_fp32', ''):>10}"

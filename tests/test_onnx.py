@@ -277,3 +277,16 @@ def test_the_service_serves_an_onnx_model(exports: dict[str, Path], tiny_mbeir: 
         embedded = client.post("/v1/embeddings", json={"input": ["a red circle"]}).json()
     vector = np.array(embedded["data"][0]["embedding"], dtype=np.float32)
     np.testing.assert_allclose(vector, model.encode(["a red circle"])[0], atol=1e-5)
+
+
+def test_jfe_eval_runs_on_the_onnx_backend_and_says_so(exports: dict[str, Path], tiny_mbeir: Path) -> None:
+    from jfe.eval.protocol import EvalResult
+
+    out = tiny_mbeir.parent / "eval-onnx"
+    result = CliRunner().invoke(app, ["eval", "--model", str(exports["int8"]), "--data", str(tiny_mbeir),
+                                      "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "onnx int8" in result.output
+    saved = EvalResult.load(out)
+    assert saved.compute == {"backend": "onnx", "precision": "int8"} and saved.arch == "jfe-mini"
+    assert saved.fusion_role == "one-tower" and saved.average

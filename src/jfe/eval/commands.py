@@ -68,7 +68,9 @@ def eval_command(
     result = evaluator.result(encoder)
     metrics = [*(recall_key(k) for k in result.ks), "headline"]
     reranked = f", reranked by {rerank} (top {rerank_k})" if rerank else ""
-    table = Table(title=f"{result.run_name}: {split} split, {pool} pool, {result.n_queries} queries{reranked}")
+    computed = f", {result.compute.get('backend', 'torch')} {result.compute.get('precision', '')}".rstrip()
+    table = Table(title=f"{result.run_name}: {split} split, {pool} pool, {result.n_queries} queries{reranked}"
+                        f"{computed}")
     for column in ("dataset", "task", "query→candidate", "queries", *metrics):
         table.add_column(column, justify="left" if column in ("dataset", "task", "query→candidate") else "right")
     for row in result.rows:

@@ -89,6 +89,8 @@ class EvalResult:
     fusion_role: str = ""  # the model's declared role (Encoder.fusion_role) or the study's for this run
     reranker: str | None = None  # the reranker that reordered each query's first-stage top rerank_k, if any
     rerank_k: int | None = None
+    # how the embeddings were computed: {"backend": "torch" | "onnx", "precision": ...} (Encoder.compute_record)
+    compute: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,6 +172,12 @@ def _load_query_files(layout: MBEIRLayout, split: str, pool: str, max_queries: i
     return out
 
 
+def _compute_of(model: Encoder) -> dict[str, str]:
+    """The model's backend and resolved precision (an encoder-like object without ``compute_record``: none)."""
+    record = getattr(model, "compute_record", None)
+    return dict(record(getattr(model, "precision", None))) if record is not None else {}
+
+
 # ------------------------------------------------------------------------------------------------ cache
 def model_fingerprint(model: Encoder) -> str:
     """A short hash of the model's arch, config and weights: embeddings cached under it stay valid."""
@@ -181,9 +189,8 @@ def model_fingerprint(model: Encoder) -> str:
     # an Encoder's config is pydantic; any other encoder-like object is fingerprinted by its config's repr
     config: object = getattr(model, "config", None)
     dumped = config.model_dump() if hasattr(config, "model_dump") else repr(config)
-    record = getattr(model, "compute_record", None)
-    if record is not None:  # backend, precision, vision precision: bf16 or int8 vectors differ slightly
-        computed = record(getattr(model, "precision", "fp32"))
+    computed = _compute_of(model)
+    if computed:  # backend, precision, vision precision: bf16 or int8 vectors differ slightly
         tags = [value for key, value in sorted(computed.items()) if (key, value) not in (("backend", "torch"),
                                                                                            ("precision", "fp32"))]
     else:
@@ -600,7 +607,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
         n_candidates=len({d for idx in stage.indexes.values() for d in idx.ids}), timings={}, notes=notes,
         arch=getattr(model, "arch", ""), fusion_role=fusion_role or str(getattr(model, "fusion_role", "other")),
         reranker=(reranker_name or model_name_of(reranker)) if reranker is not None else None,
-        rerank_k=rerank_k if reranker is not None else None)
+        rerank_k=rerank_k if reranker is not None else None, compute=_compute_of(model))
     _summarise(result, scored, ks)
     result.timings = {k: round(v, 3) for k, v in timings.items()}
     if out is not None:

@@ -265,7 +265,7 @@ def export_onnx(model: Encoder, out: str | os.PathLike, *, source: str | None = 
 
     ``precision="int8"`` quantises the fusion graph (MiniLM and the glue: dynamic int8, per-channel weights).
     MobileNetV2 stays fp32 unless ``vision_int8``: static int8 doubles its speed again but moves image embeddings
-    (per-embedding cosine to fp32 down to ~0.87 on MiniBEIR, docs/results/onnx.md); it needs ``calibration``,
+    (per-embedding cosine to fp32 down to 0.89-0.92 on MiniBEIR, docs/results/onnx.md); it needs ``calibration``,
     images of the pool the model will encode (:data:`CALIBRATION_IMAGES` is plenty), which set its activation
     ranges. ``source`` is the name or folder the model was loaded from (recorded in the manifest). A folder at
     ``out`` that is not an ONNX export is refused unless ``overwrite``.
