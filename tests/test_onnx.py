@@ -275,6 +275,12 @@ def test_the_service_serves_an_onnx_model(exports: dict[str, Path], tiny_mbeir: 
         both = client.post("/search", json={"text": "the same, but blue", "image": image, "k": 2})
         assert both.status_code == 200, both.text
         embedded = client.post("/v1/embeddings", json={"input": ["a red circle"]}).json()
+        health = client.get("/health").json()
+        assert health["backend"] == "onnx" and health["precision"] == "int8"
+        ids = model.tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+        assert embedded["usage"]["prompt_tokens"] == len(ids)  # the export's tokenizer counts, not words
+        from_ids = client.post("/v1/embeddings", json={"input": [ids]}).json()  # OpenAI token-array input
+        np.testing.assert_allclose(from_ids["data"][0]["embedding"], embedded["data"][0]["embedding"], atol=1e-5)
     vector = np.array(embedded["data"][0]["embedding"], dtype=np.float32)
     np.testing.assert_allclose(vector, model.encode(["a red circle"])[0], atol=1e-5)
 

@@ -437,6 +437,13 @@ class OnnxEncoder(Encoder):
     def image_input_size(self) -> int | None:
         return self.config.image_size
 
+    @property
+    def tokenizer(self) -> Any:
+        """The export's MiniLM tokenizer (the service counts tokens and decodes token-array inputs with it)."""
+        from jfe.models.text import load_tokenizer
+
+        return load_tokenizer(self.text_path)
+
     def resolve_compute(self, precision: str | None = None) -> tuple[str, ComputePrecision]:
         if precision is None or str(precision).strip().lower() in ("auto", self.manifest.precision):
             return self.manifest.precision, "fp32"

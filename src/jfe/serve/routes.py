@@ -89,7 +89,10 @@ async def page() -> FileResponse:
 async def health(request: Request) -> dict:
     """Liveness and what is served (never needs the API key)."""
     state = request.app.state
+    record = getattr(state.model, "compute_record", None)  # how queries are encoded (the toy has no record)
+    computed = record(getattr(state.model, "precision", None)) if record is not None else {}
     return {"model": state.model_name, "index_size": len(state.index), "dim": int(state.index.dim),
+            "backend": computed.get("backend"), "precision": computed.get("precision"),
             "batching": state.settings.batching, "max_batch": state.settings.max_batch,
             "auth": bool(state.settings.api_key), "stats": state.batcher.stats.as_dict(),
             "rerankers": list(state.rerankers)}
