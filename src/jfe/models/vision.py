@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from jfe.errors import AssetError
 
@@ -167,14 +168,9 @@ def fold_batchnorm(features: nn.Module) -> nn.Module:
 
     def fold(seq: nn.Sequential) -> None:
         children = list(seq.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                running_mean, running_var = bn.running_mean, bn.running_var
-                assert running_mean is not None and running_var is not None, "MobileNetV2's BNs track statistics"
-                scale = bn.weight / torch.sqrt(running_var + bn.eps)
-                conv.weight = nn.Parameter((conv.weight * scale.view(-1, 1, 1, 1)).detach(), requires_grad=False)
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(running_mean)
-                conv.bias = nn.Parameter((bn.bias + (bias - running_mean) * scale).detach(), requires_grad=False)
+                setattr(seq, conv_name, fuse_conv_bn_eval(conv, bn))  # torch's own folding (eval-mode statistics)
                 setattr(seq, bn_name, nn.Identity())
 
     with torch.no_grad():
