@@ -4,7 +4,9 @@ manifest's checks, atomic export, and the backend an index records being the one
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +33,23 @@ def _items() -> list[Item]:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The shipped (trained) jfe-mini exported fp32, int8, and int8 with calibrated int8 vision."""
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """The shipped (trained) jfe-mini exported fp32, int8, and int8 with calibrated int8 vision, from a working
+    directory of its own that must stay empty (ONNX Runtime's tools may drop temporaries into it)."""
     root = tmp_path_factory.mktemp("onnx")
     model = load_model(SHIPPED_JFE_MINI, device="cpu")
     calibration = [drawn_image(100 + i) for i in range(16)]
-    return {"fp32": export_onnx(model, root / "fp32", source="jfe-mini"),
-            "int8": export_onnx(model, root / "int8", source="jfe-mini", precision="int8"),
-            "int8-vision": export_onnx(model, root / "int8v", source="jfe-mini", precision="int8", vision_int8=True,
-                                       calibration=calibration)}
+    cwd, before = tmp_path_factory.mktemp("cwd"), os.getcwd()
+    os.chdir(cwd)
+    try:
+        made = {"fp32": export_onnx(model, root / "fp32", source="jfe-mini"),
+                "int8": export_onnx(model, root / "int8", source="jfe-mini", precision="int8"),
+                "int8-vision": export_onnx(model, root / "int8v", source="jfe-mini", precision="int8",
+                                           vision_int8=True, calibration=calibration)}
+    finally:
+        os.chdir(before)
+    assert not any(cwd.iterdir()), list(cwd.iterdir())
+    yield made
 
 
 @pytest.fixture(scope="module")

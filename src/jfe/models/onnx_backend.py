@@ -228,7 +228,9 @@ def _quantize_vision(fp32: Path, out: Path, pixels: list[np.ndarray]) -> None:
             return None if batch is None else {"pixels": batch}
 
     prepared = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(prepared))
+    # ONNX's own shape inference suffices (same quantised outputs); ORT's symbolic one, when it fails, saves a
+    # sym_shape_infer_temp.onnx into the current directory, which is the user's, not ours
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     prepared.unlink()
@@ -248,7 +250,8 @@ def _quantize_fusion(fp32: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     prepared = out.with_suffix(".pre.onnx")
-    # the exporter's graph leaves some sequence lengths symbolic-only; ONNX's own shape inference suffices here
+    # the exporter's graph defeats ORT's symbolic shape inference (which then litters the working directory);
+    # ONNX's own shape inference suffices here
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     # per-channel weights: per-tensor int8 (the tool's default) cost 0.04 cosine on MiniLM; the matrix products
     # only (Gather, LayerNorm and softmax stay fp32), and not those reading the vision features: their activations
