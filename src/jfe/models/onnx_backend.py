@@ -210,14 +210,9 @@ def _calibration_pixels(images: Sequence[ImageLike], image_size: int) -> list[np
             for i in range(0, len(pil), _CALIBRATION_BATCH)]
 
 
-def _quantize_vision(fp32: Path, out: Path, pixels: list[np.ndarray]) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
+def calibration_reader(pixels: Sequence[np.ndarray]) -> Any:
+    """ONNX Runtime's ``CalibrationDataReader`` over batches of preprocessed pixels (the vision graph's input)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -227,11 +222,17 @@ def _quantize_vision(fp32: Path, out: Path, pixels: list[np.ndarray]) -> None:
             batch = next(self.batches, None)
             return None if batch is None else {"pixels": batch}
 
+    return Reader()
+
+
+def _quantize_vision(fp32: Path, out: Path, pixels: list[np.ndarray]) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
     prepared = out.with_suffix(".pre.onnx")
     # ONNX's own shape inference suffices (same quantised outputs); ORT's symbolic one, when it fails, saves a
     # sym_shape_infer_temp.onnx into the current directory, which is the user's, not ours
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(prepared), str(out), calibration_reader(pixels), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     prepared.unlink()
 
