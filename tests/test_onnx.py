@@ -306,3 +306,11 @@ def test_jfe_eval_runs_on_the_onnx_backend_and_says_so(exports: dict[str, Path],
     saved = EvalResult.load(out)
     assert saved.compute == {"backend": "onnx", "precision": "int8"} and saved.arch == "jfe-mini"
     assert saved.fusion_role == "one-tower" and saved.average
+
+
+def test_torch_queries_against_an_onnx_built_index_follow_its_precision() -> None:
+    from jfe.indexing import query_precision
+
+    torch_model = load_model("toy")
+    assert query_precision({"backend": "onnx", "precision": "fp32"}, "auto", torch_model)[0] == "fp32"
+    assert query_precision({"backend": "onnx", "precision": "int8"}, "auto", torch_model)[0] == "auto"

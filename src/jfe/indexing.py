@@ -236,9 +236,8 @@ def query_precision(meta: dict[str, Any], precision: str | None = "auto",
     if model is not None and model.backend != "torch":
         return model.resolve_compute(precision)[0], None
     requested = check_precision(precision or "auto")
-    # an ONNX-built index's precision is its export's (fp32 | int8): its queries go through the same export
-    torch_built = meta.get("backend", "torch") == "torch"
-    built = meta.get("precision") if torch_built and meta.get("precision") in ("fp32", "bf16") else None
+    # (an index built by an int8 export gives torch no precision to follow; an fp32 export's is fp32)
+    built = meta.get("precision") if meta.get("precision") in ("fp32", "bf16") else None
     if requested == "auto":
         chosen = built or "auto"
     else:
