@@ -239,8 +239,21 @@ def test_backend_onnx_exports_a_torch_model_once_into_the_cache(tmp_path: Path, 
     cached = list((tmp_path / "cache" / "onnx").iterdir())
     assert len(cached) == 1 and first.folder == cached[0]
     stamp = (cached[0] / "fusion.onnx").stat().st_mtime_ns
-    load_model(str(saved), backend="onnx")
+    from jfe.models import registry
+
+    def no_torch_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the PyTorch model was built although its export is cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry, "_load_saved", no_torch_build)
+        load_model(str(saved), backend="onnx")  # found by the folder's file digests, without building the model
     assert (cached[0] / "fusion.onnx").stat().st_mtime_ns == stamp  # reused, not exported again
+    weights = Path(saved) / "model.safetensors"
+    with open(weights, "r+b") as handle:  # retrained in place (any byte of the weights changes)
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x00\x80\x3f")
+    load_model(str(saved), backend="onnx")
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 2  # a new export for the new weights
 
     pools = sorted((tiny_mbeir / "cand_pool" / "local").glob("*.jsonl"))
     index = write_index(tmp_path / "index", str(saved), pools, tiny_mbeir, progress=False, backend="onnx")

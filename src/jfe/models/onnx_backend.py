@@ -520,20 +520,30 @@ def load_onnx(folder: str | os.PathLike, source_class: type[Encoder], threads: i
     return klass(folder, manifest, config, threads)
 
 
-def cached_export_dir(source: str, model: Encoder) -> Path:
-    """Where ``load_model(source, backend="onnx")`` keeps its fp32 export of ``model``: JFE's cache, by name and
+def cached_export_dir(source: str, digest: str) -> Path:
+    """Where ``load_model(source, backend="onnx")`` keeps its fp32 export: JFE's cache, by name and a digest of the
     weights, so a retrained folder is exported again and an unchanged one once."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.strip("/"))[-60:] or "model"
-    return cache_dir() / "onnx" / f"{slug}-{weights_sha256(model)[:16]}-v{_jfe_version()}"
+    return cache_dir() / "onnx" / f"{slug}-{digest[:16]}-v{_jfe_version()}"
 
 
-def export_cached(source: str, model: Encoder) -> Path:
-    """The cached fp32 export of ``model`` (made once, atomically, when absent or unreadable)."""
-    folder = cached_export_dir(source, exportable(model, repr(source)))
+def cached_export(source: str, digest: str) -> Path | None:
+    """The cached export of ``source`` with weights ``digest``, if one is there and intact."""
+    folder = cached_export_dir(source, digest)
     try:
         read_manifest(folder)
-        return folder
     except ConfigError:
-        pass
+        return None
+    return folder
+
+
+def export_cached(source: str, model: Encoder, digest: str | None = None) -> Path:
+    """The cached fp32 export of ``model`` (made once, atomically, when absent or unreadable); ``digest`` names its
+    weights (default: :func:`weights_sha256` of the loaded model)."""
+    digest = digest or weights_sha256(exportable(model, repr(source)))
+    folder = cached_export(source, digest)
+    if folder is not None:
+        return folder
+    folder = cached_export_dir(source, digest)
     logger.warning("exporting %s to ONNX once (cached in %s); `jfe export onnx` makes int8 exports", source, folder)
     return export_onnx(model, folder, source=source, overwrite=True)

@@ -14,6 +14,7 @@ folder they may only change what does not alter the weights' shapes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
 from jfe.errors import ConfigError
-from jfe.models.base import CONFIG_NAME, Encoder, default_device
+from jfe.models.base import CONFIG_NAME, WEIGHTS_NAME, Encoder, default_device
 
 HF_PREFIX = "hf:"
 HF_ARCH = "hf-mllm"
@@ -201,7 +202,14 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     Runtime, anything else on PyTorch); ``"onnx"`` with a PyTorch model exports it once (fp32, cached) and runs
     that; ``"torch"`` refuses an ONNX folder.
     """
-    from jfe.models.onnx_backend import check_backend, export_cached, is_onnx_export, load_onnx, read_manifest
+    from jfe.models.onnx_backend import (
+        cached_export,
+        check_backend,
+        export_cached,
+        is_onnx_export,
+        load_onnx,
+        read_manifest,
+    )
 
     spec = os.fspath(name_or_path)
     backend = check_backend(backend)
@@ -217,8 +225,12 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         if spec.startswith(HF_PREFIX):
             raise ConfigError(f"{spec}: the ONNX backend covers the tower models (jfe-mini and the baselines); "
                               f"export an hf: MLLM with Hugging Face optimum, outside JFE")
-        torch_model = load_model(spec, "cpu", pretrained, **config_overrides)
-        return load_model(export_cached(spec, torch_model))
+        # a trained name or a saved folder is identified by its files: a cached export loads without PyTorch weights
+        digest = None if config_overrides or pretrained is False else _weights_digest(spec)
+        folder = cached_export(spec, digest) if digest else None
+        if folder is None:
+            folder = export_cached(spec, load_model(spec, "cpu", pretrained, **config_overrides), digest)
+        return load_model(folder)
     if spec.startswith(HF_PREFIX):
         from jfe.models.hf import HFEncoder
 
@@ -250,6 +262,22 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
                           f"not 'hf:<path>', not a saved model folder")
     model.eval()
     return model.to(device or default_device())
+
+
+def _weights_digest(spec: str) -> str | None:
+    """sha256 of what ``spec`` loads, read from files without building it: a trained name's table entry, a saved
+    folder's config + weights; None for a name built untrained (only a build can tell)."""
+    from jfe.models import pretrained as table
+
+    if spec in _MODELS:
+        entry = table.find_pretrained(spec)
+        return entry.sha256 if entry is not None else None
+    folder = Path(spec)
+    if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+        digest = hashlib.sha256((folder / CONFIG_NAME).read_bytes())
+        digest.update(table.sha256_of(folder / WEIGHTS_NAME).encode())
+        return digest.hexdigest()
+    return None
 
 
 def load_reranker(name_or_path: str | os.PathLike, what: str | None = None, **kwargs: Any) -> Any:
