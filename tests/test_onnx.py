@@ -327,3 +327,18 @@ def test_torch_queries_against_an_onnx_built_index_follow_its_precision() -> Non
     torch_model = load_model("toy")
     assert query_precision({"backend": "onnx", "precision": "fp32"}, "auto", torch_model)[0] == "fp32"
     assert query_precision({"backend": "onnx", "precision": "int8"}, "auto", torch_model)[0] == "auto"
+
+
+def test_export_cli_calibrates_int8_vision_on_pool_images(tiny_mbeir: Path, tmp_path: Path) -> None:
+    pool = tiny_mbeir / "cand_pool" / "local" / "mbeir_tiny_task0_cand_pool.jsonl"
+    out = tmp_path / "int8v"
+    result = CliRunner().invoke(app, ["export", "onnx", "two-tower-mini", str(out), "--quantize", "int8",
+                                      "--int8-vision", "--calibration", str(pool), "--data-root", str(tiny_mbeir),
+                                      "--calibration-images", "8"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    with_images = sum(1 for line in pool.read_text().splitlines() if json.loads(line).get("img_path"))
+    assert 0 < with_images < 8  # the tiny pool has fewer images than asked for: all of them calibrate
+    assert manifest["calibration"]["images"] == with_images and str(pool) in manifest["calibration"]["source"]
+    assert "seed-0 sample" in manifest["calibration"]["source"]
+    assert load_model(out).encode(["a red circle"]).shape == (1, 384)

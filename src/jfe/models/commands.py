@@ -254,7 +254,8 @@ def export_onnx(
     encoder = load_model(model, device="cpu")
     folder = export(encoder, out, source=model, precision=quantize, vision_int8=int8_vision,
                     calibration=images or None,
-                    calibration_source=", ".join(map(str, calibration)) if calibration else None,
+                    calibration_source=(f"{', '.join(map(str, calibration))} under {data_root}: {len(images)} "
+                                        f"images, a seed-0 sample") if calibration else None,
                     overwrite=overwrite)
     typer.echo(f"exported {model} ({quantize}{' + int8 vision' if int8_vision else ''}) to {folder} in "
                f"{time.perf_counter() - started:.0f}s")
