@@ -39,8 +39,9 @@ from jfe.hardware import ComputePrecision, check_precision, machine_summary
 from jfe.models.base import Encoder
 from jfe.models.feature_cache import feature_maps
 from jfe.models.packing import FUSION_INPUTS, pack
+from jfe.models.pretrained import sha256_of
 from jfe.models.towers import TEXT_ASSETS_DIR, TowerConfig, TowerEncoder
-from jfe.models.vision import FEATURE_DIM, PREPROCESS_VERSION, fold_batchnorm, preprocess
+from jfe.models.vision import FEATURE_DIM, PREPROCESS_VERSION, feature_map_side, fold_batchnorm, preprocess
 from jfe.paths import ArtefactKind, atomic_dir, cache_dir
 
 logger = logging.getLogger(__name__)
@@ -122,14 +123,6 @@ def weights_sha256(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -306,7 +299,7 @@ def export_onnx(model: Encoder, out: str | os.PathLike, *, source: str | None = 
                         _quantize_fusion(fp32, tmp / file)
                         quantization = "dynamic int8 (per-channel weights, MatMul)"
                     fp32.unlink()
-                graphs[name] = GraphInfo(file=file, sha256=_file_sha256(tmp / file), quantization=quantization)
+                graphs[name] = GraphInfo(file=file, sha256=sha256_of(tmp / file), quantization=quantization)
             tower.text.save_assets(tmp / TEXT_ASSETS_DIR)
             machine = machine_summary()
             manifest = OnnxManifest(
@@ -357,7 +350,7 @@ def read_manifest(folder: Path) -> OnnxManifest:
 
 @lru_cache(maxsize=16)
 def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:
-    return _file_sha256(Path(path))
+    return sha256_of(Path(path))
 
 
 def session_options(threads: int | None = None) -> Any:
@@ -432,9 +425,7 @@ class OnnxEncoder(Encoder):
         if found != expected:
             raise ConfigError(f"{folder / manifest.graphs['fusion'].file} takes inputs {found}, but the manifest "
                               f"says {expected}: export the model again")
-        side = config.image_size
-        for _ in range(5):  # MobileNetV2's five stride-2 stages
-            side = (side + 1) // 2
+        side = feature_map_side(config.image_size)
         self._placeholder = np.zeros((1, FEATURE_DIM, side, side), dtype=np.float32)
 
     @property

@@ -183,6 +183,13 @@ def fold_batchnorm(features: nn.Module) -> nn.Module:
     return fused.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
+def feature_map_side(image_size: int) -> int:
+    """Side of MobileNetV2's last feature map for ``image_size`` px inputs (7 at 224)."""
+    for _ in range(5):  # five stride-2 stages, each ceil-halving (padding 1, kernel 3)
+        image_size = (image_size + 1) // 2
+    return image_size
+
+
 class FeatureTower(Protocol):
     """What :func:`jfe.models.feature_cache.feature_maps` runs: :class:`VisionTower` (PyTorch) or an exported
     graph of it (:class:`jfe.models.onnx_backend.OnnxVision`)."""
@@ -287,10 +294,7 @@ class VisionTower(nn.Module):
     @property
     def grid_size(self) -> int:
         """Side of the last feature map (7 at 224 px)."""
-        size = self.image_size
-        for _ in range(5):  # five stride-2 stages, each ceil-halving (padding 1, kernel 3)
-            size = (size + 1) // 2
-        return size
+        return feature_map_side(self.image_size)
 
     def fingerprint(self) -> str:
         """sha1 over the frozen part's weights (and BN statistics): equal fingerprints give equal features.
