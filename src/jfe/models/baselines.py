@@ -24,7 +24,7 @@ from jfe.data.items import Item
 from jfe.errors import ConfigError
 from jfe.hardware import ComputePrecision
 from jfe.models.base import l2_normalize
-from jfe.models.packing import gather_rows, pack
+from jfe.models.packing import gather_rows
 from jfe.models.text import HIDDEN, mean_pool
 from jfe.models.towers import TowerConfig, TowerEncoder
 from jfe.models.vision import FEATURE_DIM, grid_tokens
@@ -66,9 +66,8 @@ class TwoTowerMini(TowerEncoder):
 
     def unimodal(self, items: Sequence[Item], vision: ComputePrecision = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings ``[n, d]`` (zero rows where an item lacks the modality)."""
-        packed = pack(self.fusion_kind, items, self.config, self.text.path)
-        features = self.image_features(packed.images, vision) if packed.images else self.placeholder_features()
-        return self._unimodal(features, **{name: value.to(features.device) for name, value in packed.inputs.items()})
+        features, inputs = self.fusion_inputs(items, vision)
+        return self._unimodal(features, **inputs)
 
     def _unimodal(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   image_of: torch.Tensor, text_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,10 +162,16 @@ class TowerEncoder(Encoder):
         """Differentiable embeddings, the vision tower computing in ``vision`` (``"fp32"`` unless an encode in
         bf16 asked it to follow: :meth:`Encoder.embed_in`): :func:`~jfe.models.packing.pack`, the vision tower
         on the packed images, then :meth:`fuse`."""
+        features, inputs = self.fusion_inputs(items, vision)
+        return self.fuse(features, **inputs)
+
+    def fusion_inputs(self, items: Sequence[Item], vision: ComputePrecision = "fp32"
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What :meth:`fuse` reads for ``items``: the packed images' feature maps (a placeholder when there are
+        none) and the packed inputs, on the model's device."""
         packed = pack(self.fusion_kind, items, self.config, self.text.path)
         features = self.image_features(packed.images, vision) if packed.images else self.placeholder_features()
-        device = features.device
-        return self.fuse(features, **{name: value.to(device) for name, value in packed.inputs.items()})
+        return features, {name: value.to(features.device) for name, value in packed.inputs.items()}
 
     def fuse(self, features: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """``[n, d]`` unit vectors from the image items' feature maps ``[m, 1280, h, w]`` and the packed inputs
