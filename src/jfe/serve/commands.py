@@ -70,9 +70,7 @@ def serve_command(
 
     encoder = load_model(str(model), backend=query_backend(vector_index.meta, str(model), backend))
     # auto: as the index's vectors were computed (an ONNX export: in its own precision)
-    compute, vision = query_precision(vector_index.meta, precision, encoder)
-    if encoder.backend == "torch":
-        encoder.set_precision(compute, vision)
+    encoder.set_precision(*query_precision(vector_index.meta, precision, encoder))
     settings = ServeSettings(model_name=str(model), api_key=api_key or os.environ.get("JFE_API_KEY") or None,
                              cors_origins=list(cors_origin), max_batch=max_batch, max_wait_ms=max_wait_ms,
                              batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),
