@@ -494,11 +494,11 @@ def _onnx_class(arch: str, fusion_role: str, matryoshka: bool) -> type[OnnxEncod
     return klass
 
 
-def load_onnx(folder: str | os.PathLike, source_class: type[Encoder], threads: int | None = None) -> OnnxEncoder:
-    """The export at ``folder`` as an encoder; ``source_class`` is the class of its arch (the caller,
-    :func:`jfe.models.load_model`, resolves it from :func:`read_manifest`)."""
+def load_onnx(folder: str | os.PathLike, manifest: OnnxManifest, source_class: type[Encoder],
+              threads: int | None = None) -> OnnxEncoder:
+    """The export at ``folder`` (its checked ``manifest``, :func:`read_manifest`) as an encoder; ``source_class``
+    is the class of its arch (the caller, :func:`jfe.models.load_model`, resolves it from the manifest)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
     settings = {k: v for k, v in manifest.config.items() if k != "arch"}
     try:
         config = source_class.config_class(**{**settings, "pretrained": False})

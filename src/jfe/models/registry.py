@@ -220,7 +220,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         if config_overrides:
             raise ConfigError(f"{spec} is an ONNX export: its settings were fixed at export "
                               f"(got {', '.join(sorted(config_overrides))})")
-        return load_onnx(spec, _arch_class(read_manifest(Path(spec)).arch, spec))
+        manifest = read_manifest(Path(spec))
+        return load_onnx(spec, manifest, _arch_class(manifest.arch, spec))
     if backend == "onnx":
         if spec.startswith(HF_PREFIX):
             raise ConfigError(f"{spec}: the ONNX backend covers the tower models (jfe-mini and the baselines); "
