@@ -342,3 +342,91 @@ def test_export_cli_calibrates_int8_vision_on_pool_images(tiny_mbeir: Path, tmp_
     assert manifest["calibration"]["images"] == with_images and str(pool) in manifest["calibration"]["source"]
     assert "seed-0 sample" in manifest["calibration"]["source"]
     assert load_model(out).encode(["a red circle"]).shape == (1, 384)
+
+
+# --- OpenVINO Runtime on the same fp32 export (jfe.models.openvino_backend) ---------------------------------------
+
+
+def test_openvino_runs_the_fp32_export_at_parity_in_fp32_and_native_bf16(exports: dict[str, Path],
+                                                                        torch_vectors: np.ndarray) -> None:
+    from jfe.hardware import cpu_bf16_flags
+    from jfe.models.openvino_backend import OpenVinoEncoder
+
+    model = load_model(exports["fp32"], backend="openvino")
+    assert isinstance(model, OpenVinoEncoder) and model.arch == "jfe-mini" and model.fusion_role == "one-tower"
+    with feature_cache.disabled():
+        fp32 = model.encode(_items(), batch_size=5, precision="fp32")
+    assert ((fp32 * torch_vectors).sum(1)).min() >= 0.999
+    assert model.compute_record("fp32") == {"backend": "openvino", "precision": "fp32"}
+    if not cpu_bf16_flags():  # auto is fp32 here, and bf16 (which OpenVINO would silently ignore) is refused
+        assert model.compute_record() == {"backend": "openvino", "precision": "fp32"}
+        with pytest.raises(ConfigError, match="natively"):
+            model.set_precision("bf16")
+        return
+    assert model.compute_record() == {"backend": "openvino", "precision": "bf16", "vision_precision": "bf16"}
+    with feature_cache.overridden(mode="memory"):  # fp32 features cached first must not serve the bf16 encode
+        feature_cache.clear()
+        model.encode(_items(), precision="fp32")
+        bf16 = model.encode(_items(), batch_size=5)
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    cosine = (bf16 * torch_vectors).sum(1)
+    assert cosine.min() >= 0.995, cosine.min()
+    assert cosine.min() < 0.99999  # bf16 really computed (OpenVINO would run fp32 if the hint were lost)
+
+
+def test_openvino_refuses_int8_exports_and_garbage_precisions(exports: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="int8 export.*--backend onnx"):
+        load_model(exports["int8"], backend="openvino")
+    with pytest.raises(ConfigError, match="unknown precision"):
+        load_model(exports["fp32"], backend="openvino").set_precision("int4")
+    with pytest.raises(ConfigError, match="unknown backend"):
+        load_model(exports["fp32"], backend="tensorrt")
+
+
+def test_backend_openvino_builds_an_index_that_searches_on_openvino(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    tiny_mbeir: Path) -> None:
+    from jfe.indexing import query_backend, query_precision, write_index
+    from jfe.models.openvino_backend import OpenVinoEncoder
+
+    monkeypatch.setattr(ob, "cache_dir", lambda: tmp_path / "cache")
+    saved = str(load_model("two-tower-mini", device="cpu", pretrained=False, image_size=64, grid=1).save_pretrained(
+        tmp_path / "tt"))
+    pools = sorted((tiny_mbeir / "cand_pool" / "local").glob("*.jsonl"))
+    index = write_index(tmp_path / "index", saved, pools, tiny_mbeir, progress=False, backend="openvino",
+                        precision="fp32")
+    assert index.meta["backend"] == "openvino" and index.meta["precision"] == "fp32"
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1  # the fp32 export it ran, made once
+    assert query_backend(index.meta, saved) == "openvino"
+    model = load_model(saved, backend="openvino")  # the cached export again
+    assert isinstance(model, OpenVinoEncoder)
+    assert query_precision(index.meta, "auto", model) == ("fp32", None)  # queries follow the index's fp32
+    hits = jfe.search(tmp_path / "index", "a red circle", k=3)
+    assert len(hits) == 3
+    with pytest.raises(ConfigError, match="--ray"):
+        write_index(tmp_path / "ray", saved, pools, tiny_mbeir, progress=False, backend="openvino",
+                    ray_address="auto")
+
+
+def test_jfe_eval_and_serve_say_openvino(exports: dict[str, Path], tiny_mbeir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from jfe.eval.protocol import EvalResult
+    from jfe.indexing import build_index
+    from jfe.serve.app import create_app
+    from jfe.serve.schemas import ServeSettings
+
+    out = tiny_mbeir.parent / "eval-openvino"
+    result = CliRunner().invoke(app, ["eval", "--model", str(exports["fp32"]), "--backend", "openvino",
+                                      "--precision", "fp32", "--data", str(tiny_mbeir), "--out", str(out),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "openvino fp32" in result.output
+    assert EvalResult.load(out).compute == {"backend": "openvino", "precision": "fp32"}
+    model = load_model(exports["fp32"], backend="openvino").set_precision("fp32")
+    index = build_index(model, sorted((tiny_mbeir / "cand_pool" / "global").glob("*.jsonl")), tiny_mbeir,
+                        progress=False, model_name=str(exports["fp32"]))
+    with TestClient(create_app(model, index, ServeSettings())) as client:
+        health = client.get("/health").json()
+        assert health["backend"] == "openvino" and health["precision"] == "fp32"
+        embedded = client.post("/v1/embeddings", json={"input": ["a red circle"]}).json()
+    np.testing.assert_allclose(embedded["data"][0]["embedding"], model.encode(["a red circle"])[0], atol=1e-5)

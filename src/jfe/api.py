@@ -39,8 +39,9 @@ def encode(items: Sequence[Any], model: ModelLike = "jfe-mini", instruction: str
            backend: str | None = None) -> np.ndarray:
     """Embed texts, images (``Path``/PIL) and ``{"text", "image"}`` pairs as float32 ``[n, d]`` unit vectors.
 
-    ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime; a PyTorch model is exported once into the cache); None
-    runs what ``model`` is (an ONNX export folder on ONNX Runtime)."""
+    ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime; a PyTorch model is exported once into the cache) or
+    ``"openvino"`` (OpenVINO Runtime on that fp32 export; bf16 where the CPU multiplies it natively); None runs what
+    ``model`` is (an ONNX export folder on ONNX Runtime)."""
     return _model(model, backend).encode(items, instruction=instruction, batch_size=batch_size, progress=progress,
                                          precision=precision)
 

@@ -24,8 +24,9 @@ RerankOption = Annotated[str | None, typer.Option(
 RerankKOption = Annotated[int, typer.Option("--rerank-k", min=1, max=1000, help="How many first-stage candidates "
                                                                                  "the reranker reads per query.")]
 
-# what runs the encoder (jfe.models.onnx_backend): None = what the model is (an ONNX export folder on ONNX Runtime,
-# anything else on PyTorch); searching an index follows the backend its meta.json records
+# what runs the encoder (jfe.models.onnx_backend, jfe.models.openvino_backend): None = what the model is (an ONNX
+# export folder on ONNX Runtime, anything else on PyTorch); searching an index follows the backend its meta.json records
 BackendOption = Annotated[str | None, typer.Option(
-    "--backend", help="torch or onnx (ONNX Runtime; a PyTorch model is exported once, fp32, into the cache; "
-                      "`jfe export onnx` makes int8 exports). Default: what --model is; for an index, what built it.")]
+    "--backend", help="torch, onnx (ONNX Runtime; a PyTorch model is exported once, fp32, into the cache; "
+                      "`jfe export onnx` makes int8 exports) or openvino (OpenVINO Runtime on an fp32 export; bf16 "
+                      "where the CPU has it). Default: what --model is; for an index, what built it.")]

@@ -24,12 +24,13 @@ from jfe.data.items import Item, candidate_item
 from jfe.data.mbeir import parse_candidate, read_pool_files
 from jfe.data.records import Candidate
 from jfe.errors import ConfigError, DataError
+from jfe.hardware import cpu_bf16_flags
 from jfe.index.build import RECALL_QUERIES, check_factory, index_vectors
 from jfe.index.hits import Hit, hits_from
 from jfe.index.shards import ShardedIndex, split_rows
 from jfe.index.vector_index import INDEX_KIND, VectorIndex
 from jfe.models.base import Encoder, default_device
-from jfe.models.onnx_backend import check_backend, is_onnx_export
+from jfe.models.onnx_backend import EXPORT_BACKENDS, check_backend, is_onnx_export
 from jfe.models.precision import check_precision, resolve_precision
 from jfe.models.registry import load_model, model_name_of
 from jfe.paths import check_out_dir
@@ -85,8 +86,9 @@ def _encode_candidates(model: Encoder, candidates: Sequence[Candidate], data_roo
 
 
 def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
-    """``meta.json``'s record of how the vectors were computed: the backend (``torch`` or ``onnx``), the precision
-    ``model`` really computes in for ``precision`` (``fp32``/``bf16``; an ONNX export's ``fp32``/``int8``), and
+    """``meta.json``'s record of how the vectors were computed: the backend (``torch``, ``onnx``, ``openvino``),
+    the precision ``model`` really computes in for ``precision`` (``fp32``/``bf16``; an ONNX Runtime export's
+    ``fp32``/``int8``), and
     ``vision_precision: bf16`` where the vision tower followed a bf16 encode (``set_precision(..., vision=
     "follow")``)."""
     return model.compute_record(precision)
@@ -102,14 +104,14 @@ def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Pa
     ``ray_address`` the encoding runs as Ray Data tasks across the cluster's workers (the ``ray`` extra).
     The folder is built under a temporary name next to ``out`` and renamed into place, so a failed or
     killed build leaves any previous index at ``out`` untouched. A folder at ``out`` that is not an index is
-    refused before any work unless ``overwrite``. ``backend`` (torch | onnx, default what ``model`` is) is
+    refused before any work unless ``overwrite``. ``backend`` (torch | onnx | openvino, default what ``model`` is) is
     recorded in meta.json with the precision, and searches of the index encode queries the same way.
     """
     check_out_dir(out, INDEX_KIND, overwrite=overwrite)
     check_factory(factory)
-    if backend == "onnx" and ray_address:
-        raise ConfigError("--ray encodes with PyTorch workers; the ONNX backend encodes in this process (drop --ray "
-                          "or --backend onnx)")
+    if backend in EXPORT_BACKENDS and ray_address:
+        raise ConfigError(f"--ray encodes with PyTorch workers; the {backend} backend encodes in this process (drop "
+                          f"--ray or --backend {backend})")
     if not is_onnx_export(model):  # an export computes in the precision it was exported in
         precision = check_precision(precision)
     if ray_address is None and shards <= 1:
@@ -232,8 +234,9 @@ def query_precision(meta: dict[str, Any], precision: str | None = "auto",
     index's ``meta.json`` records (the precision its vectors were computed in, and ``vision: "follow"`` where
     its images went through the vision tower in bf16), so ``jfe search``, ``jfe.search`` and ``jfe serve``
     encode queries as the pool was. An explicit precision other than the index's is used, with a warning.
-    An ONNX ``model`` computes in its export's precision: ``auto`` stays ``auto``."""
-    if model is not None and model.backend != "torch":
+    An ONNX Runtime ``model`` computes in its export's precision: ``auto`` stays ``auto``; an OpenVINO one follows
+    the index where its CPU can (bf16 needs native bf16)."""
+    if model is not None and model.backend == "onnx":
         return model.resolve_compute(precision)[0], None
     requested = check_precision(precision or "auto")
     # (an index built by an int8 export gives torch no precision to follow; an fp32 export's is fp32)
@@ -247,6 +250,10 @@ def query_precision(meta: dict[str, Any], precision: str | None = "auto",
                           f"{built} (meta.json): rankings may differ slightly; --precision auto follows the index",
                           stacklevel=2)
     vision = "follow" if chosen == "bf16" and meta.get("vision_precision") == "bf16" else None
+    if model is not None and model.backend == "openvino":
+        if chosen == "bf16" and requested == "auto" and not cpu_bf16_flags():
+            chosen = "auto"  # an index built in bf16 elsewhere: this CPU computes in fp32
+        return model.resolve_compute(chosen)[0], None
     return chosen, vision
 
 

@@ -89,7 +89,8 @@ class EvalResult:
     fusion_role: str = ""  # the model's declared role (Encoder.fusion_role) or the study's for this run
     reranker: str | None = None  # the reranker that reordered each query's first-stage top rerank_k, if any
     rerank_k: int | None = None
-    # how the embeddings were computed: {"backend": "torch" | "onnx", "precision": ...} (Encoder.compute_record)
+    # how the embeddings were computed: {"backend": "torch" | "onnx" | "openvino", "precision": ...}
+    # (Encoder.compute_record)
     compute: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

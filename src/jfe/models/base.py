@@ -139,7 +139,8 @@ class Encoder(torch.nn.Module):
         down as an argument). Models without a separate vision tower run it in the caller's autocast anyway."""
         return self.embed(items)
 
-    #: what computes :meth:`encode`: "torch" here, "onnx" for an exported model (:mod:`jfe.models.onnx_backend`)
+    #: what computes :meth:`encode`: "torch" here, "onnx" / "openvino" for an exported model
+    #: (:mod:`jfe.models.onnx_backend`, :mod:`jfe.models.openvino_backend`)
     backend: ClassVar[str] = "torch"
 
     def resolve_compute(self, precision: str | None = None) -> tuple[str, ComputePrecision]:

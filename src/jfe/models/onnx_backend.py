@@ -46,7 +46,9 @@ from jfe.paths import ArtefactKind, atomic_dir, cache_dir
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("torch", "onnx")
+BACKENDS: tuple[str, ...] = ("torch", "onnx", "openvino")
+#: the backends that run an export folder (OpenVINO runs the same fp32 graphs: jfe.models.openvino_backend)
+EXPORT_BACKENDS: tuple[str, ...] = ("onnx", "openvino")
 ONNX_PRECISIONS: tuple[str, ...] = ("fp32", "int8")
 MANIFEST_NAME = "jfe_onnx.json"
 FORMAT = "jfe-onnx/1"
@@ -68,7 +70,7 @@ _AXES: dict[str, dict[str, dict[int, str]]] = {
 
 
 def check_backend(backend: str | None) -> str | None:
-    """``backend`` itself (lower case) when it is None, ``torch`` or ``onnx``; else a ConfigError."""
+    """``backend`` itself (lower case) when it is None or one of :data:`BACKENDS`; else a ConfigError."""
     if backend is None:
         return None
     value = str(backend).strip().lower()
@@ -372,17 +374,18 @@ class OnnxVision:
     cacheable = True
     chunk: int | None = 32  # ORT gains from larger batches than the memory-bounded eager default (6 at 224 px)
 
-    def __init__(self, session: Any, image_size: int, digest: str) -> None:
+    def __init__(self, session: Any, image_size: int, digest: str, runtime: str = "onnx") -> None:
         self.session = session
         self.image_size = image_size
         self.digest = digest
+        self.runtime = runtime  # what computes the features, in the cache key: "onnx", "openvino-bf16", ...
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 
     def cache_key(self, dtype: torch.dtype) -> str:
-        return f"onnx-{self.digest[:16]}-s{self.image_size}-p{PREPROCESS_VERSION}-{str(dtype).split('.')[-1]}"
+        return f"{self.runtime}-{self.digest[:16]}-s{self.image_size}-p{PREPROCESS_VERSION}-{str(dtype).split('.')[-1]}"
 
     def frozen_part_of(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = preprocess(images, self.image_size).numpy()
@@ -407,26 +410,40 @@ class OnnxEncoder(Encoder):
 
     def __init__(self, folder: Path, manifest: OnnxManifest, config: TowerConfig, threads: int | None = None) -> None:
         super().__init__(config)
-        ort = _ort()
         self.folder = folder
         self.manifest = manifest
         self.source = str(folder)
         self.text_path = str(folder / TEXT_ASSETS_DIR)
-        options = session_options(threads)
-
-        def session(name: str) -> Any:
-            return ort.InferenceSession(str(folder / manifest.graphs[name].file), options,
-                                        providers=["CPUExecutionProvider"])
-
-        self.vision_graph = OnnxVision(session("vision"), config.image_size, manifest.graphs["vision"].sha256)
-        self.fusion_graph = session("fusion")
-        expected = ["features", *manifest.inputs]
-        found = [node.name for node in self.fusion_graph.get_inputs()]
-        if found != expected:
-            raise ConfigError(f"{folder / manifest.graphs['fusion'].file} takes inputs {found}, but the manifest "
-                              f"says {expected}: export the model again")
+        self.threads = threads or torch.get_num_threads()
         side = feature_map_side(config.image_size)
         self._placeholder = np.zeros((1, FEATURE_DIM, side, side), dtype=np.float32)
+        self._opened: dict[str, tuple[OnnxVision, Any]] = {}
+        self._graphs(self.resolve_compute()[0])  # a broken graph fails at load, not at the first encode
+
+    def _graphs(self, compute: str) -> tuple[OnnxVision, Any]:
+        """The vision and fusion graphs that compute in ``compute`` (opened once)."""
+        if compute not in self._opened:
+            vision, fusion, inputs = self._open(compute)
+            expected = ["features", *self.manifest.inputs]
+            if inputs != expected:
+                raise ConfigError(f"{self.folder / self.manifest.graphs['fusion'].file} takes inputs {inputs}, but "
+                                  f"the manifest says {expected}: export the model again")
+            self._opened[compute] = vision, fusion
+        return self._opened[compute]
+
+    def _open(self, compute: str) -> tuple[OnnxVision, Any, list[str]]:
+        """ONNX Runtime sessions of the two graphs (they compute in the export's precision), and the fusion
+        graph's input names."""
+        ort = _ort()
+        options = session_options(self.threads)
+
+        def session(name: str) -> Any:
+            return ort.InferenceSession(str(self.folder / self.manifest.graphs[name].file), options,
+                                        providers=["CPUExecutionProvider"])
+
+        fusion = session("fusion")
+        vision = OnnxVision(session("vision"), self.config.image_size, self.manifest.graphs["vision"].sha256)
+        return vision, fusion, [node.name for node in fusion.get_inputs()]
 
     @property
     def image_input_size(self) -> int | None:
@@ -444,7 +461,7 @@ class OnnxEncoder(Encoder):
             return self.manifest.precision, "fp32"
         check_precision(precision)  # garbage gets the usual message
         raise ConfigError(f"{self.folder} is an ONNX export computing in {self.manifest.precision}; precision "
-                          f"{precision!r} is a setting of the torch backend (use auto, or export again)")
+                          f"{precision!r} is a setting of the torch and openvino backends (use auto, or export again)")
 
     @property
     def graph_digests(self) -> tuple[str, ...]:
@@ -456,19 +473,17 @@ class OnnxEncoder(Encoder):
         self.precision = "auto"
         return self
 
-    def compute_record(self, precision: str | None = None) -> dict[str, str]:
-        return {"backend": "onnx", "precision": self.resolve_compute(precision)[0]}
-
     def encode_batch(self, items: list[Item], compute: str, vision: ComputePrecision) -> np.ndarray:
+        vision_graph, fusion_graph = self._graphs(compute)
         packed = pack(self.manifest.fusion_kind, items, self.config, self.text_path)
         if packed.images:
-            features = feature_maps(self.vision_graph, [item.required_image for item in packed.images],
+            features = feature_maps(vision_graph, [item.required_image for item in packed.images],
                                     [item.id for item in packed.images]).numpy()
         else:
             features = self._placeholder
         feeds = {"features": features, **{name: value.numpy() for name, value in packed.inputs.items()}}
-        vectors = self.fusion_graph.run(None, feeds)[0].astype(np.float32, copy=False)
-        # int8 arithmetic leaves norms a little off 1
+        vectors = fusion_graph.run(None, feeds)[0].astype(np.float32, copy=False)
+        # int8 and bf16 arithmetic leave norms a little off 1
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     def _no_training(self) -> ConfigError:
@@ -486,18 +501,19 @@ class OnnxEncoder(Encoder):
 
 
 @cache
-def _onnx_class(arch: str, fusion_role: str, matryoshka: bool) -> type[OnnxEncoder]:
-    """An :class:`OnnxEncoder` subclass declaring the source arch's fusion role (reports compare by it)."""
-    klass: type[OnnxEncoder] = type(f"OnnxEncoder[{arch}]", (OnnxEncoder,),
+def _onnx_class(arch: str, fusion_role: str, matryoshka: bool, base: type[OnnxEncoder]) -> type[OnnxEncoder]:
+    """A ``base`` subclass declaring the source arch's fusion role (reports compare by it)."""
+    klass: type[OnnxEncoder] = type(f"{base.__name__}[{arch}]", (base,),
                                     {"fusion_role": fusion_role, "matryoshka": matryoshka})
     klass.arch = arch  # set after creation: an export must not replace the arch's class in the load registry
     return klass
 
 
 def load_onnx(folder: str | os.PathLike, manifest: OnnxManifest, source_class: type[Encoder],
-              threads: int | None = None) -> OnnxEncoder:
-    """The export at ``folder`` (its checked ``manifest``, :func:`read_manifest`) as an encoder; ``source_class``
-    is the class of its arch (the caller, :func:`jfe.models.load_model`, resolves it from the manifest)."""
+              threads: int | None = None, backend: str = "onnx") -> OnnxEncoder:
+    """The export at ``folder`` (its checked ``manifest``, :func:`read_manifest`) as an encoder run by ``backend``
+    (``onnx``: ONNX Runtime; ``openvino``: OpenVINO Runtime); ``source_class`` is the class of its arch (the
+    caller, :func:`jfe.models.load_model`, resolves it from the manifest)."""
     folder = Path(folder)
     settings = {k: v for k, v in manifest.config.items() if k != "arch"}
     try:
@@ -507,7 +523,12 @@ def load_onnx(folder: str | os.PathLike, manifest: OnnxManifest, source_class: t
                           f"({exc.errors()[0]['msg']})") from None
     if not isinstance(config, TowerConfig):
         raise ConfigError(f"{folder / MANIFEST_NAME}: arch {manifest.arch!r} is not a tower model")
-    klass = _onnx_class(manifest.arch, source_class.fusion_role, source_class.matryoshka)
+    base = OnnxEncoder
+    if backend == "openvino":
+        from jfe.models.openvino_backend import OpenVinoEncoder
+
+        base = OpenVinoEncoder
+    klass = _onnx_class(manifest.arch, source_class.fusion_role, source_class.matryoshka, base)
     return klass(folder, manifest, config, threads)
 
 

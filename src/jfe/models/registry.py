@@ -200,9 +200,11 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
 
     ``backend`` (:mod:`jfe.models.onnx_backend`): None runs what the spec is (an ONNX export folder on ONNX
     Runtime, anything else on PyTorch); ``"onnx"`` with a PyTorch model exports it once (fp32, cached) and runs
-    that; ``"torch"`` refuses an ONNX folder.
+    that; ``"openvino"`` runs an fp32 export (made the same way from a PyTorch model) with OpenVINO Runtime
+    (:mod:`jfe.models.openvino_backend`); ``"torch"`` refuses an ONNX folder.
     """
     from jfe.models.onnx_backend import (
+        EXPORT_BACKENDS,
         cached_export,
         check_backend,
         export_cached,
@@ -215,23 +217,23 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     backend = check_backend(backend)
     if is_onnx_export(spec):
         if backend == "torch":
-            raise ConfigError(f"{spec} is an ONNX export: it runs with backend onnx (or load the PyTorch model it "
-                              f"was exported from, {read_manifest(Path(spec)).source!r})")
+            raise ConfigError(f"{spec} is an ONNX export: it runs with backend onnx or openvino (or load the PyTorch "
+                              f"model it was exported from, {read_manifest(Path(spec)).source!r})")
         if config_overrides:
             raise ConfigError(f"{spec} is an ONNX export: its settings were fixed at export "
                               f"(got {', '.join(sorted(config_overrides))})")
         manifest = read_manifest(Path(spec))
-        return load_onnx(spec, manifest, _arch_class(manifest.arch, spec))
-    if backend == "onnx":
+        return load_onnx(spec, manifest, _arch_class(manifest.arch, spec), backend=backend or "onnx")
+    if backend in EXPORT_BACKENDS:
         if spec.startswith(HF_PREFIX):
-            raise ConfigError(f"{spec}: the ONNX backend covers the tower models (jfe-mini and the baselines); "
+            raise ConfigError(f"{spec}: the {backend} backend covers the tower models (jfe-mini and the baselines); "
                               f"export an hf: MLLM with Hugging Face optimum, outside JFE")
         # a trained name or a saved folder is identified by its files: a cached export loads without PyTorch weights
         digest = None if config_overrides or pretrained is False else _weights_digest(spec)
         folder = cached_export(spec, digest) if digest else None
         if folder is None:
             folder = export_cached(spec, load_model(spec, "cpu", pretrained, **config_overrides), digest)
-        return load_model(folder)
+        return load_model(folder, backend=backend)
     if spec.startswith(HF_PREFIX):
         from jfe.models.hf import HFEncoder
 
