@@ -2,7 +2,8 @@
 
 Engines: torch fp32 (eager), torch bf16 (autocast; only where the CPU multiplies bf16 natively), ONNX fp32, ONNX
 int8 (MiniLM + glue dynamic int8, MobileNetV2 fp32: what ``jfe export onnx --quantize int8`` makes) and ONNX
-int8 + int8 vision (MobileNetV2 static int8 too, calibrated on images of the same kind; ``--int8-vision``).
+int8 + int8 vision (MobileNetV2 static int8 too, calibrated on images of the same kind; ``--int8-vision``),
+OpenVINO fp32 and bf16 (``--backend openvino`` on the fp32 export; bf16 only where the CPU has native bf16).
 Workloads, all "cold" (feature cache off: MobileNetV2 runs for every image): image+text at batch 1 and 64,
 text-only at batch 64, image-only at batch 64 (224-px PNGs decoded from disk, texts of 6-16 words). Each engine
 runs in its own process, so its peak RSS is its own; every engine encodes the same items, and its vectors' cosine
@@ -33,6 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, run from anywhere
 
 WORKLOADS = (("image+text", 1), ("image+text", 64), ("text", 64), ("image", 64))
+ENGINES = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-vision", "openvino-fp32",
+           "openvino-bf16")
 
 
 def _items(folder: Path, n: int, kind: str, seed: int) -> list[Any]:
@@ -58,7 +61,7 @@ def _engine(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     started = time.perf_counter()
-    model = load_model(spec["model"], device="cpu")
+    model = load_model(spec["model"], device="cpu", backend=spec["backend"])
     load_seconds = time.perf_counter() - started
     rows = []
     with tempfile.TemporaryDirectory() as tmp, feature_cache.overridden(mode="off"):
@@ -97,15 +100,15 @@ def _run_engine(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(model: str, items: int = 128, single: int = 16, threads: int | None = None,
-        engines: tuple[str, ...] = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-vision"),
-        ) -> dict[str, Any]:
+        engines: tuple[str, ...] = ENGINES) -> dict[str, Any]:
     from jfe.hardware import bf16_support, machine_summary
     from jfe.models import load_model
     from jfe.models.onnx_backend import export_onnx
 
     native_bf16 = bf16_support("cpu").native
-    engines = tuple(e for e in engines if e != "torch-bf16" or native_bf16)
-    results: dict[str, Any] = {"machine": machine_summary(), "model": model, "engines": {}, "export_seconds": {}}
+    engines = tuple(e for e in engines if e not in ("torch-bf16", "openvino-bf16") or native_bf16)
+    results: dict[str, Any] = {"machine": machine_summary(), "model": model, "runtimes": _runtime_versions(),
+                               "engines": {}, "export_seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         torch_model = load_model(model, device="cpu")
@@ -113,7 +116,11 @@ def run(model: str, items: int = 128, single: int = 16, threads: int | None = No
         specs = []
         for engine in engines:
             spec = {"label": engine, "items": items, "single": single, "threads": threads, "vectors": tmp,
-                    "model": model, "precision": engine.split("-")[1] if engine.startswith("torch") else "auto"}
+                    "model": model, "backend": None,
+                    "precision": engine.split("-")[1] if not engine.startswith("onnx") else "auto"}
+            if engine.startswith("openvino"):  # the fp32 export, run by OpenVINO (export time: the onnx-fp32 row)
+                spec.update(model=str(export_onnx(torch_model, folder / "openvino", source=model)),
+                            backend="openvino")
             if engine.startswith("onnx"):
                 begin = time.perf_counter()
                 spec["model"] = str(export_onnx(
@@ -147,6 +154,18 @@ def run(model: str, items: int = 128, single: int = 16, threads: int | None = No
     return results
 
 
+def _runtime_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("onnxruntime", "openvino"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
 def _same_top10(folder: Path, engine: str, reference: str) -> float:
     """Share of the text queries whose top 10 among the image+text items is the same set as torch fp32's."""
     def top10(label: str) -> np.ndarray:
@@ -161,7 +180,7 @@ def _print(result: dict[str, Any]) -> None:
     machine = result["machine"]
     print(f"CPU: {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']})")
     print(f"CPU flags: {' '.join(machine['cpu_flags']) or '-'}; absent: {' '.join(machine['cpu_flags_absent']) or '-'}")
-    print(f"model: {result['model']}\n")
+    print(f"model: {result['model']}; " + ", ".join(f"{k} {v}" for k, v in result["runtimes"].items()) + "\n")
     print(f"{'engine':<18}{'workload':<16}{'items/s':>10}{'vs torch fp32':>15}{'min cos':>10}{'peak RSS':>11}")
     for engine, data in result["engines"].items():
         if "same_top10_as_torch_fp32" in data:
@@ -179,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=128, help="items per batch-64 workload")
     parser.add_argument("--single", type=int, default=16, help="items of the batch-1 workload")
     parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: torch's default)")
-    parser.add_argument("--engines", default="torch-fp32,torch-bf16,onnx-fp32,onnx-int8,onnx-int8-vision")
+    parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     from jfe.hardware import tune_allocator

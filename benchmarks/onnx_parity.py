@@ -3,7 +3,8 @@
 For each model (default: the shipped jfe-mini and two-tower-mini) it exports three ONNX folders (fp32; int8 =
 MiniLM + glue dynamic int8; int8 + int8 vision = MobileNetV2 static int8 too, calibrated on 128 seeded images of
 the local candidate pools), then evaluates torch fp32, torch bf16 (where the CPU has native bf16), ONNX fp32,
-ONNX int8 and ONNX int8 + int8 vision with the M-BEIR protocol on the local and global pools. It also reports
+ONNX int8, ONNX int8 + int8 vision, and OpenVINO fp32 and bf16 (the fp32 export; bf16 where the CPU has it) with
+the M-BEIR protocol on the local and global pools. It also reports
 each engine's cosine to torch fp32 per embedding over a seeded sample of the test queries and pool candidates.
 
     python benchmarks/onnx_parity.py --data runs/minibeir --out runs/onnx_parity
@@ -25,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-ENGINES = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-vision")
+ENGINES = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-vision", "openvino-fp32", "openvino-bf16")
+BF16_ENGINES = ("torch-bf16", "openvino-bf16")  # run only where the CPU multiplies bf16 natively
 COSINE_RULE = {"fp32": 0.999, "bf16": 0.999, "int8": 0.98}
 R5 = "R@5"
 
@@ -55,6 +57,8 @@ def _engine_model(engine: str, model: str, exports: dict[str, Path]) -> Any:
 
     if engine.startswith("torch"):
         return load_model(model, device="cpu").set_precision(engine.split("-")[1])
+    if engine.startswith("openvino"):
+        return load_model(exports["onnx-fp32"], backend="openvino").set_precision(engine.split("-")[1])
     return load_model(exports[engine])
 
 
@@ -65,7 +69,7 @@ def run(data: Path, out: Path, models: list[str], pools: list[str], engines: lis
     from jfe.models.onnx_backend import export_onnx
 
     if not bf16_support("cpu").native:
-        engines = [e for e in engines if e != "torch-bf16"]
+        engines = [e for e in engines if e not in BF16_ENGINES]
     result: dict[str, Any] = {"machine": machine_summary(), "data": str(data), "engines": engines, "models": {}}
     calibration = _calibration_images(data)
     sample = _sample_items(data)
@@ -74,7 +78,7 @@ def run(data: Path, out: Path, models: list[str], pools: list[str], engines: lis
         exports = {}
         for engine, precision, vision_int8 in (("onnx-fp32", "fp32", False), ("onnx-int8", "int8", False),
                                                ("onnx-int8-vision", "int8", True)):
-            if engine in engines:
+            if engine in engines or (engine == "onnx-fp32" and any(e.startswith("openvino") for e in engines)):
                 exports[engine] = export_onnx(torch_model, out / "exports" / f"{model}-{engine}", source=model,
                                               precision=precision, vision_int8=vision_int8,
                                               calibration=calibration if vision_int8 else None, overwrite=True)
