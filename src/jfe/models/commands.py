@@ -204,6 +204,30 @@ def encode(
     typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {out}")
 
 
+@export_app.command("sentence-transformers")
+def export_sentence_transformers(
+    model: str = typer.Argument(..., help="Registered name (jfe-mini, ...), hf:<path>, or a saved model folder."),
+    out: Path = typer.Argument(..., help="Folder to write (an export there is replaced atomically; any other "
+                                         "non-empty folder is refused)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT folder that is not such an "
+                                                              "export, and everything in it."),
+) -> None:
+    """Export a model as a sentence-transformers folder: SentenceTransformer(OUT, trust_remote_code=True) loads it.
+
+    It encodes texts, images and {"text", "image"} dicts as `jfe encode --precision fp32` does (needs the
+    sentence-transformers extra, and jfe installed where it is loaded).
+    """
+    from jfe.models.registry import load_model
+    from jfe.models.st_export import ST_KIND
+    from jfe.models.st_export import export_sentence_transformers as export
+    from jfe.paths import check_out_dir
+
+    check_out_dir(out, ST_KIND, overwrite=overwrite)  # before loading anything
+    folder = export(load_model(model, device="cpu"), out, source=model, overwrite=overwrite)
+    typer.echo(f"exported {model} for sentence-transformers to {folder}: "
+               f"SentenceTransformer({str(folder)!r}, trust_remote_code=True)")
+
+
 @export_app.command("onnx")
 def export_onnx(
     model: str = typer.Argument(..., help="Registered name (jfe-mini, two-tower-mini, ...) or a saved model folder."),
