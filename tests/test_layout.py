@@ -22,6 +22,7 @@ ALLOWED = {
     "jfe.eval": {"jfe.index", "jfe.models", "jfe.data"},
     "jfe.serve": {"jfe.indexing", "jfe.index", "jfe.models", "jfe.data"},
     "jfe.train": {"jfe.eval", "jfe.index", "jfe.models", "jfe.data"},
+    "jfe.lance_embeddings": {"jfe.models", "jfe.data"},
 }
 
 

@@ -27,6 +27,7 @@ from jfe.errors import ConfigError, DataError
 from jfe.hardware import cpu_bf16_flags
 from jfe.index.build import RECALL_QUERIES, check_factory, index_vectors
 from jfe.index.hits import Hit, hits_from
+from jfe.index.lance import LanceIndex, check_lance_factory
 from jfe.index.shards import ShardedIndex, split_rows
 from jfe.index.vector_index import INDEX_KIND, VectorIndex
 from jfe.models.base import Encoder, default_device
@@ -36,6 +37,9 @@ from jfe.models.registry import load_model, model_name_of
 from jfe.paths import check_out_dir
 
 logger = logging.getLogger(__name__)
+
+#: where ``jfe index build`` keeps the vectors: a faiss index folder (JFE's own), or a LanceDB table
+STORES: tuple[str, ...] = ("faiss", "lancedb")
 
 
 def read_pools(pool_files: Sequence[str | os.PathLike]) -> list[Candidate]:
@@ -97,7 +101,7 @@ def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
 def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str = "Flat",
                 search_params: dict[str, float] | None = None, batch_size: int = 64, progress: bool = True,
                 shards: int = 1, ray_address: str | None = None, seed: int = 0, precision: str = "auto",
-                overwrite: bool = False, backend: str | None = None) -> Any:
+                overwrite: bool = False, backend: str | None = None, store: str = "faiss") -> Any:
     """What ``jfe index build`` does: encode the pools, index them, write ``out`` atomically.
 
     ``shards > 1`` or ``ray_address`` writes a sharded index folder (:mod:`jfe.index.shards`); with
@@ -106,8 +110,16 @@ def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Pa
     killed build leaves any previous index at ``out`` untouched. A folder at ``out`` that is not an index is
     refused before any work unless ``overwrite``. ``backend`` (torch | onnx | openvino, default what ``model`` is) is
     recorded in meta.json with the precision, and searches of the index encode queries the same way.
+    ``store="lancedb"`` writes a LanceDB table instead of a faiss index (:mod:`jfe.index.lance`; ``factory`` is then
+    a LanceDB index type: Flat, IVF_PQ, IVF_HNSW_SQ).
     """
     check_out_dir(out, INDEX_KIND, overwrite=overwrite)
+    if store not in STORES:
+        raise ConfigError(f"unknown index store {store!r}: expected one of {', '.join(STORES)}")
+    if store == "lancedb":
+        return _write_lance(out, model, pool_files, data_root, factory=factory, search_params=search_params,
+                            batch_size=batch_size, progress=progress, shards=shards, ray_address=ray_address,
+                            seed=seed, precision=precision, overwrite=overwrite, backend=backend)
     check_factory(factory)
     if backend in EXPORT_BACKENDS and ray_address:
         raise ConfigError(f"--ray encodes with PyTorch workers; the {backend} backend encodes in this process (drop "
@@ -124,6 +136,32 @@ def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Pa
                          batch_size=batch_size, progress=progress, shards=max(shards, 2 if ray_address else 1),
                          ray_address=ray_address, seed=seed, precision=precision, overwrite=overwrite,
                          backend=backend)
+
+
+def _write_lance(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str,
+                 search_params: dict[str, float] | None, batch_size: int, progress: bool, shards: int,
+                 ray_address: str | None, seed: int, precision: str, overwrite: bool,
+                 backend: str | None) -> LanceIndex:
+    """:func:`write_index` into a LanceDB table: one table, which LanceDB itself scales (no JFE shards)."""
+    if shards > 1 or ray_address:
+        raise ConfigError("--store lancedb writes one LanceDB table (LanceDB scales it on disk itself): drop "
+                          "--shards / --ray")
+    factory = check_lance_factory(factory)
+    if search_params and "nprobe" in search_params:  # faiss's spelling (--nprobe) of LanceDB's nprobes
+        search_params = {("nprobes" if k == "nprobe" else k): v for k, v in search_params.items()}
+    data_root = Path(data_root).resolve()
+    candidates = read_pools(pool_files)
+    if not candidates:
+        raise DataError("no candidates in the pool file(s): " + ", ".join(str(p) for p in pool_files))
+    if not is_onnx_export(model):
+        precision = check_precision(precision)
+    encoder = load_model(model, backend=backend)
+    vectors, precision_info = _encode_candidates(encoder, candidates, data_root, batch_size, progress, precision)
+    meta = pool_meta(model, encoder.arch, data_root, pool_files, factory)
+    meta.update(precision_info)
+    meta["store"] = "lancedb"
+    return LanceIndex.write(out, [c.did for c in candidates], vectors, [c.to_json() for c in candidates],
+                            factory=factory, meta=meta, search_params=search_params, overwrite=overwrite, seed=seed)
 
 
 def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str,

@@ -4,8 +4,8 @@ Nothing here encodes: embedding candidate pools with a model is :mod:`jfe.indexi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,6 +23,13 @@ DEFAULT_SEARCH_PARAMS = {"HNSW": {"efSearch": 128}, "IVF": {"nprobe": 32}}
 TRAIN_SAMPLE = 131_072
 RECALL_QUERIES = 200
 RECALL_K = 10
+
+
+class Searchable(Protocol):
+    """What :func:`recall_at_k` measures: a faiss :class:`VectorIndex`, a sharded one, a LanceDB table."""
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Collection[str]] | None = None
+               ) -> tuple[list[list[str]], np.ndarray]: ...
 
 
 def parse_search_params(values: Sequence[str] | None) -> dict[str, float]:
@@ -50,7 +57,7 @@ def default_search_params(factory: str) -> dict[str, float]:
     return params
 
 
-def recall_at_k(index: VectorIndex, ids: Sequence[str], vectors: np.ndarray, *, k: int = RECALL_K,
+def recall_at_k(index: Searchable, ids: Sequence[str], vectors: np.ndarray, *, k: int = RECALL_K,
                 queries: int = RECALL_QUERIES, seed: int = 0) -> dict[str, Any]:
     """Recall@k of ``index`` against exact fp32 search, with a seeded sample of the pool's own vectors as queries.
 

@@ -43,7 +43,10 @@ def index_build(
     out: Path = typer.Option(..., "--out", help="Index folder to write (an index there is replaced atomically; "
                                                 "any other non-empty folder is refused)."),
     factory: str = typer.Option("Flat", "--factory", help="faiss index_factory string: Flat (exact), IVF1024,Flat, "
-                                                          "HNSW32, IVF4096,PQ32 ..."),
+                                                          "HNSW32, IVF4096,PQ32 ...; with --store lancedb: Flat, "
+                                                          "IVF_PQ or IVF_HNSW_SQ."),
+    store: str = typer.Option("faiss", "--store", help="faiss (JFE's index folder) or lancedb (a LanceDB table "
+                                                       "other tools open too; the `lancedb` extra)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Candidates per encoder batch."),
     nprobe: int = typer.Option(None, "--nprobe", min=1, help="IVF lists probed per query (more: slower, more "
                                                              "exact); saved with the index."),
@@ -71,6 +74,6 @@ def index_build(
         params = {**(params or {}), "nprobe": nprobe}
     index = write_index(out, model, files, data_root, factory=factory, search_params=params, batch_size=batch_size,
                         progress=progress, shards=shards, ray_address=ray, precision=precision,
-                        overwrite=overwrite, backend=backend)
+                        overwrite=overwrite, backend=backend, store=store.strip().lower())
     _console(stderr=True).print(f"indexed {len(index)} candidates (dim {index.dim}, {factory}) into {out} "
                                 f"in {time.perf_counter() - started:.1f}s", markup=False)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from jfe.errors import ConfigError, DataError
+from jfe.index.lance import LanceIndex, is_lance_index
 from jfe.index.vector_index import INDEX_KIND, META_FILE, VectorIndex
 from jfe.paths import atomic_dir, read_json_object, recover_dir
 
@@ -125,10 +126,14 @@ def write_shards_into(folder: Path, shards: Sequence[VectorIndex], meta: dict, f
     (folder / SHARDS_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def load_index(directory: str | os.PathLike, *, mmap: bool = False) -> VectorIndex | ShardedIndex:
-    """A :class:`ShardedIndex` where ``shards.json`` exists, else a plain :class:`VectorIndex`."""
+def load_index(directory: str | os.PathLike, *, mmap: bool = False) -> VectorIndex | ShardedIndex | LanceIndex:
+    """A :class:`ShardedIndex` where ``shards.json`` exists, a :class:`~jfe.index.lance.LanceIndex` where
+    ``lancedb.json`` does, else a plain :class:`VectorIndex` (``mmap``: faiss indexes only; LanceDB reads its
+    table from disk as it searches)."""
     directory = Path(directory)
     recover_dir(directory)
+    if is_lance_index(directory):
+        return LanceIndex.load(directory)
     if (directory / SHARDS_FILE).is_file():
         return ShardedIndex.load(directory, mmap=mmap)
     return VectorIndex.load(directory, mmap=mmap)

@@ -40,8 +40,9 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.jsonl"
 META_FILE = "meta.json"
-# what `--out` may replace: a folder holding an index (single or sharded: shards.json), or an empty one
-INDEX_KIND = ArtefactKind("JFE index", (META_FILE, "shards.json"))
+# what `--out` may replace: a folder holding an index (single, sharded: shards.json, LanceDB: lancedb.json), or an
+# empty one
+INDEX_KIND = ArtefactKind("JFE index", (META_FILE, "shards.json", "lancedb.json"))
 # Queries per faiss call: bounds the [batch, k] result buffers for very large query sets.
 SEARCH_BATCH = 4096
 # Exact (Flat) search of this many queries or more goes through exact_topk (blocked BLAS + running top-k):

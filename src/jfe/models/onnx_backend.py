@@ -510,10 +510,11 @@ def _onnx_class(arch: str, fusion_role: str, matryoshka: bool, base: type[OnnxEn
 
 
 def load_onnx(folder: str | os.PathLike, manifest: OnnxManifest, source_class: type[Encoder],
-              threads: int | None = None, backend: str = "onnx") -> OnnxEncoder:
-    """The export at ``folder`` (its checked ``manifest``, :func:`read_manifest`) as an encoder run by ``backend``
-    (``onnx``: ONNX Runtime; ``openvino``: OpenVINO Runtime); ``source_class`` is the class of its arch (the
-    caller, :func:`jfe.models.load_model`, resolves it from the manifest)."""
+              threads: int | None = None, runtime: type[OnnxEncoder] | None = None) -> OnnxEncoder:
+    """The export at ``folder`` (its checked ``manifest``, :func:`read_manifest`) as an encoder of class ``runtime``
+    (:class:`OnnxEncoder`, ONNX Runtime, by default; :class:`~jfe.models.openvino_backend.OpenVinoEncoder`);
+    ``source_class`` is the class of its arch (the caller, :func:`jfe.models.load_model`, resolves it from the
+    manifest)."""
     folder = Path(folder)
     settings = {k: v for k, v in manifest.config.items() if k != "arch"}
     try:
@@ -523,11 +524,7 @@ def load_onnx(folder: str | os.PathLike, manifest: OnnxManifest, source_class: t
                           f"({exc.errors()[0]['msg']})") from None
     if not isinstance(config, TowerConfig):
         raise ConfigError(f"{folder / MANIFEST_NAME}: arch {manifest.arch!r} is not a tower model")
-    base = OnnxEncoder
-    if backend == "openvino":
-        from jfe.models.openvino_backend import OpenVinoEncoder
-
-        base = OpenVinoEncoder
+    base: Any = runtime or OnnxEncoder  # a class is hashable (the cache key), which mypy does not see for a Module
     klass = _onnx_class(manifest.arch, source_class.fusion_role, source_class.matryoshka, base)
     return klass(folder, manifest, config, threads)
 

@@ -223,7 +223,12 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
             raise ConfigError(f"{spec} is an ONNX export: its settings were fixed at export "
                               f"(got {', '.join(sorted(config_overrides))})")
         manifest = read_manifest(Path(spec))
-        return load_onnx(spec, manifest, _arch_class(manifest.arch, spec), backend=backend or "onnx")
+        runtime = None
+        if backend == "openvino":
+            from jfe.models.openvino_backend import OpenVinoEncoder
+
+            runtime = OpenVinoEncoder
+        return load_onnx(spec, manifest, _arch_class(manifest.arch, spec), runtime=runtime)
     if backend in EXPORT_BACKENDS:
         if spec.startswith(HF_PREFIX):
             raise ConfigError(f"{spec}: the {backend} backend covers the tower models (jfe-mini and the baselines); "
