@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,ray,onnx,openvino,sentence-transformers,lancedb]'
+	$(BIN)/pip install -q -e '.[dev,ray,onnx,openvino,sentence-transformers,lancedb,distributed]'
 	touch $(STAMP)
 
 # The two small icon sets the pretraining-corpus tests build from; `make pretrain` fetches the whole corpus.
