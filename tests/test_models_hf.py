@@ -417,6 +417,55 @@ def build_tiny_llava(folder: Path) -> Path:
     return folder
 
 
+def build_tiny_qwen3_vl(folder: Path) -> Path:
+    """A 2-layer Qwen3-VL (hidden 32, deepstack on its second vision block), the tokenizer and processor of the tiny
+    Qwen2-VL (Qwen3-VL's own processor class needs torchvision)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vocab = {token: i for i, token in enumerate(SPECIAL + ["[UNK]"] + sorted(set(WORDS)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                       pre_tokenizers.Punctuation()])
+    tokenizer.add_special_tokens(SPECIAL)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>")
+    fast.chat_template = TEMPLATE
+    config = Qwen3VLConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                     "max_position_embeddings": 512, "bos_token_id": None, "eos_token_id": vocab["<|im_end|>"],
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                         "mrope_interleaved": True}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "num_position_embeddings": 64, "deepstack_visual_indexes": [1]},
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    Qwen3VLForConditionalGeneration(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_qwen3_vl_goes_through_the_qwen2_vl_adapter(tmp_path: Path, side: str) -> None:
+    folder = build_tiny_qwen3_vl(tmp_path / "tiny-qwen3-vl")
+    model = load_model(f"hf:{folder}", device="cpu", padding_side=side)
+    assert model.adapter.name == "qwen2-vl" and model.dim == 32
+    items = mixed_items()
+    batch = model.encode(items, batch_size=len(items))
+    np.testing.assert_allclose(batch, np.concatenate([model.encode([item]) for item in items]), atol=1e-5)
+    assert (batch @ batch.T)[~np.eye(len(items), dtype=bool)].max() < 0.9999
+    model.set_trainable("align")  # the projector (visual.merger) is found by the adapter's pattern
+    assert {n for n, p in model.named_parameters() if p.requires_grad}
+    saved = model.save_pretrained(tmp_path / "saved")
+    np.testing.assert_allclose(load_model(saved, device="cpu").encode(items), batch, atol=1e-6)
+
+
 def test_generic_adapter_with_a_processor(tmp_path: Path) -> None:
     folder = build_tiny_llava(tmp_path / "tiny-llava")
     items = [Item(text="find the red cat"), Item(image=_image(40, 40, 5)), Item(text="moon", image=_image(50, 30, 6))]

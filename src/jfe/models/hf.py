@@ -1,4 +1,4 @@
-"""A Hugging Face multimodal LM (Qwen2-VL, Qwen2.5-VL, ...) as a one-tower JFE encoder (arch ``hf-mllm``).
+"""A Hugging Face multimodal LM (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, ...) as a one-tower JFE encoder (arch ``hf-mllm``).
 
 Every item — text, image, or image+text — becomes one chat-template prompt::
 
@@ -8,7 +8,7 @@ and the vector is the last layer's hidden state at the LAST REAL token (found fr
 it is right under left and right padding), L2-normalised. Text-only items carry no image tokens.
 
 Model families differ in how an image enters the prompt; :data:`ADAPTERS` holds one small entry per
-``model_type``. The Qwen2-VL family is handled natively (tokenizer + image processor, image placeholders
+``model_type``. The Qwen2-VL family (and Qwen3-VL) is handled natively (tokenizer + image processor, image placeholders
 expanded here, M-RoPE inputs built here), which also works where ``torchvision`` — needed by their
 video processor and hence by ``AutoProcessor`` — is not installed. Other ``AutoModelForImageTextToText``
 models go through their ``AutoProcessor``.
@@ -119,7 +119,9 @@ QWEN2_VL = ModelAdapter(
 GENERIC = ModelAdapter(name="generic", native=False)
 
 #: ``model_type`` -> adapter. Unknown types fall back to :data:`GENERIC` (their own processor).
-ADAPTERS: dict[str, ModelAdapter] = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN2_VL}
+# Qwen3-VL takes the same inputs (image placeholders expanded per merged patch, M-RoPE from mm_token_type_ids); its
+# AutoProcessor would need torchvision, the native path does not
+ADAPTERS: dict[str, ModelAdapter] = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN2_VL, "qwen3_vl": QWEN2_VL}
 
 
 def adapter_for(model_type: str) -> ModelAdapter:
