@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -462,6 +463,98 @@ def test_qwen3_vl_goes_through_the_qwen2_vl_adapter(tmp_path: Path, side: str) -
     assert (batch @ batch.T)[~np.eye(len(items), dtype=bool)].max() < 0.9999
     model.set_trainable("align")  # the projector (visual.merger) is found by the adapter's pattern
     assert {n for n, p in model.named_parameters() if p.requires_grad}
+    saved = model.save_pretrained(tmp_path / "saved")
+    np.testing.assert_allclose(load_model(saved, device="cpu").encode(items), batch, atol=1e-6)
+
+
+def _word_tokenizer(special: list[str], **tokens: str) -> tuple[dict[str, int], Any]:
+    """A word-level fast tokenizer over WORDS with ``special`` tokens first (``tokens``: its named ones)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(special + ["[UNK]"] + sorted(set(WORDS)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                       pre_tokenizers.Punctuation()])
+    tokenizer.add_special_tokens(special)
+    return vocab, PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", **tokens)
+
+
+def _template(image: str, turn_end: str) -> str:
+    return ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+            + image + "{% else %}{{ c['text'] }}{% endif %}{% endfor %} " + turn_end + "{% endfor %}"
+            "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def build_tiny_gemma3(folder: Path) -> Path:
+    """A tiny Gemma3 (SigLIP + Gemma3 text) with its own processor, which takes one list of images per prompt."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    special = ["<pad>", "<bos>", "<eos>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    vocab, tokenizer = _word_tokenizer(special, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                       extra_special_tokens={"boi_token": "<start_of_image>",
+                                                             "eoi_token": "<end_of_image>",
+                                                             "image_token": "<image_soft_token>"})
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 28, "width": 28}),
+                                tokenizer=tokenizer, chat_template=_template("<start_of_image>", "<end_of_turn>"),
+                                image_seq_length=4)
+    config = Gemma3Config(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 16,
+                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 28, "patch_size": 7},
+        mm_tokens_per_image=4, boi_token_index=vocab["<start_of_image>"], eoi_token_index=vocab["<end_of_image>"],
+        image_token_index=vocab["<image_soft_token>"])
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_mllama(folder: Path) -> Path:
+    """A tiny mllama (Llama 3.2 Vision: cross-attention layers, image tiles), one list of images per prompt."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    special = ["<pad>", "<|begin_of_text|>", "<|eot_id|>", "<|image|>", "<|python_tag|>"]
+    vocab, tokenizer = _word_tokenizer(special, pad_token="<pad>", bos_token="<|begin_of_text|>",
+                                       eos_token="<|eot_id|>")
+    processor = MllamaProcessor(
+        image_processor=MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=2),
+        tokenizer=tokenizer, chat_template=_template("<|image|>", "<|eot_id|>"))
+    config = MllamaConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_global_layers": 1,
+                       "attention_heads": 2, "image_size": 28, "patch_size": 14, "max_num_tiles": 2,
+                       "intermediate_layers_indices": [0], "vision_output_dim": 64,
+                       "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]]},
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "cross_attention_layers": [1],
+                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+        image_token_index=vocab["<|image|>"])
+    torch.manual_seed(0)
+    MllamaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("build", [build_tiny_gemma3, build_tiny_mllama], ids=["gemma3", "mllama"])
+def test_processors_that_take_images_per_prompt_encode_mixed_batches(tmp_path: Path, build: Any) -> None:
+    """Gemma3's and mllama's processors need one list of images per prompt: a batch mixing text-only and image
+    items failed (reported as bad data) while each item alone worked."""
+    model = load_model(f"hf:{build(tmp_path / 'tiny')}", device="cpu")
+    assert model.adapter.images_per_prompt
+    model.set_trainable("align")  # the projector is found by name
+    assert {n for n, p in model.named_parameters() if p.requires_grad}
+    # random inits leave the image path shut (Gemma3's projection and mllama's cross-attention gates start at
+    # zero, so every image-only item would get one vector): open it as training would
+    model.set_trainable("full")
+    _perturb(list(model.parameters()), seed=4)
+    items = mixed_items()
+    batch = model.encode(items, batch_size=len(items))
+    np.testing.assert_allclose(batch, np.concatenate([model.encode([item]) for item in items]), atol=1e-5)
+    assert (batch @ batch.T)[~np.eye(len(items), dtype=bool)].max() < 0.9999
     saved = model.save_pretrained(tmp_path / "saved")
     np.testing.assert_allclose(load_model(saved, device="cpu").encode(items), batch, atol=1e-6)
 

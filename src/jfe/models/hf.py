@@ -109,6 +109,13 @@ class ModelAdapter:
     reserved_tokens: tuple[str, ...] = ()
     projector_patterns: tuple[str, ...] = ("multi_modal_projector", "mm_projector", "connector", "projector")
     mm_token_type_ids: bool = False
+    #: the processor takes one list of images per prompt (``images=[[], [img]]``), not one flat list: with a flat
+    #: list, Gemma3's and mllama's processors cannot tell which prompt an image belongs to in a batch mixing text-only
+    #: and image items
+    images_per_prompt: bool = False
+    #: text-only items run in a forward pass of their own: mllama skips its cross-attention layers when a batch has
+    #: no image but runs them (masked, not to the same numbers) for a text row beside images
+    text_apart: bool = False
 
 
 QWEN2_VL = ModelAdapter(
@@ -119,9 +126,13 @@ QWEN2_VL = ModelAdapter(
 GENERIC = ModelAdapter(name="generic", native=False)
 
 #: ``model_type`` -> adapter. Unknown types fall back to :data:`GENERIC` (their own processor).
+PER_PROMPT = ModelAdapter(name="images-per-prompt", native=False, images_per_prompt=True)
+MLLAMA = ModelAdapter(name="mllama", native=False, images_per_prompt=True, text_apart=True)
+
 # Qwen3-VL takes the same inputs (image placeholders expanded per merged patch, M-RoPE from mm_token_type_ids); its
 # AutoProcessor would need torchvision, the native path does not
-ADAPTERS: dict[str, ModelAdapter] = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN2_VL, "qwen3_vl": QWEN2_VL}
+ADAPTERS: dict[str, ModelAdapter] = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN2_VL, "qwen3_vl": QWEN2_VL,
+                                     "gemma3": PER_PROMPT, "mllama": MLLAMA}
 
 
 def adapter_for(model_type: str) -> ModelAdapter:
@@ -559,14 +570,20 @@ class HFEncoder(Encoder):
         processor = self.processor
         assert processor is not None, "non-native adapters load an AutoProcessor"
         kwargs: dict[str, Any] = {"text": prompts, "padding": True, "return_tensors": "pt"}
-        if images:
+        if images and self.adapter.images_per_prompt:
+            by_prompt: list[list[Any]] = [[] for _ in prompts]
+            for index, image in images:
+                by_prompt[index].append(image)
+            kwargs["images"] = by_prompt
+        elif images:
             kwargs["images"] = [image for _, image in images]
         try:
             return dict(processor(**kwargs))
         except Exception as exc:  # noqa: BLE001
             for index, image in images:  # find the item at fault, so the error can name it
                 try:
-                    processor(text=[prompts[index]], images=[image], return_tensors="pt")
+                    processor(text=[prompts[index]], images=[[image]] if self.adapter.images_per_prompt else [image],
+                              return_tensors="pt")
                 except Exception as inner:  # noqa: BLE001
                     raise DataError(f"the processor rejected the item: {inner}", record_id=items[index].id) \
                         from inner
@@ -594,6 +611,14 @@ class HFEncoder(Encoder):
     def embed(self, items: Sequence[Item]) -> torch.Tensor:
         if len(items) == 0:
             return torch.zeros(0, self.dim, device=self.device)
+        if self.adapter.text_apart:
+            text = [i for i, item in enumerate(items) if item.image is None]
+            if 0 < len(text) < len(items):
+                rest = [i for i in range(len(items)) if items[i].image is not None]
+                out = torch.empty(len(items), self.dim, device=self.device)
+                out[text] = self.embed([items[i] for i in text])
+                out[rest] = self.embed([items[i] for i in rest])
+                return out
         batch = self.prepare(items)
         hidden = self.hidden_states(batch)
         return l2_normalize(self.pool(hidden, batch["attention_mask"]))
