@@ -2,7 +2,8 @@
 
 ``load_model(name_or_path)`` builds a registered model (``jfe-mini``, ``two-tower-mini``,
 ``late-fusion-sf-mini``, ``late-fusion-ff-mini``), an ``hf:<path>`` MLLM, or a saved folder;
-``list_models()`` lists the registered names. Exports are resolved lazily, so that importing
+``list_models()`` lists the registered names; ``preprocess(model)`` is its image preparation as a DataLoader
+transform. Exports are resolved lazily, so that importing
 ``jfe.models.commands`` (for ``jfe --help``) does not import torch.
 """
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jfe.models.base import Encoder, EncoderConfig
     from jfe.models.registry import ModelInfo, list_models, load_model, register_model
+    from jfe.models.transforms import preprocess
 
 _LAZY = {
     "Encoder": "jfe.models.base",
@@ -21,6 +23,7 @@ _LAZY = {
     "list_models": "jfe.models.registry",
     "load_model": "jfe.models.registry",
     "register_model": "jfe.models.registry",
+    "preprocess": "jfe.models.transforms",
 }
 
 
@@ -32,4 +35,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'jfe.models' has no attribute {name!r}")
 
 
-__all__ = ["Encoder", "EncoderConfig", "ModelInfo", "list_models", "load_model", "register_model"]
+__all__ = ["Encoder", "EncoderConfig", "ModelInfo", "list_models", "load_model", "preprocess", "register_model"]

@@ -120,6 +120,26 @@ def _pristine_mobilenet_v2() -> MobileNetV2:
     return net.eval()
 
 
+def square_resize(image: Image.Image, image_size: int) -> Image.Image:
+    """An RGB PIL image padded to a square on white and resized (bicubic) to ``image_size``: the geometric part of
+    :func:`preprocess`, which leaves an image already at that size as it is (so a DataLoader worker may run it)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    w, h = image.size
+    factor = max(w, h) // (REDUCING_GAP * image_size)
+    if factor >= 2:  # a box reduction first, as PIL's reducing_gap does: a 4000-px PNG resizes ~10x faster
+        image = image.reduce(factor)
+        w, h = image.size
+    if w != h:
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), (255, 255, 255))
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = canvas
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return image
+
+
 def preprocess(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
     """RGB PIL images -> normalised ``[n, 3, S, S]`` float tensor.
 
@@ -128,21 +148,7 @@ def preprocess(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
     """
     arrays = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        w, h = image.size
-        factor = max(w, h) // (REDUCING_GAP * image_size)
-        if factor >= 2:  # a box reduction first, as PIL's reducing_gap does: a 4000-px PNG resizes ~10x faster
-            image = image.reduce(factor)
-            w, h = image.size
-        if w != h:
-            side = max(w, h)
-            canvas = Image.new("RGB", (side, side), (255, 255, 255))
-            canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-            image = canvas
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        arrays[i] = np.asarray(image)
+        arrays[i] = np.asarray(square_resize(image, image_size))
     pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
