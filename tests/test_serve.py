@@ -480,8 +480,11 @@ class TokenizedToy(ToyEncoder):
         self.tokenizer = word_tokenizer(["a", "red", "circle", "blue", "square", "redness"])
 
 
-class MatryoshkaToy(ToyEncoder):
-    matryoshka = True
+def MatryoshkaToy() -> ToyEncoder:  # noqa: N802 - reads as the class it stands for
+    """The toy as a model trained with a Matryoshka loss would declare itself (its config's matryoshka_dims)."""
+    from jfe.models.toy import ToyConfig
+
+    return ToyEncoder(ToyConfig(matryoshka_dims=[8, 16]))
 
 
 def test_tokenizer_of_finds_hf_and_tower_tokenizers_and_none_for_the_toy(model, monkeypatch) -> None:  # noqa: ANN001

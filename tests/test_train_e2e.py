@@ -74,3 +74,21 @@ def test_trains_on_the_shared_tiny_fixture(tiny_mbeir: Path, tmp_path: Path) -> 
     assert (final / "model.safetensors").exists()
     last = _rows(tmp_path / "o")[-1]
     assert last["step"] == 2 and {"val/R@5/task0", "val/R@5/task3", "val/R@5/task7"} <= set(last)
+
+
+def test_matryoshka_training_is_recorded_in_the_model_and_honoured_by_the_service(root: Path,
+                                                                                  tmp_path: Path) -> None:
+    from jfe.serve.inputs import check_dimensions
+
+    common = {"model": "toy-hash", "data": str(root), "batch_size": 8, "steps": 3, "val_every": 0}
+    final = train({**common, "output_dir": str(tmp_path / "m"), "matryoshka_dims": [16, 8]}, progress=False)
+    model = load_model(final)
+    assert model.config.matryoshka_dims == [8, 16] and model.matryoshka
+    assert check_dimensions(8, model, "m") == 8  # OpenAI's `dimensions` below the dim: served
+    rows = _rows(tmp_path / "m")
+    assert all(r["loss"] > 0 for r in rows if "loss" in r)
+    # going on without the loss clears the claim: its prefixes are no longer trained
+    plain = load_model(train({**common, "model": str(final), "output_dir": str(tmp_path / "p")}, progress=False))
+    assert plain.config.matryoshka_dims == [] and not plain.matryoshka
+    with pytest.raises(ConfigError, match="matryoshka_dims"):
+        train({**common, "output_dir": str(tmp_path / "bad"), "matryoshka_dims": [64]}, progress=False)

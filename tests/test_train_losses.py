@@ -160,3 +160,22 @@ def test_grad_cache_replays_dropout_masks() -> None:
             continue
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
+
+
+def test_matryoshka_loss_is_the_mean_over_renormalised_prefixes() -> None:
+    from jfe.train.losses import MatryoshkaLoss
+
+    q, p, n = _unit_rows(3, 8, 3), _unit_rows(3, 8, 4), _unit_rows(2, 8, 5)
+    inner = InfoNCELoss(temperature=0.1, learnable=False, symmetric=True)
+    loss = MatryoshkaLoss(inner, [2, 4, 8, 4])  # duplicates and the full dim are taken once
+    tensors = [torch.tensor(x, dtype=torch.float32, requires_grad=True) for x in (q, p, n)]
+    got = loss(*tensors)
+
+    def unit(x: np.ndarray, d: int) -> np.ndarray:
+        return x[:, :d] / np.linalg.norm(x[:, :d], axis=1, keepdims=True)
+
+    expected = np.mean([_hand_infonce(unit(q, d), unit(p, d), unit(n, d), 0.1, True) for d in (2, 4, 8)])
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    got.backward()
+    assert tensors[0].grad is not None and tensors[0].grad[:, 2:4].abs().sum() > 0  # every prefix is trained
+    assert loss.temperature == pytest.approx(0.1)

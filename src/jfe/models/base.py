@@ -41,6 +41,9 @@ class EncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     arch: str
     embed_dim: int = 384
+    #: the prefix lengths a Matryoshka loss trained (``matryoshka_dims`` of the training config; empty: not trained
+    #: so): a renormalised prefix of such a model's vector is a usable smaller embedding
+    matryoshka_dims: list[int] = []
 
 
 def default_device() -> torch.device:
@@ -53,9 +56,6 @@ class Encoder(torch.nn.Module):
     arch: ClassVar[str] = ""
     config_class: ClassVar[type[EncoderConfig]] = EncoderConfig
     _registry: ClassVar[dict[str, type[Encoder]]] = {}
-    # True only for models trained so that a renormalised prefix of an embedding is an embedding (Matryoshka);
-    # the service then honours OpenAI's ``dimensions`` below the model's dim. None of the shipped models is.
-    matryoshka: ClassVar[bool] = False
     # Where this architecture fuses modalities (reports compare by it; declared, never guessed from a name):
     # "one-tower" (one encoder reads image and text tokens together), "two-tower" (separate towers, one vector
     # each, summed), "late-fusion" (separate towers merged by a learned head) or "other".
@@ -138,6 +138,12 @@ class Encoder(torch.nn.Module):
         """:meth:`embed` with the vision tower computing in ``vision`` (resolved by :meth:`encode` and passed
         down as an argument). Models without a separate vision tower run it in the caller's autocast anyway."""
         return self.embed(items)
+
+    @property
+    def matryoshka(self) -> bool:
+        """Whether the model was trained so that a renormalised prefix of its vectors is an embedding (Matryoshka,
+        ``matryoshka_dims`` in its config): the service then honours OpenAI's ``dimensions`` below :attr:`dim`."""
+        return bool(self.config.matryoshka_dims)
 
     #: what computes :meth:`encode`: "torch" here, "onnx" / "openvino" for an exported model
     #: (:mod:`jfe.models.onnx_backend`, :mod:`jfe.models.openvino_backend`)

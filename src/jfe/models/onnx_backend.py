@@ -501,10 +501,9 @@ class OnnxEncoder(Encoder):
 
 
 @cache
-def _onnx_class(arch: str, fusion_role: str, matryoshka: bool, base: type[OnnxEncoder]) -> type[OnnxEncoder]:
+def _onnx_class(arch: str, fusion_role: str, base: type[OnnxEncoder]) -> type[OnnxEncoder]:
     """A ``base`` subclass declaring the source arch's fusion role (reports compare by it)."""
-    klass: type[OnnxEncoder] = type(f"{base.__name__}[{arch}]", (base,),
-                                    {"fusion_role": fusion_role, "matryoshka": matryoshka})
+    klass: type[OnnxEncoder] = type(f"{base.__name__}[{arch}]", (base,), {"fusion_role": fusion_role})
     klass.arch = arch  # set after creation: an export must not replace the arch's class in the load registry
     return klass
 
@@ -525,7 +524,7 @@ def load_onnx(folder: str | os.PathLike, manifest: OnnxManifest, source_class: t
     if not isinstance(config, TowerConfig):
         raise ConfigError(f"{folder / MANIFEST_NAME}: arch {manifest.arch!r} is not a tower model")
     base: Any = runtime or OnnxEncoder  # a class is hashable (the cache key), which mypy does not see for a Module
-    klass = _onnx_class(manifest.arch, source_class.fusion_role, source_class.matryoshka, base)
+    klass = _onnx_class(manifest.arch, source_class.fusion_role, base)
     return klass(folder, manifest, config, threads)
 
 

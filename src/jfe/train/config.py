@@ -104,6 +104,10 @@ class TrainConfig(BaseModel):
     min_temperature: float = Field(default=0.01, gt=0)
     max_temperature: float = Field(default=1.0, gt=0)
     symmetric: bool = True
+    matryoshka_dims: list[int] = Field(default_factory=list, description="Matryoshka training: the loss is "
+                                       "averaged over these prefix lengths of the vectors (and the full one), each "
+                                       "renormalised, so a prefix is a smaller embedding (the service's OpenAI "
+                                       "`dimensions`); recorded in the saved model's config. Empty: off")
     phases: list[Phase] = Field(default_factory=lambda: [Phase(trainable="full")])
     grad_cache_chunk: int = Field(default=0, ge=0, description="0 = plain backprop; >0 = GradCache chunk size")
     seed: int = 0

@@ -93,6 +93,38 @@ class InfoNCELoss(nn.Module):
         return loss
 
 
+class MatryoshkaLoss(nn.Module):
+    """``loss`` averaged over prefixes of the vectors (each prefix renormalised), so that the first ``d``
+    coordinates of an embedding are an embedding too (Kusupati et al., 2022; sentence-transformers'
+    MatryoshkaLoss). ``dims``: the prefix lengths, the full dimension always among them. The temperature is the
+    wrapped loss's, shared by every prefix."""
+
+    def __init__(self, loss: InfoNCELoss, dims: Sequence[int]) -> None:
+        super().__init__()
+        if not dims or any(d < 1 for d in dims):
+            raise ValueError(f"matryoshka dims must be positive, got {list(dims)}")
+        self.loss = loss
+        self.dims = sorted(set(dims))
+
+    def scale(self) -> torch.Tensor:
+        return self.loss.scale()
+
+    @property
+    def temperature(self) -> float:
+        return self.loss.temperature
+
+    def forward(self, queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        full = queries.shape[-1]
+        total = queries.new_zeros((), dtype=torch.float32)
+        dims = [d for d in self.dims if d < full] + [full]
+        for d in dims:
+            negative = None if negatives is None else F.normalize(negatives[..., :d].float(), dim=-1)
+            total = total + self.loss(F.normalize(queries[..., :d].float(), dim=-1),
+                                      F.normalize(positives[..., :d].float(), dim=-1), negative, mask)
+        return total / len(dims)
+
+
 def false_negative_mask(positive_sets: Sequence[set[str] | frozenset[str]], column_ids: Sequence[str]) -> torch.Tensor:
     """``mask[i, j]`` is True when column ``j`` is a positive of row ``i`` other than its own target.
 
@@ -152,8 +184,8 @@ class ContrastiveObjective(nn.Module):
     own parameters; in GradCache mode the model's gradients are produced inside that call.
     """
 
-    def __init__(self, model: Encoder, loss: InfoNCELoss, chunk_size: int = 0, dist: DistContext | None = None,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: Encoder, loss: InfoNCELoss | MatryoshkaLoss, chunk_size: int = 0,
+                 dist: DistContext | None = None, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
         self.loss = loss

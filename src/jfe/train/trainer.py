@@ -36,7 +36,7 @@ from jfe.paths import atomic_dir, atomic_write, clean_stale_temporaries
 from jfe.train.config import VAL_PREFIX, TrainConfig
 from jfe.train.data import BatchSampler, TrainingData
 from jfe.train.distributed import DistContext, init_distributed
-from jfe.train.losses import ContrastiveObjective, InfoNCELoss
+from jfe.train.losses import ContrastiveObjective, InfoNCELoss, MatryoshkaLoss
 
 STATE_NAME = "trainer_state.pt"
 CHECKPOINTS = "checkpoints"
@@ -265,9 +265,19 @@ class Trainer:
 
     def _setup_objective(self, autocast_dtype: torch.dtype | None) -> None:
         cfg = self.cfg
-        self.loss: torch.nn.Module = InfoNCELoss(cfg.temperature, cfg.learnable_temperature, cfg.min_temperature,
-                                                 cfg.max_temperature, cfg.symmetric).to(self.ctx.device)
-        self.objective: Any = ContrastiveObjective(self.model, self.loss, cfg.grad_cache_chunk, self.ctx,
+        info_nce = InfoNCELoss(cfg.temperature, cfg.learnable_temperature, cfg.min_temperature, cfg.max_temperature,
+                               cfg.symmetric).to(self.ctx.device)
+        loss: InfoNCELoss | MatryoshkaLoss = info_nce
+        dims = sorted(set(cfg.matryoshka_dims))
+        if dims:
+            if dims[0] < 1 or dims[-1] > self.model.dim:
+                raise ConfigError(f"matryoshka_dims {cfg.matryoshka_dims} must lie in 1..{self.model.dim} (the "
+                                  f"model's dim)")
+            loss = MatryoshkaLoss(info_nce, [*dims, self.model.dim])
+        self.loss: torch.nn.Module = loss
+        # what the saved model declares (a run without the loss clears it: its prefixes are no longer trained)
+        self.model.config = self.model.config.model_copy(update={"matryoshka_dims": dims})
+        self.objective: Any = ContrastiveObjective(self.model, loss, cfg.grad_cache_chunk, self.ctx,
                                                    autocast_dtype)
 
     def _loss_value(self, loss: torch.Tensor) -> float:
