@@ -33,19 +33,25 @@ TEMPLATE = (
 )
 
 
-def build_tiny_qwen2_vl(folder: Path) -> Path:
-    """A 2-layer Qwen2-VL (hidden 32) with a word-level tokenizer and a small-image processor."""
+def _word_tokenizer(special: list[str], **tokens: str) -> tuple[dict[str, int], Any]:
+    """A word-level fast tokenizer over WORDS with ``special`` tokens first (``tokens``: its named ones)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL + ["[UNK]"] + sorted(set(WORDS)))}
+    vocab = {token: i for i, token in enumerate(special + ["[UNK]"] + sorted(set(WORDS)))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                        pre_tokenizers.Punctuation()])
-    tokenizer.add_special_tokens(SPECIAL)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>")
+    tokenizer.add_special_tokens(special)
+    return vocab, PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", **tokens)
+
+
+def build_tiny_qwen2_vl(folder: Path) -> Path:
+    """A 2-layer Qwen2-VL (hidden 32) with a word-level tokenizer and a small-image processor."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vocab, fast = _word_tokenizer(SPECIAL, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     fast.chat_template = TEMPLATE
     config = Qwen2VLConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -380,25 +386,17 @@ def test_bad_paths_and_options(tmp_path: Path, tiny_dir: Path) -> None:
 
 def build_tiny_llava(folder: Path) -> Path:
     """A tiny LLaVA (CLIP vision + Llama) with its own processor: the generic, processor-driven adapter."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     special = ["<pad>", "<s>", "</s>", "<image>"]
-    vocab = {token: i for i, token in enumerate(special + ["[UNK]"] + sorted(set(WORDS)))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                       pre_tokenizers.Punctuation()])
-    tokenizer.add_special_tokens(special)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
+    vocab, fast = _word_tokenizer(special, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     template = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}"
                 "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %} .{% endfor %}"
                 "{% if add_generation_prompt %}assistant :{% endif %}")
@@ -421,17 +419,10 @@ def build_tiny_llava(folder: Path) -> Path:
 def build_tiny_qwen3_vl(folder: Path) -> Path:
     """A 2-layer Qwen3-VL (hidden 32, deepstack on its second vision block), the tokenizer and processor of the tiny
     Qwen2-VL (Qwen3-VL's own processor class needs torchvision)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    vocab = {token: i for i, token in enumerate(SPECIAL + ["[UNK]"] + sorted(set(WORDS)))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                       pre_tokenizers.Punctuation()])
-    tokenizer.add_special_tokens(SPECIAL)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>")
+    vocab, fast = _word_tokenizer(SPECIAL, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     fast.chat_template = TEMPLATE
     config = Qwen3VLConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -465,19 +456,6 @@ def test_qwen3_vl_goes_through_the_qwen2_vl_adapter(tmp_path: Path, side: str) -
     assert {n for n, p in model.named_parameters() if p.requires_grad}
     saved = model.save_pretrained(tmp_path / "saved")
     np.testing.assert_allclose(load_model(saved, device="cpu").encode(items), batch, atol=1e-6)
-
-
-def _word_tokenizer(special: list[str], **tokens: str) -> tuple[dict[str, int], Any]:
-    """A word-level fast tokenizer over WORDS with ``special`` tokens first (``tokens``: its named ones)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(special + ["[UNK]"] + sorted(set(WORDS)))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                       pre_tokenizers.Punctuation()])
-    tokenizer.add_special_tokens(special)
-    return vocab, PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", **tokens)
 
 
 def _template(image: str, turn_end: str) -> str:
