@@ -185,9 +185,10 @@ def main() -> None:
     parser.add_argument("--batching", choices=["both", "on", "off"], default="both")
     parser.add_argument("--rerank", help="serve this reranker and rerank every /search (e.g. jfe-mini-rerank)")
     parser.add_argument("--rerank-k", type=int, default=20, help="first-stage hits reranked per query")
-    parser.add_argument("--backend", choices=["torch", "onnx"], help="what encodes queries (`jfe serve --backend`); "
-                        "an ONNX export folder as --model runs on onnx anyway")
-    parser.add_argument("--precision", default="auto", help="`jfe serve --precision` (torch: auto, fp32, bf16)")
+    parser.add_argument("--backend", choices=["torch", "onnx", "openvino"], help="what encodes queries (`jfe serve "
+                        "--backend`); an ONNX export folder as --model runs on onnx unless openvino is named")
+    parser.add_argument("--precision", default="auto", help="`jfe serve --precision` (torch, openvino: auto, fp32, "
+                        "bf16)")
     args = parser.parse_args()
     from jfe.hardware import tune_allocator
 
