@@ -92,9 +92,8 @@ def _encode_candidates(model: Encoder, candidates: Sequence[Candidate], data_roo
 def precision_meta(model: Encoder, precision: str) -> dict[str, str]:
     """``meta.json``'s record of how the vectors were computed: the backend (``torch``, ``onnx``, ``openvino``),
     the precision ``model`` really computes in for ``precision`` (``fp32``/``bf16``; an ONNX Runtime export's
-    ``fp32``/``int8``), and
-    ``vision_precision: bf16`` where the vision tower followed a bf16 encode (``set_precision(..., vision=
-    "follow")``)."""
+    ``fp32``/``int8``), and ``vision_precision: bf16`` where the vision tower computed in bf16 too (torch's
+    ``set_precision(..., vision="follow")``, OpenVINO's bf16)."""
     return model.compute_record(precision)
 
 
