@@ -317,3 +317,54 @@ def test_ray_addresses_auto_falls_back_to_local_and_a_dead_address_is_a_clear_er
     assert cluster.calls == ["auto"] and laptop.calls == ["auto", None]
     with pytest.raises(ConfigError, match="--ray 10.0.0.9:6379: no Ray cluster answers there"):
         _connect_ray(FakeRay(running=False), "10.0.0.9:6379")
+
+
+def _pool_of_400(root: Path) -> Path:
+    """400 candidates: texts of many lengths, images, image+text pairs (so batches pad and mix differently)."""
+    from conftest import drawn_image
+
+    (root / "images").mkdir(parents=True)
+    words = ["red", "blue", "green", "cat", "dog", "moon", "star", "heart", "clock", "arrow", "over", "under", "the",
+             "a", "big", "small"]
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(400):
+        text = " ".join(rng.choice(words, int(rng.integers(1, 14)))) if i % 3 != 1 else None
+        image = None
+        if i % 3 != 0:
+            drawn_image(i, (48, 48)).save(root / "images" / f"{i}.png")
+            image = f"images/{i}.png"
+        modality = "image,text" if text and image else ("image" if image else "text")
+        lines.append(json.dumps({"did": f"5:{i}", "txt": text, "img_path": image, "modality": modality}))
+    (root / "pool.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "pool.jsonl"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ray_build_of_400_candidates_equals_single_process_under_each_precision(tmp_path: Path,
+                                                                               precision: str) -> None:
+    """The Ray workers encode the very batches one process encodes (jfe.models.base.encode_batches), so even
+    under bf16, where a vector depends a little on its batch, ids and scores are the single process's."""
+    pytest.importorskip("ray.data")
+    from jfe.cli import app
+    from jfe.models import load_model
+
+    pool = _pool_of_400(tmp_path / "data")
+    model_dir = load_model("two-tower-mini", device="cpu", pretrained=False, image_size=64, grid=1).save_pretrained(
+        tmp_path / "model")
+    common = ["index", "build", "--model", str(model_dir), "--pool", str(pool), "--data-root", str(tmp_path / "data"),
+              "--no-progress", "--precision", precision, "--batch-size", "16"]
+    runner = CliRunner()
+    assert runner.invoke(app, [*common, "--out", str(tmp_path / "one")]).exit_code == 0
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "ray"), "--ray", "local"])
+    assert result.exit_code == 0, result.output
+    one, sharded = VectorIndex.load(tmp_path / "one"), load_index(tmp_path / "ray")
+    assert isinstance(sharded, ShardedIndex) and sharded.ids == one.ids and len(one) == 400
+    assert sharded.meta["precision"] == one.meta["precision"] == precision
+    vectors = np.stack([one.vector(d) for d in one.ids])
+    for did in one.ids:
+        shard = next(s for s in sharded.shards if did in s)
+        np.testing.assert_allclose(shard.vector(did), one.vector(did), atol=1e-6)
+    a, b = one.search(vectors[:50], 10), sharded.search(vectors[:50], 10)
+    assert a[0] == b[0]
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)

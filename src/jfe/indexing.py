@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from jfe.data.items import Item, candidate_item
 from jfe.data.mbeir import parse_candidate, read_pool_files
@@ -30,7 +31,7 @@ from jfe.index.hits import Hit, hits_from
 from jfe.index.lance import LanceIndex, check_lance_factory
 from jfe.index.shards import ShardedIndex, split_rows
 from jfe.index.vector_index import INDEX_KIND, VectorIndex
-from jfe.models.base import Encoder, default_device
+from jfe.models.base import Encoder, default_device, encode_batches
 from jfe.models.onnx_backend import EXPORT_BACKENDS, check_backend, is_onnx_export
 from jfe.models.precision import check_precision, resolve_precision
 from jfe.models.registry import load_model, model_name_of
@@ -205,30 +206,44 @@ def encode_with_ray(model: str, candidates: Sequence[Any], data_root: Path, *, a
     except ImportError:
         raise ConfigError('--ray needs the optional Ray extra: pip install "jfe[ray]" (ray[data]>=2.10)') from None
 
+    # Ray gives each worker one thread by default; results in bf16 depend on the thread count (up to 1.5e-3 per
+    # coordinate between 1 and 2 threads, measured): workers compute with this process's count, as a build here would
+    threads = torch.get_num_threads()
+
     class _Encode:
         def __init__(self) -> None:
+            import torch
+
             from jfe.models.registry import load_model
 
+            torch.set_num_threads(threads)
             self.encoder = load_model(model).set_precision(precision)
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             from jfe.data.items import candidate_item
             from jfe.data.records import Candidate
 
-            items = [candidate_item(Candidate(**json.loads(r)), Path(root))
-                     for r, root in zip(batch["record"], batch["root"], strict=True)]
-            vectors = np.asarray(self.encoder.encode(items, batch_size=batch_size, progress=False), dtype=np.float32)
-            return {"row": batch["row"], "vector": vectors}
+            rows, vectors = [], []
+            for group in batch["group"]:  # one encoder batch of the single-process build, encoded whole
+                members = json.loads(group)
+                items = [candidate_item(Candidate(**record), Path(str(data_root))) for record in members["records"]]
+                vectors.append(self.encoder.encode(items, batch_size=len(items), progress=False))
+                rows.extend(members["rows"])
+            return {"row": np.asarray(rows, dtype=np.int64),
+                    "vector": np.concatenate(vectors).astype(np.float32, copy=False)}
 
     started_here = False
     if not ray.is_initialized():
         _connect_ray(ray, address)
         started_here = True
     try:
-        rows = [{"row": i, "record": json.dumps(c.to_json()), "root": str(data_root)}
-                for i, c in enumerate(candidates)]
-        dataset = ray.data.from_items(rows, override_num_blocks=max(workers, 1) * 2)
-        encoded = dataset.map_batches(_Encode, batch_size=batch_size, concurrency=workers, batch_format="numpy")
+        # the batches a single-process encode runs (encode_batches): under bf16 a vector depends a little on what it
+        # is batched with, so the workers encode exactly those batches and the index is the one process's
+        items = [candidate_item(c, data_root) for c in candidates]
+        groups = [{"group": json.dumps({"rows": rows, "records": [candidates[i].to_json() for i in rows]})}
+                  for rows in encode_batches(items, batch_size)]
+        dataset = ray.data.from_items(groups, override_num_blocks=min(len(groups), max(workers, 1) * 2))
+        encoded = dataset.map_batches(_Encode, batch_size=1, concurrency=workers, batch_format="numpy")
         out: np.ndarray | None = None
         for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
             if out is None:

@@ -182,11 +182,9 @@ class Encoder(torch.nn.Module):
         out = np.zeros((len(coerced), self.dim), dtype=np.float32)
         # Batches of like items (same modality, similar text length) pad little: on a mixed M-BEIR pool
         # this is ~10-30 % faster; rows are written back in the caller's order.
-        order = sorted(range(len(coerced)), key=lambda i: _length_key(coerced[i]))
         try:
-            starts = range(0, len(coerced), batch_size)
-            for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(coerced) == 0):
-                rows = order[start:start + batch_size]
+            batches = encode_batches(coerced, batch_size)
+            for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress or len(coerced) == 0):
                 out[rows] = self.encode_batch([coerced[i] for i in rows], compute, vision)
         finally:
             self.train(was_training)
@@ -297,3 +295,11 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 def _length_key(item: Item) -> tuple[bool, bool, int]:
     """Sort key grouping items that pad alike: image or not, text or not, then text length."""
     return item.image is not None, item.text is not None, len(item.text or "")
+
+
+def encode_batches(items: Sequence[Item], batch_size: int) -> list[list[int]]:
+    """The batches :meth:`Encoder.encode` runs ``items`` in, as lists of positions: like items together (modality,
+    then text length), ``batch_size`` per batch. Exposed so that an encode split across processes (Ray) can run the
+    same batches, and so give the same vectors, under precisions whose results depend on the batch (bf16)."""
+    order = sorted(range(len(items)), key=lambda i: _length_key(items[i]))
+    return [order[start:start + batch_size] for start in range(0, len(items), batch_size)]
