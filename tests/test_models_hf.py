@@ -517,6 +517,39 @@ def build_tiny_mllama(folder: Path) -> Path:
     return folder
 
 
+def build_tiny_paligemma(folder: Path) -> Path:
+    """A tiny PaliGemma (SigLIP + Gemma), whose processor takes an image with every prompt."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    vocab, tokenizer = _word_tokenizer(["<pad>", "<bos>", "<eos>", "<image>"], pad_token="<pad>", bos_token="<bos>",
+                                       eos_token="<eos>")
+    image_processor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    image_processor.image_seq_length = 16  # (28 / 7)^2 patches
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   chat_template=_template("<image>", "<eos>"))
+    config = PaliGemmaConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 28, "patch_size": 7, "projection_dim": 32},
+        text_config={"model_type": "gemma", "vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+        image_token_index=vocab["<image>"], projection_dim=32)
+    torch.manual_seed(0)
+    PaliGemmaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_paligemma_encodes_images_and_refuses_text_only_items_by_name(tmp_path: Path) -> None:
+    model = load_model(f"hf:{build_tiny_paligemma(tmp_path / 'tiny')}", device="cpu")
+    with_images = [item for item in mixed_items() if item.image is not None]
+    batch = model.encode(with_images, batch_size=len(with_images))
+    np.testing.assert_allclose(batch, np.concatenate([model.encode([item]) for item in with_images]), atol=1e-5)
+    with pytest.raises(ConfigError, match=r"item t\d is text-only.*paligemma.*image with every prompt"):
+        model.encode(mixed_items())  # the processor's own error blamed the data
+
+
 @pytest.mark.parametrize("build", [build_tiny_gemma3, build_tiny_mllama], ids=["gemma3", "mllama"])
 def test_processors_that_take_images_per_prompt_encode_mixed_batches(tmp_path: Path, build: Any) -> None:
     """Gemma3's and mllama's processors need one list of images per prompt: a batch mixing text-only and image

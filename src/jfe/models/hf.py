@@ -116,6 +116,8 @@ class ModelAdapter:
     #: text-only items run in a forward pass of their own: mllama skips its cross-attention layers when a batch has
     #: no image but runs them (masked, not to the same numbers) for a text row beside images
     text_apart: bool = False
+    #: every prompt needs an image (PaliGemma's processor has no text-only form): text-only items are refused by name
+    image_required: bool = False
 
 
 QWEN2_VL = ModelAdapter(
@@ -128,11 +130,13 @@ GENERIC = ModelAdapter(name="generic", native=False)
 #: ``model_type`` -> adapter. Unknown types fall back to :data:`GENERIC` (their own processor).
 PER_PROMPT = ModelAdapter(name="images-per-prompt", native=False, images_per_prompt=True)
 MLLAMA = ModelAdapter(name="mllama", native=False, images_per_prompt=True, text_apart=True)
+PALIGEMMA = ModelAdapter(name="paligemma", native=False, image_required=True)
 
 # Qwen3-VL takes the same inputs (image placeholders expanded per merged patch, M-RoPE from mm_token_type_ids); its
 # AutoProcessor would need torchvision, the native path does not
 ADAPTERS: dict[str, ModelAdapter] = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN2_VL, "qwen3_vl": QWEN2_VL,
-                                     "gemma3": PER_PROMPT, "mllama": MLLAMA}
+                                     "gemma3": PER_PROMPT, "mllama": MLLAMA,
+                                     "paligemma": PALIGEMMA}
 
 
 def adapter_for(model_type: str) -> ModelAdapter:
@@ -529,6 +533,12 @@ class HFEncoder(Encoder):
 
     def prepare(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         """Tokenised, padded model inputs for a batch (on CPU). Errors name the offending item."""
+        if self.adapter.image_required:
+            for item in items:
+                if item.image is None:
+                    raise ConfigError(f"item {item.id or '(no id)'} is text-only, and {self.config.model_path} "
+                                      f"({self.adapter.name}) takes an image with every prompt: its processor has no "
+                                      f"text-only form; encode texts with another model")
         prompts = [self.build_prompt(item) for item in items]
         images = [(i, item.load_image()) for i, item in enumerate(items) if item.image is not None]
         if self.adapter.native:
