@@ -348,9 +348,31 @@ def test_save_load_full_is_self_contained(tmp_path: Path, tiny_dir: Path) -> Non
     shutil.rmtree(base)  # the checkpoint must not need the base folder any more
     loaded = load_model(saved, device="cpu")
     np.testing.assert_allclose(loaded.encode(items), expected, atol=1e-6)
-    # Saving over an existing checkpoint replaces it whole.
+    # backbone/ is a complete Hugging Face checkpoint: transformers loads it, LM head included, to the same states
+    from transformers import AutoModelForImageTextToText
+
+    hf_model, info = AutoModelForImageTextToText.from_pretrained(saved / "backbone", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_dir / "model.safetensors"), "pt") as original:  # the head JFE dropped, restored as it was
+        torch.testing.assert_close(hf_model.lm_head.weight.detach(), original.get_tensor("lm_head.weight"))
+    batch = loaded.prepare(items)
+    with torch.no_grad():
+        states = hf_model.model(**batch, use_cache=False).last_hidden_state
+    np.testing.assert_allclose(torch.nn.functional.normalize(loaded.pool(states, batch["attention_mask"]), dim=-1),
+                               expected, atol=1e-5)
+    # Saving over an existing checkpoint replaces it whole (the head now comes from the checkpoint itself).
     loaded.save_pretrained(saved)
     np.testing.assert_allclose(load_model(saved, device="cpu").encode(items), expected, atol=1e-6)
+    # a full checkpoint of the older layout (every weight in model.safetensors, none in backbone/) still loads
+    from safetensors.torch import save_file
+
+    older = shutil.copytree(saved, tmp_path / "older")
+    (older / "backbone" / "model.safetensors").unlink()
+    save_file({k: v.contiguous() for k, v in loaded.state_dict().items()}, str(older / "model.safetensors"),
+              metadata={"arch": "hf-mllm", "weights": "full"})
+    np.testing.assert_allclose(load_model(older, device="cpu").encode(items), expected, atol=1e-6)
 
 
 def test_untrained_save_is_tiny_delta(tmp_path: Path, encoder: HFEncoder) -> None:

@@ -19,8 +19,9 @@ standard PEFT adapter files ``adapter_config.json`` + ``adapter_model.safetensor
 ``save_pretrained``, keyed for the full ``...ForConditionalGeneration`` model, so
 ``peft.PeftModel.from_pretrained(base, dir)`` loads them). ``model.safetensors`` holds either a *delta* —
 whatever a phase made trainable besides LoRA (e.g. the projector after an ``align`` phase; empty for a
-LoRA-only run), applied on top of the base model at ``model_path`` — or, after full fine-tuning, every weight
-(then the folder is self-contained). Checkpoints of the older layout (LoRA weights inside
+LoRA-only run), applied on top of the base model at ``model_path``. After full fine-tuning ``backbone/`` holds
+every weight as a complete Hugging Face checkpoint (LM head restored), which ``AutoModelForImageTextToText`` loads
+too, and ``model.safetensors`` is empty. Checkpoints of the older layout (LoRA weights inside
 ``model.safetensors``, no adapter files) still load.
 """
 
@@ -186,6 +187,30 @@ def _saved_adapter(directory: Path, saved: dict[str, Any], overrides: dict[str, 
     return directory
 
 
+LM_HEAD_KEY = "lm_head.weight"
+
+
+def _lm_head_file(folder: str) -> tuple[str, str] | None:
+    """The safetensors file of ``folder`` holding the LM head's weight, and its key there (``lm_head.weight``, or a
+    prefixed one such as mllama's ``language_model.lm_head.weight``); None: not a local folder, or tied weights,
+    which HF checkpoints omit."""
+    local = Path(folder).expanduser()
+    index = local / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text()).get("weight_map", {})
+        found = [key for key in weight_map if key == LM_HEAD_KEY or key.endswith("." + LM_HEAD_KEY)]
+        return (str(local / weight_map[found[0]]), found[0]) if found else None
+    single = local / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as handle:
+            keys = list(handle.keys())  # a safetensors handle is not a mapping
+        found = [key for key in keys if key == LM_HEAD_KEY or key.endswith("." + LM_HEAD_KEY)]
+        return (str(single), found[0]) if found else None
+    return None
+
+
 def _looks_local(path: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else is meant as a folder on disk.
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).expanduser().exists()
@@ -208,12 +233,13 @@ class HFEncoder(Encoder):
 
     def __init__(self, config: HFConfig, device: str | torch.device | None = None, *,
                  source: str | os.PathLike | None = None, pretrained_weights: bool = True,
-                 adapter_from: str | os.PathLike | None = None) -> None:
+                 adapter_from: str | os.PathLike | None = None, weights_from: str | os.PathLike | None = None) -> None:
         """Load the backbone named by ``config.model_path``.
 
         ``source`` reads the HF config and processor files from another folder (a saved ``backbone/``);
         ``pretrained_weights=False`` builds the architecture without loading weights (a full checkpoint
-        is loaded on top afterwards); ``adapter_from`` loads a saved PEFT LoRA adapter from that folder
+        is loaded on top afterwards); ``weights_from`` reads the weights from another folder than ``model_path``
+        (a full fine-tune's ``backbone/``); ``adapter_from`` loads a saved PEFT LoRA adapter from that folder
         instead of injecting a fresh one.
         """
         super().__init__(config)
@@ -223,11 +249,15 @@ class HFEncoder(Encoder):
         hf_config = self._hf_config = self._load_hf_config(source)
         self.adapter = adapter_for(hf_config.model_type)
         self._load_processing(source)
-        full = self._load_backbone(config.model_path if pretrained_weights else None, hf_config)
+        loaded_from = str(weights_from or config.model_path) if pretrained_weights else None
+        full = self._load_backbone(loaded_from, hf_config)
         # Embeddings need hidden states, not logits: the LM head (545M weights on Qwen2-VL-7B) is dropped,
-        # but the full model is kept as the root that peft wraps, so adapter files carry its key names.
+        # but the full model is kept as the root that peft wraps, so adapter files carry its key names; where its
+        # weights live is remembered, so a full fine-tune can be saved as a complete HF checkpoint
+        self._lm_head_file = _lm_head_file(loaded_from) if loaded_from else None
         if isinstance(getattr(full, "lm_head", None), torch.nn.Module):
             full.lm_head = torch.nn.Identity()
+        self.__dict__["_root"] = full  # not a submodule: its modules are the backbone's
         full.requires_grad_(False)
         self._lora_names: set[str] = set()
         # Not a registered submodule: its modules are the backbone's, and state_dict() must not repeat them.
@@ -401,20 +431,26 @@ class HFEncoder(Encoder):
         backbone_dir = directory / BACKBONE_DIR
         source = backbone_dir if backbone_dir.is_dir() else None
         full = config.weights == "full" and source is not None
+        # a full fine-tune saves its weights as a Hugging Face checkpoint in backbone/ (older ones: model.safetensors)
+        in_backbone = full and source is not None and ((source / "model.safetensors").is_file()
+                                                       or (source / "model.safetensors.index.json").is_file())
         from safetensors.torch import load_file
 
         state = load_file(str(directory / WEIGHTS_NAME))
         adapter_from = _saved_adapter(directory, saved, overrides, state)
-        model = cls(config, device=device, source=source, pretrained_weights=not full, adapter_from=adapter_from)
+        model = cls(config, device=device, source=source, pretrained_weights=not full or in_backbone,
+                    adapter_from=adapter_from, weights_from=source if in_backbone else None)
         missing, unexpected = model.load_state_dict(state, strict=False)
         # LoRA weights come from the adapter files (or are fresh); only the older layout keeps them here.
         in_file = not any("lora_" in k for k in state)
         bad_missing = [k for k in missing if (k in model._lora_names and not in_file)
-                       or (k not in model._lora_names and full)]
+                       or (k not in model._lora_names and full and not in_backbone)]
         if unexpected or bad_missing:
             raise ConfigError(f"weights in {directory} do not match the config: missing={bad_missing[:5]}, "
                               f"unexpected={unexpected[:5]}")
         model._touched |= set(state)
+        if in_backbone:  # every weight came from the checkpoint: saved again, it stays a full checkpoint
+            model._touched |= {name for name, _ in model.named_parameters() if name not in model._lora_names}
         model.eval()
         return model
 
@@ -657,13 +693,44 @@ class HFEncoder(Encoder):
         directory = Path(directory)
         state, full = self._checkpoint_state()
         config = self.config.model_copy(update={"weights": "full" if full else "delta"})
+        as_hf = full and self._peft is None  # a full fine-tune: backbone/ becomes a complete HF checkpoint
         with atomic_dir(directory, MODEL_KIND, overwrite=overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(config.model_dump(), indent=2) + "\n")
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"arch": self.arch, "weights": config.weights})
+            save_file({} if as_hf else state, str(tmp / WEIGHTS_NAME),
+                      metadata={"arch": self.arch, "weights": config.weights,
+                                **({"stored_in": BACKBONE_DIR} if as_hf else {})})
             self._save_extra(tmp)
+            if as_hf:
+                self._save_hf_checkpoint(tmp / BACKBONE_DIR)
             fix_modes(tmp, [WEIGHTS_NAME, "adapter_model.safetensors"])
         self.config = config
         return directory
+
+    def _save_hf_checkpoint(self, target: Path) -> None:
+        """The whole model, LM head restored, as ``save_pretrained`` writes it: ``AutoModelForImageTextToText.
+        from_pretrained(target)`` loads it (generation included), and so does JFE. The head JFE dropped comes back
+        from the file it was loaded from, or from the input embeddings where the weights are tied."""
+        root = self.__dict__["_root"]
+        text_config = getattr(self._hf_config, "text_config", None) or self._hf_config
+        tied = bool(getattr(text_config, "tie_word_embeddings", False) or
+                    getattr(self._hf_config, "tie_word_embeddings", False))
+        head = torch.nn.Linear(self.dim, int(text_config.vocab_size), bias=False)
+        if tied:
+            head.weight = root.get_input_embeddings().weight
+        elif self._lm_head_file is not None:
+            from safetensors import safe_open
+
+            path, key = self._lm_head_file
+            with safe_open(path, "pt") as handle:
+                head.weight = torch.nn.Parameter(handle.get_tensor(key).to(head.weight.dtype), requires_grad=False)
+        else:
+            raise ConfigError(f"cannot save {self.config.model_path} as a complete checkpoint: its LM head (dropped "
+                              f"for embedding) is in no local weights file to restore it from")
+        dropped, root.lm_head = root.lm_head, head
+        try:
+            root.save_pretrained(str(target), safe_serialization=True)
+        finally:
+            root.lm_head = dropped
 
     def _save_extra(self, directory: Path) -> None:
         """``backbone/``: the HF config and processing files, so a full checkpoint needs nothing else."""
