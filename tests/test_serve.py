@@ -613,3 +613,28 @@ def test_token_ids_and_usage_with_the_real_minilm_tokenizer(index) -> None:  # n
         np.testing.assert_allclose(body["data"][0]["embedding"], toy.encode([Item(text=text)])[0], atol=1e-6)
         assert body["usage"]["prompt_tokens"] == len(ids)
         assert c.post("/v1/embeddings", json={"input": text}).json()["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_the_official_openai_client_talks_to_the_service(model, index) -> None:  # noqa: ANN001
+    """OpenAI's own Python client, pointed at the service: models.list, embeddings, and its error classes."""
+    import openai
+
+    with make_client(model, index) as c:
+        client = openai.OpenAI(base_url=f"{c.base_url}/v1", api_key="unused", http_client=c, max_retries=0)
+        served = [m.id for m in client.models.list().data]
+        assert served == [index.meta["model"]]
+        assert client.models.retrieve(served[0]).id == served[0]
+        response = client.embeddings.create(model=served[0], input=["a red circle", "a blue square"])
+        assert [d.index for d in response.data] == [0, 1] and len(response.data[0].embedding) == index.dim
+        np.testing.assert_allclose(response.data[0].embedding, model.encode([Item(text="a red circle")])[0],
+                                   atol=1e-6)
+        assert len(client.embeddings.create(model=served[0], input=["x"] * 2048).data) == 2048  # OpenAI's limit
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="text-embedding-3-small", input="a red circle")
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("text-embedding-3-small")
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.embeddings.create(model=served[0], input=[])
+        assert bad.value.status_code == 400
+        with pytest.raises(openai.BadRequestError):
+            client.embeddings.create(model=served[0], input="a red circle", dimensions=index.dim + 1)

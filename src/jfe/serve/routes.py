@@ -27,7 +27,7 @@ from jfe.errors import DataError
 from jfe.index.hits import Hit
 from jfe.indexing import ranked_hits
 from jfe.serve.errors import ApiError
-from jfe.serve.inputs import AUTH_MESSAGE, key_matches, parse_embeddings, parse_search
+from jfe.serve.inputs import AUTH_MESSAGE, check_model_name, key_matches, parse_embeddings, parse_search
 from jfe.serve.schemas import (
     K_MAX,
     RERANK_K_MAX,
@@ -166,6 +166,16 @@ async def models(request: Request) -> dict:
     """OpenAI's model list: the one model this service serves (the name ``/v1/embeddings`` accepts)."""
     state = request.app.state
     return ModelList(data=[ModelCard(id=state.model_name, created=state.started)]).model_dump()
+
+
+@embeddings_router.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["embeddings"],
+                       dependencies=AUTH)
+async def model(model_id: str, request: Request) -> dict:
+    """OpenAI's model retrieval: the served model (its name may hold slashes: a folder); any other id is a 404
+    ``model_not_found``."""
+    state = request.app.state
+    check_model_name(model_id, state.model_name)
+    return ModelCard(id=state.model_name, created=state.started).model_dump()
 
 
 @embeddings_router.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["embeddings"], dependencies=AUTH,
