@@ -438,6 +438,30 @@ def build_tiny_llava(folder: Path) -> Path:
     return folder
 
 
+def build_tiny_qwen2_5_vl(folder: Path) -> Path:
+    """A 2-layer Qwen2.5-VL (windowed vision attention, one full-attention block), the tiny Qwen2-VL's tokenizer."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vocab, fast = _word_tokenizer(SPECIAL, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    fast.chat_template = TEMPLATE
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
+                     "bos_token_id": None, "eos_token_id": vocab["<|im_end|>"],
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                       "fullatt_block_indexes": [1]},
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder)
+    return folder
+
+
 def build_tiny_qwen3_vl(folder: Path) -> Path:
     """A 2-layer Qwen3-VL (hidden 32, deepstack on its second vision block), the tokenizer and processor of the tiny
     Qwen2-VL (Qwen3-VL's own processor class needs torchvision)."""
@@ -635,8 +659,8 @@ def test_a_processor_that_needs_torchvision_is_named_as_unsupported(tmp_path: Pa
 
 # --- the support table of docs/hf.md: one row per family this test runs ------------------------------------------
 
-FAMILIES = {"Qwen2-VL": build_tiny_qwen2_vl, "Qwen3-VL": build_tiny_qwen3_vl, "LLaVA": build_tiny_llava,
-            "Gemma3": build_tiny_gemma3, "mllama (Llama 3.2 Vision)": build_tiny_mllama}
+FAMILIES = {"Qwen2-VL": build_tiny_qwen2_vl, "Qwen2.5-VL": build_tiny_qwen2_5_vl, "Qwen3-VL": build_tiny_qwen3_vl,
+            "LLaVA": build_tiny_llava, "Gemma3": build_tiny_gemma3, "mllama (Llama 3.2 Vision)": build_tiny_mllama}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
