@@ -13,7 +13,6 @@ and fusion-graph throughput at batch 64, beside the dynamic int8 graph.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -128,10 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<28} min cos {row['min_cosine_vs_fp32']:.5f}  mean {row['mean_cosine_vs_fp32']:.5f}  "
                   f"b8 vs b64 {row['batch8_vs_batch64_max_abs']:.2e}  {row['items_per_s_b64']} items/s", flush=True)
     if args.out:
-        from jfe.paths import atomic_write
+        from jfe.paths import write_json
 
-        with atomic_write(args.out) as handle:
-            handle.write(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

@@ -11,7 +11,6 @@ prints R@5 per category for each batch size (local pool, all test queries) and w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -42,10 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             result["runs"][f"{label} b{size}"] = row
             print(f"{label} batch {size}: " + ", ".join(f"{c} {v}" for c, v in row.items()), flush=True)
     if args.out:
-        from jfe.paths import atomic_write
+        from jfe.paths import write_json
 
-        with atomic_write(args.out) as handle:
-            handle.write(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

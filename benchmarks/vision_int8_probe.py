@@ -14,7 +14,6 @@ Variants: MinMax, Percentile and Entropy calibration; MinMax with the depthwise 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -122,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['variant']:<40}{row['images_per_s']:>10}{row['pooled_min_cosine']:>16}"
               f"{row['pooled_mean_cosine']:>13}{row['map_min_cosine']:>13}")
     if args.out:
-        from jfe.paths import atomic_write
+        from jfe.paths import write_json
 
-        with atomic_write(args.out) as handle:
-            handle.write(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

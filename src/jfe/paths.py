@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from jfe.errors import ConfigError
 
@@ -148,6 +148,12 @@ class ArtefactKind:
 
     def holds(self, folder: Path) -> bool:
         return any((folder / marker).is_file() for marker in self.markers)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, atomically (the benchmarks' and reports' result files)."""
+    with atomic_write(path) as handle:
+        handle.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def check_out_dir(path: str | os.PathLike, kind: ArtefactKind, *, overwrite: bool = False,
