@@ -101,13 +101,13 @@ def _run_engine(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run(model: str, items: int = 128, single: int = 16, threads: int | None = None,
         engines: tuple[str, ...] = ENGINES) -> dict[str, Any]:
-    from jfe.hardware import bf16_support, machine_summary
+    from jfe.hardware import bf16_support, machine_summary, runtime_versions
     from jfe.models import load_model
     from jfe.models.onnx_backend import export_onnx
 
     native_bf16 = bf16_support("cpu").native
     engines = tuple(e for e in engines if e not in ("torch-bf16", "openvino-bf16") or native_bf16)
-    results: dict[str, Any] = {"machine": machine_summary(), "model": model, "runtimes": _runtime_versions(),
+    results: dict[str, Any] = {"machine": machine_summary(), "model": model, "runtimes": runtime_versions(),
                                "engines": {}, "export_seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -152,18 +152,6 @@ def run(model: str, items: int = 128, single: int = 16, threads: int | None = No
             if base is not None:  # information, not a rule (parity is R@5: benchmarks/onnx_parity.py)
                 result["same_top10_as_torch_fp32"] = _same_top10(folder, engine, reference)
     return results
-
-
-def _runtime_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("onnxruntime", "openvino"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
-    return found
 
 
 def _same_top10(folder: Path, engine: str, reference: str) -> float:

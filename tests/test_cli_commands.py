@@ -205,6 +205,11 @@ def test_env_reports_the_machine_and_what_auto_precision_picks(real_bf16_detecti
     assert native["bf16_native_cpu"] == bool(cpu_bf16_flags())
     assert set(native["cpu_flags"]) | set(native["cpu_flags_absent"]) >= {"avx2", "avx512_bf16", "amx_bf16"}
     assert not {"JFE_PRECISION", "JFE_VISION_PRECISION"} & set(native)  # no environment variable decides it
+    import onnxruntime
+    import openvino
+
+    assert native["runtimes"] == {"onnxruntime": onnxruntime.__version__,  # the --backend choices, with versions
+                                  "openvino": openvino.__version__.split("-")[0]}
     text = runner.invoke(app, ["env"]).stdout
     assert re.search(r"^precision_auto\s+cpu: bf16$", text, re.MULTILINE), text
 

@@ -175,6 +175,20 @@ def allocator_tuned() -> bool:
     return _allocator_state["tuned"]
 
 
+def runtime_versions() -> dict[str, str | None]:
+    """The installed inference runtimes besides torch (None: not installed): the ``--backend`` choices this machine
+    has, and what every ONNX Runtime / OpenVINO figure must name."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for package in ("onnxruntime", "openvino"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
 def machine_summary() -> dict[str, object]:
     """The machine facts every published speed figure names: CPU model, its flags, torch's view of it."""
     import torch

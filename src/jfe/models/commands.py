@@ -29,18 +29,19 @@ def environment() -> dict[str, object]:
     import torch
 
     import jfe
-    from jfe.hardware import bf16_support, machine_summary
+    from jfe.hardware import bf16_support, machine_summary, runtime_versions
     from jfe.models.precision import resolve_precision
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return {"jfe": jfe.__version__, **machine_summary(),
+    return {"jfe": jfe.__version__, **machine_summary(), "runtimes": runtime_versions(),
             "precision_auto": {device: resolve_precision("auto", device) for device in devices},
             "bf16": {device: bf16_support(device).detail for device in devices},
             "JFE_MALLOC_TUNE": os.environ.get("JFE_MALLOC_TUNE")}
 
 
 def env(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines.")) -> None:
-    """Show this machine as JFE sees it: CPU, its bf16 flags, what --precision auto picks, threads, malloc tuning.
+    """Show this machine as JFE sees it: CPU, its bf16 flags, what --precision auto picks, threads, malloc tuning,
+    the ONNX Runtime / OpenVINO versions installed (the --backend choices).
 
     Paste it into a bug report, and next to any speed figure you publish."""
     info = environment()
