@@ -63,6 +63,18 @@ def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, 
     the model). Nothing is written here; call :meth:`VectorIndex.save` (atomic) or use :func:`write_index`.
     """
     check_factory(factory)
+    candidates, vectors, info = embed_pool(model, pool_files, data_root, factory=factory, batch_size=batch_size,
+                                           progress=progress, model_name=model_name, precision=precision)
+    info.update(meta or {})
+    return index_vectors([c.did for c in candidates], vectors, [c.to_json() for c in candidates], factory=factory,
+                         search_params=search_params, seed=seed, recall_queries=recall_queries, meta=info)
+
+
+def embed_pool(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, factory: str, batch_size: int,
+               progress: bool, model_name: str | None, precision: str
+               ) -> tuple[list[Candidate], np.ndarray, dict[str, Any]]:
+    """The pools' candidates, their vectors (pool order) and the index's meta (model, pools, data root, how the
+    vectors were computed): what every index store is built from."""
     data_root = Path(data_root).resolve()
     candidates = read_pools(pool_files)
     if not candidates:
@@ -70,9 +82,7 @@ def build_index(model: Encoder, pool_files: Sequence[Path], data_root: Path, *, 
     vectors, precision_info = _encode_candidates(model, candidates, data_root, batch_size, progress, precision)
     info = pool_meta(model_name or model_name_of(model), model.arch, data_root, pool_files, factory)
     info.update(precision_info)
-    info.update(meta or {})
-    return index_vectors([c.did for c in candidates], vectors, [c.to_json() for c in candidates], factory=factory,
-                         search_params=search_params, seed=seed, recall_queries=recall_queries, meta=info)
+    return candidates, vectors, info
 
 
 def pool_meta(model_name: str, arch: str | None, data_root: Path, pool_files: Sequence[Path],
@@ -116,16 +126,27 @@ def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Pa
     check_out_dir(out, INDEX_KIND, overwrite=overwrite)
     if store not in STORES:
         raise ConfigError(f"unknown index store {store!r}: expected one of {', '.join(STORES)}")
-    if store == "lancedb":
-        return _write_lance(out, model, pool_files, data_root, factory=factory, search_params=search_params,
-                            batch_size=batch_size, progress=progress, shards=shards, ray_address=ray_address,
-                            seed=seed, precision=precision, overwrite=overwrite, backend=backend)
-    check_factory(factory)
+    if store == "lancedb" and (shards > 1 or ray_address):
+        raise ConfigError("--store lancedb writes one LanceDB table (LanceDB scales it on disk itself): drop "
+                          "--shards / --ray")
+    factory = check_lance_factory(factory) if store == "lancedb" else factory
+    if store == "faiss":
+        check_factory(factory)
     if backend in EXPORT_BACKENDS and ray_address:
         raise ConfigError(f"--ray encodes with PyTorch workers; the {backend} backend encodes in this process (drop "
                           f"--ray or --backend {backend})")
     if not is_onnx_export(model):  # an export computes in the precision it was exported in
         precision = check_precision(precision)
+    if store == "lancedb":
+        if search_params and "nprobe" in search_params:  # faiss's spelling (--nprobe) of LanceDB's nprobes
+            search_params = {("nprobes" if k == "nprobe" else k): v for k, v in search_params.items()}
+        candidates, vectors, meta = embed_pool(load_model(model, backend=backend), pool_files, data_root,
+                                               factory=factory, batch_size=batch_size, progress=progress,
+                                               model_name=model, precision=precision)
+        meta["store"] = "lancedb"
+        return LanceIndex.write(out, [c.did for c in candidates], vectors, [c.to_json() for c in candidates],
+                                factory=factory, meta=meta, search_params=search_params, overwrite=overwrite,
+                                seed=seed)
     if ray_address is None and shards <= 1:
         index = build_index(load_model(model, backend=backend), pool_files, data_root, factory=factory,
                             batch_size=batch_size, progress=progress, model_name=model, search_params=search_params,
@@ -136,32 +157,6 @@ def write_index(out: Path, model: str, pool_files: Sequence[Path], data_root: Pa
                          batch_size=batch_size, progress=progress, shards=max(shards, 2 if ray_address else 1),
                          ray_address=ray_address, seed=seed, precision=precision, overwrite=overwrite,
                          backend=backend)
-
-
-def _write_lance(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str,
-                 search_params: dict[str, float] | None, batch_size: int, progress: bool, shards: int,
-                 ray_address: str | None, seed: int, precision: str, overwrite: bool,
-                 backend: str | None) -> LanceIndex:
-    """:func:`write_index` into a LanceDB table: one table, which LanceDB itself scales (no JFE shards)."""
-    if shards > 1 or ray_address:
-        raise ConfigError("--store lancedb writes one LanceDB table (LanceDB scales it on disk itself): drop "
-                          "--shards / --ray")
-    factory = check_lance_factory(factory)
-    if search_params and "nprobe" in search_params:  # faiss's spelling (--nprobe) of LanceDB's nprobes
-        search_params = {("nprobes" if k == "nprobe" else k): v for k, v in search_params.items()}
-    data_root = Path(data_root).resolve()
-    candidates = read_pools(pool_files)
-    if not candidates:
-        raise DataError("no candidates in the pool file(s): " + ", ".join(str(p) for p in pool_files))
-    if not is_onnx_export(model):
-        precision = check_precision(precision)
-    encoder = load_model(model, backend=backend)
-    vectors, precision_info = _encode_candidates(encoder, candidates, data_root, batch_size, progress, precision)
-    meta = pool_meta(model, encoder.arch, data_root, pool_files, factory)
-    meta.update(precision_info)
-    meta["store"] = "lancedb"
-    return LanceIndex.write(out, [c.did for c in candidates], vectors, [c.to_json() for c in candidates],
-                            factory=factory, meta=meta, search_params=search_params, overwrite=overwrite, seed=seed)
 
 
 def build_sharded(out: Path, model: str, pool_files: Sequence[Path], data_root: Path, *, factory: str,

@@ -220,6 +220,8 @@ class LanceIndex:
             if "ef" in self.search_params:
                 builder = builder.ef(int(self.search_params["ef"]))
         found = builder.to_arrow()
+        if found.num_rows == 0:
+            return [[] for _ in queries]
         which = found["query_index"].to_numpy(zero_copy_only=False) if "query_index" in found.column_names \
             else np.zeros(found.num_rows, dtype=np.int64)
         rows = found["row"].to_numpy(zero_copy_only=False)
@@ -227,9 +229,7 @@ class LanceIndex:
         # LanceDB ranks by its float32 distance (1 - <q, v>), which rounds near-ties apart: the shortlist is scored
         # again exactly as a faiss Flat index scores it (exact.rescore), so both give the same order and scores
         vectors = found["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
-        scores = rescore(queries[which][:, None, :].reshape(len(which), self.dim), vectors,
-                         np.arange(len(which))[:, None]) if len(which) else np.zeros(0, dtype=np.float32)
-        scores = scores.reshape(-1)
+        scores = rescore(queries[which], vectors, np.arange(len(which))[:, None])[:, 0]  # each row against its own
         order = np.lexsort((rows, -scores, which))  # by query, then score descending, then pool order
         out: list[list[tuple[str, float]]] = [[] for _ in queries]
         for j in order:
