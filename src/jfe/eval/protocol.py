@@ -173,24 +173,19 @@ def _load_query_files(layout: MBEIRLayout, split: str, pool: str, max_queries: i
     return out
 
 
-def _compute_of(model: Encoder) -> dict[str, str]:
-    """The model's backend and resolved precision (an encoder-like object without ``compute_record``: none)."""
-    record = getattr(model, "compute_record", None)
-    return dict(record(getattr(model, "precision", None))) if record is not None else {}
-
-
 # ------------------------------------------------------------------------------------------------ cache
 def model_fingerprint(model: Encoder) -> str:
     """A short hash of the model's arch, config and weights: embeddings cached under it stay valid."""
     import torch
 
+    from jfe.models.base import compute_of
     from jfe.models.precision import resolve_precision
 
     digest = hashlib.sha1()
     # an Encoder's config is pydantic; any other encoder-like object is fingerprinted by its config's repr
     config: object = getattr(model, "config", None)
     dumped = config.model_dump() if hasattr(config, "model_dump") else repr(config)
-    computed = _compute_of(model)
+    computed = compute_of(model)
     if computed:  # backend, precision, vision precision: bf16 or int8 vectors differ slightly
         tags = [value for key, value in sorted(computed.items()) if (key, value) not in (("backend", "torch"),
                                                                                            ("precision", "fp32"))]
@@ -558,6 +553,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
     ``reranker`` (a :class:`jfe.models.rerankers.Reranker`): each query's first ``rerank_k`` candidates are
     reordered by it and scored so; the first stage's run is kept beside as ``run.first_stage.trec``.
     """
+    from jfe.models.base import compute_of
     from jfe.models.registry import model_name_of
 
     ks = _checked_ks(ks)  # the other options: first_stage checks them before it reads anything
@@ -608,7 +604,7 @@ def evaluate(model: Encoder, data_root: str | os.PathLike, *, split: str = "test
         n_candidates=len({d for idx in stage.indexes.values() for d in idx.ids}), timings={}, notes=notes,
         arch=getattr(model, "arch", ""), fusion_role=fusion_role or str(getattr(model, "fusion_role", "other")),
         reranker=(reranker_name or model_name_of(reranker)) if reranker is not None else None,
-        rerank_k=rerank_k if reranker is not None else None, compute=_compute_of(model))
+        rerank_k=rerank_k if reranker is not None else None, compute=compute_of(model))
     _summarise(result, scored, ks)
     result.timings = {k: round(v, 3) for k, v in timings.items()}
     if out is not None:

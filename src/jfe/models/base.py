@@ -292,6 +292,13 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return torch.nn.functional.normalize(x, p=2, dim=-1, eps=eps)
 
 
+def compute_of(model: Any) -> dict[str, str]:
+    """``model.compute_record()`` at its own precision (backend, resolved precision, vision precision), or {} for
+    an encoder-like object without one: what results.json, the eval cache fingerprint and ``/health`` report."""
+    record = getattr(model, "compute_record", None)
+    return dict(record(getattr(model, "precision", None))) if record is not None else {}
+
+
 def _length_key(item: Item) -> tuple[bool, bool, int]:
     """Sort key grouping items that pad alike: image or not, text or not, then text length."""
     return item.image is not None, item.text is not None, len(item.text or "")

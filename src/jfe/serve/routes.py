@@ -26,6 +26,7 @@ from jfe.data.items import Item
 from jfe.errors import DataError
 from jfe.index.hits import Hit
 from jfe.indexing import ranked_hits
+from jfe.models.base import compute_of
 from jfe.serve.errors import ApiError
 from jfe.serve.inputs import AUTH_MESSAGE, check_model_name, key_matches, parse_embeddings, parse_search
 from jfe.serve.schemas import (
@@ -89,8 +90,7 @@ async def page() -> FileResponse:
 async def health(request: Request) -> dict:
     """Liveness and what is served (never needs the API key)."""
     state = request.app.state
-    record = getattr(state.model, "compute_record", None)  # how queries are encoded (the toy has no record)
-    computed = record(getattr(state.model, "precision", None)) if record is not None else {}
+    computed = compute_of(state.model)  # how queries are encoded
     return {"model": state.model_name, "index_size": len(state.index), "dim": int(state.index.dim),
             "backend": computed.get("backend"), "precision": computed.get("precision"),
             "batching": state.settings.batching, "max_batch": state.settings.max_batch,

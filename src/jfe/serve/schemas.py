@@ -161,7 +161,7 @@ class Health(BaseModel):
     auth: bool = Field(False, description="whether API endpoints need a key")
     stats: dict[str, int] = Field(default_factory=dict, description="micro-batching counters")
     rerankers: list[str] = Field(default_factory=list, description="rerankers /search may name (jfe serve --rerank)")
-    backend: str | None = Field(None, description="what encodes queries: torch or onnx (jfe serve --backend)")
+    backend: str | None = Field(None, description="what encodes queries: torch, onnx or openvino (jfe serve --backend)")
     precision: str | None = Field(None, description="the precision queries are encoded in (fp32, bf16, int8)")
 
 
