@@ -253,8 +253,8 @@ class HFEncoder(Encoder):
         full = self._load_backbone(loaded_from, hf_config)
         # Embeddings need hidden states, not logits: the LM head (545M weights on Qwen2-VL-7B) is dropped,
         # but the full model is kept as the root that peft wraps, so adapter files carry its key names; where its
-        # weights live is remembered, so a full fine-tune can be saved as a complete HF checkpoint
-        self._lm_head_file = _lm_head_file(loaded_from) if loaded_from else None
+        # weights live is remembered, so a full fine-tune can be saved as a complete HF checkpoint (head restored)
+        self._weights_folder = loaded_from
         if isinstance(getattr(full, "lm_head", None), torch.nn.Module):
             full.lm_head = torch.nn.Identity()
         self.__dict__["_root"] = full  # not a submodule: its modules are the backbone's
@@ -714,15 +714,18 @@ class HFEncoder(Encoder):
         text_config = getattr(self._hf_config, "text_config", None) or self._hf_config
         tied = bool(getattr(text_config, "tie_word_embeddings", False) or
                     getattr(self._hf_config, "tie_word_embeddings", False))
-        head = torch.nn.Linear(self.dim, int(text_config.vocab_size), bias=False)
+        embeddings = root.get_input_embeddings().weight
+        # on the meta device: its weight is replaced at once, so a random one (545M values on a 7B model) never exists
+        head = torch.nn.Linear(self.dim, int(text_config.vocab_size), bias=False, device="meta")
+        found = _lm_head_file(self._weights_folder) if self._weights_folder and not tied else None
         if tied:
-            head.weight = root.get_input_embeddings().weight
-        elif self._lm_head_file is not None:
+            head.weight = embeddings
+        elif found is not None:
             from safetensors import safe_open
 
-            path, key = self._lm_head_file
+            path, key = found
             with safe_open(path, "pt") as handle:
-                head.weight = torch.nn.Parameter(handle.get_tensor(key).to(head.weight.dtype), requires_grad=False)
+                head.weight = torch.nn.Parameter(handle.get_tensor(key).to(embeddings.dtype), requires_grad=False)
         else:
             raise ConfigError(f"cannot save {self.config.model_path} as a complete checkpoint: its LM head (dropped "
                               f"for embedding) is in no local weights file to restore it from")
