@@ -42,16 +42,48 @@ class RerankPlan:
     pools: tuple[str, ...] = ("local", "global")
     precision: str = "auto"
     rerankers: tuple[str, ...] = (JOINT, LATE)
+    # > 1: cross-fitted lists (the retriever's recipe retrained once per fold without it, each mining its fold)
+    cross_fit: int = 0
+    recipe_configs: Path = Path("configs/reproduce")  # the shipped retrievers' recipe (jfe ship-weights)
 
 
 def _log(message: str) -> None:
     typer.secho(f"[rerank {time.strftime('%H:%M:%S')}] {message}", fg=typer.colors.CYAN, err=True)
 
 
+def fold_retrievers(plan: RerankPlan) -> list[Path]:
+    """The retriever's shipped recipe (both stages) trained once per fold, each without its fold's queries."""
+    from jfe.errors import ConfigError
+    from jfe_study.ship import SHIP_AS, ShipPlan, train_recipe
+
+    runs = {name: run for run, name in SHIP_AS.items()}
+    if plan.retriever not in runs:
+        raise ConfigError(f"cross-fitting retrains the retriever's recipe: {plan.retriever!r} is not a shipped "
+                          f"retriever ({', '.join(runs)})")
+    recipe = ShipPlan(data=plan.data, out=plan.out, configs=plan.recipe_configs)
+    folders = []
+    for fold in range(plan.cross_fit):
+        root = plan.out / "retrievers" / f"fold{fold}of{plan.cross_fit}"
+        if not (root / "seed0" / "stage2" / "final" / "config.json").exists():
+            _log(f"training {plan.retriever} without fold {fold} of {plan.cross_fit} (the shipped recipe)")
+        held = {"fold": fold, "folds": plan.cross_fit, "split": "train"}
+        folders.append(train_recipe(recipe, runs[plan.retriever], 0, root, {"held_out_fold": held}))
+    return folders
+
+
 def mined_lists(plan: RerankPlan) -> Path:
     from jfe.models import load_model
-    from jfe.train.mine import mine, write_mined
+    from jfe.train.mine import mine, mine_cross_fitted, write_mined
 
+    if plan.cross_fit > 1:
+        path = plan.out / f"mined_train_crossfit{plan.cross_fit}.jsonl"
+        if not path.exists():
+            folders = fold_retrievers(plan)
+            _log(f"mining the training split with {len(folders)} fold retrievers (cross-fitted)")
+            models = [load_model(f).set_precision("fp32") for f in folders]
+            write_mined(path, mine_cross_fitted(models, plan.data, split="train", k=50,
+                                                model_names=[str(f) for f in folders]))
+        return path
     path = plan.out / "mined_train.jsonl"
     if not path.exists():
         _log(f"mining the training split with {plan.retriever}")
@@ -197,6 +229,9 @@ def rerank_study_command(
     rerank_k: int = typer.Option(20, min=1, help="First-stage candidates reranked per query."),
     pools: str = typer.Option("local,global", help="Pools to evaluate in."),
     precision: str = typer.Option("auto", help="Evaluation precision: auto | fp32 | bf16."),
+    cross_fit: int = typer.Option(0, "--cross-fit", min=0,
+                                  help="Folds for cross-fitted mining (the retriever retrained per fold without "
+                                       "it); 0: mine with the retriever itself."),
     publish: Path = typer.Option(None, help="Copy report.md (and .json) here, e.g. docs/results/rerank.md."),
 ) -> None:
     """Train both rerankers on mined lists over seeds and measure them after the retriever (report + CIs)."""
@@ -204,7 +239,7 @@ def rerank_study_command(
 
     plan = RerankPlan(data=data, out=out, configs=configs, retriever=retriever, steps=steps, rerank_k=rerank_k,
                       seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), precision=precision,
-                      pools=tuple(p.strip() for p in pools.split(",") if p.strip()))
+                      pools=tuple(p.strip() for p in pools.split(",") if p.strip()), cross_fit=cross_fit)
     path = write_report(measure(plan), out)
     typer.echo(path.read_text(encoding="utf-8"))
     if publish is not None:

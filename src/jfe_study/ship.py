@@ -57,17 +57,23 @@ def _train(config: Path, overrides: dict[str, Any]) -> Path:
     return train(config, overrides=overrides, resume=True, progress=True)
 
 
-def train_run(plan: ShipPlan, run: str, seed: int) -> Path:
-    """The trained model of ``run`` and ``seed``: stage 1 shared by the seeds (seed 0), stage 2 per seed."""
-    root = plan.out / "models" / run
+def train_recipe(plan: ShipPlan, run: str, seed: int, root: Path, extra: dict[str, Any] | None = None) -> Path:
+    """The shipped recipe for ``run``: stage 1 (seed 0) in ``root/stage1``, stage 2 (``seed``) in
+    ``root/seed<seed>/stage2``; ``extra`` overrides both stages' configs (e.g. a ``held_out_fold``)."""
+    extra = extra or {}
     stage1 = _train(plan.configs / "stage1.toml", {
         "model": SHIPPED[run], "data": str(plan.data), "steps": plan.stage1_steps, "seed": 0,
-        "output_dir": str(root / "stage1")})
+        "output_dir": str(root / "stage1"), **extra})
     if not (root / f"seed{seed}" / "stage2" / "final" / "config.json").exists():
         _log(f"{run} seed {seed}: stage 2, {plan.stage2_steps} steps")
     return _train(plan.configs / "stage2.toml", {
         "model": str(stage1), "init": "", "data": str(plan.data), "seed": seed, "schedule": "constant",
-        "steps": plan.stage2_steps, "val_every": 0, "output_dir": str(root / f"seed{seed}" / "stage2")})
+        "steps": plan.stage2_steps, "val_every": 0, "output_dir": str(root / f"seed{seed}" / "stage2"), **extra})
+
+
+def train_run(plan: ShipPlan, run: str, seed: int) -> Path:
+    """The trained model of ``run`` and ``seed``: stage 1 shared by the seeds (seed 0), stage 2 per seed."""
+    return train_recipe(plan, run, seed, plan.out / "models" / run)
 
 
 def train_all(plan: ShipPlan) -> dict[tuple[str, int], Path]:

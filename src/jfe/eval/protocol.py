@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,7 +146,8 @@ def _global_pool_files(layout: MBEIRLayout, split: str) -> list[Path]:
     return named or files
 
 
-def _load_query_files(layout: MBEIRLayout, split: str, pool: str, max_queries: int | None) -> list[_QueryFile]:
+def _load_query_files(layout: MBEIRLayout, split: str, pool: str, max_queries: int | None,
+                      keep: Callable[[Query], bool] | None = None) -> list[_QueryFile]:
     query_files = layout.query_files(split)
     if not query_files:
         raise DataError(f"no query files for split {split!r}", path=str(layout.root / "query" / split))
@@ -156,6 +157,8 @@ def _load_query_files(layout: MBEIRLayout, split: str, pool: str, max_queries: i
     out = []
     for path in query_files:
         queries = read_queries(path)
+        if keep is not None:
+            queries = [q for q in queries if keep(q)]
         if max_queries is not None:
             queries = queries[:max_queries]
         qrels_path = layout.root / "qrels" / split / f"{path.stem}_qrels.txt"
@@ -314,10 +317,11 @@ def _read_instruction_sets(layout: MBEIRLayout, instructions: str, notes: list[s
 
 
 def _read(root: Path, split: str, pool: str, instructions: str, max_queries: int | None,
-          notes: list[str]) -> _Inputs:
-    """Read step: query files, their pools' candidates (each did once) and the instruction sets."""
+          notes: list[str], keep: Callable[[Query], bool] | None = None) -> _Inputs:
+    """Read step: query files (their queries ``keep`` accepts), their pools' candidates (each did once) and the
+    instruction sets."""
     layout = MBEIRLayout(root)
-    files = _load_query_files(layout, split, pool, max_queries)
+    files = _load_query_files(layout, split, pool, max_queries, keep)
     candidates, pool_dids = read_pool_files(sorted({p for f in files for p in f.pool_files}))
     return _Inputs(root, files, candidates, pool_dids, _read_instruction_sets(layout, instructions, notes))
 
@@ -482,14 +486,15 @@ def first_stage(model: Encoder, data_root: str | os.PathLike, *, split: str, poo
                 instructions: str = "default", instruction_mode: str = "hash", batch_size: int = 64,
                 progress: bool = True, max_queries: int | None = None, text_mode: TextMode = "jfe",
                 cache_dir: str | os.PathLike | None = None, notes: list[str] | None = None,
-                timings: dict[str, float] | None = None) -> FirstStage:
+                timings: dict[str, float] | None = None, keep: Callable[[Query], bool] | None = None
+                ) -> FirstStage:
     """Read, embed and rank (module docstring, steps 1-3): each query's top ``k`` in its pool. Reads only
-    ``query/<split>``, ``qrels/<split>`` and the pools those queries search."""
+    ``query/<split>``, ``qrels/<split>`` and the pools those queries search; ``keep`` selects queries (a fold)."""
     _check_options(pool, instructions, text_mode)
     timings = timings if timings is not None else {}
     t0 = time.perf_counter()
     inputs = _read(Path(data_root).resolve(), split, pool, instructions, max_queries,
-                   notes if notes is not None else [])
+                   notes if notes is not None else [], keep)
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cache = EmbeddingCache(Path(cache_dir) if cache_dir is not None else None, model_fingerprint(model))

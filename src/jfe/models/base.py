@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
+from jfe.data.folds import HeldOutFold
 from jfe.data.items import Item, as_item
 from jfe.errors import ConfigError
 from jfe.hardware import ComputePrecision
@@ -44,6 +45,9 @@ class EncoderConfig(BaseModel):
     #: the prefix lengths a Matryoshka loss trained (``matryoshka_dims`` of the training config; empty: not trained
     #: so): a renormalised prefix of such a model's vector is a usable smaller embedding
     matryoshka_dims: list[int] = []
+    #: the fold of a training split this model never trained on (a training config's ``held_out_fold``;
+    #: None: no such declaration): ``jfe mine`` lets it rank only that fold's queries (cross-fitting)
+    held_out_fold: HeldOutFold | None = None
 
 
 def default_device() -> torch.device:

@@ -7,6 +7,7 @@ Under torchrun, every rank runs the same command:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -61,7 +62,10 @@ def register(app: typer.Typer) -> None:
     app.add_typer(group, name="train")
 
     @app.command("mine")
-    def mine(model: str = typer.Option(..., "--model", "-m", help="The retriever: a name, hf:<path> or a folder."),
+    def mine(model: list[str] = typer.Option(..., "--model", "-m",
+                                             help="The retriever: a name, hf:<path> or a folder. Cross-fitting: "
+                                                  "one --model per fold, each trained with held_out_fold (it "
+                                                  "mines the fold it never saw)."),
              data: Path = typer.Option(..., "--data", exists=True, file_okay=False, help="M-BEIR-layout root."),
              out: Path = typer.Option(..., "--out", "-o", help="The mined lists (JSON lines) to write."),
              split: str = typer.Option("train", "--split", help="Query split to mine (train for training)."),
@@ -79,14 +83,22 @@ def register(app: typer.Typer) -> None:
         from jfe.models import load_model
         from jfe.paths import check_writable_path
         from jfe.train.mine import mine as run_mine
-        from jfe.train.mine import score_spread, write_mined
+        from jfe.train.mine import mine_cross_fitted, score_spread, write_mined
 
         check_writable_path(out, folder=False)
-        encoder = load_model(model).set_precision(precision)
-        mined = run_mine(encoder, data, split=split, k=k, pool=pool, margin=margin, instructions=instructions,
-                         batch_size=batch_size, progress=not quiet, max_queries=max_queries, model_name=model)
+        encoders = [load_model(name).set_precision(precision) for name in model]
+        options: dict[str, Any] = {"k": k, "pool": pool, "margin": margin, "instructions": instructions,
+                                   "batch_size": batch_size, "progress": not quiet, "max_queries": max_queries}
+        if len(encoders) == 1:
+            mined = run_mine(encoders[0], data, split=split, model_name=model[0], **options)
+        else:
+            mined = mine_cross_fitted(encoders, data, split=split, model_names=model, **options)
         write_mined(out, mined)
         spread = score_spread(mined)
         typer.echo(f"{out}: {int(spread['queries'])} queries, {spread['negatives_per_query']:.1f} negatives each, "
                    f"mean gap best positive - best negative {spread['mean_gap']:+.3f}; "
                    f"{mined.meta['dropped_as_false_negatives']} dropped by the margin")
+        if "held_out_fold" in mined.meta:
+            held = mined.meta["held_out_fold"]
+            typer.echo(f"{model[0]} holds out fold {held['fold']}/{held['folds']} of {split!r}: only that fold's "
+                       "queries were mined (give one --model per fold to cover the split)")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jfe.data.folds import HeldOutFold
 from jfe.errors import ConfigError
 from jfe.models.phases import TrainablePhase
 
@@ -87,6 +88,10 @@ class TrainConfig(BaseModel):
                                       "task_weights): in-batch negatives then share the positive's modality, "
                                       "as in M-BEIR's local pools, instead of being told apart by modality alone")
     max_train_queries: int | None = Field(default=None, ge=1)
+    held_out_fold: HeldOutFold | None = Field(default=None, description="cross-fitting: leave this fold of "
+                                              "train_split's queries out, e.g. { fold = 0, folds = 2 } (folds are cut "
+                                              "by base item); recorded in the saved model, so that `jfe mine` lets "
+                                              "it rank only that fold")
     # output
     output_dir: Path
     # optimisation

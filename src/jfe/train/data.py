@@ -19,18 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from jfe.data.folds import HeldOutFold, base_of
 from jfe.data.instructions import TextMode, instruction_key, instruction_set_for
 from jfe.data.items import candidate_item, query_item
 from jfe.data.mbeir import MBEIRLayout, iter_candidates, iter_queries
 from jfe.data.records import Candidate, InstructionSet, Query
 from jfe.errors import ConfigError, DataError
 from jfe.train.losses import ContrastiveBatch, false_negative_mask
-
-
-def base_of(query: Query) -> str:
-    """The base item a query is about (MiniBEIR's ``query_src_content.base``); the qid otherwise."""
-    base = query.src.get("base")
-    return str(base) if base not in (None, "") else query.qid
 
 
 def _task_id_of(query: Query) -> int:
@@ -71,10 +66,13 @@ class TrainingData:
     def load(cls, root: str | Path, split: str = "train", tasks: set[int] | None = None,
              instructions: bool = False, hard_negatives: bool = False,
              max_queries: int | None = None, pool_files: Sequence[str | Path] | None = None,
-             text_mode: TextMode = "jfe") -> TrainingData:
+             text_mode: TextMode = "jfe", held_out: HeldOutFold | None = None) -> TrainingData:
         """``pool_files`` (relative to ``root``) name the pools holding the training candidates, e.g.
         ``cand_pool/global/mbeir_union_train_cand_pool.jsonl`` for M-BEIR's union training split
-        (``split="union_train"``); by default every local, then every global pool is searched."""
+        (``split="union_train"``); by default every local, then every global pool is searched. ``held_out``
+        leaves one fold of the split's queries out (cross-fitting, :mod:`jfe.data.folds`)."""
+        if held_out is not None and held_out.split != split:
+            raise ConfigError(f"held_out_fold cuts split {held_out.split!r}, but this run trains on {split!r}")
         layout = MBEIRLayout(root)
         pools = [layout.root / f for f in pool_files] if pool_files else None
         for pool in pools or []:
@@ -92,6 +90,8 @@ class TrainingData:
                     raise DataError("training queries need a task_id", path=str(path), record_id=query.qid)
                 if tasks is not None and query.task_id not in tasks:
                     continue
+                if held_out is not None and held_out.holds(query):
+                    continue
                 if not query.pos_cand_list:
                     raise DataError("training query has no positive candidate", path=str(path),
                                     record_id=query.qid)
@@ -102,7 +102,8 @@ class TrainingData:
             queries = sorted(queries, key=lambda q: hashlib.sha1(q.qid.encode()).digest())[:max_queries]
         if not queries:
             wanted = sorted(tasks) if tasks is not None else "any"
-            raise DataError(f"split {split!r} has no queries of tasks {wanted}", path=str(layout.root))
+            outside = f" outside {held_out}" if held_out is not None else ""
+            raise DataError(f"split {split!r} has no queries of tasks {wanted}{outside}", path=str(layout.root))
         wanted_dids = {d for q in queries for d in q.pos_cand_list}
         if hard_negatives:
             wanted_dids |= {d for q in queries for d in q.neg_cand_list}

@@ -12,18 +12,25 @@ margin`` is left out. The same file trains a reranker (``jfe train rerank``) and
 negatives. Mining reads only ``query/<split>``, ``qrels/<split>`` and the pools those queries search, so mining
 the training split never touches validation or test queries; :func:`read_mined` lets training refuse lists
 mined on another split.
+
+**Cross-fitting** (:func:`mine_cross_fitted`, ``jfe mine`` with one ``--model`` per fold): a retriever mining
+queries it trained on has memorised them, so its lists are not the lists it will face at test time. Each model
+that declares a held-out fold (trained with ``held_out_fold``, :mod:`jfe.data.folds`) mines only that fold's
+queries; one model per fold together cover the split, each query ranked by the model that never saw it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jfe.data.folds import HeldOutFold
 from jfe.data.mbeir import iter_json_lines
 from jfe.errors import ConfigError, DataError
 from jfe.eval.protocol import first_stage
@@ -64,9 +71,11 @@ class MinedLists:
 def mine(model: Encoder, data_root: str | os.PathLike, *, split: str = "train", k: int = 50, pool: str = "local",
          margin: float | None = None, instructions: str = "default", batch_size: int = 64, progress: bool = True,
          max_queries: int | None = None, model_name: str | None = None) -> MinedLists:
-    """Mine ``k`` negatives per query of ``split`` with ``model`` (module docstring)."""
+    """Mine ``k`` negatives per query of ``split`` with ``model`` (module docstring); a model that declares a
+    held-out fold of ``split`` mines only that fold's queries (the ones it never trained on)."""
     from jfe.models.registry import model_name_of
 
+    held_out = held_out_fold_of(model, split)
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     if margin is not None and margin < 0:
@@ -76,7 +85,8 @@ def mine(model: Encoder, data_root: str | os.PathLike, *, split: str = "train", 
     root = Path(data_root).resolve()
     # deeper than k, so that k negatives remain once positives (and false negatives) are removed
     stage = first_stage(model, root, split=split, pool=pool, k=k + EXTRA_DEPTH, instructions=instructions,
-                        batch_size=batch_size, progress=progress, max_queries=max_queries)
+                        batch_size=batch_size, progress=progress, max_queries=max_queries,
+                        keep=held_out.holds if held_out is not None else None)
     out: dict[str, MinedQuery] = {}
     dropped = 0
     for f, qf in enumerate(stage.files):
@@ -99,7 +109,48 @@ def mine(model: Encoder, data_root: str | os.PathLike, *, split: str = "train", 
     meta = {"version": FORMAT_VERSION, "retriever": model_name or model_name_of(model), "data": str(root),
             "split": split, "pool": pool, "k": k, "margin": margin, "instructions": instructions,
             "queries": len(out), "dropped_as_false_negatives": dropped}
+    if held_out is not None:
+        meta["held_out_fold"] = held_out.model_dump()
     return MinedLists(meta, out)
+
+
+def held_out_fold_of(model: Encoder, split: str) -> HeldOutFold | None:
+    """The fold of ``split`` that ``model`` declares it never trained on (None: no fold of this split)."""
+    declared = getattr(getattr(model, "config", None), "held_out_fold", None)
+    return declared if isinstance(declared, HeldOutFold) and declared.split == split else None
+
+
+def mine_cross_fitted(models: Sequence[Encoder], data_root: str | os.PathLike, *, split: str = "train",
+                      model_names: Sequence[str] | None = None, **options: Any) -> MinedLists:
+    """Cross-fitted lists (module docstring): ``models`` hold out folds ``0 .. n-1`` of ``split`` (``n`` =
+    ``len(models)``), and each mines the fold it never saw. ``options`` are :func:`mine`'s."""
+    from jfe.models.registry import model_name_of
+
+    names = list(model_names) if model_names is not None else [model_name_of(m) for m in models]
+    folds: dict[int, int] = {}
+    for i, (model, name) in enumerate(zip(models, names, strict=True)):
+        held = held_out_fold_of(model, split)
+        if held is None:
+            raise ConfigError(f"{name} declares no held-out fold of split {split!r}: cross-fitted mining needs one "
+                              f"model per fold, each trained with held_out_fold = {{ fold = ..., folds = "
+                              f"{len(models)}, split = {split!r} }}")
+        if held.folds != len(models):
+            raise ConfigError(f"{name} holds out {held}, but {len(models)} models were given: one per fold")
+        if held.fold in folds:
+            raise ConfigError(f"{name} and {names[folds[held.fold]]} both hold out fold {held.fold}: each fold "
+                              "needs its own model")
+        folds[held.fold] = i
+    parts = [mine(models[folds[f]], data_root, split=split, model_name=names[folds[f]], **options)
+             for f in sorted(folds)]
+    queries: dict[str, MinedQuery] = {}
+    for part in parts:
+        queries.update(part.queries)
+    meta = {**parts[0].meta, "retriever": " + ".join(p.meta["retriever"] for p in parts), "queries": len(queries),
+            "dropped_as_false_negatives": sum(p.meta["dropped_as_false_negatives"] for p in parts),
+            "cross_fit": [{"retriever": p.meta["retriever"], **p.meta["held_out_fold"],
+                           "queries": p.meta["queries"]} for p in parts]}
+    meta.pop("held_out_fold")
+    return MinedLists(meta, queries)
 
 
 def write_mined(path: str | os.PathLike, mined: MinedLists) -> Path:

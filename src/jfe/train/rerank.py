@@ -161,7 +161,8 @@ class RerankTrainer(Trainer):
         mined = read_mined(cfg.mined, split=cfg.train_split)
         tasks = set(cfg.task_weights) if cfg.task_weights else None
         data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
-                                 max_queries=cfg.max_train_queries, pool_files=cfg.train_pool, text_mode=cfg.text_mode)
+                                 max_queries=cfg.max_train_queries, pool_files=cfg.train_pool, text_mode=cfg.text_mode,
+                                 held_out=cfg.held_out_fold)
         depth = cfg.mined_depth
         entries = {q.qid: mined.queries[q.qid] for q in data.queries if q.qid in mined.queries}
         if cfg.shortlisted_only and depth:

@@ -235,6 +235,7 @@ class Trainer:
         self.model = self._build_model(torch.device("cpu") if ctx.sharded else ctx.device)
         ctx.broadcast_parameters(self.model)
         ctx.shard(self.model)  # FSDP runs only (accelerate's fsdp config); a no-op otherwise
+        self._declare_held_out_fold()
         self._setup_data()
         # bf16 autocast where the device computes it natively ("auto"), or where asked; the loss stays fp32
         use_bf16 = resolve_precision(cfg.precision, ctx.device) == "bf16"
@@ -249,6 +250,21 @@ class Trainer:
         # dropout differs per rank (different data), but each rank's stream is reproducible
         torch.manual_seed(cfg.seed + 1 + ctx.rank)
 
+    def _declare_held_out_fold(self) -> None:
+        """Record in the model the fold of the training split it never trained on (``held_out_fold``), so that
+        ``jfe mine`` can let it rank only those queries. A model that declares a fold goes on training only with
+        that same fold held out (else it would have trained on every fold); a run on its split without
+        ``held_out_fold`` clears the declaration."""
+        held, declared = self.cfg.held_out_fold, self.model.config.held_out_fold
+        if declared is not None and declared.split == self.cfg.train_split and held != declared:
+            raise ConfigError(f"the model {self.cfg.model} was trained without {declared}; this run "
+                              + (f"holds out {held}" if held is not None else "trains on every fold")
+                              + f": set held_out_fold = {{ fold = {declared.fold}, folds = {declared.folds}, "
+                              f"split = {declared.split!r} }} to go on training it, or start from a model that "
+                              "declares no fold")
+        if held is not None:
+            self.model.config = self.model.config.model_copy(update={"held_out_fold": held})
+
     # the parts a trainer of another kind of model (jfe.train.rerank) replaces
     def _build_model(self, device: torch.device) -> Encoder:
         return build_model(self.cfg, device)
@@ -258,7 +274,8 @@ class Trainer:
         tasks = set(cfg.task_weights) if cfg.task_weights else None
         self.data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
                                       hard_negatives=cfg.hard_negatives > 0, max_queries=cfg.max_train_queries,
-                                      pool_files=cfg.train_pool, text_mode=cfg.text_mode)
+                                      pool_files=cfg.train_pool, text_mode=cfg.text_mode,
+                                      held_out=cfg.held_out_fold)
         self.sampler: BatchSampler = BatchSampler(self.data, cfg.batch_size, cfg.task_weights, cfg.group_size,
                                                   cfg.hard_negatives, cfg.instructions, seed=cfg.seed,
                                                   single_task=cfg.single_task_batches)
