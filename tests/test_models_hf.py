@@ -21,7 +21,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<
            "<|video_pad|>"]
 _WORD_TEXT = ("system user assistant you are a helpful find the image of cat dog red blue green with hat "
          "smiling face moon clock one hour later next phase in german what is her job farmer summarize "
-         "above word : . ,")
+         "above word : . , yes no does candidate match query answer or")
 WORDS = _WORD_TEXT.split()
 # The layout of Qwen2-VL's own template (system turn optional, list or string content).
 TEMPLATE = (

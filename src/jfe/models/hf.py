@@ -255,6 +255,7 @@ class HFEncoder(Encoder):
         # but the full model is kept as the root that peft wraps, so adapter files carry its key names; where its
         # weights live is remembered, so a full fine-tune can be saved as a complete HF checkpoint (head restored)
         self._weights_folder = loaded_from
+        self._keep_from_lm_head(full)
         if isinstance(getattr(full, "lm_head", None), torch.nn.Module):
             full.lm_head = torch.nn.Identity()
         self.__dict__["_root"] = full  # not a submodule: its modules are the backbone's
@@ -274,6 +275,9 @@ class HFEncoder(Encoder):
         self.eval()
 
     # --- construction ------------------------------------------------------------------------
+    def _keep_from_lm_head(self, full: torch.nn.Module) -> None:
+        """Called once before the LM head is dropped: an encoder needs none of it (a reranker keeps two rows)."""
+
     def _hub_kwargs(self) -> dict[str, Any]:
         return {"trust_remote_code": self.config.trust_remote_code, "local_files_only": self.config.local_files_only}
 
@@ -410,9 +414,10 @@ class HFEncoder(Encoder):
             if saved.get("arch") == cls.arch:
                 return cls._from_saved(local, device=device, **overrides)
         try:
-            config = HFConfig(model_path=str(path), **overrides)
+            config = cls.config_class(model_path=str(path), **overrides)
         except ValidationError as exc:
-            raise ConfigError(f"bad options for hf:{path}: {exc}") from exc
+            raise ConfigError(f"bad options for {cls.arch} {path}: {exc}") from exc
+        assert isinstance(config, HFConfig)  # config_class of every HF arch
         return cls(config, device=device)
 
     @classmethod
@@ -425,9 +430,10 @@ class HFEncoder(Encoder):
             raise ConfigError(f"{directory} is not a saved JFE model (no {CONFIG_NAME})")
         try:
             saved = json.loads(config_path.read_text())
-            config = HFConfig(**{**saved, **overrides})
+            config = cls.config_class(**{**saved, **overrides})
         except (ValidationError, json.JSONDecodeError) as exc:
             raise ConfigError(f"bad config in {config_path}: {exc}") from exc
+        assert isinstance(config, HFConfig)
         backbone_dir = directory / BACKBONE_DIR
         source = backbone_dir if backbone_dir.is_dir() else None
         full = config.weights == "full" and source is not None
@@ -577,30 +583,42 @@ class HFEncoder(Encoder):
                                       f"text-only form; encode texts with another model")
         prompts = [self.build_prompt(item) for item in items]
         images = [(i, item.load_image()) for i, item in enumerate(items) if item.image is not None]
-        if self.adapter.native:
-            return self._prepare_native(items, prompts, images)
-        return self._prepare_processor(items, prompts, images)
+        return self.model_inputs([item.id for item in items], prompts, images)
 
-    def _prepare_native(self, items: Sequence[Item], prompts: list[str],
+    def model_inputs(self, ids: Sequence[str | None], prompts: list[str],
+                     images: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+        """Model inputs for chat-template ``prompts`` and their ``images`` as ``(prompt index, PIL image)`` in the
+        order the prompts name them (a prompt may hold several); ``ids`` name the prompts in errors."""
+        if self.adapter.native:
+            return self._prepare_native(ids, prompts, images)
+        return self._prepare_processor(ids, prompts, images)
+
+    def _prepare_native(self, ids: Sequence[str | None], prompts: list[str],
                         images: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
         placeholder = self.adapter.image_token
         assert placeholder is not None, "native adapters name their image token"
         image_processor = self._native_image_processor
         pixel_values, grids = [], []
+        counts: list[list[int]] = [[] for _ in prompts]
         for index, image in images:
             try:
                 out = image_processor(images=[image], return_tensors="pt", **self._image_kwargs())
             except Exception as exc:  # noqa: BLE001 - image processors raise ValueError, TypeError, ...
-                raise DataError(f"the image processor rejected the image: {exc}", record_id=items[index].id) \
-                    from exc
+                raise DataError(f"the image processor rejected the image: {exc}", record_id=ids[index]) from exc
             pixel_values.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])
             # One placeholder per merged patch group: what the vision tower emits for this image.
-            count = int(out["image_grid_thw"][0].prod()) // image_processor.merge_size ** 2
-            if prompts[index].count(placeholder) != 1:
+            counts[index].append(int(out["image_grid_thw"][0].prod()) // image_processor.merge_size ** 2)
+        prompts = list(prompts)
+        for index, per_image in enumerate(counts):
+            parts = prompts[index].split(placeholder)
+            if len(parts) - 1 != len(per_image):
                 raise ConfigError(f"the chat template of {self.config.model_path} must put exactly one "
-                                  f"{placeholder} per image; got {prompts[index].count(placeholder)}")
-            prompts[index] = prompts[index].replace(placeholder, placeholder * count)
+                                  f"{placeholder} per image; got {len(parts) - 1} for {len(per_image)} image(s)")
+            expanded = parts[0]
+            for count, part in zip(per_image, parts[1:], strict=True):
+                expanded += placeholder * count + part
+            prompts[index] = expanded
         tokens = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
         # Only what the model takes: some tokenizers add token_type_ids, which Qwen models reject.
         batch = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
@@ -611,7 +629,7 @@ class HFEncoder(Encoder):
             batch["mm_token_type_ids"] = (batch["input_ids"] == self._image_token_id).int()
         return batch
 
-    def _prepare_processor(self, items: Sequence[Item], prompts: list[str],
+    def _prepare_processor(self, ids: Sequence[str | None], prompts: list[str],
                            images: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
         processor = self.processor
         assert processor is not None, "non-native adapters load an AutoProcessor"
@@ -631,8 +649,7 @@ class HFEncoder(Encoder):
                     processor(text=[prompts[index]], images=[[image]] if self.adapter.images_per_prompt else [image],
                               return_tensors="pt")
                 except Exception as inner:  # noqa: BLE001
-                    raise DataError(f"the processor rejected the item: {inner}", record_id=items[index].id) \
-                        from inner
+                    raise DataError(f"the processor rejected the item: {inner}", record_id=ids[index]) from inner
             raise DataError(f"the processor rejected the batch: {exc}") from exc
 
     # --- the encoder -------------------------------------------------------------------------

@@ -6,6 +6,7 @@
   pretrained towers (glue untrained) with an ``UntrainedModelWarning`` (not for ``toy``/``toy-hash``: a test
   encoder with nothing to train);
 * ``"hf:<path>"``: a ``transformers`` MLLM folder through :class:`jfe.models.hf.HFEncoder` (imported lazily);
+  ``"hf-rerank:<path>"``: the same MLLM as a yes/no reranker (:class:`jfe.models.hf_rerank.HFReranker`);
 * a folder written by ``save_pretrained`` (``config.json`` + ``model.safetensors``).
 
 Keyword overrides change config fields (``load_model("jfe-mini", grid=7, pooling="cls")``); for a saved
@@ -30,6 +31,16 @@ from jfe.models.base import CONFIG_NAME, WEIGHTS_NAME, Encoder, default_device
 
 HF_PREFIX = "hf:"
 HF_ARCH = "hf-mllm"
+HF_RERANK_PREFIX = "hf-rerank:"
+HF_RERANK_ARCH = "hf-mllm-rerank"
+# arch -> module of the HF classes, imported only when asked for (transformers is heavy)
+_HF_MODULES = {HF_ARCH: "jfe.models.hf", HF_RERANK_ARCH: "jfe.models.hf_rerank"}
+_HF_PREFIXES = {HF_PREFIX: HF_ARCH, HF_RERANK_PREFIX: HF_RERANK_ARCH}
+
+
+def _hf_arch_of(spec: str) -> str | None:
+    """The HF arch a ``hf:`` / ``hf-rerank:`` spec names (None: not such a spec)."""
+    return next((arch for prefix, arch in _HF_PREFIXES.items() if spec.startswith(prefix)), None)
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,10 @@ def list_models() -> list[ModelInfo]:
 
 def _arch_class(arch: str, what: str) -> type[Encoder]:
     _register_archs()
-    if arch == HF_ARCH:
-        import jfe.models.hf  # noqa: F401
+    if arch in _HF_MODULES:
+        import importlib
+
+        importlib.import_module(_HF_MODULES[arch])
     klass = Encoder._registry.get(arch)
     if klass is None:
         raise ConfigError(f"{what}: unknown model arch {arch!r}; known: {sorted(Encoder._registry)}")
@@ -146,8 +159,8 @@ def check_overrides(name_or_path: str | os.PathLike, overrides: dict[str, Any]) 
     # a saved folder may name no arch; only a registered name has a base config to validate values against
     arch: str | None
     base: dict[str, Any] | None
-    if spec.startswith(HF_PREFIX):
-        arch, base = HF_ARCH, None
+    if _hf_arch_of(spec):
+        arch, base = _hf_arch_of(spec), None
     elif spec in _MODELS:
         arch, base = _MODELS[spec].arch, _MODELS[spec].config
     elif (Path(spec) / CONFIG_NAME).is_file():
@@ -175,10 +188,12 @@ def _load_saved(directory: Path, overrides: dict[str, Any]) -> Encoder:
     if not isinstance(config, dict) or "arch" not in config:
         raise ConfigError(f"{directory / CONFIG_NAME}: not a JFE model config (no 'arch')")
     arch = config.pop("arch")
-    if arch == HF_ARCH:  # the HF adapter knows how to rebuild its backbone (and adapters) from a folder
+    if arch in _HF_MODULES:  # the HF adapter knows how to rebuild its backbone (and adapters) from a folder
         from jfe.models.hf import HFEncoder
 
-        return HFEncoder._from_saved(directory, **overrides)
+        hf_class = _arch_class(arch, str(directory))
+        assert issubclass(hf_class, HFEncoder)
+        return hf_class._from_saved(directory, **overrides)
     klass = _arch_class(arch, str(directory))
     build_only = {k: v for k, v in klass.checkpoint_overrides(directory).items() if k not in overrides}
     model = _build(arch, {**config, **build_only, **overrides}, str(directory))
@@ -230,7 +245,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
             runtime = OpenVinoEncoder
         return load_onnx(spec, manifest, _arch_class(manifest.arch, spec), runtime=runtime)
     if backend in EXPORT_BACKENDS:
-        if spec.startswith(HF_PREFIX):
+        if _hf_arch_of(spec):
             raise ConfigError(f"{spec}: the {backend} backend covers the tower models (jfe-mini and the baselines); "
                               f"export an hf: MLLM with Hugging Face optimum, outside JFE")
         # a trained name or a saved folder is identified by its files: a cached export loads without PyTorch weights
@@ -239,10 +254,14 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         if folder is None:
             folder = export_cached(spec, load_model(spec, "cpu", pretrained, **config_overrides), digest)
         return load_model(folder, backend=backend)
-    if spec.startswith(HF_PREFIX):
+    hf_arch = _hf_arch_of(spec)
+    if hf_arch:
         from jfe.models.hf import HFEncoder
 
-        model: Encoder = HFEncoder._from_path(spec[len(HF_PREFIX):], device=device, **config_overrides)
+        hf_class = _arch_class(hf_arch, spec)
+        assert issubclass(hf_class, HFEncoder)
+        prefix = next(p for p, a in _HF_PREFIXES.items() if a == hf_arch)
+        model: Encoder = hf_class._from_path(spec[len(prefix):], device=device, **config_overrides)
     elif spec in _MODELS:
         from jfe.models import pretrained as table
 
@@ -309,8 +328,9 @@ def fusion_role_of(spec: str | os.PathLike) -> str:
     """The declared fusion role of a registered name, an arch, ``hf:<path>`` or a saved folder; ``"other"``
     when none of these (reports then treat the run as neither ours nor a baseline)."""
     spec = os.fspath(spec)
-    if spec.startswith(HF_PREFIX):
-        return _arch_class(HF_ARCH, spec).fusion_role
+    hf_arch = _hf_arch_of(spec)
+    if hf_arch:
+        return _arch_class(hf_arch, spec).fusion_role
     if spec in _MODELS:
         return _MODELS[spec].fusion_role
     arch = _saved_arch(Path(spec)) if (Path(spec) / CONFIG_NAME).is_file() else spec

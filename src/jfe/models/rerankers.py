@@ -93,6 +93,11 @@ class Reranker(Encoder):
             update={"pretrained": getattr(encoder.config, "pretrained", True), "from_checkpoint": False})
         return reranker.to(encoder.device)
 
+    @property
+    def reads_first_stage(self) -> bool:
+        """Whether scores need the first stage's (``config.retriever`` names one; an HF reranker may score alone)."""
+        return bool(getattr(self.config, "retriever", None))
+
     def _init_prior(self, scale: float) -> None:
         self.prior_weight = nn.Parameter(torch.tensor(float(scale)))
 
@@ -126,6 +131,8 @@ class Reranker(Encoder):
         if instruction:
             q_items = [item.with_instruction(instruction) for item in q_items]
         c_items = [[as_item(c, j) for j, c in enumerate(group)] for group in candidates]
+        if first_stage is None and not self.reads_first_stage:
+            first_stage = [[0.0] * len(group) for group in c_items]  # a reranker that scores alone
         if first_stage is None:
             if retriever is None:
                 raise ConfigError(f"{self.arch} corrects a first stage: pass its scores, or the retriever "
@@ -329,6 +336,6 @@ def require_reranker(model: Encoder, what: str) -> Reranker:
     """``model`` as a :class:`Reranker`, or a clear error naming ``what`` it was loaded from."""
     if not isinstance(model, Reranker):
         raise ConfigError(f"{what} is not a reranker (arch {model.arch!r}); rerankers: jfe-mini-rerank, "
-                          f"late-fusion-rerank-mini or a folder trained from one")
+                          f"late-fusion-rerank-mini, hf-rerank:<MLLM folder> or a folder trained from one")
     return model
 
