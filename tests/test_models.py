@@ -353,6 +353,35 @@ def test_vision_top_trains_and_the_trunk_below_stays_cached(name: str, image_fil
     np.testing.assert_allclose(model.encode(items), after, atol=1e-5)
 
 
+def test_a_loaded_model_caches_the_output_of_its_trained_vision_top(image_files: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """At inference every weight is frozen, so the trained top's output is cached too (keyed by all the trunk's
+    weights): a second encode of the same images runs no MobileNetV2 module at all."""
+    from jfe.models.vision import TRUNK_MODULES
+
+    model = load_model("jfe-mini", device="cpu", vision_trainable_modules=3, **SMALL)
+    model.set_trainable("full")  # a model being trained: its top is computed on the frozen part's cached output
+    items = [Item(image=image_files["red_square"]), Item(image=image_files["blue_circle"], text="blue")]
+    training_vectors = model.encode(items)
+    loaded = load_model(model.save_pretrained(tmp_path / "m"), device="cpu")
+    assert loaded.vision.frozen and loaded.vision.split == TRUNK_MODULES
+    assert loaded.vision.cache_key(torch.float16) != model.vision.cache_key(torch.float16)
+    calls: list[str] = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append("run")) for m in loaded.vision.features]
+    feature_cache.clear()
+    first = loaded.encode(items)
+    ran = len(calls)
+    again = loaded.encode(items)
+    for hook in hooks:
+        hook.remove()
+    assert ran > 0 and len(calls) == ran, "the second encode read the whole trunk's output from the cache"
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first, training_vectors, atol=2e-3)  # the same model; only fp16 storage differs
+    # set to train again, the top is computed (with autograd) on the frozen part's cached output
+    loaded.set_trainable("full")
+    assert loaded.vision.split == TRUNK_MODULES - 3
+
+
 def test_vision_trainable_modules_is_checked() -> None:
     with pytest.raises(ConfigError, match="freeze_vision"):
         load_model("jfe-mini", device="cpu", freeze_vision=False, vision_trainable_modules=3, **SMALL)

@@ -33,9 +33,17 @@ HF_PREFIX = "hf:"
 HF_ARCH = "hf-mllm"
 HF_RERANK_PREFIX = "hf-rerank:"
 HF_RERANK_ARCH = "hf-mllm-rerank"
-# arch -> module of the HF classes, imported only when asked for (transformers is heavy)
-_HF_MODULES = {HF_ARCH: "jfe.models.hf", HF_RERANK_ARCH: "jfe.models.hf_rerank"}
+# arch -> (module, class) of the HF models, imported only when asked for (transformers is heavy)
+_HF_CLASSES = {HF_ARCH: ("jfe.models.hf", "HFEncoder"), HF_RERANK_ARCH: ("jfe.models.hf_rerank", "HFReranker")}
 _HF_PREFIXES = {HF_PREFIX: HF_ARCH, HF_RERANK_PREFIX: HF_RERANK_ARCH}
+
+
+def _hf_class(arch: str) -> Any:
+    """The HF model class of ``arch`` (its module imported now)."""
+    import importlib
+
+    module, name = _HF_CLASSES[arch]
+    return getattr(importlib.import_module(module), name)
 
 
 def _hf_arch_of(spec: str) -> str | None:
@@ -117,10 +125,8 @@ def list_models() -> list[ModelInfo]:
 
 def _arch_class(arch: str, what: str) -> type[Encoder]:
     _register_archs()
-    if arch in _HF_MODULES:
-        import importlib
-
-        importlib.import_module(_HF_MODULES[arch])
+    if arch in _HF_CLASSES:
+        _hf_class(arch)  # its module registers the class
     klass = Encoder._registry.get(arch)
     if klass is None:
         raise ConfigError(f"{what}: unknown model arch {arch!r}; known: {sorted(Encoder._registry)}")
@@ -188,12 +194,8 @@ def _load_saved(directory: Path, overrides: dict[str, Any]) -> Encoder:
     if not isinstance(config, dict) or "arch" not in config:
         raise ConfigError(f"{directory / CONFIG_NAME}: not a JFE model config (no 'arch')")
     arch = config.pop("arch")
-    if arch in _HF_MODULES:  # the HF adapter knows how to rebuild its backbone (and adapters) from a folder
-        from jfe.models.hf import HFEncoder
-
-        hf_class = _arch_class(arch, str(directory))
-        assert issubclass(hf_class, HFEncoder)
-        return hf_class._from_saved(directory, **overrides)
+    if arch in _HF_CLASSES:  # the HF adapter knows how to rebuild its backbone (and adapters) from a folder
+        return _hf_class(arch)._from_saved(directory, **overrides)  # type: ignore[no-any-return]
     klass = _arch_class(arch, str(directory))
     build_only = {k: v for k, v in klass.checkpoint_overrides(directory).items() if k not in overrides}
     model = _build(arch, {**config, **build_only, **overrides}, str(directory))
@@ -256,12 +258,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         return load_model(folder, backend=backend)
     hf_arch = _hf_arch_of(spec)
     if hf_arch:
-        from jfe.models.hf import HFEncoder
-
-        hf_class = _arch_class(hf_arch, spec)
-        assert issubclass(hf_class, HFEncoder)
         prefix = next(p for p, a in _HF_PREFIXES.items() if a == hf_arch)
-        model: Encoder = hf_class._from_path(spec[len(prefix):], device=device, **config_overrides)
+        model: Encoder = _hf_class(hf_arch)._from_path(spec[len(prefix):], device=device, **config_overrides)
     elif spec in _MODELS:
         from jfe.models import pretrained as table
 
@@ -287,6 +285,10 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     else:
         raise ConfigError(f"unknown model {spec!r}: not a registered name ({', '.join(_MODELS)}), "
                           f"not 'hf:<path>', not a saved model folder")
+    # an inference model, every weight frozen until training calls set_trainable (as the HF models always were):
+    # a vision tower with a trained top is then frozen whole, and the feature cache keeps the whole trunk's output
+    # (keyed by all its weights) instead of rerunning the top for every image
+    model.requires_grad_(False)
     model.eval()
     return model.to(device or default_device())
 
