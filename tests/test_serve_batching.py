@@ -160,3 +160,51 @@ def test_concurrent_http_requests_through_the_app(tiny_mbeir: Path, batching: bo
         assert health["stats"]["batches"] < 12
     else:
         assert health["stats"]["batches"] == 12 and model.calls == [1] * 12
+
+
+class RecordingReranker:
+    """Wraps a reranker: records every rerank call's number of queries and the thread that ran it."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.config = inner.config  # type: ignore[attr-defined]
+        self.calls: list[int] = []
+        self.threads: set[str] = set()
+
+    def rerank(self, queries, candidates, first_stage=None, **options):  # noqa: ANN001, ANN003, ANN201
+        self.calls.append(len(queries))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(0.02)
+        return self.inner.rerank(queries, candidates, first_stage, **options)  # type: ignore[attr-defined]
+
+
+def test_concurrent_reranked_searches_share_rerank_calls_on_the_model_thread(tiny_mbeir: Path) -> None:
+    import torch
+
+    import jfe
+    from jfe.models.rerankers import JointRerankConfig, JointReranker
+
+    joint = JointReranker(JointRerankConfig(grid=2, retriever="toy")).eval()
+    with torch.no_grad():
+        joint.head[-1].weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))  # type: ignore[union-attr]
+    model, reranker = RecordingModel(), RecordingReranker(joint)
+    pools = sorted((tiny_mbeir / "cand_pool" / "global").glob("*.jsonl"))
+    index = build_index(model.inner, pools, tiny_mbeir, progress=False, model_name="toy")
+    app = create_app(model, index, ServeSettings(max_wait_ms=30), {"joint": reranker})
+    queries = [f"a red square {i}" for i in range(8)]
+
+    async def main():  # noqa: ANN202
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            out = await asyncio.gather(*(client.post("/search", json={"text": q, "k": 3, "rerank": "joint",
+                                                                     "rerank_k": 5}) for q in queries))
+        await app.state.batcher.aclose()
+        return out
+
+    responses = run(main())
+    for query, response in zip(queries, responses, strict=True):
+        assert response.status_code == 200, response.text
+        alone = jfe.search(index, query, model=model.inner, k=3, rerank=joint, rerank_k=5)
+        assert [h["did"] for h in response.json()["results"]] == [h["did"] for h in alone]
+    assert sum(reranker.calls) == 8 and len(reranker.calls) < 8  # shortlists of several requests per call
+    assert reranker.threads == model.threads and len(model.threads) == 1  # one model thread for both

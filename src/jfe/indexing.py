@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -304,29 +305,44 @@ def query_precision(meta: dict[str, Any], precision: str | None = "auto",
     return chosen, vision
 
 
+@dataclass
+class RerankJob:
+    """One query's shortlist for a reranker: its candidates, and the first stage's scores of them (``prior``) or
+    the retriever that computes them."""
+
+    query: Item
+    candidates: list[Item]
+    prior: list[float] | None
+    retriever: Encoder | None
+    precision: str | None = None
+
+
 def ranked_hits(index: Any, query: Item, vector: np.ndarray, k: int, *, exclude: Collection[str] | None = None,
-                reranker: Any = None, rerank_k: int = 50, precision: str | None = None) -> list[Hit]:
+                reranker: Any = None, rerank_k: int = 50, precision: str | None = None,
+                scorer: Callable[[RerankJob], np.ndarray] | None = None) -> list[Hit]:
     """One query's top ``k`` hits in ``index`` (``vector``: its embedding ``[1, d]``), what ``jfe.search``,
     ``jfe search`` and ``POST /search`` return. With ``reranker``, the first ``rerank_k`` are searched and reordered
-    by it (:func:`rerank_hits`) and each hit says where the retriever had put it."""
+    by it (:func:`rerank_hits`; ``scorer`` runs the reranker, e.g. through the service's micro-batcher) and each hit
+    says where the retriever had put it."""
     depth = max(k, rerank_k) if reranker is not None else k
     ids, scores = index.search(vector, depth, exclude=[set(exclude)] if exclude else None)
     row_ids, row_scores, firsts = list(ids[0]), scores[0].tolist(), None
     if reranker is not None:
         row_ids, row_scores, firsts = rerank_hits(reranker, index, query, row_ids, row_scores, rerank_k=rerank_k,
-                                                  precision=precision)
+                                                  precision=precision, scorer=scorer)
     return hits_from(index, row_ids[:k], row_scores[:k], firsts[:k] if firsts else None)
 
 
 def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scores: Sequence[float], *,
-                rerank_k: int, precision: str | None = None, batch_size: int = 64
-                ) -> tuple[list[str], list[float], list[int]]:
+                rerank_k: int, precision: str | None = None, batch_size: int = 64,
+                scorer: Callable[[RerankJob], np.ndarray] | None = None) -> tuple[list[str], list[float], list[int]]:
     """Reorder a query's first ``rerank_k`` hits with ``reranker`` (:class:`jfe.models.rerankers.Reranker`);
     the hits below them keep their order. Returns ``(ids, scores, first_stage_ranks)`` (ranks from 1).
 
     The candidates are rebuilt from the index's stored records (images relative to its ``data_root``); a hit
     without one is a :class:`DataError` naming it. The index's scores are the reranker's first stage when the
     index was built by the retriever it was trained on; otherwise that retriever scores the shortlist itself.
+    ``scorer`` (default: ``reranker.rerank`` on this query alone) turns the :class:`RerankJob` into scores.
     """
     short = list(ids[:rerank_k])
     root = Path(getattr(index, "meta", {}).get("data_root") or ".")
@@ -340,11 +356,16 @@ def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scor
     trained_on = getattr(reranker.config, "retriever", None)
     prior, retriever = None, None
     if getattr(index, "meta", {}).get("model") == trained_on or not trained_on:
-        prior = [list(map(float, scores[:len(short)]))]
+        prior = list(map(float, scores[:len(short)]))
     else:
         retriever = first_stage_retriever(reranker)
-    new = reranker.rerank([query], [candidates], prior, retriever=retriever, batch_size=batch_size,
-                          precision=precision)[0] if short else np.zeros(0, dtype=np.float32)
+    job = RerankJob(query, candidates, prior, retriever, precision)
+    if scorer is None:
+        def scorer(job: RerankJob) -> np.ndarray:
+            return reranker.rerank([job.query], [job.candidates], None if job.prior is None else [job.prior],
+                                   retriever=job.retriever, batch_size=batch_size, precision=job.precision)[0]
+
+    new = scorer(job) if short else np.zeros(0, dtype=np.float32)
     order = np.argsort(-new, kind="stable")
     ranked = [short[i] for i in order] + list(ids[len(short):])
     tail = [float(s) for s in scores[len(short):]]

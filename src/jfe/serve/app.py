@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 
 from jfe.errors import ConfigError
 from jfe.models.tokens import tokenizer_of
-from jfe.serve.batching import EncodeBatcher
+from jfe.serve.batching import EncodeBatcher, RerankBatcher
 from jfe.serve.errors import add_error_handlers
 from jfe.serve.inputs import BodyLimitMiddleware
 from jfe.serve.routes import ROUTERS, STATIC_DIR
@@ -41,7 +41,9 @@ __all__ = ["STATIC_DIR", "create_app"]
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
-    await app.state.batcher.aclose()  # flush and stop the micro-batching worker
+    for batcher in app.state.rerank_batchers.values():
+        await batcher.aclose()
+    await app.state.batcher.aclose()  # flush and stop the micro-batching workers and the model thread
 
 
 def _served_model_name(model: Any, index: Any, settings: ServeSettings) -> str:
@@ -60,6 +62,11 @@ def _set_state(app: FastAPI, model: Any, index: Any, settings: ServeSettings, re
     state.model_name = _served_model_name(model, index, settings)
     state.batcher = EncodeBatcher(model, enabled=settings.batching, max_batch=settings.max_batch,
                                   max_wait_ms=settings.max_wait_ms)
+    # reranking shares the encoder's model thread; a batch holds up to max_rerank_pairs (query, candidate) pairs
+    state.rerank_batchers = {
+        name: RerankBatcher(reranker, enabled=settings.batching, max_batch=settings.max_rerank_pairs,
+                            max_wait_ms=settings.max_wait_ms, thread=state.batcher.thread)
+        for name, reranker in rerankers.items()}
     state.data_root = Path(index.meta["data_root"]).resolve() if index.meta.get("data_root") else None
     state.tokenizer = tokenizer_of(model)  # None: token-array inputs are refused and usage counts words
     state.instruction_choices = None  # read from the data root on the first /instructions request

@@ -29,6 +29,7 @@ def serve_command(
     max_inputs: int = typer.Option(2048, "--max-inputs", min=1, help="most inputs in one /v1/embeddings request "
                                    "(OpenAI's limit)"),
     max_wait_ms: float = typer.Option(5.0, min=0, help="how long a request waits for others to batch with"),
+    max_rerank_pairs: int = typer.Option(256, min=1, help="most (query, candidate) pairs reranked together"),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="micro-batch concurrent requests"),
     max_image_mb: float = typer.Option(8.0, min=0.001, help="largest accepted image file, in MiB"),
     max_pixels: int = typer.Option(4096 * 4096, min=1, help="largest accepted image, width x height"),
@@ -73,6 +74,7 @@ def serve_command(
     encoder.set_precision(*query_precision(vector_index.meta, precision, encoder))
     settings = ServeSettings(model_name=str(model), api_key=api_key or os.environ.get("JFE_API_KEY") or None,
                              cors_origins=list(cors_origin), max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             max_rerank_pairs=max_rerank_pairs,
                              batching=batching, max_image_bytes=int(max_image_mb * 1024 * 1024),
                              max_pixels=max_pixels, max_inputs=max_inputs)
     rerankers = {name: load_reranker(name, f"--rerank {name}").set_precision(precision) for name in rerank}

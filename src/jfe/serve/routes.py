@@ -7,6 +7,7 @@ serves every app ``create_app`` builds. Requests are parsed and checked by :mod:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import mimetypes
@@ -25,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from jfe.data.items import Item
 from jfe.errors import DataError
 from jfe.index.hits import Hit
-from jfe.indexing import ranked_hits
+from jfe.indexing import RerankJob, ranked_hits
 from jfe.models.base import compute_of
 from jfe.serve.errors import ApiError
 from jfe.serve.inputs import AUTH_MESSAGE, check_model_name, key_matches, parse_embeddings, parse_search
@@ -244,8 +245,15 @@ async def search(request: Request) -> dict:
     reranker = _reranker(state, req.rerank)
     query = parsed.item.with_instruction(parsed.instruction)
     vector = await state.batcher.encode([query])
+    scorer = None
+    if reranker is not None:  # reranked on the model thread, batched with the other requests' shortlists
+        loop, batcher = asyncio.get_running_loop(), state.rerank_batchers[req.rerank]
+
+        def scorer(job: RerankJob) -> np.ndarray:
+            return asyncio.run_coroutine_threadsafe(batcher.rerank(job), loop).result()
+
     ranked = await run_in_threadpool(partial(ranked_hits, state.index, query, vector, req.k, reranker=reranker,
-                                             rerank_k=req.rerank_k))
+                                             rerank_k=req.rerank_k, scorer=scorer))
     hits = [search_hit(hit) for hit in ranked]
     return SearchResponse(query_modality=parsed.item.modality, k=req.k, results=hits,
                           took_ms=round((time.perf_counter() - started) * 1000, 3),

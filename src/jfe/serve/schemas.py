@@ -34,6 +34,8 @@ class ServeSettings(BaseModel):
     batching: bool = Field(True, description="micro-batch concurrent requests into one encode call")
     max_batch: int = Field(32, ge=1, description="most items in one micro-batch")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first request of a batch waits for company")
+    max_rerank_pairs: int = Field(256, ge=1, description="most (query, candidate) pairs in one reranking micro-batch "
+                                  "(a shortlist is never split)")
     image_formats: tuple[str, ...] = Field(("PNG", "JPEG", "GIF", "WEBP", "BMP"),
                                            description="accepted image formats (PIL names)")
     image_min_side: int | None = Field(None, ge=1, description="decode large JPEGs at a reduced scale of at "
