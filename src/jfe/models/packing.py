@@ -131,6 +131,47 @@ def pack(kind: str, items: Sequence[Item], config: TowerConfig, text_path: str |
     return Packed({**inputs, "source": source}, images)
 
 
+def pack_pairs(queries: Sequence[Item], candidates: Sequence[Item], query_of: Sequence[int], config: TowerConfig,
+               text_path: str | None = None) -> Packed:
+    """A reranker's pairs as one sequence each: ``[CLS] query visual tokens, query text [SEP] candidate visual
+    tokens, candidate text [SEP]`` for ``(queries[query_of[j]], candidates[j])``, with ``token_type_ids`` 0 for the
+    query's segment and 1 for the candidate's. ``images`` holds each query image once (however many candidates it
+    is paired with), then the candidate images; ``visual_index`` says which of their visual tokens (row-major)
+    fills each visual slot, as :func:`pack` does for ``"joint"``."""
+    from jfe.models.text import load_tokenizer, tokenize
+
+    q_mod, c_mod = check_items(queries), check_items(candidates)
+    tokenizer = load_tokenizer(text_path)
+    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+
+    def text_ids(items: Sequence[Item], modalities: Sequence[str]) -> list[list[int]]:
+        ids = iter(tokenize([item.required_text for item, m in zip(items, modalities, strict=True) if "text" in m],
+                            config.max_text_tokens, text_path))
+        return [next(ids) if "text" in m else [] for m in modalities]
+
+    q_text, c_text = text_ids(queries, q_mod), text_ids(candidates, c_mod)
+    n_visual = config.n_visual
+    q_image = {q: i for i, q in enumerate(q for q, m in enumerate(q_mod) if "image" in m)}
+    c_image = {j: len(q_image) + i for i, j in enumerate(j for j, m in enumerate(c_mod) if "image" in m)}
+    rows, slots = [], []  # slots: (position, first visual token) of each image in the row
+    for j, q in enumerate(query_of):
+        head = [cls, *([pad] * (n_visual if q in q_image else 0)), *q_text[q], sep]
+        tail = [*([pad] * (n_visual if j in c_image else 0)), *c_text[j], sep]
+        rows.append((head, tail))
+        row_slots = [(1, q_image[q] * n_visual)] if q in q_image else []
+        slots.append(row_slots + ([(len(head), c_image[j] * n_visual)] if j in c_image else []))
+    ids, mask = _padded([head + tail for head, tail in rows], pad)
+    types = torch.zeros_like(ids)
+    visual_index = torch.full(ids.shape, -1, dtype=torch.long)
+    for j, ((head, tail), row_slots) in enumerate(zip(rows, slots, strict=True)):
+        types[j, len(head):len(head) + len(tail)] = 1
+        for position, first in row_slots:
+            visual_index[j, position:position + n_visual] = torch.arange(first, first + n_visual)
+    images = [queries[q] for q in q_image] + [candidates[j] for j in c_image]
+    return Packed({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "visual_index": visual_index},
+                  images)
+
+
 def gather_rows(table: torch.Tensor, index: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
     """``table[index]`` where ``index >= 0``, else ``fill`` (zeros by default): a scatter written as a gather,
     which exports to ONNX with dynamic sizes."""

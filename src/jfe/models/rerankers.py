@@ -40,8 +40,8 @@ from jfe.hardware import ComputePrecision
 from jfe.models.base import Encoder, l2_normalize
 from jfe.models.baselines import TwoTowerConfig, TwoTowerMini
 from jfe.models.jfe_mini import JFEMini, JFEMiniConfig
+from jfe.models.packing import gather_rows, pack_pairs
 from jfe.models.text import HIDDEN, mean_pool
-from jfe.models.towers import check_items
 
 
 class RerankFields(BaseModel):
@@ -209,71 +209,19 @@ class JointReranker(Reranker, JFEMini):
 
     def score_pairs(self, queries: Sequence[Item], candidates: Sequence[Item], query_of: Sequence[int],
                     prior: torch.Tensor, vision: ComputePrecision = "fp32") -> torch.Tensor:
-        q_mod, c_mod = check_items(queries), check_items(candidates)
         if len(query_of) != len(candidates):
             raise ConfigError(f"{len(candidates)} candidates but {len(query_of)} query indices")
-        cfg = self.config
-        cls, sep, pad = self.text.special_ids
-        q_text = self._text_ids(queries, q_mod)
-        c_text = self._text_ids(candidates, c_mod)
-        n_vis = cfg.n_visual
-        rows: list[list[int]] = []
-        first_len: list[int] = []
-        for j, q in enumerate(query_of):
-            head = [cls, *([pad] * (n_vis if "image" in q_mod[q] else 0)), *q_text[q], sep]
-            tail = [*([pad] * (n_vis if "image" in c_mod[j] else 0)), *c_text[j], sep]
-            rows.append(head + tail)
-            first_len.append(len(head))
-        width = max(len(r) for r in rows)
-        n = len(rows)
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        types = torch.zeros((n, width), dtype=torch.long)
-        is_visual = torch.zeros((n, width), dtype=torch.bool)
-        for j, (row, split) in enumerate(zip(rows, first_len, strict=True)):
-            ids[j, :len(row)] = torch.tensor(row)
-            mask[j, :len(row)] = 1
-            types[j, split:len(row)] = 1
-            if "image" in q_mod[query_of[j]]:
-                is_visual[j, 1:1 + n_vis] = True
-            if "image" in c_mod[j]:
-                is_visual[j, split:split + n_vis] = True
+        packed = pack_pairs(queries, candidates, query_of, self.config, self.text.path)
         device = self.visual_modality.device
-        ids, mask, types, is_visual = ids.to(device), mask.to(device), types.to(device), is_visual.to(device)
-        embeds = self.text.bert.get_input_embeddings()(ids)
-        visual = self._pair_visual_tokens(queries, q_mod, candidates, c_mod, query_of, vision)
-        if visual is not None:
-            # row-major fill: each row's query tokens, then its candidate tokens
-            embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, HIDDEN))
-        states = self.text.bert(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types).last_hidden_state
-        correction = self.head(mean_pool(states, mask)).squeeze(-1).float()
+        inputs = {name: value.to(device) for name, value in packed.inputs.items()}
+        embeds = self.text.bert.get_input_embeddings()(inputs["input_ids"])
+        if packed.images:  # each query image's tokens once, then the candidates': visual_index says where they go
+            visual = self.visual_tokens(packed.images, vision).reshape(-1, HIDDEN)
+            embeds = gather_rows(visual.to(embeds.dtype), inputs["visual_index"], fill=embeds)
+        states = self.text.bert(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                                token_type_ids=inputs["token_type_ids"]).last_hidden_state
+        correction = self.head(mean_pool(states, inputs["attention_mask"])).squeeze(-1).float()
         return self.prior_weight * prior.float() + correction
-
-    def _text_ids(self, items: Sequence[Item], modalities: Sequence[str]) -> list[list[int]]:
-        texts = [item.required_text for item, m in zip(items, modalities, strict=True) if "text" in m]
-        tokens = iter(self.text.tokenize(texts, self.config.max_text_tokens))
-        return [next(tokens) if "text" in m else [] for m in modalities]
-
-    def _pair_visual_tokens(self, queries: Sequence[Item], q_mod: Sequence[str], candidates: Sequence[Item],
-                            c_mod: Sequence[str], query_of: Sequence[int], vision: ComputePrecision
-                            ) -> torch.Tensor | None:
-        """``[m, K, 384]`` visual tokens in row order (per row: the query's, then the candidate's); each query's
-        image is computed once however many candidates it is paired with."""
-        q_rows = [i for i, m in enumerate(q_mod) if "image" in m]
-        c_rows = [j for j, m in enumerate(c_mod) if "image" in m]
-        if not q_rows and not c_rows:
-            return None
-        q_tokens = self.visual_tokens([queries[i] for i in q_rows], vision) if q_rows else None
-        c_tokens = self.visual_tokens([candidates[j] for j in c_rows], vision) if c_rows else None
-        q_at = {i: k for k, i in enumerate(q_rows)}
-        c_at = {j: k for k, j in enumerate(c_rows)}
-        parts = []
-        for j, q in enumerate(query_of):
-            if q_tokens is not None and q in q_at:
-                parts.append(q_tokens[q_at[q]])
-            if c_tokens is not None and j in c_at:
-                parts.append(c_tokens[c_at[j]])
-        return torch.stack(parts)
 
 
 # --- late fusion at the same budget ------------------------------------------------------------------
