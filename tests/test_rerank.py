@@ -73,6 +73,38 @@ def test_joint_score_fuses_query_and_candidate(joint: JointReranker, tiny_mbeir:
     assert abs(interaction) > 1e-4
 
 
+def test_pairs_are_packed_as_one_sequence_each(tiny_mbeir: Path) -> None:
+    from jfe.models.packing import pack_pairs
+
+    images = _items(tiny_mbeir)
+    image = next(iter(images.values()))
+    queries = [Item(text="a red square", image=image.image, id="q0"), Item(text="a circle", id="q1")]
+    candidates = [Item(text="red", image=image.image, id="c0"), Item(text="blue", id="c1"),
+                  Item(image=image.image, id="c2")]
+    config = JointRerankConfig(grid=2)
+    packed = pack_pairs(queries, candidates, [0, 1, 0], config)
+    k = config.n_visual
+    ids, mask, types, where = (packed.inputs[n] for n in ("input_ids", "attention_mask", "token_type_ids",
+                                                          "visual_index"))
+    # the query image once, then the candidates' images: q0, c0, c2
+    assert [item.id for item in packed.images] == ["q0", "c0", "c2"]
+    for row in range(3):
+        length = int(mask[row].sum())
+        segment = types[row, :length].tolist()
+        query_len = segment.index(1)
+        assert segment == [0] * query_len + [1] * (length - query_len) and types[row, length:].eq(0).all()
+        sep = ids[row, query_len - 1]
+        assert ids[row, length - 1] == sep  # each segment ends with [SEP]
+    assert where[0, 1:1 + k].tolist() == list(range(0, k))            # q0's tokens after [CLS]
+    row0_candidate = types[0].tolist().index(1)
+    assert where[0, row0_candidate:row0_candidate + k].tolist() == list(range(k, 2 * k))  # c0's
+    assert (where[1] < 0).all()                                          # text-only pair: no visual slot
+    row2_candidate = types[2].tolist().index(1)
+    assert where[2, 1:1 + k].tolist() == list(range(0, k))            # q0 again, the same tokens
+    assert where[2, row2_candidate:row2_candidate + k].tolist() == list(range(2 * k, 3 * k))  # c2's
+    assert int((where >= 0).sum()) == 4 * k
+
+
 def test_reranking_is_deterministic_and_batch_independent(joint: JointReranker, tiny_mbeir: Path) -> None:
     items = list(_items(tiny_mbeir).values())
     queries = [Item(text="make it red", image=items[1].image), "a blue circle"]
