@@ -644,9 +644,12 @@ class HFEncoder(Encoder):
         try:
             return dict(processor(**kwargs))
         except Exception as exc:  # noqa: BLE001
-            for index, image in images:  # find the item at fault, so the error can name it
+            per_prompt: dict[int, list[Any]] = {}
+            for index, image in images:
+                per_prompt.setdefault(index, []).append(image)
+            for index, own in per_prompt.items():  # find the prompt at fault, so the error can name it
                 try:
-                    processor(text=[prompts[index]], images=[[image]] if self.adapter.images_per_prompt else [image],
+                    processor(text=[prompts[index]], images=[own] if self.adapter.images_per_prompt else own,
                               return_tensors="pt")
                 except Exception as inner:  # noqa: BLE001
                     raise DataError(f"the processor rejected the item: {inner}", record_id=ids[index]) from inner
