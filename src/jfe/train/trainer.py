@@ -252,9 +252,9 @@ class Trainer:
 
     def _declare_held_out_fold(self) -> None:
         """Record in the model the fold of the training split it never trained on (``held_out_fold``), so that
-        ``jfe mine`` can let it rank only those queries. A model that declares a fold goes on training only with
-        that same fold held out (else it would have trained on every fold); a run on its split without
-        ``held_out_fold`` clears the declaration."""
+        ``jfe mine`` can let it rank only those queries. A model that declares a fold of this run's split goes on
+        training only with that same fold held out: a run on every fold (or another fold) is refused, since the
+        model would no longer have missed any fold."""
         held, declared = self.cfg.held_out_fold, self.model.config.held_out_fold
         if declared is not None and declared.split == self.cfg.train_split and held != declared:
             raise ConfigError(f"the model {self.cfg.model} was trained without {declared}; this run "
