@@ -377,6 +377,13 @@ def test_a_loaded_model_caches_the_output_of_its_trained_vision_top(image_files:
     assert ran > 0 and len(calls) == ran, "the second encode read the whole trunk's output from the cache"
     np.testing.assert_array_equal(first, again)
     np.testing.assert_allclose(first, training_vectors, atol=2e-3)  # the same model; only fp16 storage differs
+    # a frozen weight changed in place (no load_state_dict) is seen at once: no stale fingerprint or folded copy
+    with torch.no_grad():
+        [m for m in loaded.vision.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1].running_mean.add_(0.5)
+    changed = loaded.encode(items)
+    assert np.abs(changed - first).max() > 1e-3
+    with feature_cache.disabled():
+        np.testing.assert_allclose(loaded.encode(items), changed, atol=2e-3)
     # set to train again, the top is computed (with autograd) on the frozen part's cached output
     loaded.set_trainable("full")
     assert loaded.vision.split == TRUNK_MODULES - 3

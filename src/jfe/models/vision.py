@@ -237,7 +237,7 @@ class VisionTower(nn.Module):
 
     # Set with object.__setattr__ (not submodules); declared so torch's __getattr__ typing does not apply.
     _folded: nn.Module | None
-    _folded_split: int
+    _folded_stamp: tuple[int, int]
 
     def __init__(self, image_size: int = 224, pretrained: bool = True) -> None:
         super().__init__()
@@ -246,10 +246,10 @@ class VisionTower(nn.Module):
         self.features.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks it
         self.features.eval()
         self.features.requires_grad_(False)  # frozen until set_trainable_top says otherwise
-        self._fingerprint: tuple[int, str] | None = None  # (split, digest of the frozen part)
+        self._fingerprint: tuple[tuple[int, int], str] | None = None  # (stamp, digest of the frozen part)
         # object.__setattr__ keeps the folded copy out of the submodules: never saved, rebuilt when stale
         object.__setattr__(self, "_folded", None)
-        object.__setattr__(self, "_folded_split", -1)
+        object.__setattr__(self, "_folded_stamp", (-1, -1))
         self.register_load_state_dict_post_hook(lambda module, _keys: module._invalidate())
 
     def _invalidate(self) -> None:
@@ -302,18 +302,26 @@ class VisionTower(nn.Module):
         """Side of the last feature map (7 at 224 px)."""
         return feature_map_side(self.image_size)
 
+    def _stamp(self, split: int) -> tuple[int, int]:
+        """``(split, sum of the frozen part's tensor versions)``: it changes whenever the split moves or any frozen
+        weight or statistic is changed in place (``add_``, ``copy_``, a compact checkpoint's deltas), so the
+        fingerprint and the folded copy are never stale. (Optimisers only touch the trained top, never stamped.)"""
+        part = self.features[:split]
+        return split, sum(t._version for t in (*part.parameters(), *part.buffers()))
+
     def fingerprint(self) -> str:
         """sha1 over the frozen part's weights (and BN statistics): equal fingerprints give equal features.
 
         For a frozen tower that is the whole trunk; a partly trained one names its split as well."""
         split = self.split
-        if self._fingerprint is None or self._fingerprint[0] != split:
+        stamp = self._stamp(split)
+        if self._fingerprint is None or self._fingerprint[0] != stamp:
             digest = hashlib.sha1()
             for name, tensor in sorted(self.features[:split].state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
             value = digest.hexdigest()[:16]
-            self._fingerprint = (split, value if split == len(self.features) else f"{value}-b{split}")
+            self._fingerprint = (stamp, value if split == len(self.features) else f"{value}-b{split}")
         return self._fingerprint[1]
 
     def cache_key(self, dtype: torch.dtype) -> str:
@@ -322,11 +330,11 @@ class VisionTower(nn.Module):
 
     def _folded_part(self, split: int, device: torch.device) -> nn.Module:
         """The BN-folded copy of ``features[:split]`` (rebuilt when the split, device or weights change)."""
-        folded = self._folded
-        if folded is None or self._folded_split != split or next(folded.parameters()).device != device:
+        folded, stamp = self._folded, self._stamp(split)
+        if folded is None or self._folded_stamp != stamp or next(folded.parameters()).device != device:
             folded = fold_batchnorm(self.features[:split])
             object.__setattr__(self, "_folded", folded)
-            object.__setattr__(self, "_folded_split", split)
+            object.__setattr__(self, "_folded_stamp", stamp)
         return folded
 
     def frozen_part(self, pixels: torch.Tensor) -> torch.Tensor:
