@@ -98,8 +98,9 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
             trained += "; its weights are " + ", ".join(f"{k}={v}" for k, v in row["differs"].items())
         typer.echo(f"{info.name:<{width}}  {info.arch:<20} {info.fusion_role:<12} {trained}\n{'':<{width}}  "
                    f"{info.description}")
-    typer.echo("also: hf:<path to a transformers MLLM folder>, or a folder written by save_pretrained; "
-               "register trained weights with `jfe models register NAME FOLDER`")
+    typer.echo("also: hf:<path to a transformers MLLM folder> (hf-rerank:<path>: the same MLLM as a yes/no "
+               "reranker), or a folder written by save_pretrained; register trained weights with "
+               "`jfe models register NAME FOLDER`")
 
 
 @models_app.command("register")
