@@ -19,6 +19,8 @@ retriever's own distribution.
   the encoder's feature cache.
 * ``late-fusion-rerank-mini`` (:class:`LateReranker`): the same budget with fusion left late: an MLP over the
   two-tower's query and candidate vectors ``[q, c, q*c, |q-c|]`` and the per-modality products.
+* ``hf-rerank:<MLLM folder>`` (:class:`jfe.models.hf_rerank.HFReranker`): a transformers MLLM reading the pair in
+  one chat prompt, scored by its yes/no answer logits.
 
 ``config.retriever`` names the first stage the reranker was trained on; given that retriever,
 :meth:`Reranker.rerank` computes its scores when the caller has none (:func:`first_stage_scores`).
