@@ -531,31 +531,37 @@ class HFEncoder(Encoder):
             return text if len(ids) <= limit else self.tokenizer.decode(ids[:limit])
         return text if len(offsets) <= limit else text[:offsets[limit - 1][1]]
 
-    def _messages(self, item: Item, has_image: bool) -> list[dict[str, Any]]:
-        content: list[dict[str, Any]] = []
-        if has_image:
-            content.append({"type": "image"})
-        if item.text and item.text.strip():
-            content.append({"type": "text", "text": self._truncate(item.text)})
-        if self.config.embed_prompt:
-            content.append({"type": "text", "text": self.config.embed_prompt})
-        messages = [{"role": "user", "content": content}]
-        if self.config.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.config.system_prompt}]})
-        return messages
-
-    def build_prompt(self, item: Item) -> str:
-        """The chat-template prompt for one item (image placeholders not yet expanded)."""
+    def item_content(self, item: Item, prefix: str = "") -> list[dict[str, Any]]:
+        """One item as user-turn content parts (``prefix``: a text label before it), its text truncated; a clear
+        error for an empty item or a text holding a reserved model token, naming the item."""
         modality = item.modality  # raises a DataError naming the item when it is empty
         for token in self._reserved:
             if item.text and token in item.text:
                 raise DataError(f"text contains the reserved model token {token!r}", record_id=item.id)
-        messages = self._messages(item, "image" in modality)
+        content: list[dict[str, Any]] = [{"type": "text", "text": prefix}] if prefix else []
+        if "image" in modality:
+            content.append({"type": "image"})
+        if item.text and item.text.strip():
+            content.append({"type": "text", "text": (" " if prefix else "") + self._truncate(item.text)})
+        return content
+
+    def render_prompt(self, content: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """The chat-template prompt of one user turn holding ``content`` (after the system turn, if configured)."""
+        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        if self.config.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.config.system_prompt}]})
         if self.chat_template is None:
             raise ConfigError(f"{self.config.model_path} has no chat template (tokenizer, processor or "
                               f"{CHAT_TEMPLATE_FILE})")
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=self.config.add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def build_prompt(self, item: Item) -> str:
+        """The chat-template prompt for one item (image placeholders not yet expanded)."""
+        content = self.item_content(item)
+        if self.config.embed_prompt:
+            content.append({"type": "text", "text": self.config.embed_prompt})
+        return self.render_prompt(content, self.config.add_generation_prompt)
 
     @property
     def _native_image_processor(self) -> Any:

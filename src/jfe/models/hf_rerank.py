@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from jfe.data.items import Item
-from jfe.errors import ConfigError, DataError
+from jfe.errors import ConfigError
 from jfe.hardware import ComputePrecision
 from jfe.models.base import Encoder
 from jfe.models.hf import HFConfig, HFEncoder, last_token_index
@@ -102,30 +102,13 @@ class HFReranker(Reranker, HFEncoder):
             getattr(self, name).requires_grad_(True)
 
     # --- the pair prompt --------------------------------------------------------------------------
-    def _part(self, label: str, item: Item) -> list[dict[str, Any]]:
-        modality = item.modality  # raises a DataError naming the item when it is empty
-        for token in self._reserved:
-            if item.text and token in item.text:
-                raise DataError(f"text contains the reserved model token {token!r}", record_id=item.id)
-        content: list[dict[str, Any]] = [{"type": "text", "text": label}]
-        if "image" in modality:
-            content.append({"type": "image"})
-        if item.text and item.text.strip():
-            content.append({"type": "text", "text": " " + self._truncate(item.text)})
-        return content
-
     def pair_prompt(self, query: Item, candidate: Item) -> str:
         """The chat-template prompt reading ``query`` and ``candidate`` together (placeholders not yet expanded)."""
         cfg = self.config
-        content = [*self._part(cfg.query_label, query), *self._part("\n" + cfg.candidate_label, candidate),
+        content = [*self.item_content(query, cfg.query_label),
+                   *self.item_content(candidate, "\n" + cfg.candidate_label),
                    {"type": "text", "text": "\n" + cfg.rerank_prompt}]
-        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
-        if cfg.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": cfg.system_prompt}]})
-        if self.chat_template is None:
-            raise ConfigError(f"{cfg.model_path} has no chat template (tokenizer, processor or chat_template.jinja)")
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.render_prompt(content, add_generation_prompt=True)  # the answer token comes next
 
     # --- scoring ----------------------------------------------------------------------------------
     def score_pairs(self, queries: Sequence[Item], candidates: Sequence[Item], query_of: Sequence[int],
