@@ -317,6 +317,23 @@ class RerankJob:
     precision: str | None = None
 
 
+def score_rerank_jobs(reranker: Any, jobs: Sequence[RerankJob], batch_size: int = 64) -> list[np.ndarray]:
+    """Each job's scores (its candidates' order), from as few ``reranker.rerank`` calls as the jobs allow: jobs
+    carrying the first stage's scores go together, jobs whose scores a retriever computes go per retriever (and
+    per precision)."""
+    groups: dict[tuple[int, str | None], list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((id(job.retriever) if job.prior is None else 0, job.precision), []).append(i)
+    out: dict[int, np.ndarray] = {}
+    for rows in groups.values():
+        group = [jobs[i] for i in rows]
+        priors = None if group[0].prior is None else [job.prior for job in group]
+        scores = reranker.rerank([job.query for job in group], [job.candidates for job in group], priors,
+                                 retriever=group[0].retriever, batch_size=batch_size, precision=group[0].precision)
+        out.update(zip(rows, scores, strict=True))
+    return [out[i] for i in range(len(jobs))]
+
+
 def ranked_hits(index: Any, query: Item, vector: np.ndarray, k: int, *, exclude: Collection[str] | None = None,
                 reranker: Any = None, rerank_k: int = 50, precision: str | None = None,
                 scorer: Callable[[RerankJob], np.ndarray] | None = None) -> list[Hit]:
@@ -342,7 +359,7 @@ def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scor
     The candidates are rebuilt from the index's stored records (images relative to its ``data_root``); a hit
     without one is a :class:`DataError` naming it. The index's scores are the reranker's first stage when the
     index was built by the retriever it was trained on; otherwise that retriever scores the shortlist itself.
-    ``scorer`` (default: ``reranker.rerank`` on this query alone) turns the :class:`RerankJob` into scores.
+    ``scorer`` (default: :func:`score_rerank_jobs` on this query alone) turns the :class:`RerankJob` into scores.
     """
     short = list(ids[:rerank_k])
     root = Path(getattr(index, "meta", {}).get("data_root") or ".")
@@ -362,8 +379,7 @@ def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scor
     job = RerankJob(query, candidates, prior, retriever, precision)
     if scorer is None:
         def scorer(job: RerankJob) -> np.ndarray:
-            return reranker.rerank([job.query], [job.candidates], None if job.prior is None else [job.prior],
-                                   retriever=job.retriever, batch_size=batch_size, precision=job.precision)[0]
+            return score_rerank_jobs(reranker, [job], batch_size)[0]
 
     new = scorer(job) if short else np.zeros(0, dtype=np.float32)
     order = np.argsort(-new, kind="stable")

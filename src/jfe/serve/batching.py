@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from jfe.data.items import Item
+from jfe.indexing import RerankJob, score_rerank_jobs
 
 
 @dataclass
@@ -224,37 +225,23 @@ class EncodeBatcher(MicroBatcher[list[Item], np.ndarray]):
         return [vectors[bounds[i]:bounds[i + 1]] for i in range(len(payloads))]
 
 
-class RerankBatcher(MicroBatcher[Any, np.ndarray]):
-    """Reranking: ``scores = await batcher.rerank(job)`` for a :class:`jfe.indexing.RerankJob`; the shortlists of
-    every waiting query are scored in one ``reranker.rerank`` call (pairs packed across queries). ``max_batch``
-    counts candidate pairs."""
+class RerankBatcher(MicroBatcher[RerankJob, np.ndarray]):
+    """Reranking: ``scores = await batcher.rerank(job)``; the shortlists of every waiting query are scored together
+    (:func:`jfe.indexing.score_rerank_jobs`: pairs packed across queries). ``max_batch`` counts candidate pairs."""
 
     def __init__(self, reranker: Any, *, batch_size: int = 64, **options: Any) -> None:
         super().__init__(**options)
         self.reranker = reranker
         self.batch_size = batch_size
 
-    async def rerank(self, job: Any) -> np.ndarray:
+    async def rerank(self, job: RerankJob) -> np.ndarray:
         return await self.submit(job)
 
-    def _size(self, payload: Any) -> int:
+    def _size(self, payload: RerankJob) -> int:
         return max(1, len(payload.candidates))
 
-    def _run_batch(self, payloads: list[Any]) -> list[np.ndarray]:
-        out: list[np.ndarray | None] = [None] * len(payloads)
-        # jobs with the first stage's scores go together; jobs whose scores a retriever computes, per retriever
-        groups: dict[tuple[int, str | None], list[int]] = {}
-        for i, job in enumerate(payloads):
-            groups.setdefault((id(job.retriever) if job.prior is None else 0, job.precision), []).append(i)
-        for rows in groups.values():
-            jobs = [payloads[i] for i in rows]
-            priors = None if jobs[0].prior is None else [job.prior for job in jobs]
-            scores = self.reranker.rerank([job.query for job in jobs], [job.candidates for job in jobs], priors,
-                                          retriever=jobs[0].retriever, batch_size=self.batch_size,
-                                          precision=jobs[0].precision)
-            for i, row in zip(rows, scores, strict=True):
-                out[i] = row
-        return [row for row in out if row is not None]
+    def _run_batch(self, payloads: list[RerankJob]) -> list[np.ndarray]:
+        return score_rerank_jobs(self.reranker, payloads, self.batch_size)
 
 
 def _settle(future: asyncio.Future, result: np.ndarray | None = None, exc: BaseException | None = None) -> None:
