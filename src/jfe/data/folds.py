@@ -15,6 +15,7 @@ nothing of a held-out query's item is seen in training.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -54,3 +55,10 @@ class HeldOutFold(BaseModel):
 
     def __str__(self) -> str:
         return f"fold {self.fold}/{self.folds} of {self.split!r}"
+
+
+def declared_fold(model: Any, split: str) -> HeldOutFold | None:
+    """The fold of ``split`` that ``model`` declares it never trained on (``config.held_out_fold``; None: no fold of
+    this split)."""
+    declared = getattr(getattr(model, "config", None), "held_out_fold", None)
+    return declared if isinstance(declared, HeldOutFold) and declared.split == split else None

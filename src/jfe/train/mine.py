@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from jfe.data.folds import HeldOutFold
+from jfe.data.folds import declared_fold
 from jfe.data.mbeir import iter_json_lines
 from jfe.errors import ConfigError, DataError
 from jfe.eval.protocol import first_stage
@@ -75,7 +75,7 @@ def mine(model: Encoder, data_root: str | os.PathLike, *, split: str = "train", 
     held-out fold of ``split`` mines only that fold's queries (the ones it never trained on)."""
     from jfe.models.registry import model_name_of
 
-    held_out = held_out_fold_of(model, split)
+    held_out = declared_fold(model, split)
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     if margin is not None and margin < 0:
@@ -114,12 +114,6 @@ def mine(model: Encoder, data_root: str | os.PathLike, *, split: str = "train", 
     return MinedLists(meta, out)
 
 
-def held_out_fold_of(model: Encoder, split: str) -> HeldOutFold | None:
-    """The fold of ``split`` that ``model`` declares it never trained on (None: no fold of this split)."""
-    declared = getattr(getattr(model, "config", None), "held_out_fold", None)
-    return declared if isinstance(declared, HeldOutFold) and declared.split == split else None
-
-
 def mine_cross_fitted(models: Sequence[Encoder], data_root: str | os.PathLike, *, split: str = "train",
                       model_names: Sequence[str] | None = None, **options: Any) -> MinedLists:
     """Cross-fitted lists (module docstring): ``models`` hold out folds ``0 .. n-1`` of ``split`` (``n`` =
@@ -129,7 +123,7 @@ def mine_cross_fitted(models: Sequence[Encoder], data_root: str | os.PathLike, *
     names = list(model_names) if model_names is not None else [model_name_of(m) for m in models]
     folds: dict[int, int] = {}
     for i, (model, name) in enumerate(zip(models, names, strict=True)):
-        held = held_out_fold_of(model, split)
+        held = declared_fold(model, split)
         if held is None:
             raise ConfigError(f"{name} declares no held-out fold of split {split!r}: cross-fitted mining needs one "
                               f"model per fold, each trained with held_out_fold = {{ fold = ..., folds = "

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jfe.data.folds import declared_fold
 from jfe.errors import ConfigError
 from jfe.eval.evaluator import MBEIREvaluator, Sample
 from jfe.eval.metrics import PRIMARY_METRIC
@@ -255,8 +256,8 @@ class Trainer:
         ``jfe mine`` can let it rank only those queries. A model that declares a fold of this run's split goes on
         training only with that same fold held out: a run on every fold (or another fold) is refused, since the
         model would no longer have missed any fold."""
-        held, declared = self.cfg.held_out_fold, self.model.config.held_out_fold
-        if declared is not None and declared.split == self.cfg.train_split and held != declared:
+        held, declared = self.cfg.held_out_fold, declared_fold(self.model, self.cfg.train_split)
+        if declared is not None and held != declared:
             raise ConfigError(f"the model {self.cfg.model} was trained without {declared}; this run "
                               + (f"holds out {held}" if held is not None else "trains on every fold")
                               + f": set held_out_fold = {{ fold = {declared.fold}, folds = {declared.folds}, "
