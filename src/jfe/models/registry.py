@@ -46,9 +46,10 @@ def _hf_class(arch: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _hf_arch_of(spec: str) -> str | None:
-    """The HF arch a ``hf:`` / ``hf-rerank:`` spec names (None: not such a spec)."""
-    return next((arch for prefix, arch in _HF_PREFIXES.items() if spec.startswith(prefix)), None)
+def _hf_spec(spec: str) -> tuple[str, str] | None:
+    """``(arch, model path)`` of a ``hf:`` / ``hf-rerank:`` spec (None: not such a spec)."""
+    return next(((arch, spec[len(prefix):]) for prefix, arch in _HF_PREFIXES.items() if spec.startswith(prefix)),
+                None)
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,9 @@ def check_overrides(name_or_path: str | os.PathLike, overrides: dict[str, Any]) 
     # a saved folder may name no arch; only a registered name has a base config to validate values against
     arch: str | None
     base: dict[str, Any] | None
-    if _hf_arch_of(spec):
-        arch, base = _hf_arch_of(spec), None
+    hf = _hf_spec(spec)
+    if hf:
+        arch, base = hf[0], None
     elif spec in _MODELS:
         arch, base = _MODELS[spec].arch, _MODELS[spec].config
     elif (Path(spec) / CONFIG_NAME).is_file():
@@ -247,7 +249,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
             runtime = OpenVinoEncoder
         return load_onnx(spec, manifest, _arch_class(manifest.arch, spec), runtime=runtime)
     if backend in EXPORT_BACKENDS:
-        if _hf_arch_of(spec):
+        if _hf_spec(spec):
             raise ConfigError(f"{spec}: the {backend} backend covers the tower models (jfe-mini and the baselines); "
                               f"export an hf: MLLM with Hugging Face optimum, outside JFE")
         # a trained name or a saved folder is identified by its files: a cached export loads without PyTorch weights
@@ -256,10 +258,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         if folder is None:
             folder = export_cached(spec, load_model(spec, "cpu", pretrained, **config_overrides), digest)
         return load_model(folder, backend=backend)
-    hf_arch = _hf_arch_of(spec)
-    if hf_arch:
-        prefix = next(p for p, a in _HF_PREFIXES.items() if a == hf_arch)
-        model: Encoder = _hf_class(hf_arch)._from_path(spec[len(prefix):], device=device, **config_overrides)
+    hf = _hf_spec(spec)
+    if hf:
+        model: Encoder = _hf_class(hf[0])._from_path(hf[1], device=device, **config_overrides)
     elif spec in _MODELS:
         from jfe.models import pretrained as table
 
@@ -330,9 +331,9 @@ def fusion_role_of(spec: str | os.PathLike) -> str:
     """The declared fusion role of a registered name, an arch, ``hf:<path>`` or a saved folder; ``"other"``
     when none of these (reports then treat the run as neither ours nor a baseline)."""
     spec = os.fspath(spec)
-    hf_arch = _hf_arch_of(spec)
-    if hf_arch:
-        return _arch_class(hf_arch, spec).fusion_role
+    hf = _hf_spec(spec)
+    if hf:
+        return _arch_class(hf[0], spec).fusion_role
     if spec in _MODELS:
         return _MODELS[spec].fusion_role
     arch = _saved_arch(Path(spec)) if (Path(spec) / CONFIG_NAME).is_file() else spec
