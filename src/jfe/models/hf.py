@@ -159,6 +159,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * (positions + 1)).argmax(dim=1)
 
 
+def last_token_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's hidden state at its last real token, as float32."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_token_index(attention_mask.to(hidden.device))].float()
+
+
 def _saved_adapter(directory: Path, saved: dict[str, Any], overrides: dict[str, Any],
                    state: dict[str, torch.Tensor]) -> Path | None:
     """The folder to load a PEFT adapter from (``directory`` if it holds one), after checking the layouts.
@@ -677,8 +683,7 @@ class HFEncoder(Encoder):
         if self.config.pooling == "mean":
             weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
             return ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float()
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, last_token_index(attention_mask)].float()
+        return last_token_states(hidden, attention_mask)
 
     def embed(self, items: Sequence[Item]) -> torch.Tensor:
         if len(items) == 0:

@@ -33,7 +33,7 @@ from jfe.data.items import Item
 from jfe.errors import ConfigError
 from jfe.hardware import ComputePrecision
 from jfe.models.base import Encoder
-from jfe.models.hf import HFConfig, HFEncoder, last_token_index
+from jfe.models.hf import HFConfig, HFEncoder, last_token_states
 from jfe.models.rerankers import Reranker
 
 ANSWER_ROWS = ("answer_head", "prior_weight")
@@ -144,7 +144,5 @@ class HFReranker(Reranker, HFEncoder):
                                                                                            strict=True)]
         batch = self.model_inputs(names, prompts, images)
         hidden = self.hidden_states(batch)
-        mask = batch["attention_mask"].to(hidden.device)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask)].float()
-        logits = last @ self.answer_head.t()
+        logits = last_token_states(hidden, batch["attention_mask"]) @ self.answer_head.t()
         return (logits[:, 0] - logits[:, 1]).float()
