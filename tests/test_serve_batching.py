@@ -178,10 +178,9 @@ class RecordingReranker:
         return self.inner.rerank(queries, candidates, first_stage, **options)  # type: ignore[attr-defined]
 
 
-def test_concurrent_reranked_searches_share_rerank_calls_on_the_model_thread(tiny_mbeir: Path) -> None:
+def _rerank_service(tiny_mbeir: Path, max_wait_ms: float):  # noqa: ANN202
     import torch
 
-    import jfe
     from jfe.models.rerankers import JointRerankConfig, JointReranker
 
     joint = JointReranker(JointRerankConfig(grid=2, retriever="toy")).eval()
@@ -190,10 +189,16 @@ def test_concurrent_reranked_searches_share_rerank_calls_on_the_model_thread(tin
     model, reranker = RecordingModel(), RecordingReranker(joint)
     pools = sorted((tiny_mbeir / "cand_pool" / "global").glob("*.jsonl"))
     index = build_index(model.inner, pools, tiny_mbeir, progress=False, model_name="toy")
-    app = create_app(model, index, ServeSettings(max_wait_ms=30), {"joint": reranker})
-    queries = [f"a red square {i}" for i in range(8)]
+    app = create_app(model, index, ServeSettings(max_wait_ms=max_wait_ms), {"joint": reranker})
+    return app, model, reranker, joint, index
 
+
+def _reranked_searches(app, queries: list[str], threads: int | None = None) -> list[httpx.Response]:  # noqa: ANN001
     async def main():  # noqa: ANN202
+        if threads is not None:  # the threadpool starlette runs blocking work on
+            import anyio.to_thread
+
+            anyio.to_thread.current_default_thread_limiter().total_tokens = threads
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             out = await asyncio.gather(*(client.post("/search", json={"text": q, "k": 3, "rerank": "joint",
@@ -201,10 +206,28 @@ def test_concurrent_reranked_searches_share_rerank_calls_on_the_model_thread(tin
         await app.state.batcher.aclose()
         return out
 
-    responses = run(main())
+    return run(main())
+
+
+def test_concurrent_reranked_searches_share_rerank_calls_on_the_model_thread(tiny_mbeir: Path) -> None:
+    import jfe
+
+    app, model, reranker, joint, index = _rerank_service(tiny_mbeir, max_wait_ms=30)
+    queries = [f"a red square {i}" for i in range(8)]
+    responses = _reranked_searches(app, queries)
     for query, response in zip(queries, responses, strict=True):
         assert response.status_code == 200, response.text
         alone = jfe.search(index, query, model=model.inner, k=3, rerank=joint, rerank_k=5)
         assert [h["did"] for h in response.json()["results"]] == [h["did"] for h in alone]
+        assert [h["first_stage_rank"] for h in response.json()["results"]] == [h["first_stage_rank"] for h in alone]
     assert sum(reranker.calls) == 8 and len(reranker.calls) < 8  # shortlists of several requests per call
     assert reranker.threads == model.threads and len(model.threads) == 1  # one model thread for both
+
+
+def test_a_reranked_search_holds_no_worker_thread_while_it_waits_for_its_batch(tiny_mbeir: Path) -> None:
+    """With one worker thread, requests waiting in the rerank batcher must not hold it: the others still reach
+    the batcher and share its call (a request that blocked a thread there would leave them queued behind it)."""
+    app, _, reranker, _, _ = _rerank_service(tiny_mbeir, max_wait_ms=300)
+    responses = _reranked_searches(app, [f"a red square {i}" for i in range(4)], threads=1)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert sum(reranker.calls) == 4 and len(reranker.calls) < 4

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,9 +322,12 @@ def score_rerank_jobs(reranker: Any, jobs: Sequence[RerankJob], batch_size: int 
     carrying the first stage's scores go together, jobs whose scores a retriever computes go per retriever (and
     per precision)."""
     groups: dict[tuple[int, str | None], list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault((id(job.retriever) if job.prior is None else 0, job.precision), []).append(i)
     out: dict[int, np.ndarray] = {}
+    for i, job in enumerate(jobs):
+        if not job.candidates:  # an empty shortlist needs no reranker call
+            out[i] = np.zeros(0, dtype=np.float32)
+            continue
+        groups.setdefault((id(job.retriever) if job.prior is None else 0, job.precision), []).append(i)
     for rows in groups.values():
         group = [jobs[i] for i in rows]
         priors = None if group[0].prior is None else [job.prior for job in group]
@@ -335,31 +338,36 @@ def score_rerank_jobs(reranker: Any, jobs: Sequence[RerankJob], batch_size: int 
 
 
 def ranked_hits(index: Any, query: Item, vector: np.ndarray, k: int, *, exclude: Collection[str] | None = None,
-                reranker: Any = None, rerank_k: int = 50, precision: str | None = None,
-                scorer: Callable[[RerankJob], np.ndarray] | None = None) -> list[Hit]:
-    """One query's top ``k`` hits in ``index`` (``vector``: its embedding ``[1, d]``), what ``jfe.search``,
-    ``jfe search`` and ``POST /search`` return. With ``reranker``, the first ``rerank_k`` are searched and reordered
-    by it (:func:`rerank_hits`; ``scorer`` runs the reranker, e.g. through the service's micro-batcher) and each hit
-    says where the retriever had put it."""
-    depth = max(k, rerank_k) if reranker is not None else k
+                reranker: Any = None, rerank_k: int = 50, precision: str | None = None) -> list[Hit]:
+    """One query's top ``k`` hits in ``index`` (``vector``: its embedding ``[1, d]``), what ``jfe.search`` and
+    ``jfe search`` return (``POST /search`` runs the same three steps, scoring through its micro-batcher). With
+    ``reranker``, the first ``rerank_k`` are searched and reordered by it and each hit says where the retriever had
+    put it: :func:`first_stage_hits`, :func:`rerank_job`, :func:`score_rerank_jobs`, :func:`reordered`."""
+    ids, scores = first_stage_hits(index, vector, k, exclude=exclude, rerank_k=rerank_k if reranker else None)
+    if reranker is None:
+        return hits_from(index, ids[:k], scores[:k])
+    job = rerank_job(reranker, index, query, ids, scores, rerank_k=rerank_k, precision=precision)
+    ids, scores, firsts = reordered(ids, scores, score_rerank_jobs(reranker, [job])[0])
+    return hits_from(index, ids[:k], scores[:k], firsts[:k])
+
+
+def first_stage_hits(index: Any, vector: np.ndarray, k: int, *, exclude: Collection[str] | None = None,
+                     rerank_k: int | None = None) -> tuple[list[str], list[float]]:
+    """The retriever's ranked ``(ids, scores)`` for one query: its top ``k``, or ``max(k, rerank_k)`` when a
+    reranker will reorder the first ``rerank_k``."""
+    depth = max(k, rerank_k) if rerank_k is not None else k
     ids, scores = index.search(vector, depth, exclude=[set(exclude)] if exclude else None)
-    row_ids, row_scores, firsts = list(ids[0]), scores[0].tolist(), None
-    if reranker is not None:
-        row_ids, row_scores, firsts = rerank_hits(reranker, index, query, row_ids, row_scores, rerank_k=rerank_k,
-                                                  precision=precision, scorer=scorer)
-    return hits_from(index, row_ids[:k], row_scores[:k], firsts[:k] if firsts else None)
+    return list(ids[0]), scores[0].tolist()
 
 
-def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scores: Sequence[float], *,
-                rerank_k: int, precision: str | None = None, batch_size: int = 64,
-                scorer: Callable[[RerankJob], np.ndarray] | None = None) -> tuple[list[str], list[float], list[int]]:
-    """Reorder a query's first ``rerank_k`` hits with ``reranker`` (:class:`jfe.models.rerankers.Reranker`);
-    the hits below them keep their order. Returns ``(ids, scores, first_stage_ranks)`` (ranks from 1).
+def rerank_job(reranker: Any, index: Any, query: Item, ids: Sequence[str], scores: Sequence[float], *,
+               rerank_k: int, precision: str | None = None) -> RerankJob:
+    """What ``reranker`` (:class:`jfe.models.rerankers.Reranker`) scores to reorder a query's first ``rerank_k``
+    hits (``ids``, ``scores``: the first stage's ranking), for :func:`score_rerank_jobs`.
 
     The candidates are rebuilt from the index's stored records (images relative to its ``data_root``); a hit
     without one is a :class:`DataError` naming it. The index's scores are the reranker's first stage when the
     index was built by the retriever it was trained on; otherwise that retriever scores the shortlist itself.
-    ``scorer`` (default: :func:`score_rerank_jobs` on this query alone) turns the :class:`RerankJob` into scores.
     """
     short = list(ids[:rerank_k])
     root = Path(getattr(index, "meta", {}).get("data_root") or ".")
@@ -376,20 +384,23 @@ def rerank_hits(reranker: Any, index: Any, query: Item, ids: Sequence[str], scor
         prior = list(map(float, scores[:len(short)]))
     else:
         retriever = first_stage_retriever(reranker)
-    job = RerankJob(query, candidates, prior, retriever, precision)
-    if scorer is None:
-        def scorer(job: RerankJob) -> np.ndarray:
-            return score_rerank_jobs(reranker, [job], batch_size)[0]
+    return RerankJob(query, candidates, prior, retriever, precision)
 
-    new = scorer(job) if short else np.zeros(0, dtype=np.float32)
-    order = np.argsort(-new, kind="stable")
-    ranked = [short[i] for i in order] + list(ids[len(short):])
-    tail = [float(s) for s in scores[len(short):]]
-    if tail and len(new):  # below the reranked hits, as their order says (scores stay sorted)
-        shift = max(0.0, tail[0] - float(new.min()) + 1e-3)
+
+def reordered(ids: Sequence[str], scores: Sequence[float], new: np.ndarray
+              ) -> tuple[list[str], list[float], list[int]]:
+    """A ranking whose first ``len(new)`` hits are reordered by their reranker scores ``new``; the hits below
+    keep their order (and scores shifted below the reranked ones, so scores stay sorted). Returns ``(ids,
+    scores, first_stage_ranks)`` (ranks from 1)."""
+    n = len(new)
+    order = np.argsort(-np.asarray(new), kind="stable")
+    ranked = [ids[i] for i in order] + list(ids[n:])
+    tail = [float(s) for s in scores[n:]]
+    if tail and n:
+        shift = max(0.0, tail[0] - float(np.min(new)) + 1e-3)
         tail = [s - shift for s in tail]
     new_scores = [float(new[i]) for i in order] + tail
-    first_ranks = [int(i) + 1 for i in order] + list(range(len(short) + 1, len(ids) + 1))
+    first_ranks = [int(i) + 1 for i in order] + list(range(n + 1, len(ids) + 1))
     return ranked, new_scores, first_ranks
 
 
