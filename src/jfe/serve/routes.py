@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from jfe.data.items import Item
 from jfe.errors import DataError
 from jfe.index.hits import Hit, hits_from
-from jfe.indexing import first_stage_hits, reordered, rerank_job
+from jfe.indexing import RerankJob, first_stage_hits, ranked_hits, reordered, rerank_job
 from jfe.models.base import compute_of
 from jfe.serve.errors import ApiError
 from jfe.serve.inputs import AUTH_MESSAGE, check_model_name, key_matches, parse_embeddings, parse_search
@@ -244,14 +244,17 @@ async def search(request: Request) -> dict:
     reranker = _reranker(state, req.rerank)
     query = parsed.item.with_instruction(parsed.instruction)
     vector = await state.batcher.encode([query])
-    ids, scores = await run_in_threadpool(partial(first_stage_hits, state.index, vector, req.k,
-                                                  rerank_k=req.rerank_k if reranker is not None else None))
-    firsts = None
-    if reranker is not None:  # reranked on the model thread, batched with the other requests' shortlists
-        job = await run_in_threadpool(partial(rerank_job, reranker, state.index, query, ids, scores,
-                                              rerank_k=req.rerank_k))
+    if reranker is None:
+        ranked = await run_in_threadpool(partial(ranked_hits, state.index, query, vector, req.k))
+    else:  # reranked on the model thread, batched with the other requests' shortlists; no thread waits for it
+        def shortlist() -> tuple[list[str], list[float], RerankJob]:
+            ids, scores = first_stage_hits(state.index, vector, req.k, rerank_k=req.rerank_k)
+            return ids, scores, rerank_job(reranker, state.index, query, ids, scores, rerank_k=req.rerank_k)
+
+        ids, scores, job = await run_in_threadpool(shortlist)
         ids, scores, firsts = reordered(ids, scores, await state.rerank_batchers[req.rerank].rerank(job))
-    ranked = hits_from(state.index, ids[:req.k], scores[:req.k], firsts[:req.k] if firsts else None)
+        # (on a worker thread: a LanceDB index reads the records from its table)
+        ranked = await run_in_threadpool(hits_from, state.index, ids[:req.k], scores[:req.k], firsts[:req.k])
     hits = [search_hit(hit) for hit in ranked]
     return SearchResponse(query_modality=parsed.item.modality, k=req.k, results=hits,
                           took_ms=round((time.perf_counter() - started) * 1000, 3),
