@@ -43,9 +43,10 @@ class OpenVinoGraph:
     """One ONNX graph compiled by OpenVINO for the CPU in one precision, called like an ONNX Runtime session
     (``run(None, feeds)`` -> list of outputs), so the encoder and the feature cache treat both alike."""
 
-    def __init__(self, path: Path, compute: str, threads: int) -> None:
+    def __init__(self, graph: Path | Any, compute: str, threads: int) -> None:
+        # graph: an ONNX file, or an openvino.Model already in memory (benchmarks/vision_int8_probe.py's NNCF ones)
         # LATENCY: one stream using every thread, what an encode batch wants (THROUGHPUT splits the cores)
-        self.compiled = _core().compile_model(str(path), "CPU", {
+        self.compiled = _core().compile_model(str(graph) if isinstance(graph, Path) else graph, "CPU", {
             "INFERENCE_PRECISION_HINT": _HINTS[compute], "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY"})
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
