@@ -343,7 +343,8 @@ def ranked_hits(index: Any, query: Item, vector: np.ndarray, k: int, *, exclude:
     ``jfe search`` return (``POST /search`` runs the same three steps, scoring through its micro-batcher). With
     ``reranker``, the first ``rerank_k`` are searched and reordered by it and each hit says where the retriever had
     put it: :func:`first_stage_hits`, :func:`rerank_job`, :func:`score_rerank_jobs`, :func:`reordered`."""
-    ids, scores = first_stage_hits(index, vector, k, exclude=exclude, rerank_k=rerank_k if reranker else None)
+    ids, scores = first_stage_hits(index, vector, k, exclude=exclude,
+                                   rerank_k=rerank_k if reranker is not None else None)
     if reranker is None:
         return hits_from(index, ids[:k], scores[:k])
     job = rerank_job(reranker, index, query, ids, scores, rerank_k=rerank_k, precision=precision)
