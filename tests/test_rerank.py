@@ -354,6 +354,81 @@ def test_service_search_with_reranker(joint: JointReranker, tiny_mbeir: Path) ->
         assert form.status_code == 200 and form.json()["rerank_k"] == 4
 
 
+def _data_url(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_service_rerank_endpoint_scores_documents_as_the_python_api(joint: JointReranker, tiny_mbeir: Path) -> None:
+    """POST /v1/rerank (the Jina / Cohere shape, with images): the scores of jfe.rerank, best first, top_n,
+    documents echoed; strings, {"text", "image"} objects and content parts read alike."""
+    items = _items(tiny_mbeir)
+    toy = ToyEncoder()
+    index = build_index(toy, sorted((tiny_mbeir / "cand_pool" / "global").glob("*.jsonl")), tiny_mbeir,
+                        progress=False, model_name="toy")
+    names = list(items)
+    query_image = _data_url(tiny_mbeir / TINY["red_square"])
+    documents = [{"image": _data_url(tiny_mbeir / TINY[n])} for n in names] + ["a blue square", [
+        {"type": "text", "text": "a green"}, {"type": "text", "text": "circle"}]]
+    expected = jfe.rerank(Item(text="make it blue", image=items["red_square"].image), [
+        *(items[n] for n in names), "a blue square", "a green circle"], model=joint)
+    with TestClient(create_app(toy, index, ServeSettings(), {"jfe-mini-rerank": joint})) as client:
+        body = client.post("/v1/rerank", json={"query": {"text": "make it blue", "image": query_image},
+                                               "documents": documents}).json()
+        assert body["model"] == "jfe-mini-rerank"
+        order = [r["index"] for r in body["results"]]
+        assert order == list(np.argsort(-expected, kind="stable"))
+        np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], expected[order], atol=1e-5)
+        by_index = {r["index"]: r for r in body["results"]}
+        assert by_index[0]["document"] == {"text": None, "image": documents[0]["image"]}
+        assert by_index[5]["document"] == {"text": "a green circle", "image": None}
+        assert body["usage"]["images"] == 5 and body["usage"]["total_tokens"] > 0
+        top = client.post("/v1/rerank", json={"model": "jfe-mini-rerank", "query": "a blue square",
+                                              "documents": ["a red square", "a blue square", "a green circle"],
+                                              "top_n": 2, "return_documents": False}).json()
+        assert len(top["results"]) == 2 and all(r["document"] is None for r in top["results"])
+        alone = jfe.rerank("a blue square", ["a red square", "a blue square", "a green circle"], model=joint)
+        assert [r["index"] for r in top["results"]] == list(np.argsort(-alone, kind="stable")[:2])
+        with_instruction = client.post("/v1/rerank", json={"query": "a blue square", "instruction": "Find it.",
+                                                           "documents": ["a blue square"]}).json()
+        instructed = jfe.rerank("a blue square", ["a blue square"], model=joint, instruction="Find it.")
+        assert with_instruction["results"][0]["relevance_score"] == pytest.approx(float(instructed[0]), abs=1e-5)
+
+
+def test_service_rerank_endpoint_refuses_what_it_cannot_score(joint: JointReranker, tiny_mbeir: Path) -> None:
+    from jfe.serve.schemas import RERANK_K_MAX
+
+    toy = ToyEncoder()
+    index = build_index(toy, sorted((tiny_mbeir / "cand_pool" / "global").glob("*.jsonl")), tiny_mbeir,
+                        progress=False, model_name="toy")
+    with TestClient(create_app(toy, index, ServeSettings(), {"a": joint, "b": joint})) as client:
+        def error(payload: dict, status: int) -> dict:
+            response = client.post("/v1/rerank", json=payload)
+            assert response.status_code == status, response.text
+            return response.json()["error"]
+
+        assert "'a', 'b'" in error({"query": "x", "documents": ["y"]}, 400)["message"]  # two served: name one
+        assert error({"model": "nope", "query": "x", "documents": ["y"]}, 404)["param"] == "model"
+        assert error({"model": "a", "query": "x", "documents": []}, 400)["param"] == "documents"
+        assert "documents[1]" in error({"model": "a", "query": "x", "documents": ["y", {"text": " "}]}, 400)["message"]
+        assert "query" in error({"model": "a", "query": "", "documents": ["y"]}, 400)["message"]
+        assert error({"model": "a", "query": "x", "documents": ["y"] * (RERANK_K_MAX + 1)}, 413)["code"] == 413
+        assert error({"model": "a", "query": "x", "documents": ["y"], "top_n": 0}, 400)["param"] == "top_n"
+        assert error({"model": "a", "query": "x", "documents": [{"image": "https://example.com/a.png"}]},
+                     400)["message"].startswith("documents[0]")  # /v1/ answers 400 as OpenAI does, not 422
+        assert client.post("/v1/rerank", data={"query": "x"}).status_code == 415
+    with TestClient(create_app(toy, index, ServeSettings())) as client:
+        response = client.post("/v1/rerank", json={"query": "x", "documents": ["y"]})
+        assert response.status_code == 404 and "--rerank" in response.json()["error"]["message"]
+        spec = client.get("/openapi.json").json()
+        assert "/v1/rerank" in spec["paths"] and "RerankRequest" in spec["components"]["schemas"]
+    with TestClient(create_app(toy, index, ServeSettings(api_key="s3cret"), {"a": joint})) as client:
+        assert client.post("/v1/rerank", json={"query": "x", "documents": ["y"]}).status_code == 401
+        assert client.post("/v1/rerank", json={"query": "x", "documents": ["y"]},
+                           headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
 def test_registry_lists_the_rerankers() -> None:
     names = {info.name: info for info in jfe.list_models()}
     assert names["jfe-mini-rerank"].fusion_role == "one-tower"

@@ -33,7 +33,7 @@ from jfe.serve.batching import EncodeBatcher, RerankBatcher
 from jfe.serve.errors import add_error_handlers
 from jfe.serve.inputs import BodyLimitMiddleware
 from jfe.serve.routes import ROUTERS, STATIC_DIR
-from jfe.serve.schemas import EmbeddingsRequest, SearchRequest, ServeSettings
+from jfe.serve.schemas import EmbeddingsRequest, RerankRequest, SearchRequest, ServeSettings
 
 __all__ = ["STATIC_DIR", "create_app"]
 
@@ -57,7 +57,7 @@ def _set_state(app: FastAPI, model: Any, index: Any, settings: ServeSettings, re
     """Everything the routes read (``request.app.state``)."""
     state = app.state
     state.settings, state.model, state.index = settings, model, index
-    state.rerankers = rerankers  # name -> Reranker: the ones /search may name
+    state.rerankers = rerankers  # name -> Reranker: the ones /search and /v1/rerank may name
     state.started = int(time.time())  # the "created" of GET /v1/models
     state.model_name = _served_model_name(model, index, settings)
     state.batcher = EncodeBatcher(model, enabled=settings.batching, max_batch=settings.max_batch,
@@ -84,7 +84,8 @@ def _add_middleware(app: FastAPI, settings: ServeSettings) -> None:
 def create_app(model: Any, index: Any, settings: ServeSettings | None = None,
                rerankers: dict[str, Any] | None = None) -> FastAPI:
     """Build the service around an encoder (``encode``/``dim``) and a :class:`~jfe.index.VectorIndex`;
-    ``rerankers`` (name -> :class:`jfe.models.rerankers.Reranker`) are those ``/search`` may name."""
+    ``rerankers`` (name -> :class:`jfe.models.rerankers.Reranker`) are those ``/search`` and ``/v1/rerank`` may
+    name."""
     settings = settings or ServeSettings()
     if settings.image_min_side is None:  # uploads decode like indexed files, so one photo embeds the same
         settings = settings.model_copy(update={"image_min_side": getattr(model, "image_input_size", None)})
@@ -113,7 +114,8 @@ def _add_request_schemas(app: FastAPI) -> None:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        _, defs = models_json_schema([(EmbeddingsRequest, "validation"), (SearchRequest, "validation")],
+        _, defs = models_json_schema([(EmbeddingsRequest, "validation"), (SearchRequest, "validation"),
+                                       (RerankRequest, "validation")],
                                      ref_template="#/components/schemas/{model}")
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
         app.openapi_schema = schema

@@ -32,9 +32,13 @@ from jfe.models.tokens import supports_matryoshka
 from jfe.serve.errors import ApiError, error_response, first_param, validation_message
 from jfe.serve.schemas import (
     MAX_JSON_DEPTH,
+    RERANK_K_MAX,
     EmbeddingInput,
     EmbeddingsRequest,
     ImagePart,
+    RerankDocument,
+    RerankInput,
+    RerankRequest,
     SearchRequest,
     ServeSettings,
     TextPart,
@@ -412,18 +416,28 @@ def _text_entry(entry: str | list[int], settings: ServeSettings, tokenizer: Any,
     return Item(text=text, id=what)
 
 
-def _parts_entry(entry: list[Any], settings: ServeSettings, what: str) -> Item:
-    """A list of content parts: its texts joined, and at most one data-URL image."""
+def _parts(entry: list[Any], what: str) -> tuple[str | None, str | None]:
+    """A list of content parts as ``(text, image data URL)``: its texts joined, and at most one image."""
     parts = [p for p in entry if isinstance(p, TextPart | ImagePart)]
     texts = [p.text for p in parts if isinstance(p, TextPart) and p.text.strip()]
     images = [p for p in parts if isinstance(p, ImagePart)]
     if len(images) > 1:
         raise ApiError(422, f"{what}: at most one image part per input (got {len(images)})")
-    text = check_text(" ".join(texts), settings, what) if texts else None
-    image = image_from_url(images[0].image_url.url, settings, what) if images else None
-    if text is None and image is None:
+    return (" ".join(texts) if texts else None), (images[0].image_url.url if images else None)
+
+
+def _checked_item(text: str | None, image_url: str | None, settings: ServeSettings, what: str) -> Item:
+    """One item from a text and a data-URL image, both checked (the image decoded); neither is a 400."""
+    checked = check_text(text, settings, what)
+    image = image_from_url(image_url, settings, what) if image_url else None
+    if checked is None and image is None:
         raise ApiError(400, f"{what}: empty input (no text and no image)")
-    return Item(text=text, image=image, id=what)
+    return Item(text=checked, image=image, id=what)
+
+
+def _parts_entry(entry: list[Any], settings: ServeSettings, what: str) -> Item:
+    """A list of content parts: its texts joined, and at most one data-URL image."""
+    return _checked_item(*_parts(entry, what), settings, what)
 
 
 def embedding_items(req: EmbeddingsRequest, settings: ServeSettings, tokenizer: Any = None,
@@ -492,3 +506,52 @@ async def parse_embeddings(request: Request, settings: ServeSettings, model: Any
     items, id_counts = await run_in_threadpool(embedding_items, req, settings, tokenizer, model_name)
     return ParsedEmbeddings(items=items, id_counts=id_counts, instruction=instruction,
                             encoding_format=req.encoding_format, model=req.model, dimensions=dimensions)
+
+
+# ------------------------------------------------------------------------------------------ rerank
+class ParsedRerank(BaseModel):
+    """A checked ``/v1/rerank`` request: the query and documents as items, and each document as it will be echoed."""
+
+    model_config = ConfigDict(frozen=True)
+    request: RerankRequest
+    query: InstanceOf[Item]
+    documents: list[InstanceOf[Item]]
+    echoes: list[RerankDocument]
+
+
+def rerank_input(entry: RerankInput, settings: ServeSettings, what: str) -> tuple[Item, RerankDocument]:
+    """A string, a ``{"text", "image"}`` object or content parts: the item, and the document to echo."""
+    text: str | None
+    url: str | None
+    if isinstance(entry, str):
+        text, url = entry, None
+    elif isinstance(entry, RerankDocument):
+        text, url = entry.text, entry.image
+    else:
+        text, url = _parts(entry, what)
+    item = _checked_item(text, url, settings, what)
+    return item, RerankDocument(text=item.text, image=url)
+
+
+def rerank_items(req: RerankRequest, settings: ServeSettings) -> tuple[Item, list[Item], list[RerankDocument]]:
+    """The query, the documents and their echoes; the document count is checked before any image is decoded."""
+    if not req.documents:
+        raise ApiError(400, "empty documents: give at least one document to rerank", param="documents")
+    if len(req.documents) > RERANK_K_MAX:
+        raise ApiError(413, f"{len(req.documents)} documents in one request, over the limit of {RERANK_K_MAX} "
+                            f"(every document is read with the query: split the request)", "request_too_large")
+    query, _ = rerank_input(req.query, settings, "query")
+    documents = [rerank_input(entry, settings, f"documents[{i}]") for i, entry in enumerate(req.documents)]
+    return query, [item for item, _ in documents], [echo for _, echo in documents]
+
+
+async def parse_rerank(request: Request, settings: ServeSettings) -> ParsedRerank:
+    """A ``/v1/rerank`` request (JSON only: images are data URLs)."""
+    ctype = content_type(request)
+    if ctype not in JSON_CONTENT_TYPES:
+        raise ApiError(415, f"unsupported content type {ctype!r}: /v1/rerank reads application/json (images as "
+                            f"data URLs)", "unsupported_media_type")
+    req: RerankRequest = await _json_body(request, RerankRequest)
+    instruction = _instruction(req.instruction, settings)
+    query, documents, echoes = await run_in_threadpool(rerank_items, req, settings)  # decodes images: off the loop
+    return ParsedRerank(request=req, query=query.with_instruction(instruction), documents=documents, echoes=echoes)

@@ -25,10 +25,17 @@ from starlette.concurrency import run_in_threadpool
 from jfe.data.items import Item
 from jfe.errors import DataError
 from jfe.index.hits import Hit, hits_from
-from jfe.indexing import RerankJob, first_stage_hits, ranked_hits, reordered, rerank_job
+from jfe.indexing import RerankJob, first_stage_hits, first_stage_retriever, ranked_hits, reordered, rerank_job
 from jfe.models.base import compute_of
 from jfe.serve.errors import ApiError
-from jfe.serve.inputs import AUTH_MESSAGE, check_model_name, key_matches, parse_embeddings, parse_search
+from jfe.serve.inputs import (
+    AUTH_MESSAGE,
+    check_model_name,
+    key_matches,
+    parse_embeddings,
+    parse_rerank,
+    parse_search,
+)
 from jfe.serve.schemas import (
     K_MAX,
     RERANK_K_MAX,
@@ -39,6 +46,9 @@ from jfe.serve.schemas import (
     InstructionsResponse,
     ModelCard,
     ModelList,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
     SearchHit,
     SearchResponse,
     Usage,
@@ -262,14 +272,53 @@ async def search(request: Request) -> dict:
                           rerank_k=req.rerank_k if reranker is not None else None).model_dump()
 
 
-def _reranker(state: Any, name: str | None) -> Any:
+@search_router.post("/v1/rerank", response_model=RerankResponse, tags=["search"], dependencies=AUTH,
+                    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/RerankRequest"}}}}})
+async def rerank(request: Request) -> dict:
+    """Score documents (texts, data-URL images, or both) against a query with a reranker that reads each
+    (query, document) pair in one sequence, best first: the Jina / Cohere rerank shape, with images. A reranker
+    that corrects a first stage gets it from its own retriever (``config.retriever``)."""
+    state = request.app.state
+    parsed = await parse_rerank(request, state.settings)
+    req = parsed.request
+    name = _rerank_model(state, req.model)
+    reranker = state.rerankers[name]
+    # (loading the retriever the first time is slow: on a worker thread)
+    retriever = await run_in_threadpool(first_stage_retriever, reranker) if reranker.reads_first_stage else None
+    scores = await state.rerank_batchers[name].rerank(RerankJob(parsed.query, parsed.documents, None, retriever))
+    order = np.argsort(-scores, kind="stable")[:req.top_n]
+    items = [parsed.query, *parsed.documents]
+    tokens = count_tokens(items, [None] * len(items), state.tokenizer)
+    results = [RerankResult(index=int(i), relevance_score=float(scores[i]),
+                            document=parsed.echoes[i] if req.return_documents else None) for i in order]
+    return RerankResponse(model=name, results=results, usage=RerankUsage(
+        total_tokens=tokens, images=sum(item.image is not None for item in items))).model_dump()
+
+
+def _rerank_model(state: Any, name: str | None) -> str:
+    """The reranker ``/v1/rerank`` names, or the only one served when it names none."""
+    if name is not None:
+        _reranker(state, name, param="model")
+        return name
+    served = list(state.rerankers)
+    if len(served) != 1:
+        if not served:
+            raise ApiError(404, "this service serves no reranker (start it with jfe serve --rerank NAME)",
+                           param="model", code="reranker_not_found")
+        raise ApiError(400, f"this service serves {len(served)} rerankers: name one in 'model' "
+                            f"({', '.join(repr(n) for n in served)})", param="model")
+    return served[0]
+
+
+def _reranker(state: Any, name: str | None, param: str = "rerank") -> Any:
     """The reranker a request names: one the service was started with (``jfe serve --rerank``), else a 404."""
     if name is None:
         return None
     served = state.rerankers
     if name not in served:
         offered = ", ".join(repr(n) for n in served) or "none (start the service with --rerank NAME)"
-        raise ApiError(404, f"the reranker {name!r} is not served here; rerankers: {offered}", param="rerank",
+        raise ApiError(404, f"the reranker {name!r} is not served here; rerankers: {offered}", param=param,
                        code="reranker_not_found")
     return served[name]
 

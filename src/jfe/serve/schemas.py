@@ -138,6 +138,54 @@ class SearchResponse(BaseModel):
     rerank_k: int | None = None
 
 
+# --------------------------------------------------------------------------------------- rerank
+class RerankDocument(BaseModel):
+    """A query or document as multimodal rerank APIs send it (jina-reranker-m0's shape): a text, an image (a data
+    URL), or both."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    image: str | None = Field(None, description="data:image/...;base64,... data URL (remote URLs are refused)")
+
+
+# a string, a {"text", "image"} object, or content parts (as in /v1/embeddings)
+RerankInput = str | RerankDocument | list[ContentPart]
+
+
+class RerankRequest(BaseModel):
+    """Score every document against the query with a reranker that reads each (query, document) pair in one
+    sequence; the Jina / Cohere rerank shape, with images."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, max_length=SHORT_FIELD_CHARS,
+                              description="a reranker the service was started with (jfe serve --rerank); may be "
+                                          "left out when it serves exactly one")
+    query: RerankInput
+    documents: list[RerankInput] = Field(..., description=f"at most {RERANK_K_MAX} documents")
+    top_n: int | None = Field(None, ge=1, strict=True, description="return only the n best (default: all)")
+    return_documents: bool = Field(True, description="echo each result's document (text and image)")
+    instruction: str | None = Field(None, description="retrieval instruction prefixed to the query's text")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(..., description="the document's position in the request")
+    relevance_score: float = Field(..., description="the reranker's score (higher is more relevant; not a "
+                                   "probability: compare scores within one request)")
+    document: RerankDocument | None = None
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int = Field(..., description="tokens of the query's and the documents' texts by the served "
+                              "encoder's tokenizer (words without one)")
+    images: int = Field(0, description="images among the query and the documents")
+
+
+class RerankResponse(BaseModel):
+    model: str
+    results: list[RerankResult] = Field(..., description="best first")
+    usage: RerankUsage
+
+
 # --------------------------------------------------------------------------------------- misc
 class ModelCard(BaseModel):
     """One entry of ``GET /v1/models`` (OpenAI's model object)."""
@@ -162,7 +210,8 @@ class Health(BaseModel):
     max_batch: int
     auth: bool = Field(False, description="whether API endpoints need a key")
     stats: dict[str, int] = Field(default_factory=dict, description="micro-batching counters")
-    rerankers: list[str] = Field(default_factory=list, description="rerankers /search may name (jfe serve --rerank)")
+    rerankers: list[str] = Field(default_factory=list, description="rerankers /search and /v1/rerank may name "
+                                 "(jfe serve --rerank)")
     backend: str | None = Field(None, description="what encodes queries: torch, onnx or openvino (jfe serve --backend)")
     precision: str | None = Field(None, description="the precision queries are encoded in (fp32, bf16, int8)")
 
