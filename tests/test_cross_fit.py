@@ -17,8 +17,8 @@ from jfe.errors import ConfigError
 from jfe.models import load_model
 from jfe.models.toy import ToyEncoder
 from jfe.train import train
-from jfe.train.data import TrainingData
-from jfe.train.mine import mine, mine_cross_fitted, read_mined
+from jfe.train.data import BatchSampler, TrainingData
+from jfe.train.mine import mine, mine_cross_fitted, mined_negatives, read_mined, write_mined
 from jfe.train.synthetic import write_synthetic_mbeir
 
 
@@ -111,3 +111,31 @@ def test_jfe_mine_takes_one_model_per_fold(root: Path, tmp_path: Path) -> None:
     assert len(mined.queries) == len(_train_queries(root)) and len(mined.meta["cross_fit"]) == 2
     result = CliRunner().invoke(app, [*args, "--model", str(folders[0])])
     assert result.exit_code == 0 and "only that fold's queries were mined" in result.output
+
+
+def test_mined_lists_are_an_encoder_stages_hard_negatives(root: Path, tmp_path: Path) -> None:
+    """`mined` in a stage-1/2 config: each query's hard negatives come from its mined list (not neg_cand_list),
+    never a positive; lists mined on another split, or `mined` without hard_negatives, are refused."""
+    out = write_mined(tmp_path / "mined.jsonl", mine(load_model("toy-hash"), root, split="train", k=4,
+                                                     progress=False))
+    lists = mined_negatives(out, "train", depth=3)
+    assert all(len(dids) == 3 for dids in lists.values())
+    data = TrainingData.load(root, "train", hard_negatives=True, mined=lists)
+    assert set(data.mined) == {q.qid for q in data.queries}
+    sampler = BatchSampler(data, 8, hard_negatives=2, seed=0)
+    outside_neg_cand_list = 0
+    for _ in range(10):
+        for draw in sampler.next_batch():
+            query = data.queries[draw.index]
+            assert set(draw.negatives) <= set(lists[query.qid])
+            assert not set(draw.negatives) & set(query.pos_cand_list)
+            outside_neg_cand_list += len(set(draw.negatives) - set(query.neg_cand_list))
+    assert outside_neg_cand_list > 0  # the retriever's negatives, not the dataset's
+    folder = train(_stage2(root, tmp_path / "run", mined=str(out), hard_negatives=2), progress=False)
+    assert (folder / "model.safetensors").is_file()
+    on_val = write_mined(tmp_path / "val.jsonl", mine(load_model("toy-hash"), root, split="val", k=4,
+                                                      progress=False))
+    with pytest.raises(ConfigError, match="mined on split 'val'"):
+        train(_stage2(root, tmp_path / "r2", mined=str(on_val), hard_negatives=2), progress=False)
+    with pytest.raises(ConfigError, match="hard_negatives >= 1"):
+        train(_stage2(root, tmp_path / "r3", mined=str(out), hard_negatives=0), progress=False)

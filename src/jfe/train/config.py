@@ -68,17 +68,19 @@ class TrainConfig(BaseModel):
     task_weights: dict[int, float] = Field(default_factory=dict,
                                            description="task id -> sampling weight; empty = every task in data")
     instructions: bool = False
-    hard_negatives: int = Field(default=0, ge=0, description="negatives per query: from neg_cand_list (encoders) "
-                                "or from the mined lists (stage rerank)")
+    hard_negatives: int = Field(default=0, ge=0, description="negatives per query: from neg_cand_list, or from "
+                                "the mined lists when `mined` is set (always for stage rerank)")
+    mined: Path | None = Field(default=None, description="the lists `jfe mine` wrote for train_split (hard "
+                               "negatives with the retriever's scores): stage rerank trains on them; an encoder "
+                               "stage draws its hard_negatives from them instead of neg_cand_list (a query "
+                               "without a list keeps its neg_cand_list)")
     # reranking (stage = "rerank", jfe.train.rerank)
-    mined: Path | None = Field(default=None, description="stage rerank: the lists `jfe mine` wrote for "
-                               "train_split (hard negatives with the retriever's scores)")
     rerank_from: str | None = Field(default=None, description="stage rerank: the trained encoder the reranker "
                                     "`model` (an arch: jfe-mini-rerank, late-fusion-rerank-mini) starts from; "
                                     "None: `model` is a saved reranker to go on training")
     rerank_loss: Literal["listwise", "pointwise"] = Field(default="listwise", description="stage rerank: softmax "
                                                           "over positive + negatives, or per-pair BCE")
-    mined_depth: int | None = Field(default=None, ge=1, description="stage rerank: draw negatives from the "
+    mined_depth: int | None = Field(default=None, ge=1, description="with `mined`: draw negatives from the "
                                     "first N of each mined list (None: all of it)")
     shortlisted_only: bool = Field(default=True, description="stage rerank: train only on queries whose positive "
                                    "the retriever ranks within mined_depth: the lists a reranker reading the top "
@@ -169,6 +171,8 @@ class TrainConfig(BaseModel):
             raise ValueError("at least one phase is needed")
         if self.stage == "rerank" and (self.mined is None or self.hard_negatives < 1):
             raise ValueError("stage rerank needs `mined` (from `jfe mine`) and hard_negatives >= 1")
+        if self.mined is not None and self.hard_negatives < 1:
+            raise ValueError("`mined` lists give hard negatives: set hard_negatives >= 1 (how many per query)")
         return self
 
     @property

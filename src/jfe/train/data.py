@@ -61,16 +61,20 @@ class TrainingData:
     by_base: dict[str, list[int]] = field(default_factory=dict)
     # per task: dids usable as random negatives when a query has too few hard ones
     task_pools: dict[int, list[str]] = field(default_factory=dict)
+    # qid -> hard negatives mined by a retriever (`jfe mine`), best first: they replace the query's neg_cand_list
+    mined: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: str | Path, split: str = "train", tasks: set[int] | None = None,
              instructions: bool = False, hard_negatives: bool = False,
              max_queries: int | None = None, pool_files: Sequence[str | Path] | None = None,
-             text_mode: TextMode = "jfe", held_out: HeldOutFold | None = None) -> TrainingData:
+             text_mode: TextMode = "jfe", held_out: HeldOutFold | None = None,
+             mined: dict[str, list[str]] | None = None) -> TrainingData:
         """``pool_files`` (relative to ``root``) name the pools holding the training candidates, e.g.
         ``cand_pool/global/mbeir_union_train_cand_pool.jsonl`` for M-BEIR's union training split
         (``split="union_train"``); by default every local, then every global pool is searched. ``held_out``
-        leaves one fold of the split's queries out (cross-fitting, :mod:`jfe.data.folds`)."""
+        leaves one fold of the split's queries out (cross-fitting, :mod:`jfe.data.folds`). ``mined`` (qid ->
+        negatives, from ``jfe mine`` on this split) replaces those queries' ``neg_cand_list``."""
         if held_out is not None and held_out.split != split:
             raise ConfigError(f"held_out_fold cuts split {held_out.split!r}, but this run trains on {split!r}")
         layout = MBEIRLayout(root)
@@ -104,16 +108,18 @@ class TrainingData:
             wanted = sorted(tasks) if tasks is not None else "any"
             outside = f" outside {held_out}" if held_out is not None else ""
             raise DataError(f"split {split!r} has no queries of tasks {wanted}{outside}", path=str(layout.root))
+        mined = {q.qid: list(mined[q.qid]) for q in queries if q.qid in mined} if mined else {}
         wanted_dids = {d for q in queries for d in q.pos_cand_list}
         if hard_negatives:
-            wanted_dids |= {d for q in queries for d in q.neg_cand_list}
+            wanted_dids |= {d for q in queries for d in mined.get(q.qid, q.neg_cand_list)}
         candidates = stream_candidates(layout, wanted_dids, pools)
         for query in queries:
             if not any(d in candidates for d in query.pos_cand_list):
                 raise DataError(f"none of the positives {query.pos_cand_list[:3]} is in any candidate pool",
                                 path=str(origin[query.qid]), record_id=query.qid)
         data = cls(root=layout.root, queries=queries, candidates=candidates,
-                   instructions=layout.required_instructions() if instructions else {}, text_mode=text_mode)
+                   instructions=layout.required_instructions() if instructions else {}, text_mode=text_mode,
+                   mined=mined)
         data._index()
         return data
 
@@ -128,6 +134,10 @@ class TrainingData:
         self.by_task = dict(sorted(by_task.items()))
         self.by_base = dict(by_base)
         self.task_pools = {t: sorted(p) for t, p in pools.items()}
+
+    def hard_negatives_of(self, query: Query) -> list[str]:
+        """The query's hard negatives: its mined list when one was given, else its ``neg_cand_list``."""
+        return self.mined.get(query.qid, query.neg_cand_list)
 
     def instruction_set(self, query: Query) -> InstructionSet | None:
         """The query's instruction set, by :func:`jfe.data.instructions.instruction_key` (the same key for
@@ -218,7 +228,7 @@ class BatchSampler:
         negatives: list[str] = []
         if self.hard_negatives:
             own = set(query.pos_cand_list)
-            hard = [d for d in query.neg_cand_list if d in self.data.candidates and d not in own]
+            hard = [d for d in self.data.hard_negatives_of(query) if d in self.data.candidates and d not in own]
             if hard:
                 take = min(self.hard_negatives, len(hard))
                 negatives = [hard[int(i)] for i in self.rng.choice(len(hard), size=take, replace=False)]

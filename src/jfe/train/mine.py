@@ -211,3 +211,11 @@ def score_spread(mined: MinedLists) -> dict[str, float]:
     counts = [len(q.negatives) for q in mined.queries.values()]
     return {"queries": float(len(counts)), "negatives_per_query": float(np.mean(counts)) if counts else 0.0,
             "mean_gap": float(np.mean(gaps)) if gaps else 0.0}
+
+
+def mined_negatives(path: str | os.PathLike, split: str, depth: int | None = None) -> dict[str, list[str]]:
+    """qid -> the first ``depth`` (None: all) mined negatives of each query, best first, from a file
+    :func:`write_mined` wrote on ``split`` (lists of another split are refused): what an encoder stage trains on
+    as hard negatives (``mined`` in its config), sentence-transformers' ``mine_hard_negatives`` in JFE's shape."""
+    lists = read_mined(path, split=split).queries
+    return {qid: [did for did, _ in entry.negatives[:depth]] for qid, entry in lists.items()}

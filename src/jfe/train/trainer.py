@@ -20,6 +20,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from jfe.train.config import VAL_PREFIX, TrainConfig
 from jfe.train.data import BatchSampler, TrainingData
 from jfe.train.distributed import DistContext, init_distributed
 from jfe.train.losses import ContrastiveObjective, InfoNCELoss, MatryoshkaLoss
+from jfe.train.mine import mined_negatives
 
 STATE_NAME = "trainer_state.pt"
 CHECKPOINTS = "checkpoints"
@@ -273,10 +275,18 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         tasks = set(cfg.task_weights) if cfg.task_weights else None
+        mined = mined_negatives(cfg.mined, cfg.train_split, cfg.mined_depth) if cfg.mined is not None else None
         self.data = TrainingData.load(cfg.data, cfg.train_split, tasks=tasks, instructions=cfg.instructions,
                                       hard_negatives=cfg.hard_negatives > 0, max_queries=cfg.max_train_queries,
                                       pool_files=cfg.train_pool, text_mode=cfg.text_mode,
-                                      held_out=cfg.held_out_fold)
+                                      held_out=cfg.held_out_fold, mined=mined)
+        if mined is not None:
+            if not self.data.mined:
+                raise ConfigError(f"no training query of {cfg.train_split!r} has a list in {cfg.mined}")
+            left = len(self.data.queries) - len(self.data.mined)
+            if left:
+                warnings.warn(f"{left} of {len(self.data.queries)} training queries have no list in {cfg.mined}: "
+                              f"their hard negatives come from neg_cand_list", stacklevel=2)
         self.sampler: BatchSampler = BatchSampler(self.data, cfg.batch_size, cfg.task_weights, cfg.group_size,
                                                   cfg.hard_negatives, cfg.instructions, seed=cfg.seed,
                                                   single_task=cfg.single_task_batches)
@@ -339,8 +349,6 @@ class Trainer:
     def _newest_intact_state(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that reads whole, with its state; a damaged newer one is skipped with a
         warning naming the file (a kill cannot tear one, but a full disk or a copy can)."""
-        import warnings
-
         for folder in reversed(checkpoints(self.out)):
             try:
                 return folder, read_trainer_state(folder)
