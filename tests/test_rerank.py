@@ -311,6 +311,30 @@ def test_search_with_rerank_api_and_cli(joint: JointReranker, tiny_mbeir: Path, 
     assert body["rerank_k"] == 4 and len(body["hits"]) == 3 and body["hits"][0]["first_stage_rank"] is not None
 
 
+def test_jfe_rerank_command_prints_candidates_best_first(joint: JointReranker, tiny_mbeir: Path,
+                                                         tmp_path: Path) -> None:
+    items = _items(tiny_mbeir)
+    joint.save_pretrained(tmp_path / "rr")
+    (tmp_path / "cands.jsonl").write_text("\n".join(json.dumps({"image": str(tiny_mbeir / TINY[n])}) for n in items))
+    args = ["rerank", "--model", str(tmp_path / "rr"), "--query-text", "make it blue", "--query-image",
+            str(tiny_mbeir / TINY["red_square"]), "--text", "a blue square", "--items", str(tmp_path / "cands.jsonl"),
+            "--precision", "fp32"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    expected = jfe.rerank(Item(text="make it blue", image=items["red_square"].image),
+                          ["a blue square", *items.values()], model=joint, precision="fp32")
+    assert [r["index"] for r in rows] == sorted(range(5), key=lambda i: -float(expected[i]))
+    np.testing.assert_allclose([r["score"] for r in rows], sorted(expected, reverse=True), atol=1e-5)
+    assert rows[[r["index"] for r in rows].index(0)]["text"] == "a blue square"
+    table = CliRunner().invoke(app, [*args, "--top", "2"])
+    assert table.exit_code == 0 and len(table.output.strip().splitlines()) == 3  # header + 2
+    no_query = CliRunner().invoke(app, ["rerank", "--model", str(tmp_path / "rr"), "--text", "x"])
+    assert isinstance(no_query.exception, ConfigError) and "no query" in str(no_query.exception)
+    not_a_reranker = CliRunner().invoke(app, ["rerank", "--model", "toy", "-q", "x", "--text", "y"])
+    assert isinstance(not_a_reranker.exception, ConfigError) and "not a reranker" in str(not_a_reranker.exception)
+
+
 def test_rerank_api_scores_candidates(joint: JointReranker, tiny_mbeir: Path) -> None:
     items = list(_items(tiny_mbeir).values())
     given = jfe.rerank("a blue square", items, model=joint, scores=[0.1, 0.2, 0.3, 0.4])

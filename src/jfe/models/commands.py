@@ -1,4 +1,5 @@
-"""``jfe models list``, ``jfe encode`` and ``jfe env``. Torch and the towers are imported inside the commands."""
+"""``jfe models list``, ``jfe encode``, ``jfe rerank`` and ``jfe env``. Torch and the towers are imported inside the
+commands."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ export_app = typer.Typer(help="Export a model for another runtime.", no_args_is_
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``models`` and ``export`` (groups), ``encode`` and ``env`` to the ``jfe`` app."""
+    """Add ``models`` and ``export`` (groups), ``encode``, ``rerank`` and ``env`` to the ``jfe`` app."""
     app.add_typer(models_app, name="models")
     app.add_typer(export_app, name="export")
     app.command("encode")(encode)
+    app.command("rerank")(rerank)
     app.command("env")(env)
 
 
@@ -172,21 +174,7 @@ def encode(
     Given both --text and --image the same number of times, the i-th text and the i-th image form one
     image+text item; given only one kind, each is a unimodal item. --items reads any mix from a file.
     """
-    from jfe.data.items import Item, read_items
-
-    texts, images = list(text or []), list(image or [])
-    if texts and images:
-        if len(texts) != len(images):
-            raise ConfigError(f"got {len(texts)} --text and {len(images)} --image: pass them in equal numbers to "
-                              f"form image+text pairs, or use --items for a mix")
-        items = [Item(text=t, image=p, id=f"pair #{i}") for i, (t, p) in enumerate(zip(texts, images, strict=True))]
-    else:
-        items = [Item(text=t, id=f"text #{i}") for i, t in enumerate(texts)]
-        items += [Item(image=p, id=f"image #{i} ({p})") for i, p in enumerate(images)]
-    if items_file is not None:
-        items += read_items(items_file)  # the data layer's reader: errors name the file and the line
-    if not items:
-        raise ConfigError("nothing to encode: give --text, --image or --items")
+    items = _cli_items(text, image, items_file, "encode")
     if out.suffix != ".npy":
         raise ConfigError(f"--out must end in .npy, got {out}")
     from jfe.paths import check_writable_path
@@ -204,6 +192,70 @@ def encode(
     with atomic_write(out, "wb") as handle:
         np.save(handle, vectors)
     typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {out}")
+
+
+def _cli_items(text: list[str] | None, image: list[Path] | None, items_file: Path | None, what: str) -> list:
+    """The items of ``--text`` / ``--image`` (paired when both are given, equally often) and ``--items``."""
+    from jfe.data.items import Item, read_items
+
+    texts, images = list(text or []), list(image or [])
+    if texts and images:
+        if len(texts) != len(images):
+            raise ConfigError(f"got {len(texts)} --text and {len(images)} --image: pass them in equal numbers to "
+                              f"form image+text pairs, or use --items for a mix")
+        items = [Item(text=t, image=p, id=f"pair #{i}") for i, (t, p) in enumerate(zip(texts, images, strict=True))]
+    else:
+        items = [Item(text=t, id=f"text #{i}") for i, t in enumerate(texts)]
+        items += [Item(image=p, id=f"image #{i} ({p})") for i, p in enumerate(images)]
+    if items_file is not None:
+        items += read_items(items_file)  # the data layer's reader: errors name the file and the line
+    if not items:
+        raise ConfigError(f"nothing to {what}: give --text, --image or --items")
+    return items
+
+
+def rerank(
+    model: str = typer.Option("jfe-mini-rerank", "--model", "-m", help="A reranker: registered name or saved "
+                              "folder (jfe-mini-rerank, late-fusion-rerank-mini, hf-rerank:<path>)."),
+    query_text: str = typer.Option(None, "--query-text", "-q", help="The query's text."),
+    query_image: Path = typer.Option(None, "--query-image", help="The query's image."),
+    text: list[str] = typer.Option(None, "--text", "-t", help="A candidate text (repeatable)."),
+    image: list[Path] = typer.Option(None, "--image", "-i", help="A candidate image (repeatable)."),
+    items_file: Path = typer.Option(None, "--items", help="JSONL file of {text, image} candidates (image paths "
+                                    "relative to the file)."),
+    instruction: str = typer.Option(None, "--instruction", help="Task instruction prefixed to the query's text."),
+    top: int = typer.Option(None, "--top", "-k", min=1, help="Print only the best N (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (index, score, text, image per candidate)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Pairs per forward pass."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    precision: PrecisionOption = DEFAULT_PRECISION,
+) -> None:
+    """Score candidates against one query with a reranker that reads each (query, candidate) pair in one sequence;
+    print them best first.
+
+    Candidates are given as for `jfe encode` (--text / --image, paired when both are given equally often, and
+    --items). A reranker that corrects a first stage gets it from its own retriever (config.retriever).
+    """
+    from jfe.api import rerank as rerank_items
+    from jfe.data.items import Item
+    from jfe.models.registry import load_model
+
+    if not query_text and query_image is None:
+        raise ConfigError("no query: give --query-text, --query-image, or both")
+    candidates = _cli_items(text, image, items_file, "rerank")
+    scores = rerank_items(Item(text=query_text or None, image=query_image, id="query"), candidates,
+                          model=load_model(model, device=device), instruction=instruction, batch_size=batch_size,
+                          precision=precision)
+    order = sorted(range(len(candidates)), key=lambda i: -float(scores[i]))[:top]
+    rows = [{"index": i, "score": round(float(scores[i]), 6), "text": candidates[i].text,
+             "image": str(candidates[i].image) if candidates[i].image is not None else None} for i in order]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{'rank':>4}  {'score':>10}  {'#':>4}  candidate")
+    for rank, row in enumerate(rows, start=1):
+        shown = " + ".join(str(v) for v in (row["image"], row["text"]) if v is not None)
+        typer.echo(f"{rank:>4}  {row['score']:>10.4f}  {row['index']:>4}  {shown}")
 
 
 @export_app.command("sentence-transformers")
