@@ -38,8 +38,8 @@ def serve_command(
     backend: BackendOption = None,
     mmap: bool = typer.Option(False, "--mmap/--no-mmap", help="memory-map the index files instead of reading "
                                                              "them into RAM (large indexes; read-only)"),
-    rerank: list[str] = typer.Option([], "--rerank", help="a reranker /search may name (repeatable), e.g. "
-                                                           "jfe-mini-rerank or a trained folder"),
+    rerank: list[str] = typer.Option([], "--rerank", help="a reranker /search and /v1/rerank may name "
+                                                           "(repeatable), e.g. jfe-mini-rerank or a trained folder"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
     keep_alive: int = typer.Option(KEEP_ALIVE_S, "--keep-alive", min=1,
                                    help="seconds an idle keep-alive connection is held (longer than clients' own "
