@@ -142,6 +142,17 @@ def test_eval_and_service_rerank_with_the_mllm(reranker: HFReranker, tiny_mbeir:
         assert body["reranked_by"] == "mllm" and len(body["results"]) == 3
         shortlist = [h["did"] for h in plain["results"]]
         assert all(shortlist[h["first_stage_rank"] - 1] == h["did"] for h in body["results"])
+        # /v1/rerank: image documents scored by the MLLM alone (no first stage), as jfe.rerank scores them
+        import base64
+
+        images = sorted((tiny_mbeir / "images" / "tiny").glob("*.png"))[:3]
+        urls = ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in images]
+        ranked = client.post("/v1/rerank", json={"query": "a red square", "documents": [{"image": u} for u in urls],
+                                                 "return_documents": False}).json()
+        expected = _scores(reranker, Item(text="a red square"), [Item(image=p) for p in images])
+        assert [r["index"] for r in ranked["results"]] == list(np.argsort(-expected, kind="stable"))
+        np.testing.assert_allclose(sorted(r["relevance_score"] for r in ranked["results"]), sorted(expected),
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["LLaVA", "Gemma3", "mllama (Llama 3.2 Vision)", "Qwen3-VL"])
