@@ -96,7 +96,7 @@ def rerank(query: Any, candidates: Sequence[Any], model: ModelLike = "jfe-mini-r
     from jfe.indexing import first_stage_retriever
 
     reranker = _reranker(model)
-    retriever = first_stage_retriever(reranker) if scores is None and reranker.reads_first_stage else None
+    retriever = first_stage_retriever(reranker) if scores is None else None
     return reranker.rerank([query], [list(candidates)], [list(scores)] if scores is not None else None,
                            retriever=retriever, instruction=instruction, batch_size=batch_size,
                            precision=precision)[0]

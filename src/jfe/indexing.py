@@ -405,13 +405,12 @@ def reordered(ids: Sequence[str], scores: Sequence[float], new: np.ndarray
     return ranked, new_scores, first_ranks
 
 
-def first_stage_retriever(reranker: Any) -> Encoder:
+def first_stage_retriever(reranker: Any) -> Encoder | None:
     """The retriever a reranker was trained on (``config.retriever``), loaded once per process: it scores a
-    shortlist when the caller has no first-stage scores of its own."""
+    shortlist when the caller has no first-stage scores of its own. None for a reranker that scores pairs alone
+    (``reads_first_stage`` false: an HF yes/no reranker), which needs no first stage."""
     name = getattr(reranker.config, "retriever", None)
-    if not name:
-        raise ConfigError(f"{reranker.arch} names no retriever: pass the first stage's scores")
-    return _loaded_retriever(name)
+    return _loaded_retriever(name) if name else None
 
 
 @functools.lru_cache(maxsize=4)

@@ -285,7 +285,7 @@ async def rerank(request: Request) -> dict:
     name = _rerank_model(state, req.model)
     reranker = state.rerankers[name]
     # (loading the retriever the first time is slow: on a worker thread)
-    retriever = await run_in_threadpool(first_stage_retriever, reranker) if reranker.reads_first_stage else None
+    retriever = await run_in_threadpool(first_stage_retriever, reranker)
     scores = await state.rerank_batchers[name].rerank(RerankJob(parsed.query, parsed.documents, None, retriever))
     order = np.argsort(-scores, kind="stable")[:req.top_n]
     items = [parsed.query, *parsed.documents]
