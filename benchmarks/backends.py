@@ -67,26 +67,25 @@ def _engine(spec: dict[str, Any]) -> dict[str, Any]:
     model = load_model(spec["model"], device="cpu", backend=spec["backend"])
     load_seconds = time.perf_counter() - started
     rows = []
+
+    def timed(workload: str, batch: int, items: list[Any]) -> None:
+        begin = time.perf_counter()
+        vectors = model.encode(items, batch_size=batch, precision=spec["precision"])
+        seconds = time.perf_counter() - begin
+        np.save(Path(spec["vectors"]) / f"{spec['label']}-{workload}-{batch}.npy", vectors)
+        rows.append({"workload": workload, "batch": batch, "items": len(items), "seconds": round(seconds, 3),
+                     "items_per_s": round(len(items) / seconds, 1)})
+
+    made: dict[tuple[str, int], list[Any]] = {}
     with tempfile.TemporaryDirectory() as tmp, feature_cache.overridden(mode="off"):
         for kind, batch in WORKLOADS:
-            items = _items(Path(tmp) / f"{kind}-{batch}", spec["items"], kind, seed=0) if batch > 1 else \
-                _items(Path(tmp) / f"{kind}-{batch}", spec["single"], kind, seed=1)
+            items = made[kind, batch] = _items(Path(tmp) / f"{kind}-{batch}", spec["items"], kind, seed=0) \
+                if batch > 1 else _items(Path(tmp) / f"{kind}-{batch}", spec["single"], kind, seed=1)
             model.encode(items[:batch], batch_size=batch, precision=spec["precision"])  # warm-up
-            begin = time.perf_counter()
-            vectors = model.encode(items, batch_size=batch, precision=spec["precision"])
-            seconds = time.perf_counter() - begin
-            np.save(Path(spec["vectors"]) / f"{spec['label']}-{kind}-{batch}.npy", vectors)
-            rows.append({"workload": kind, "batch": batch, "items": len(items), "seconds": round(seconds, 3),
-                         "items_per_s": round(len(items) / seconds, 1)})
+            timed(kind, batch, items)
         with feature_cache.overridden(mode="memory"):  # warm: the same image+text items, their features cached
-            items = _items(Path(tmp) / "image+text-64", spec["items"], "image+text", seed=0)
-            model.encode(items, batch_size=64, precision=spec["precision"])  # fills the cache
-            begin = time.perf_counter()
-            vectors = model.encode(items, batch_size=64, precision=spec["precision"])
-            seconds = time.perf_counter() - begin
-            np.save(Path(spec["vectors"]) / f"{spec['label']}-{WARM}-64.npy", vectors)
-            rows.append({"workload": WARM, "batch": 64, "items": len(items), "seconds": round(seconds, 3),
-                         "items_per_s": round(len(items) / seconds, 1)})
+            model.encode(made["image+text", 64], batch_size=64, precision=spec["precision"])  # fills the cache
+            timed(WARM, 64, made["image+text", 64])
     return {"engine": spec["label"], "rows": rows, "load_seconds": round(load_seconds, 2),
             "peak_rss_mb": _peak_rss_mb()}
 
